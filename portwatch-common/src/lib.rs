@@ -1,0 +1,193 @@
+//! Records that cross the BPF ring buffer, defined once for both sides.
+//!
+//! Every record starts with [`Header`]; the agent's decoder reads the header first,
+//! checks `kind` against [`Kind`] by integer (never by transmute) and only then reads
+//! the body. All records are `#[repr(C)]`, `Copy` and have no implicit padding: the
+//! `const` assertions below fail the build if a field change introduces any.
+#![no_std]
+
+/// TCP state numbers from `include/net/tcp_states.h`.
+pub const TCP_LISTEN: i32 = 10;
+pub const TCP_CLOSE: i32 = 7;
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+pub const IPPROTO_TCP: u16 = 6;
+pub const IPPROTO_UDP: u16 = 17;
+
+pub const COMM_LEN: usize = 16;
+
+/// Record kinds. The numeric ids are the wire format: never renumber one.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// A TCP socket entered LISTEN and `listen()` returned 0.
+    ListenStarted = 1,
+    /// A TCP socket left LISTEN (closed, or `shutdown()`).
+    ListenStopped = 2,
+    /// A UDP socket was bound to a local port (cgroup `post_bind4`/`post_bind6`).
+    UdpBound = 3,
+    /// A UDP socket that we saw bound was released (cgroup `sock_release`).
+    UdpReleased = 4,
+}
+
+impl Kind {
+    /// Decode a kind id read from the kernel; `None` for an id this build does not know.
+    pub const fn from_u32(v: u32) -> Option<Kind> {
+        match v {
+            1 => Some(Kind::ListenStarted),
+            2 => Some(Kind::ListenStopped),
+            3 => Some(Kind::UdpBound),
+            4 => Some(Kind::UdpReleased),
+            _ => None,
+        }
+    }
+}
+
+/// First bytes of every record. The decoder relies on this being at offset 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Header {
+    /// A [`Kind`] id.
+    pub kind: u32,
+    /// CPU the record was produced on (diagnostics only).
+    pub cpu: u32,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the kernel saw the event.
+    pub ktime_ns: u64,
+    /// `bpf_get_current_pid_tgid()`: tgid in the high 32 bits, thread id in the low.
+    pub pid_tgid: u64,
+}
+
+/// One socket lifecycle event. Fields the kernel side could not read are zero and the
+/// matching bit in `flags` is clear: zero is never a guess.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SocketRecord {
+    pub header: Header,
+    /// `bpf_get_current_uid_gid()`: gid high, uid low.
+    pub uid_gid: u64,
+    /// cgroup v2 id of the current task (`bpf_get_current_cgroup_id()`).
+    pub cgroup_id: u64,
+    /// Kernel address of the `struct sock`. Used only to pair a start with its end
+    /// inside the agent; it is never written out (it would leak KASLR).
+    pub sock_key: u64,
+    /// Inode of the socket (what `/proc/<pid>/fd` and `/proc/net/*` show).
+    pub inode: u64,
+    /// `task->start_boottime` of the thread group leader, ns since boot.
+    pub start_boottime_ns: u64,
+    /// Inode of the socket's network namespace.
+    pub netns_ino: u32,
+    /// tgid of the real parent.
+    pub ppid: u32,
+    /// `FLAG_*` bits.
+    pub flags: u32,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub protocol: u16,
+    /// Local port, host byte order.
+    pub port: u16,
+    pub _pad: [u8; 6],
+    /// Local address: 4 bytes for IPv4 (rest zero), 16 for IPv6, network order.
+    pub addr: [u8; 16],
+    /// `comm` of the current thread.
+    pub comm: [u8; COMM_LEN],
+}
+
+/// `inode` was read from the kernel.
+pub const FLAG_INODE: u32 = 1 << 0;
+/// `netns_ino` was read from the kernel.
+pub const FLAG_NETNS: u32 = 1 << 1;
+/// `ppid` was read from the kernel.
+pub const FLAG_PPID: u32 = 1 << 2;
+/// `start_boottime_ns` was read from the kernel.
+pub const FLAG_START: u32 = 1 << 3;
+/// The current task is a kernel thread (no user process owns the socket).
+pub const FLAG_KTHREAD: u32 = 1 << 4;
+/// IPv6 socket with `IPV6_V6ONLY` set (only meaningful for `::`).
+pub const FLAG_V6ONLY: u32 = 1 << 5;
+
+pub const SOCKET_RECORD_SIZE: usize = core::mem::size_of::<SocketRecord>();
+const _: () = assert!(core::mem::size_of::<Header>() == 24);
+const _: () = assert!(SOCKET_RECORD_SIZE == 24 + 5 * 8 + 3 * 4 + 3 * 2 + 6 + 16 + 16);
+const _: () = assert!(SOCKET_RECORD_SIZE % 8 == 0);
+
+/// Indices into the `STATS` per-CPU array.
+pub mod stat {
+    /// Ring buffer reservations that failed (events lost in the kernel).
+    pub const RING_FULL: u32 = 0;
+    /// `listen()` calls that entered LISTEN but returned an error.
+    pub const LISTEN_FAILED: u32 = 1;
+    /// LISTEN transitions we could not track (pending map full).
+    pub const PENDING_FULL: u32 = 2;
+    /// UDP binds we could not track for their release (bound map full).
+    pub const BOUND_FULL: u32 = 3;
+    /// Kernel struct reads that failed (fields reported as unknown).
+    pub const READ_FAILED: u32 = 4;
+    pub const COUNT: u32 = 5;
+}
+
+/// Field offsets in kernel structs, read from the running kernel's BTF by the agent and
+/// set as load-time globals. A value of `u32::MAX` means "not found": the program
+/// then leaves the field unknown.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelOffsets {
+    /// `struct sock_common.skc_num` (local port, host order).
+    pub sock_num: u32,
+    /// `struct sock.sk_socket`.
+    pub sock_socket: u32,
+    /// `struct sock_common.skc_net` (a `possible_net_t`, first member `net`).
+    pub sock_net: u32,
+    /// `struct sock_common.skc_ipv6only` is a bitfield; we read the byte holding it.
+    pub sock_ipv6only_byte: u32,
+    /// Bit within that byte.
+    pub sock_ipv6only_bit: u32,
+    /// `struct socket_alloc.vfs_inode` minus `struct socket_alloc.socket`.
+    pub socket_to_inode: u32,
+    /// `struct inode.i_ino`.
+    pub inode_ino: u32,
+    /// `struct net.ns` + `struct ns_common.inum`.
+    pub net_inum: u32,
+    /// `struct task_struct.real_parent`.
+    pub task_real_parent: u32,
+    /// `struct task_struct.tgid`.
+    pub task_tgid: u32,
+    /// `struct task_struct.group_leader`.
+    pub task_group_leader: u32,
+    /// `struct task_struct.start_boottime`.
+    pub task_start_boottime: u32,
+    /// `struct task_struct.flags`.
+    pub task_flags: u32,
+    pub _pad: u32,
+}
+
+impl KernelOffsets {
+    pub const UNKNOWN: u32 = u32::MAX;
+    pub const fn unknown() -> Self {
+        KernelOffsets {
+            sock_num: Self::UNKNOWN,
+            sock_socket: Self::UNKNOWN,
+            sock_net: Self::UNKNOWN,
+            sock_ipv6only_byte: Self::UNKNOWN,
+            sock_ipv6only_bit: 0,
+            socket_to_inode: Self::UNKNOWN,
+            inode_ino: Self::UNKNOWN,
+            net_inum: Self::UNKNOWN,
+            task_real_parent: Self::UNKNOWN,
+            task_tgid: Self::UNKNOWN,
+            task_group_leader: Self::UNKNOWN,
+            task_start_boottime: Self::UNKNOWN,
+            task_flags: Self::UNKNOWN,
+            _pad: 0,
+        }
+    }
+}
+
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 14 * 4);
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain old data, every bit pattern is valid, no padding (asserted above).
+    unsafe impl aya::Pod for super::KernelOffsets {}
+}

@@ -1,0 +1,371 @@
+//! portwatch's kernel programs.
+//!
+//! TCP: `sock:inet_sock_set_state` (include/trace/events/sock.h, fired from
+//! `inet_sk_state_store()`/`inet_sk_set_state()`) tells us a socket entered LISTEN inside
+//! `inet_csk_listen_start()` (net/ipv4/inet_connection_sock.c). That happens *before*
+//! `get_port()` picks the port of an unbound socket and before the call can fail, so the
+//! transition is parked per thread and confirmed by `syscalls:sys_exit_listen` with the
+//! port read back from the socket.
+//!
+//! UDP: cgroup `post_bind4`/`post_bind6` (`__inet_bind()`, net/ipv4/af_inet.c) run after
+//! the port is reserved; cgroup `sock_release` (`inet_release()`) ends the socket's life.
+#![no_std]
+#![no_main]
+
+use core::ptr::read_volatile;
+
+use aya_ebpf::{
+    Global,
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_current_task, bpf_get_current_uid_gid, bpf_get_smp_processor_id,
+        bpf_ktime_get_ns, bpf_probe_read_kernel,
+    },
+    macros::{cgroup_sock, map, tracepoint},
+    maps::{HashMap, PerCpuArray, RingBuf},
+    programs::{SockContext, TracePointContext},
+};
+use aya_log_ebpf::warn;
+use portwatch_common::{
+    AF_INET, AF_INET6, FLAG_INODE, FLAG_KTHREAD, FLAG_NETNS, FLAG_PPID, FLAG_START, FLAG_V6ONLY,
+    Header, IPPROTO_TCP, IPPROTO_UDP, KernelOffsets, Kind, SocketRecord, TCP_CLOSE,
+    TCP_LISTEN, stat,
+};
+
+/// Ring buffer size in bytes; the agent may override it at load time.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+
+/// Counters indexed by `portwatch_common::stat`.
+#[map]
+static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+
+/// A LISTEN transition waiting for its `listen()` to return, keyed by pid_tgid.
+#[map]
+static PENDING: HashMap<u64, Pending> = HashMap::with_max_entries(8192, 0);
+
+/// UDP sockets we reported bound, keyed by `struct sock` address, so that
+/// `sock_release` reports only those (not every autobound client socket).
+#[map]
+static BOUND: HashMap<u64, Bound> = HashMap::with_max_entries(65536, 0);
+
+#[unsafe(no_mangle)]
+static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets::unknown());
+
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct Pending {
+    sock: u64,
+    ktime_ns: u64,
+    family: u16,
+    _pad: [u8; 6],
+    addr: [u8; 16],
+}
+
+/// Local address of a UDP socket, kept from its bind for its release.
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct Bound {
+    family: u16,
+    port: u16,
+    _pad: [u8; 4],
+    addr: [u8; 16],
+}
+
+/// `PF_KTHREAD` from include/linux/sched.h.
+const PF_KTHREAD: u32 = 0x0020_0000;
+const UNKNOWN: u32 = KernelOffsets::UNKNOWN;
+
+// Offsets of the `sock:inet_sock_set_state` record, from
+// /sys/kernel/tracing/events/sock/inet_sock_set_state/format (stable since 4.16).
+const TP_SKADDR: usize = 8;
+const TP_OLDSTATE: usize = 16;
+const TP_NEWSTATE: usize = 20;
+const TP_SPORT: usize = 24;
+const TP_FAMILY: usize = 28;
+const TP_PROTOCOL: usize = 30;
+const TP_SADDR: usize = 32;
+const TP_SADDR_V6: usize = 40;
+// `syscalls:sys_exit_listen`: `long ret` at 16.
+const TP_SYS_EXIT_RET: usize = 16;
+
+#[tracepoint(category = "sock", name = "inet_sock_set_state")]
+pub fn listen_state(ctx: TracePointContext) -> u32 {
+    match try_listen_state(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_listen_state(ctx: &TracePointContext) -> Result<u32, u32> {
+    // Every TCP state change on the host lands here: decide on the two states first.
+    let newstate: i32 = unsafe { ctx.read_at(TP_NEWSTATE) }.map_err(|_| 0u32)?;
+    let oldstate: i32 = unsafe { ctx.read_at(TP_OLDSTATE) }.map_err(|_| 0u32)?;
+    let entering = newstate == TCP_LISTEN;
+    if !entering && oldstate != TCP_LISTEN {
+        return Ok(0);
+    }
+    let protocol: u16 = unsafe { ctx.read_at(TP_PROTOCOL) }.map_err(|_| 0u32)?;
+    if protocol != IPPROTO_TCP {
+        return Ok(0);
+    }
+    let sock: u64 = unsafe { ctx.read_at(TP_SKADDR) }.map_err(|_| 0u32)?;
+    let family: u16 = unsafe { ctx.read_at(TP_FAMILY) }.map_err(|_| 0u32)?;
+    let mut addr = [0u8; 16];
+    if family == AF_INET {
+        let a: [u8; 4] = unsafe { ctx.read_at(TP_SADDR) }.map_err(|_| 0u32)?;
+        addr[..4].copy_from_slice(&a);
+    } else {
+        addr = unsafe { ctx.read_at(TP_SADDR_V6) }.map_err(|_| 0u32)?;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let now = unsafe { bpf_ktime_get_ns() };
+
+    if entering {
+        let task_flags = read_task_u32(current_task(), OFFSETS.load().task_flags);
+        if task_flags.is_some_and(|f| f & PF_KTHREAD != 0) {
+            // In-kernel listeners (nfsd, ...) never return from a listen() syscall: the
+            // socket is already bound, so the record's port is the real one.
+            let port: u16 = unsafe { ctx.read_at(TP_SPORT) }.map_err(|_| 0u32)?;
+            emit(Kind::ListenStarted, now, pid_tgid, sock, family, IPPROTO_TCP, port, &addr, true);
+            return Ok(0);
+        }
+        let pending = Pending { sock, ktime_ns: now, family, _pad: [0; 6], addr };
+        if PENDING.insert(&pid_tgid, &pending, 0).is_err() {
+            count(stat::PENDING_FULL);
+            warn!(ctx, "portwatch: pending-listen map full, a listen() will not be reported");
+        }
+        return Ok(0);
+    }
+
+    // LISTEN -> CLOSE. If this thread's listen() is still in flight on the same socket,
+    // the port allocation failed and the kernel is undoing it: not a listener.
+    if newstate == TCP_CLOSE
+        && let Some(p) = unsafe { PENDING.get(&pid_tgid) }
+        && p.sock == sock
+    {
+        let _ = PENDING.remove(&pid_tgid);
+        count(stat::LISTEN_FAILED);
+        return Ok(0);
+    }
+    let port: u16 = unsafe { ctx.read_at(TP_SPORT) }.map_err(|_| 0u32)?;
+    emit(Kind::ListenStopped, now, pid_tgid, sock, family, IPPROTO_TCP, port, &addr, false);
+    Ok(0)
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_listen")]
+pub fn listen_exit(ctx: TracePointContext) -> u32 {
+    match try_listen_exit(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_listen_exit(ctx: &TracePointContext) -> Result<u32, u32> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some(p) = (unsafe { PENDING.get(&pid_tgid) }).copied() else {
+        return Ok(0);
+    };
+    let _ = PENDING.remove(&pid_tgid);
+    let ret: i64 = unsafe { ctx.read_at(TP_SYS_EXIT_RET) }.map_err(|_| 0u32)?;
+    if ret != 0 {
+        count(stat::LISTEN_FAILED);
+        return Ok(0);
+    }
+    // get_port() has run: skc_num now holds the port, also for an unbound socket.
+    let Some(port) = read_kernel::<u16>(p.sock, OFFSETS.load().sock_num) else {
+        count(stat::READ_FAILED);
+        return Ok(0);
+    };
+    emit(Kind::ListenStarted, p.ktime_ns, pid_tgid, p.sock, p.family, IPPROTO_TCP, port, &p.addr, false);
+    Ok(0)
+}
+
+#[cgroup_sock(post_bind4)]
+pub fn udp_bind4(ctx: SockContext) -> i32 {
+    let sk = ctx.sock;
+    // Context fields are readable only at constant offsets, and src_ip4 only in
+    // post_bind4 (`__sock_filter_check_attach_type()`, net/core/filter.c).
+    let (protocol, port, v4) = unsafe {
+        (
+            read_volatile(&raw const (*sk).protocol),
+            read_volatile(&raw const (*sk).src_port),
+            read_volatile(&raw const (*sk).src_ip4),
+        )
+    };
+    if protocol == IPPROTO_UDP as u32 {
+        let mut addr = [0u8; 16];
+        addr[..4].copy_from_slice(&v4.to_ne_bytes());
+        udp_bound(sk as u64, AF_INET, port as u16, addr);
+    }
+    1
+}
+
+#[cgroup_sock(post_bind6)]
+pub fn udp_bind6(ctx: SockContext) -> i32 {
+    let sk = ctx.sock;
+    let (protocol, port, v6) = unsafe {
+        (
+            read_volatile(&raw const (*sk).protocol),
+            read_volatile(&raw const (*sk).src_port),
+            [
+                read_volatile(&raw const (*sk).src_ip6[0]),
+                read_volatile(&raw const (*sk).src_ip6[1]),
+                read_volatile(&raw const (*sk).src_ip6[2]),
+                read_volatile(&raw const (*sk).src_ip6[3]),
+            ],
+        )
+    };
+    if protocol == IPPROTO_UDP as u32 {
+        let mut addr = [0u8; 16];
+        addr[..4].copy_from_slice(&v6[0].to_ne_bytes());
+        addr[4..8].copy_from_slice(&v6[1].to_ne_bytes());
+        addr[8..12].copy_from_slice(&v6[2].to_ne_bytes());
+        addr[12..].copy_from_slice(&v6[3].to_ne_bytes());
+        udp_bound(sk as u64, AF_INET6, port as u16, addr);
+    }
+    1
+}
+
+#[cgroup_sock(sock_release)]
+pub fn udp_release(ctx: SockContext) -> i32 {
+    let protocol = unsafe { read_volatile(&raw const (*ctx.sock).protocol) };
+    if protocol != IPPROTO_UDP as u32 {
+        return 1;
+    }
+    // The context pointer is the kernel's `struct sock` (`__cgroup_bpf_run_filter_sk()`);
+    // sock_release may not read the address fields, so they come from the bind.
+    let sock = ctx.sock as u64;
+    let Some(b) = (unsafe { BOUND.get(&sock) }).copied() else {
+        return 1;
+    };
+    let _ = BOUND.remove(&sock);
+    let now = unsafe { bpf_ktime_get_ns() };
+    emit(Kind::UdpReleased, now, bpf_get_current_pid_tgid(), sock, b.family, IPPROTO_UDP, b.port, &b.addr, false);
+    1
+}
+
+#[inline(always)]
+fn udp_bound(sock: u64, family: u16, port: u16, addr: [u8; 16]) {
+    let b = Bound { family, port, _pad: [0; 4], addr };
+    if BOUND.insert(&sock, &b, 0).is_err() {
+        count(stat::BOUND_FULL);
+    }
+    let now = unsafe { bpf_ktime_get_ns() };
+    emit(Kind::UdpBound, now, bpf_get_current_pid_tgid(), sock, family, IPPROTO_UDP, port, &addr, false);
+}
+
+#[expect(clippy::too_many_arguments, reason = "flat record fill, inlined into each probe")]
+#[inline(always)]
+fn emit(
+    kind: Kind,
+    ktime_ns: u64,
+    pid_tgid: u64,
+    sock: u64,
+    family: u16,
+    protocol: u16,
+    port: u16,
+    addr: &[u8; 16],
+    kthread: bool,
+) {
+    let Some(mut entry) = EVENTS.reserve::<SocketRecord>(0) else {
+        count(stat::RING_FULL);
+        return;
+    };
+    let off = OFFSETS.load();
+    let mut flags = if kthread { FLAG_KTHREAD } else { 0 };
+
+    let socket = read_kernel::<u64>(sock, off.sock_socket).filter(|s| *s != 0);
+    let inode = socket.and_then(|s| read_kernel::<u64>(s, off.socket_to_inode.wrapping_add(off.inode_ino)));
+    if inode.is_some() {
+        flags |= FLAG_INODE;
+    }
+    let net = read_kernel::<u64>(sock, off.sock_net).filter(|n| *n != 0);
+    let netns = net.and_then(|n| read_kernel::<u32>(n, off.net_inum));
+    if netns.is_some() {
+        flags |= FLAG_NETNS;
+    }
+    if read_kernel::<u8>(sock, off.sock_ipv6only_byte)
+        .is_some_and(|b| b & (1u8 << (off.sock_ipv6only_bit & 7)) != 0)
+    {
+        flags |= FLAG_V6ONLY;
+    }
+    let task = current_task();
+    let leader = read_kernel::<u64>(task, off.task_group_leader).filter(|l| *l != 0);
+    let start = leader.and_then(|l| read_kernel::<u64>(l, off.task_start_boottime));
+    if start.is_some() {
+        flags |= FLAG_START;
+    }
+    let parent = read_kernel::<u64>(task, off.task_real_parent).filter(|p| *p != 0);
+    let ppid = parent.and_then(|p| read_task_u32(p, off.task_tgid));
+    if ppid.is_some() {
+        flags |= FLAG_PPID;
+    }
+    if kthread {
+        flags |= FLAG_KTHREAD;
+    }
+
+    let rec = SocketRecord {
+        header: Header {
+            kind: kind as u32,
+            cpu: unsafe { bpf_get_smp_processor_id() },
+            ktime_ns,
+            pid_tgid,
+        },
+        uid_gid: bpf_get_current_uid_gid(),
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        sock_key: sock,
+        inode: inode.unwrap_or(0),
+        start_boottime_ns: start.unwrap_or(0),
+        netns_ino: netns.unwrap_or(0),
+        ppid: ppid.unwrap_or(0),
+        flags,
+        family,
+        protocol,
+        port,
+        _pad: [0; 6],
+        addr: *addr,
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    };
+    entry.write(rec);
+    entry.submit(0);
+}
+
+#[inline(always)]
+fn current_task() -> u64 {
+    unsafe { bpf_get_current_task() }
+}
+
+#[inline(always)]
+fn read_task_u32(task: u64, offset: u32) -> Option<u32> {
+    read_kernel::<u32>(task, offset)
+}
+
+/// Read a `T` at `base + offset` in kernel memory; `None` when the offset is unknown
+/// (not in this kernel's BTF) or the read faults.
+#[inline(always)]
+fn read_kernel<T>(base: u64, offset: u32) -> Option<T> {
+    if offset == UNKNOWN || base == 0 {
+        return None;
+    }
+    let r = unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T) };
+    if r.is_err() {
+        count(stat::READ_FAILED);
+    }
+    r.ok()
+}
+
+#[inline(always)]
+fn count(index: u32) {
+    if let Some(c) = STATS.get_ptr_mut(index) {
+        unsafe { *c += 1 };
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,495 @@
+//! `portwatch watch`: attach, stream live events, merge the startup snapshot, report
+//! losses, and detach cleanly on SIGINT/SIGTERM.
+
+use std::{
+    collections::{HashMap, HashSet},
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use aya::maps::{MapData, RingBuf};
+use portwatch_common::Kind;
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    signal::unix::{SignalKind, signal},
+};
+
+use crate::{
+    emit::{Closed, Emitter, Format},
+    enrich::{Enricher, Owner},
+    event::{
+        Agent, Boot, ECS_VERSION, Ecs, Event, EventMeta, Host, Lost, Named, Network,
+        Portwatch, Server, Socket,
+    },
+    probes::{self, KernelStats},
+    procfs,
+    ring::{self, Record, Transport},
+    snapshot, sys,
+};
+
+/// Open listeners tracked to pair a start with its end. Beyond this many, new starts are
+/// not tracked (their end carries no duration) and the shortfall is reported as
+/// `events-lost` with reason `untracked`.
+pub const OPEN_MAX: usize = 65_536;
+/// Items handled per wake-up before yielding to signals and timers.
+const BATCH_MAX: usize = 4096;
+/// How long after the snapshot a live start for a socket it already reported is taken
+/// as a duplicate. Records reach the agent within milliseconds of the syscall.
+const SNAPSHOT_GRACE: Duration = Duration::from_secs(5);
+
+pub struct WatchOptions {
+    pub format: Format,
+    pub output: Option<PathBuf>,
+    pub ring_bytes: u32,
+    pub snapshot: bool,
+}
+
+struct Open {
+    ktime_ns: Option<u64>,
+    owner: Owner,
+    user: Option<Named>,
+    group: Option<Named>,
+}
+
+/// Startup merge state: what the live stream reported while the snapshot ran, and what
+/// the snapshot reported (so a late live record for it is not a duplicate).
+#[derive(Default)]
+struct Startup {
+    live_started: HashSet<u64>,
+    live_stopped: HashSet<u64>,
+    reported: HashSet<u64>,
+    snapshot_running: bool,
+    grace_until: Option<Instant>,
+}
+
+pub struct Pipeline {
+    enricher: Enricher,
+    emitter: Emitter,
+    host: Arc<Host>,
+    agent: Arc<Agent>,
+    host_netns: Option<u64>,
+    seq: u64,
+    open: HashMap<u64, Open>,
+    startup: Startup,
+    kernel_seen: KernelStats,
+    lost_total: u64,
+    decode_errors: u64,
+    untracked: u64,
+    pub emitted: u64,
+}
+
+fn host_info(boot_id: &str, machine_id: Option<String>) -> Arc<Host> {
+    Arc::new(Host {
+        name: procfs::hostname(),
+        id: machine_id,
+        boot: (!boot_id.is_empty()).then(|| Boot { id: boot_id.to_owned() }),
+    })
+}
+
+impl Pipeline {
+    pub fn new(emitter: Emitter, cgroup_root: PathBuf) -> Pipeline {
+        let boot_id = procfs::boot_id().unwrap_or_default();
+        let machine_id = procfs::machine_id().ok();
+        Pipeline {
+            enricher: Enricher::new(cgroup_root, machine_id.as_deref().unwrap_or(""), &boot_id),
+            emitter,
+            host: host_info(&boot_id, machine_id),
+            agent: Arc::new(Agent {
+                type_: "portwatch",
+                name: "portwatch",
+                version: env!("CARGO_PKG_VERSION"),
+            }),
+            host_netns: snapshot::own_netns().ok(),
+            seq: 0,
+            open: HashMap::new(),
+            startup: Startup::default(),
+            kernel_seen: KernelStats::default(),
+            lost_total: 0,
+            decode_errors: 0,
+            untracked: 0,
+            emitted: 0,
+        }
+    }
+
+    fn base(&mut self, wall_ns: i128, kind: &'static str, action: &'static str) -> Event {
+        self.seq += 1;
+        let (category, type_): (&'static [&'static str], &'static [&'static str]) =
+            match action {
+                "listen-started" | "udp-bound" => (&["network"], &["start"]),
+                "listen-stopped" | "udp-released" => (&["network"], &["end"]),
+                "listener-present" => (&["network"], &["info"]),
+                _ => (&["host"], &["info"]),
+            };
+        let now = sys::Clocks::now().wall_from_ktime(sys::monotonic_ns());
+        Event {
+            timestamp: sys::rfc3339(wall_ns),
+            message: None,
+            event: EventMeta {
+                kind,
+                category,
+                type_,
+                action,
+                dataset: "portwatch.listener",
+                module: "portwatch",
+                sequence: self.seq,
+                duration: None,
+                severity: None,
+                created: sys::rfc3339(now),
+            },
+            log: None,
+            network: None,
+            server: None,
+            process: None,
+            user: None,
+            group: None,
+            container: None,
+            rule: None,
+            host: self.host.clone(),
+            agent: self.agent.clone(),
+            ecs: Ecs { version: ECS_VERSION },
+            portwatch: Portwatch::default(),
+        }
+    }
+
+    fn write(&mut self, ev: &Event) -> anyhow::Result<()> {
+        self.emitted += 1;
+        self.emitter.write(ev)
+    }
+
+    pub fn flush(&mut self) -> anyhow::Result<()> {
+        self.emitter.flush()
+    }
+
+    /// A state event about the agent itself (`sensor-started`, `snapshot-complete`, ...).
+    pub fn state(&mut self, action: &'static str, stats: serde_json::Value) -> anyhow::Result<()> {
+        let now = self.enricher.clocks.wall_from_ktime(sys::monotonic_ns());
+        let mut ev = self.base(now, "state", action);
+        ev.portwatch.stats = Some(stats);
+        self.write(&ev)?;
+        self.flush()
+    }
+
+    fn listener_event(
+        &mut self,
+        action: &'static str,
+        wall_ns: i128,
+        transport: Transport,
+        addr: std::net::IpAddr,
+        port: u16,
+        socket: Socket,
+        owner: &Owner,
+        user: Option<Named>,
+        group: Option<Named>,
+    ) -> Event {
+        let mut ev = self.base(wall_ns, "event", action);
+        ev.network = Some(Network {
+            transport: transport.as_str(),
+            type_: if addr.is_ipv4() { "ipv4" } else { "ipv6" },
+        });
+        ev.server = Some(Server { ip: addr.to_string(), port });
+        ev.process = owner.process.clone();
+        ev.user = user;
+        ev.group = group;
+        ev.container = owner.container.clone();
+        ev.portwatch.systemd = owner.systemd.clone();
+        ev.portwatch.cgroup = owner.cgroup.clone();
+        ev.portwatch.attribution = Some(owner.attribution);
+        ev.portwatch.socket = Some(socket);
+        ev
+    }
+
+    fn key(r: &Record) -> u64 {
+        r.inode.unwrap_or(r.sock_key)
+    }
+
+    pub fn handle(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        let r = match ring::decode(bytes) {
+            Ok(r) => r,
+            Err(e) => {
+                self.decode_errors += 1;
+                log::warn!("dropping undecodable record: {e}");
+                return Ok(());
+            }
+        };
+        let key = Self::key(&r);
+        let wall = self.enricher.clocks.wall_from_ktime(r.ktime_ns);
+        let socket = Socket {
+            inode: r.inode,
+            netns: r.netns.map(u64::from),
+            host_netns: r.netns.zip(self.host_netns).map(|(a, b)| u64::from(a) == b),
+            v6only: (r.addr.is_ipv6()).then_some(r.v6only),
+            kernel: r.kthread,
+            thread_id: Some(r.tid),
+            pids: Vec::new(),
+        };
+        match r.kind {
+            Kind::ListenStarted | Kind::UdpBound => {
+                if self.startup.snapshot_running {
+                    self.startup.live_started.insert(key);
+                } else if self.startup.reported.remove(&key) {
+                    return Ok(()); // the snapshot already reported this socket
+                }
+                let owner = self.enricher.owner_for_record(&r);
+                let user = Some(self.enricher.user(r.uid));
+                let group = Some(self.enricher.group(r.gid));
+                let action =
+                    if r.kind == Kind::ListenStarted { "listen-started" } else { "udp-bound" };
+                let ev = self.listener_event(
+                    action, wall, r.transport, r.addr, r.port, socket, &owner, user.clone(),
+                    group.clone(),
+                );
+                self.write(&ev)?;
+                if self.open.len() < OPEN_MAX {
+                    self.open.insert(key, Open { ktime_ns: Some(r.ktime_ns), owner, user, group });
+                } else {
+                    self.untracked += 1;
+                }
+            }
+            Kind::ListenStopped | Kind::UdpReleased => {
+                if self.startup.snapshot_running {
+                    self.startup.live_stopped.insert(key);
+                }
+                self.startup.reported.remove(&key);
+                let (owner, user, group, duration) = match self.open.remove(&key) {
+                    Some(o) => {
+                        let d = o.ktime_ns.map(|t| r.ktime_ns.saturating_sub(t));
+                        (o.owner, o.user, o.group, d)
+                    }
+                    // Started before the agent: the closing task is the best owner we have.
+                    None => {
+                        let owner = self.enricher.owner_for_record(&r);
+                        let user = Some(self.enricher.user(r.uid));
+                        let group = Some(self.enricher.group(r.gid));
+                        (owner, user, group, None)
+                    }
+                };
+                let action =
+                    if r.kind == Kind::ListenStopped { "listen-stopped" } else { "udp-released" };
+                let mut ev = self.listener_event(
+                    action, wall, r.transport, r.addr, r.port, socket, &owner, user, group,
+                );
+                ev.event.duration = duration;
+                self.write(&ev)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn snapshot_started(&mut self) {
+        self.startup.snapshot_running = true;
+    }
+
+    /// Merge the /proc snapshot: report each listener the live stream has not already
+    /// reported (started or stopped while the scan ran).
+    pub fn merge_snapshot(&mut self, found: Vec<snapshot::Found>, took: Duration) -> anyhow::Result<()> {
+        let now = self.enricher.clocks.wall_from_ktime(sys::monotonic_ns());
+        let mut reported = 0u64;
+        let mut skipped = 0u64;
+        let mut pid_owners: HashMap<Vec<u32>, Owner> = HashMap::new();
+        for f in found {
+            let key = f.socket.inode;
+            if key != 0
+                && (self.startup.live_started.contains(&key) || self.startup.live_stopped.contains(&key))
+            {
+                skipped += 1;
+                continue;
+            }
+            let owner = match pid_owners.get(&f.owners) {
+                Some(o) => o.clone(),
+                None => {
+                    let o = self.enricher.owner_for_pids(&f.owners);
+                    pid_owners.insert(f.owners.clone(), o.clone());
+                    o
+                }
+            };
+            let transport = match f.socket.transport {
+                snapshot::Transport::Tcp => Transport::Tcp,
+                snapshot::Transport::Udp => Transport::Udp,
+            };
+            let user = Some(self.enricher.user(f.socket.uid));
+            let socket = Socket {
+                inode: (key != 0).then_some(key),
+                netns: Some(f.netns_ino),
+                host_netns: self.host_netns.map(|h| h == f.netns_ino),
+                v6only: None,
+                kernel: owner.kernel,
+                thread_id: None,
+                pids: f.owners.clone(),
+            };
+            let ev = self.listener_event(
+                "listener-present", now, transport, f.socket.addr, f.socket.port, socket, &owner,
+                user.clone(), None,
+            );
+            self.write(&ev)?;
+            reported += 1;
+            if key != 0 {
+                self.startup.reported.insert(key);
+                if self.open.len() < OPEN_MAX {
+                    self.open.insert(key, Open { ktime_ns: None, owner, user, group: None });
+                }
+            }
+        }
+        self.startup.snapshot_running = false;
+        self.startup.live_started.clear();
+        self.startup.live_stopped.clear();
+        self.startup.grace_until = Some(Instant::now() + SNAPSHOT_GRACE);
+        self.state(
+            "snapshot-complete",
+            serde_json::json!({
+                "listeners": reported,
+                "already_reported_live": skipped,
+                "duration_ms": took.as_secs_f64() * 1e3,
+            }),
+        )
+    }
+
+    /// Periodic work: follow the wall clock, report losses, end the startup grace.
+    pub fn tick(&mut self, stats: Option<KernelStats>) -> anyhow::Result<()> {
+        self.enricher.clocks = sys::Clocks::now();
+        if self.startup.grace_until.is_some_and(|t| Instant::now() >= t) {
+            self.startup.reported.clear();
+            self.startup.grace_until = None;
+        }
+        if let Some(s) = stats {
+            let ring = s.ring_full - self.kernel_seen.ring_full;
+            if ring > 0 {
+                self.lost(ring, "ring-buffer-full")?;
+            }
+            let untracked = (s.pending_full - self.kernel_seen.pending_full)
+                + (s.bound_full - self.kernel_seen.bound_full);
+            if untracked > 0 {
+                self.lost(untracked, "kernel-map-full")?;
+            }
+            self.kernel_seen = s;
+        }
+        if self.decode_errors > 0 {
+            let n = std::mem::take(&mut self.decode_errors);
+            self.lost(n, "decode-error")?;
+        }
+        if self.untracked > 0 {
+            let n = std::mem::take(&mut self.untracked);
+            self.lost(n, "untracked")?;
+        }
+        self.flush()
+    }
+
+    fn lost(&mut self, count: u64, reason: &'static str) -> anyhow::Result<()> {
+        self.lost_total += count;
+        let now = self.enricher.clocks.wall_from_ktime(sys::monotonic_ns());
+        let mut ev = self.base(now, "metric", "events-lost");
+        ev.log = Some(crate::event::Log { level: "warning" });
+        ev.message = Some(format!("{count} events lost ({reason}); {} since start", self.lost_total));
+        ev.portwatch.lost = Some(Lost { count, total: self.lost_total, reason });
+        self.write(&ev)
+    }
+}
+
+/// Drain everything the ring holds now (up to BATCH_MAX), then flush once.
+fn drain(ring: &mut RingBuf<MapData>, pipeline: &mut Pipeline) -> anyhow::Result<usize> {
+    let mut n = 0;
+    while n < BATCH_MAX {
+        let Some(item) = ring.next() else { break };
+        pipeline.handle(&item)?;
+        n += 1;
+    }
+    pipeline.flush()?;
+    Ok(n)
+}
+
+pub async fn watch(opts: WatchOptions) -> anyhow::Result<()> {
+    let emitter = Emitter::new(opts.format, opts.output.as_deref())?;
+    let sensor = probes::load(&probes::Options { ring_bytes: opts.ring_bytes })?;
+    let probes::Sensor { ebpf, ring, stats: sensor_stats, logger, cgroup_root, .. } = sensor;
+    let mut pipeline = Pipeline::new(emitter, cgroup_root.clone());
+    let result = run(&mut pipeline, ring, &sensor_stats, logger, &opts).await;
+    // Final loss report and flush, even after an error in the loop.
+    let final_tick = pipeline.tick(sensor_stats.read().ok());
+    drop(ebpf); // detaches every program (bpf_link fds close)
+    match result.and(final_tick) {
+        Err(e) if e.is::<Closed>() => Ok(()),
+        other => other,
+    }
+}
+
+async fn run(
+    pipeline: &mut Pipeline,
+    ring: RingBuf<MapData>,
+    stats: &probes::StatsReader,
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    opts: &WatchOptions,
+) -> anyhow::Result<()> {
+    // SAFETY: the ring buffer and the logger own their map fds and never close or
+    // replace them while registered; both live until the AsyncFd is dropped.
+    let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+        .map_err(|e| anyhow::anyhow!("registering the ring buffer with the event loop: {e}"))?;
+    let mut logger = match logger {
+        Some(l) => Some(
+            unsafe { AsyncFd::register_with_interest(l, Interest::READABLE) }
+                .map_err(|e| anyhow::anyhow!("registering the eBPF log buffer: {e}"))?,
+        ),
+        None => None,
+    };
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+
+    pipeline.state(
+        "sensor-started",
+        serde_json::json!({
+            "hooks": ["tracepoint/sock/inet_sock_set_state", "tracepoint/syscalls/sys_exit_listen",
+                      "cgroup/post_bind4", "cgroup/post_bind6", "cgroup/sock_release"],
+            "ring_buffer_bytes": opts.ring_bytes,
+            "pid": std::process::id(),
+        }),
+    )?;
+
+    // Probes are attached and the ring is being drained: now read what already exists.
+    let (snap_tx, mut snap_rx) = tokio::sync::oneshot::channel();
+    let mut snapshot_pending = opts.snapshot;
+    if opts.snapshot {
+        pipeline.snapshot_started();
+        tokio::task::spawn_blocking(move || {
+            let t = Instant::now();
+            let res = snapshot::scan();
+            let _ = snap_tx.send((res, t.elapsed()));
+        });
+    }
+
+    loop {
+        tokio::select! {
+            biased;
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            guard = ring.readable_mut() => {
+                let mut guard = guard.context("waiting on the ring buffer")?;
+                let n = drain(guard.get_inner_mut(), pipeline)?;
+                if n < BATCH_MAX {
+                    guard.clear_ready();
+                }
+            }
+            res = &mut snap_rx, if snapshot_pending => {
+                snapshot_pending = false;
+                let (found, took) = res.context("snapshot task vanished")?;
+                let found = found.context("reading the listeners already open from /proc")?;
+                pipeline.merge_snapshot(found, took)?;
+            }
+            guard = async {
+                match logger.as_mut() {
+                    Some(l) => l.readable_mut().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let mut guard = guard?;
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+            _ = tick.tick() => pipeline.tick(stats.read().ok())?,
+        }
+    }
+    // Whatever the kernel wrote before we stopped still goes out.
+    let ring = ring.get_mut();
+    while drain(ring, pipeline)? == BATCH_MAX {}
+    Ok(())
+}

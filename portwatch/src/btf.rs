@@ -1,0 +1,352 @@
+//! Just enough of a BTF reader to find struct member offsets in the running kernel
+//! (`/sys/kernel/btf/vmlinux`). Rust eBPF has no CO-RE relocations, so the offsets the
+//! programs need are looked up here and passed in as load-time globals.
+//!
+//! Format: Documentation/bpf/btf.rst (`struct btf_header`, `struct btf_type` and the
+//! per-kind trailers).
+
+use std::collections::HashMap;
+
+use portwatch_common::KernelOffsets;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BtfError {
+    #[error("not a BTF blob (bad magic)")]
+    BadMagic,
+    #[error("BTF blob truncated at byte {0}")]
+    Truncated(usize),
+    #[error("unknown BTF kind {kind} at type id {id}")]
+    UnknownKind { kind: u32, id: u32 },
+}
+
+const KIND_INT: u32 = 1;
+const KIND_ARRAY: u32 = 3;
+const KIND_STRUCT: u32 = 4;
+const KIND_UNION: u32 = 5;
+const KIND_ENUM: u32 = 6;
+const KIND_TYPEDEF: u32 = 8;
+const KIND_VOLATILE: u32 = 9;
+const KIND_CONST: u32 = 10;
+const KIND_RESTRICT: u32 = 11;
+const KIND_FUNC_PROTO: u32 = 13;
+const KIND_VAR: u32 = 14;
+const KIND_DATASEC: u32 = 15;
+const KIND_DECL_TAG: u32 = 17;
+const KIND_TYPE_TAG: u32 = 18;
+const KIND_ENUM64: u32 = 19;
+
+#[derive(Clone, Copy, Debug)]
+struct Member {
+    name_off: u32,
+    type_id: u32,
+    /// Offset in bits from the start of the enclosing struct.
+    bit_offset: u32,
+}
+
+#[derive(Debug)]
+struct Type {
+    kind: u32,
+    name_off: u32,
+    /// `type` for modifiers/typedefs; `size` for structs.
+    size_or_type: u32,
+    members: Vec<Member>,
+}
+
+/// A parsed BTF blob: types and the string section.
+pub struct Btf {
+    types: Vec<Type>,
+    strings: Vec<u8>,
+    structs_by_name: HashMap<String, u32>,
+}
+
+/// Where a member lives: byte offset and, for bitfields, the bit within that byte.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FieldPos {
+    pub byte: u32,
+    pub bit: u32,
+}
+
+fn u32_at(data: &[u8], at: usize) -> Result<u32, BtfError> {
+    data.get(at..at + 4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .ok_or(BtfError::Truncated(at))
+}
+
+impl Btf {
+    pub fn parse(data: &[u8]) -> Result<Btf, BtfError> {
+        if data.len() < 24 || data[0..2] != [0x9f, 0xeb] {
+            return Err(BtfError::BadMagic);
+        }
+        let hdr_len = u32_at(data, 4)? as usize;
+        let type_off = u32_at(data, 8)? as usize;
+        let type_len = u32_at(data, 12)? as usize;
+        let str_off = u32_at(data, 16)? as usize;
+        let str_len = u32_at(data, 20)? as usize;
+        let types_start = hdr_len + type_off;
+        let types_end = types_start + type_len;
+        let strings = data
+            .get(hdr_len + str_off..hdr_len + str_off + str_len)
+            .ok_or(BtfError::Truncated(hdr_len + str_off))?
+            .to_vec();
+        if types_end > data.len() {
+            return Err(BtfError::Truncated(types_end));
+        }
+
+        // Type id 0 is `void`; keep indices equal to ids.
+        let mut types = vec![Type { kind: 0, name_off: 0, size_or_type: 0, members: vec![] }];
+        let mut at = types_start;
+        while at < types_end {
+            let name_off = u32_at(data, at)?;
+            let info = u32_at(data, at + 4)?;
+            let size_or_type = u32_at(data, at + 8)?;
+            at += 12;
+            let kind = (info >> 24) & 0x1f;
+            let vlen = (info & 0xffff) as usize;
+            let kind_flag = info >> 31 == 1;
+            let mut members = Vec::new();
+            match kind {
+                KIND_INT | KIND_VAR | KIND_DECL_TAG => at += 4,
+                KIND_ARRAY => at += 12,
+                KIND_STRUCT | KIND_UNION => {
+                    members.reserve(vlen);
+                    for _ in 0..vlen {
+                        let offset = u32_at(data, at + 8)?;
+                        members.push(Member {
+                            name_off: u32_at(data, at)?,
+                            type_id: u32_at(data, at + 4)?,
+                            // With kind_flag the top 8 bits are the bitfield size.
+                            bit_offset: if kind_flag { offset & 0x00ff_ffff } else { offset },
+                        });
+                        at += 12;
+                    }
+                }
+                KIND_ENUM | KIND_FUNC_PROTO => at += 8 * vlen,
+                KIND_DATASEC | KIND_ENUM64 => at += 12 * vlen,
+                0 | 2 | 7 | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | 12
+                | 16 | KIND_TYPE_TAG => {}
+                _ => return Err(BtfError::UnknownKind { kind, id: types.len() as u32 }),
+            }
+            types.push(Type { kind, name_off, size_or_type, members });
+        }
+
+        let mut btf = Btf { types, strings, structs_by_name: HashMap::new() };
+        for (id, t) in btf.types.iter().enumerate() {
+            // Forward declarations and duplicates: the first full struct wins.
+            if (t.kind == KIND_STRUCT || t.kind == KIND_UNION) && t.name_off != 0 {
+                let name = btf.string(t.name_off).to_owned();
+                btf.structs_by_name.entry(name).or_insert(id as u32);
+            }
+        }
+        Ok(btf)
+    }
+
+    fn string(&self, off: u32) -> &str {
+        let tail = self.strings.get(off as usize..).unwrap_or(&[]);
+        let end = tail.iter().position(|b| *b == 0).unwrap_or(tail.len());
+        std::str::from_utf8(&tail[..end]).unwrap_or("")
+    }
+
+    /// Follow typedefs and qualifiers to the underlying type.
+    fn resolve(&self, mut id: u32) -> Option<&Type> {
+        for _ in 0..32 {
+            let t = self.types.get(id as usize)?;
+            match t.kind {
+                KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
+                    id = t.size_or_type
+                }
+                _ => return Some(t),
+            }
+        }
+        None
+    }
+
+    /// Bit offset of `name` inside struct/union `t`, searching anonymous members too
+    /// (`sock_common` keeps `skc_num` inside an anonymous struct in a union).
+    fn member(&self, t: &Type, name: &str) -> Option<(u32, u32)> {
+        for m in &t.members {
+            if m.name_off != 0 {
+                if self.string(m.name_off) == name {
+                    return Some((m.bit_offset, m.type_id));
+                }
+                continue;
+            }
+            let inner = self.resolve(m.type_id)?;
+            if let Some((off, ty)) = self.member(inner, name) {
+                return Some((m.bit_offset + off, ty));
+            }
+        }
+        None
+    }
+
+    /// Position of `path` (e.g. `["__sk_common", "skc_num"]`) inside `struct name`.
+    pub fn field(&self, name: &str, path: &[&str]) -> Option<FieldPos> {
+        let mut t = &self.types[*self.structs_by_name.get(name)? as usize];
+        let mut bits = 0;
+        for (i, part) in path.iter().enumerate() {
+            let (off, ty) = self.member(t, part)?;
+            bits += off;
+            if i + 1 < path.len() {
+                t = self.resolve(ty)?;
+            }
+        }
+        Some(FieldPos { byte: bits / 8, bit: bits % 8 })
+    }
+
+    fn byte(&self, name: &str, path: &[&str]) -> u32 {
+        self.field(name, path).map_or(KernelOffsets::UNKNOWN, |p| p.byte)
+    }
+
+    /// Every offset the programs use. A field missing from this kernel stays UNKNOWN and
+    /// the matching output field is reported as unknown, never guessed.
+    pub fn kernel_offsets(&self) -> KernelOffsets {
+        let socket_to_inode = match (
+            self.field("socket_alloc", &["vfs_inode"]),
+            self.field("socket_alloc", &["socket"]),
+        ) {
+            (Some(i), Some(s)) if i.byte >= s.byte => i.byte - s.byte,
+            _ => KernelOffsets::UNKNOWN,
+        };
+        let v6only = self.field("sock_common", &["skc_ipv6only"]);
+        KernelOffsets {
+            sock_num: self.byte("sock", &["__sk_common", "skc_num"]),
+            sock_socket: self.byte("sock", &["sk_socket"]),
+            // `possible_net_t` is a typedef'd anonymous struct holding `net`.
+            sock_net: self.byte("sock", &["__sk_common", "skc_net", "net"]),
+            sock_ipv6only_byte: v6only.map_or(KernelOffsets::UNKNOWN, |p| p.byte),
+            sock_ipv6only_bit: v6only.map_or(0, |p| p.bit),
+            socket_to_inode,
+            inode_ino: self.byte("inode", &["i_ino"]),
+            net_inum: self.byte("net", &["ns", "inum"]),
+            task_real_parent: self.byte("task_struct", &["real_parent"]),
+            task_tgid: self.byte("task_struct", &["tgid"]),
+            task_group_leader: self.byte("task_struct", &["group_leader"]),
+            task_start_boottime: self.byte("task_struct", &["start_boottime"]),
+            task_flags: self.byte("task_struct", &["flags"]),
+            _pad: 0,
+        }
+    }
+}
+
+/// Names of the offsets that this kernel's BTF did not provide.
+pub fn missing(offsets: &KernelOffsets) -> Vec<&'static str> {
+    let o = offsets;
+    [
+        ("sock.skc_num", o.sock_num),
+        ("sock.sk_socket", o.sock_socket),
+        ("sock.skc_net", o.sock_net),
+        ("sock_common.skc_ipv6only", o.sock_ipv6only_byte),
+        ("socket_alloc.vfs_inode", o.socket_to_inode),
+        ("inode.i_ino", o.inode_ino),
+        ("net.ns.inum", o.net_inum),
+        ("task_struct.real_parent", o.task_real_parent),
+        ("task_struct.tgid", o.task_tgid),
+        ("task_struct.group_leader", o.task_group_leader),
+        ("task_struct.start_boottime", o.task_start_boottime),
+        ("task_struct.flags", o.task_flags),
+    ]
+    .into_iter()
+    .filter(|(_, v)| *v == KernelOffsets::UNKNOWN)
+    .map(|(n, _)| n)
+    .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Builds a tiny BTF blob: `struct outer { int a; union { struct { short x; short y; }; }; }`
+    /// with a bitfield struct, to check anonymous-member search and bitfield positions.
+    fn blob() -> Vec<u8> {
+        let strings = b"\0int\0outer\0a\0y\0x\0bits\0f\0g\0".to_vec();
+        let s = |name: &str| -> u32 {
+            let pat = format!("\0{name}\0");
+            strings.windows(pat.len()).position(|w| w == pat.as_bytes()).unwrap() as u32 + 1
+        };
+        let mut t = Vec::new();
+        let mut push = |v: u32| t.extend_from_slice(&v.to_le_bytes());
+        // 1: int
+        push(s("int"));
+        push(KIND_INT << 24);
+        push(4);
+        push(32);
+        // 2: anonymous struct { short x @0; short y @16 }  (types use int for brevity)
+        push(0);
+        push((KIND_STRUCT << 24) | 2);
+        push(4);
+        push(s("x"));
+        push(1);
+        push(0);
+        push(s("y"));
+        push(1);
+        push(16);
+        // 3: anonymous union { struct 2 }
+        push(0);
+        push((KIND_UNION << 24) | 1);
+        push(4);
+        push(0);
+        push(2);
+        push(0);
+        // 4: struct outer { int a @0; union 3 @32 }
+        push(s("outer"));
+        push((KIND_STRUCT << 24) | 2);
+        push(8);
+        push(s("a"));
+        push(1);
+        push(0);
+        push(0);
+        push(3);
+        push(32);
+        // 5: struct bits { f:4 @0, g:1 @13 } with kind_flag
+        push(s("bits"));
+        push((1 << 31) | (KIND_STRUCT << 24) | 2);
+        push(4);
+        push(s("f"));
+        push(1);
+        push(4 << 24);
+        push(s("g"));
+        push(1);
+        push((1 << 24) | 13);
+
+        let mut out = Vec::new();
+        out.extend_from_slice(&[0x9f, 0xeb, 1, 0]);
+        out.extend_from_slice(&24u32.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&(t.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(t.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(strings.len() as u32).to_le_bytes());
+        out.extend_from_slice(&t);
+        out.extend_from_slice(&strings);
+        out
+    }
+
+    #[test]
+    fn finds_members_through_anonymous_unions_and_bitfields() {
+        let btf = Btf::parse(&blob()).unwrap();
+        assert_eq!(btf.field("outer", &["a"]), Some(FieldPos { byte: 0, bit: 0 }));
+        assert_eq!(btf.field("outer", &["y"]), Some(FieldPos { byte: 6, bit: 0 }));
+        assert_eq!(btf.field("bits", &["g"]), Some(FieldPos { byte: 1, bit: 5 }));
+        assert_eq!(btf.field("outer", &["nope"]), None);
+        assert_eq!(btf.field("nope", &["a"]), None);
+    }
+
+    #[test]
+    fn rejects_garbage_without_panicking() {
+        assert!(matches!(Btf::parse(b"hello"), Err(BtfError::BadMagic)));
+        let mut b = blob();
+        b.truncate(40);
+        assert!(Btf::parse(&b).is_err());
+    }
+
+    #[test]
+    fn running_kernel_has_every_offset() {
+        let Ok(data) = std::fs::read("/sys/kernel/btf/vmlinux") else {
+            eprintln!("skipped: /sys/kernel/btf/vmlinux is not readable on this machine");
+            return;
+        };
+        let btf = Btf::parse(&data).unwrap();
+        let offsets = btf.kernel_offsets();
+        assert_eq!(missing(&offsets), Vec::<&str>::new());
+        // skc_num sits right after skc_dport in the port pair: a fixed fact since 2.6.
+        assert_eq!(offsets.sock_num, 14);
+    }
+}

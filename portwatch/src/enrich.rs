@@ -1,0 +1,227 @@
+//! Attribution: who owns a listener. Live events carry what the kernel captured (pid,
+//! parent, comm, uid, cgroup id, task start time); /proc adds executable, command line
+//! and the cgroup path, but only after checking that the pid still names the same task
+//! (same start time), so pid reuse can never attribute a listener to the wrong program.
+//!
+//! Caches are bounded: [`PROC_CACHE_MAX`] processes and [`CGROUP_CACHE_MAX`] cgroups;
+//! when one is full it is cleared (refilling costs a few /proc reads per process).
+
+use std::{collections::HashMap, path::PathBuf, sync::Arc};
+
+use crate::{
+    event::{Cgroup, Container, Named, Parent, Process, Systemd},
+    procfs::{self, CgroupInfo, CgroupResolver, Users},
+    ring::Record,
+    sys::{Clocks, rfc3339},
+};
+
+pub const PROC_CACHE_MAX: usize = 8192;
+pub const CGROUP_CACHE_MAX: usize = 4096;
+
+/// Everything known about the owner of a socket, shared between the events of its life.
+#[derive(Clone, Debug, Default)]
+pub struct Owner {
+    pub process: Option<Arc<Process>>,
+    pub container: Option<Arc<Container>>,
+    pub systemd: Option<Arc<Systemd>>,
+    pub cgroup: Option<Arc<Cgroup>>,
+    pub attribution: &'static str,
+    pub kernel: bool,
+}
+
+#[derive(Clone, Debug, Default)]
+struct CgroupParts {
+    container: Option<Arc<Container>>,
+    systemd: Option<Arc<Systemd>>,
+    cgroup: Option<Arc<Cgroup>>,
+}
+
+struct CachedProc {
+    start_ticks: u64,
+    thread_comm: Vec<u8>,
+    owner: Owner,
+}
+
+pub struct Enricher {
+    procs: HashMap<u32, CachedProc>,
+    cgroups: HashMap<u64, CgroupParts>,
+    resolver: CgroupResolver,
+    users: Users,
+    ns_per_tick: u64,
+    id_seed: u64,
+    pub clocks: Clocks,
+}
+
+impl Enricher {
+    pub fn new(cgroup_root: PathBuf, machine_id: &str, boot_id: &str) -> Enricher {
+        let ticks = procfs::clock_ticks_per_sec().max(1);
+        Enricher {
+            procs: HashMap::new(),
+            cgroups: HashMap::new(),
+            resolver: CgroupResolver::new(cgroup_root),
+            users: Users::new(),
+            ns_per_tick: 1_000_000_000 / ticks,
+            id_seed: fnv1a(FNV_OFFSET, format!("{machine_id}/{boot_id}").as_bytes()),
+            clocks: Clocks::now(),
+        }
+    }
+
+    pub fn user(&mut self, uid: u32) -> Named {
+        Named { id: uid.to_string(), name: self.users.user_name(uid) }
+    }
+
+    pub fn group(&mut self, gid: u32) -> Named {
+        Named { id: gid.to_string(), name: self.users.group_name(gid) }
+    }
+
+    /// `process.entity_id`: stable for one process across agent restarts and distinct
+    /// across pid reuse (boot, pid and start time).
+    fn entity_id(&self, pid: u32, start_ticks: u64) -> String {
+        let h = fnv1a(fnv1a(self.id_seed, &pid.to_le_bytes()), &start_ticks.to_le_bytes());
+        format!("{h:016x}")
+    }
+
+    /// Owner of a live record.
+    pub fn owner_for_record(&mut self, r: &Record) -> Owner {
+        let start_ticks = r.start_boottime_ns.map(|ns| ns / self.ns_per_tick);
+        if let (Some(c), Some(start)) = (self.procs.get(&r.pid), start_ticks)
+            && c.start_ticks == start
+            && c.thread_comm == r.comm
+        {
+            return c.owner.clone();
+        }
+        let cg = self.cgroup_by_id(r.cgroup_id);
+        let from_proc = procfs::read_stat(r.pid)
+            .ok()
+            .filter(|st| start_ticks.is_none_or(|t| t == st.start_ticks));
+        let owner = match from_proc {
+            Some(st) => {
+                let mut p = self.read_process(r.pid, st.comm, st.ppid, st.start_ticks);
+                // The kernel's parent is the one at listen time; /proc's may be a reaper.
+                if let Some(ppid) = r.ppid {
+                    p.parent = Some(Parent { pid: ppid });
+                }
+                if let Some(ns) = r.start_boottime_ns {
+                    p.start = Some(rfc3339(self.clocks.wall_from_boottime(ns)));
+                }
+                let owner = Owner {
+                    process: Some(Arc::new(p)),
+                    container: cg.container,
+                    systemd: cg.systemd,
+                    cgroup: cg.cgroup,
+                    attribution: if r.kthread { "kernel-thread" } else { "proc" },
+                    kernel: r.kthread,
+                };
+                if let Some(start_ticks) = start_ticks {
+                    if self.procs.len() >= PROC_CACHE_MAX {
+                        self.procs.clear();
+                    }
+                    self.procs.insert(
+                        r.pid,
+                        CachedProc { start_ticks, thread_comm: r.comm.clone(), owner: owner.clone() },
+                    );
+                }
+                owner
+            }
+            None => {
+                // Gone (or the pid now names another task): report only what the kernel
+                // saw; executable and command line stay absent rather than guessed.
+                let p = Process {
+                    pid: r.pid,
+                    name: Some(String::from_utf8_lossy(&r.comm).into_owned()),
+                    parent: r.ppid.map(|pid| Parent { pid }),
+                    start: r.start_boottime_ns.map(|ns| rfc3339(self.clocks.wall_from_boottime(ns))),
+                    entity_id: start_ticks.map(|t| self.entity_id(r.pid, t)),
+                    ..Process::default()
+                };
+                Owner {
+                    process: Some(Arc::new(p)),
+                    container: cg.container,
+                    systemd: cg.systemd,
+                    cgroup: cg.cgroup,
+                    attribution: if r.kthread { "kernel-thread" } else { "kernel" },
+                    kernel: r.kthread,
+                }
+            }
+        };
+        owner
+    }
+
+    /// Owner of a socket found by the /proc snapshot: `pids` hold it (empty: the kernel).
+    pub fn owner_for_pids(&mut self, pids: &[u32]) -> Owner {
+        let Some(&pid) = pids.iter().min() else {
+            return Owner { attribution: "kernel-socket", kernel: true, ..Owner::default() };
+        };
+        let Ok(st) = procfs::read_stat(pid) else {
+            return Owner { attribution: "snapshot-gone", ..Owner::default() };
+        };
+        let mut p = self.read_process(pid, st.comm, st.ppid, st.start_ticks);
+        p.start = Some(rfc3339(self.clocks.wall_from_boottime(st.start_ticks * self.ns_per_tick)));
+        let cg = procfs::read_cgroup(pid).ok().map(|path| self.cgroup_from_path(None, path));
+        let cg = cg.unwrap_or_default();
+        Owner {
+            process: Some(Arc::new(p)),
+            container: cg.container,
+            systemd: cg.systemd,
+            cgroup: cg.cgroup,
+            attribution: "proc",
+            kernel: false,
+        }
+    }
+
+    fn read_process(&mut self, pid: u32, comm: String, ppid: u32, start_ticks: u64) -> Process {
+        let exe = procfs::read_exe(pid).ok();
+        let args = procfs::read_cmdline(pid).ok().filter(|a| !a.is_empty());
+        Process {
+            pid,
+            name: Some(comm),
+            parent: Some(Parent { pid: ppid }),
+            executable: exe,
+            command_line: args.as_ref().map(|a| a.join(" ")),
+            args,
+            start: None,
+            entity_id: Some(self.entity_id(pid, start_ticks)),
+        }
+    }
+
+    fn cgroup_by_id(&mut self, id: u64) -> CgroupParts {
+        if let Some(c) = self.cgroups.get(&id) {
+            return c.clone();
+        }
+        let Some(path) = self.resolver.path(id) else {
+            // Not resolvable (yet): report the id alone, and do not cache the miss.
+            return CgroupParts {
+                cgroup: Some(Arc::new(Cgroup { id: Some(id), path: None })),
+                ..CgroupParts::default()
+            };
+        };
+        let parts = self.cgroup_from_path(Some(id), path);
+        if self.cgroups.len() >= CGROUP_CACHE_MAX {
+            self.cgroups.clear();
+        }
+        self.cgroups.insert(id, parts.clone());
+        parts
+    }
+
+    fn cgroup_from_path(&mut self, id: Option<u64>, path: String) -> CgroupParts {
+        let CgroupInfo { systemd_unit, systemd_slice, container_id, container_runtime, .. } =
+            procfs::parse_cgroup_path(&path);
+        CgroupParts {
+            container: container_id
+                .map(|id| Arc::new(Container { id, runtime: container_runtime })),
+            systemd: (systemd_unit.is_some() || systemd_slice.is_some())
+                .then(|| Arc::new(Systemd { unit: systemd_unit, slice: systemd_slice })),
+            cgroup: Some(Arc::new(Cgroup { id, path: Some(path) })),
+        }
+    }
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+fn fnv1a(mut h: u64, bytes: &[u8]) -> u64 {
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}

@@ -1,0 +1,229 @@
+//! The output event: ECS field names as nested objects, serialised with serde.
+//!
+//! Documents are built from typed structs (no `serde_json::Value` per event): at full
+//! listener churn this runs a couple of hundred thousand times a second.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+
+/// ECS version the field names follow.
+pub const ECS_VERSION: &str = "8.11.0";
+
+#[derive(Serialize, Debug)]
+pub struct Event {
+    #[serde(rename = "@timestamp")]
+    pub timestamp: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    pub event: EventMeta,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log: Option<Log>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network: Option<Network>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server: Option<Server>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub process: Option<Arc<Process>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<Named>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<Named>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container: Option<Arc<Container>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<Rule>,
+    pub host: Arc<Host>,
+    pub agent: Arc<Agent>,
+    pub ecs: Ecs,
+    pub portwatch: Portwatch,
+}
+
+#[derive(Serialize, Debug, Default)]
+pub struct EventMeta {
+    /// ECS `event.kind`: `event`, `alert`, `state` or `metric`.
+    pub kind: &'static str,
+    pub category: &'static [&'static str],
+    #[serde(rename = "type")]
+    pub type_: &'static [&'static str],
+    pub action: &'static str,
+    pub dataset: &'static str,
+    pub module: &'static str,
+    pub sequence: u64,
+    /// Nanoseconds a listener lived (on its end event, when its start was seen).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub severity: Option<u8>,
+    /// When the agent wrote the event (the kernel time is `@timestamp`).
+    pub created: String,
+}
+
+#[derive(Serialize, Debug)]
+pub struct Log {
+    pub level: &'static str,
+}
+
+#[derive(Serialize, Debug)]
+pub struct Network {
+    pub transport: &'static str,
+    #[serde(rename = "type")]
+    pub type_: &'static str,
+}
+
+#[derive(Serialize, Debug)]
+pub struct Server {
+    pub ip: String,
+    pub port: u16,
+}
+
+#[derive(Serialize, Debug, Default, Clone)]
+pub struct Process {
+    pub pid: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent: Option<Parent>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub executable: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command_line: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub args: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub start: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entity_id: Option<String>,
+}
+
+#[derive(Serialize, Debug, Clone)]
+pub struct Parent {
+    pub pid: u32,
+}
+
+#[derive(Serialize, Debug, Clone)]
+pub struct Named {
+    pub id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+#[derive(Serialize, Debug, Clone)]
+pub struct Container {
+    pub id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<&'static str>,
+}
+
+#[derive(Serialize, Debug)]
+pub struct Host {
+    pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub boot: Option<Boot>,
+}
+
+#[derive(Serialize, Debug)]
+pub struct Boot {
+    pub id: String,
+}
+
+#[derive(Serialize, Debug)]
+pub struct Agent {
+    #[serde(rename = "type")]
+    pub type_: &'static str,
+    pub name: &'static str,
+    pub version: &'static str,
+}
+
+#[derive(Serialize, Debug)]
+pub struct Ecs {
+    pub version: &'static str,
+}
+
+#[derive(Serialize, Debug)]
+pub struct Rule {
+    pub id: String,
+    pub name: String,
+    pub description: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+    pub ruleset: &'static str,
+}
+
+/// Fields ECS has no name for, under the agent's own namespace.
+#[derive(Serialize, Debug, Default)]
+pub struct Portwatch {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub socket: Option<Socket>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub systemd: Option<Arc<Systemd>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<Arc<Cgroup>>,
+    /// Where the process fields came from: `proc` (read from /proc and matched to the
+    /// kernel's start time), `kernel` (the process was gone or its pid reused: only what
+    /// the kernel captured), `snapshot`, or `kernel-socket` (no process owns it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attribution: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exposure: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alert: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lost: Option<Lost>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stats: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latency_ns: Option<u64>,
+}
+
+#[derive(Serialize, Debug, Default, Clone)]
+pub struct Socket {
+    /// Socket inode (as in `/proc/<pid>/fd` and `ss -e`): joins a start with its end.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inode: Option<u64>,
+    /// Network namespace inode (`readlink /proc/<pid>/ns/net`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub netns: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_netns: Option<bool>,
+    /// For `::` binds: true when IPV6_V6ONLY is set (no IPv4 traffic).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub v6only: Option<bool>,
+    /// True for sockets owned by the kernel (nfsd, in-kernel RPC): no process.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub kernel: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub thread_id: Option<u32>,
+    /// Every process holding the socket (snapshot; a forked server shares it).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pids: Vec<u32>,
+}
+
+#[derive(Serialize, Debug, Clone)]
+pub struct Systemd {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slice: Option<String>,
+}
+
+#[derive(Serialize, Debug, Clone)]
+pub struct Cgroup {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+}
+
+#[derive(Serialize, Debug, Clone)]
+pub struct Lost {
+    /// Events lost since the previous `events-lost` event.
+    pub count: u64,
+    /// Events lost since the agent started.
+    pub total: u64,
+    /// `ring-buffer-full` (the kernel could not reserve space), `decode-error`, or
+    /// `untracked` (a start could not be tracked: its end will carry no duration).
+    pub reason: &'static str,
+}

@@ -1,0 +1,110 @@
+//! portwatch: reports every TCP listener and UDP bind on a Linux host, as it happens,
+//! attributed to its process and classified by risk.
+
+mod agent;
+mod btf;
+mod emit;
+mod enrich;
+mod event;
+mod probes;
+mod procfs;
+mod ring;
+mod snapshot;
+mod sys;
+
+use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+
+use crate::emit::Format;
+
+#[derive(Parser)]
+#[command(name = "portwatch", version, about, propagate_version = true)]
+struct Cli {
+    /// More diagnostics on stderr (-v: info, -vv: debug).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Stream listener events: what already listens, then every change, live.
+    Watch {
+        /// Output format [default: text on a terminal, json otherwise].
+        #[arg(long, value_enum)]
+        format: Option<Format>,
+        /// Append events to this file instead of stdout.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        /// Kernel ring buffer size in bytes (a power of two, at least 4096).
+        #[arg(long, default_value_t = 1 << 20, value_parser = parse_ring_bytes)]
+        ring_bytes: u32,
+        /// Do not report the listeners that exist at start.
+        #[arg(long)]
+        no_snapshot: bool,
+    },
+}
+
+fn parse_ring_bytes(s: &str) -> Result<u32, String> {
+    let n: u32 = s.parse().map_err(|_| format!("`{s}` is not a number of bytes"))?;
+    if n < 4096 || !n.is_power_of_two() {
+        return Err(format!("{n} is not a power of two >= 4096 (try 1048576)"));
+    }
+    Ok(n)
+}
+
+/// Minimal stderr logger: one line per message, no timestamps (journald adds them).
+struct StderrLog(log::LevelFilter);
+
+impl log::Log for StderrLog {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        m.level() <= self.0
+    }
+    fn log(&self, r: &log::Record<'_>) {
+        if self.enabled(r.metadata()) {
+            eprintln!("portwatch: {}: {}", r.level().as_str().to_lowercase(), r.args());
+        }
+    }
+    fn flush(&self) {}
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => log::LevelFilter::Warn,
+        1 => log::LevelFilter::Info,
+        _ => log::LevelFilter::Debug,
+    };
+    log::set_max_level(level);
+    let _ = log::set_boxed_logger(Box::new(StderrLog(level)));
+
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("portwatch: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Watch { format, output, ring_bytes, no_snapshot } => {
+            let format = format.unwrap_or(if output.is_none() && std::io::stdout().is_terminal() {
+                Format::Text
+            } else {
+                Format::Json
+            });
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(agent::watch(agent::WatchOptions {
+                format,
+                output,
+                ring_bytes,
+                snapshot: !no_snapshot,
+            }))?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

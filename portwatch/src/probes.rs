@@ -1,0 +1,185 @@
+//! Loading and attaching the kernel programs, in one place: which hook is used for what,
+//! and a one-line error when the running kernel cannot provide it.
+//!
+//! | program        | hook                                    | kernel source                       |
+//! |----------------|-----------------------------------------|-------------------------------------|
+//! | `listen_state` | tracepoint `sock:inet_sock_set_state`   | include/trace/events/sock.h         |
+//! | `listen_exit`  | tracepoint `syscalls:sys_exit_listen`   | net/socket.c `__sys_listen()`       |
+//! | `udp_bind4`    | cgroup `post_bind4` on the cgroup2 root | net/ipv4/af_inet.c `__inet_bind()`  |
+//! | `udp_bind6`    | cgroup `post_bind6` on the cgroup2 root | net/ipv6/af_inet6.c `__inet6_bind()`|
+//! | `udp_release`  | cgroup `sock_release` on the cgroup2 root | net/ipv4/af_inet.c `inet_release()`|
+
+use std::{fs::File, path::PathBuf};
+
+use anyhow::{Context as _, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::{CgroupAttachMode, CgroupSock, TracePoint},
+};
+use portwatch_common::{KernelOffsets, stat};
+
+use crate::{btf, procfs, sys};
+
+/// The eBPF object, built by build.rs from portwatch-ebpf and embedded in the binary.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portwatch.bpf.o"));
+
+/// Names of every program in the object, as the kernel reports them.
+pub const PROGRAMS: [&str; 5] =
+    ["listen_state", "listen_exit", "udp_bind4", "udp_bind6", "udp_release"];
+
+/// Loaded and attached programs. Dropping it detaches everything: the cgroup
+/// attachments are bpf_links (kernel >= 5.7) owned by this process, so they also go
+/// away if the process is killed.
+pub struct Sensor {
+    pub ebpf: Ebpf,
+    pub ring: RingBuf<MapData>,
+    pub stats: StatsReader,
+    pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    pub offsets: KernelOffsets,
+    pub cgroup_root: PathBuf,
+}
+
+pub struct Options {
+    /// Ring buffer size in bytes (power of two, multiple of the page size).
+    pub ring_bytes: u32,
+}
+
+pub fn load(opts: &Options) -> anyhow::Result<Sensor> {
+    sys::require_root()?;
+    sys::raise_memlock();
+    sys::ensure_tracefs()?;
+    let btf_bytes = sys::require_btf()?;
+    let kernel_btf = btf::Btf::parse(&btf_bytes).context("parsing /sys/kernel/btf/vmlinux")?;
+    let offsets = kernel_btf.kernel_offsets();
+    let missing = btf::missing(&offsets);
+    if offsets.sock_num == KernelOffsets::UNKNOWN {
+        bail!("this kernel's BTF has no `struct sock_common.skc_num`; cannot read listen ports");
+    }
+    if !missing.is_empty() {
+        log::warn!(
+            "kernel BTF lacks {}: those fields will be reported as unknown",
+            missing.join(", ")
+        );
+    }
+
+    let cgroup_root = procfs::cgroup2_mount()
+        .context("reading /proc/self/mountinfo")?
+        .ok_or_else(|| {
+            anyhow!(
+                "no cgroup2 filesystem is mounted (needed for the UDP bind hooks); mount one \
+                 with `mount -t cgroup2 none /sys/fs/cgroup/unified`"
+            )
+        })?;
+
+    let mut ebpf = EbpfLoader::new()
+        .override_global("OFFSETS", &offsets, true)
+        .map_max_entries("EVENTS", opts.ring_bytes)
+        .load(OBJECT)
+        .map_err(|e| {
+            anyhow!(
+                "loading the eBPF object failed: {e}; portwatch needs Linux >= 5.8 with \
+                 BPF ring buffers (CONFIG_BPF_SYSCALL=y)"
+            )
+        })?;
+    // The logger owns the log map: keep it alive or later loads fail (PLATFORM.md).
+    let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            log::warn!("eBPF logging unavailable: {e}");
+            None
+        }
+    };
+
+    attach_tracepoint(&mut ebpf, "listen_state", "sock", "inet_sock_set_state")?;
+    attach_tracepoint(&mut ebpf, "listen_exit", "syscalls", "sys_exit_listen")?;
+    let cgroup = File::open(&cgroup_root)
+        .with_context(|| format!("opening cgroup2 root {}", cgroup_root.display()))?;
+    for name in ["udp_bind4", "udp_bind6", "udp_release"] {
+        let prog: &mut CgroupSock = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing from the embedded object"))?
+            .try_into()?;
+        prog.load().map_err(|e| anyhow!("the kernel refused program {name}: {e}"))?;
+        // aya attaches through bpf_link_create (kernel >= 5.7), where the kernel rejects
+        // any flag (`cgroup_bpf_link_attach()`) and links always coexist with other
+        // programs, as BPF_F_ALLOW_MULTI would. So the mode here must be `Single` (0).
+        prog.attach(&cgroup, CgroupAttachMode::Single).map_err(|e| {
+            anyhow!(
+                "attaching {name} to {} failed: {}; the kernel needs CONFIG_CGROUP_BPF=y",
+                cgroup_root.display(),
+                error_chain(&e)
+            )
+        })?;
+    }
+    log::info!(
+        "hooks attached: tracepoint sock:inet_sock_set_state, tracepoint \
+         syscalls:sys_exit_listen, cgroup post_bind4/post_bind6/sock_release on {}",
+        cgroup_root.display()
+    );
+
+    let ring = RingBuf::try_from(ebpf.take_map("EVENTS").context("EVENTS map missing")?)?;
+    let stats =
+        StatsReader(PerCpuArray::try_from(ebpf.take_map("STATS").context("STATS map missing")?)?);
+    Ok(Sensor { ebpf, ring, stats, logger, offsets, cgroup_root })
+}
+
+fn attach_tracepoint(
+    ebpf: &mut Ebpf,
+    name: &str,
+    category: &str,
+    event: &str,
+) -> anyhow::Result<()> {
+    let prog: &mut TracePoint = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the embedded object"))?
+        .try_into()?;
+    prog.load().map_err(|e| anyhow!("the kernel refused program {name}: {e}"))?;
+    prog.attach(category, event).map_err(|e| {
+        anyhow!(
+            "attaching {name} to tracepoint {category}:{event} failed: {}; check that \
+             /sys/kernel/tracing/events/{category}/{event} exists (CONFIG_TRACEPOINTS, \
+             CONFIG_FTRACE_SYSCALLS)",
+            error_chain(&e)
+        )
+    })?;
+    Ok(())
+}
+
+/// Kernel-side counters, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelStats {
+    pub ring_full: u64,
+    pub listen_failed: u64,
+    pub pending_full: u64,
+    pub bound_full: u64,
+    pub read_failed: u64,
+}
+
+/// Reads the kernel-side `STATS` counters.
+pub struct StatsReader(pub PerCpuArray<MapData, u64>);
+
+impl StatsReader {
+    pub fn read(&self) -> anyhow::Result<KernelStats> {
+        let sum = |i: u32| -> anyhow::Result<u64> { Ok(self.0.get(&i, 0)?.iter().copied().sum()) };
+        Ok(KernelStats {
+            ring_full: sum(stat::RING_FULL)?,
+            listen_failed: sum(stat::LISTEN_FAILED)?,
+            pending_full: sum(stat::PENDING_FULL)?,
+            bound_full: sum(stat::BOUND_FULL)?,
+            read_failed: sum(stat::READ_FAILED)?,
+        })
+    }
+}
+
+/// `e: source: source...` on one line (aya's errors keep the errno in `source()`).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

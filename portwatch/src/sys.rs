@@ -1,0 +1,150 @@
+//! Host preconditions the agent sets up or checks itself: privileges, tracefs, memlock,
+//! and the clocks used to turn kernel timestamps into wall-clock time.
+
+use std::{fs, io, path::Path};
+
+use anyhow::{Context as _, bail};
+
+/// Fail early, in one line, when we cannot possibly load BPF programs.
+pub fn require_root() -> anyhow::Result<()> {
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "portwatch must run as root (it loads eBPF programs: CAP_BPF, CAP_PERFMON, \
+             CAP_NET_ADMIN); run it with sudo"
+        );
+    }
+    Ok(())
+}
+
+/// Tracepoint attach goes through tracefs, which a fresh machine does not mount.
+pub fn ensure_tracefs() -> anyhow::Result<()> {
+    let candidates = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
+    if candidates.iter().any(|p| Path::new(p).join("events").is_dir()) {
+        return Ok(());
+    }
+    let target = c"/sys/kernel/tracing";
+    let rc = unsafe {
+        libc::mount(c"tracefs".as_ptr(), target.as_ptr(), c"tracefs".as_ptr(), 0, std::ptr::null())
+    };
+    if rc != 0 {
+        let err = io::Error::last_os_error();
+        bail!(
+            "tracefs is not mounted and mounting it failed ({err}); run \
+             `mount -t tracefs tracefs /sys/kernel/tracing` and try again"
+        );
+    }
+    log::info!("mounted tracefs at /sys/kernel/tracing");
+    Ok(())
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; newer ones use the memory
+/// cgroup, and some sandboxes refuse the raise. A refusal is worth a warning only.
+pub fn raise_memlock() {
+    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
+        log::warn!(
+            "could not raise RLIMIT_MEMLOCK ({}); fine on kernels >= 5.11 that account BPF \
+             memory to the memory cgroup",
+            io::Error::last_os_error()
+        );
+    }
+}
+
+pub fn require_btf() -> anyhow::Result<Vec<u8>> {
+    fs::read("/sys/kernel/btf/vmlinux").context(
+        "cannot read /sys/kernel/btf/vmlinux: this kernel lacks BTF (CONFIG_DEBUG_INFO_BTF=y), \
+         which portwatch needs to read socket ports and process ancestry; use a kernel built \
+         with BTF (Debian, Ubuntu, RHEL >= 8.2 kernels have it)",
+    )
+}
+
+fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns()`.
+pub fn monotonic_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC)
+}
+
+/// Converts kernel clocks to wall-clock time. Refreshed periodically so NTP steps are
+/// followed; the offsets are sampled back to back, so their error is well under 1 µs.
+#[derive(Clone, Copy, Debug)]
+pub struct Clocks {
+    /// realtime - monotonic, ns.
+    mono_to_wall: i128,
+    /// realtime - boottime, ns: wall time of boot.
+    boot_wall_ns: i128,
+}
+
+impl Clocks {
+    pub fn now() -> Clocks {
+        let real = clock_ns(libc::CLOCK_REALTIME) as i128;
+        let mono = clock_ns(libc::CLOCK_MONOTONIC) as i128;
+        let boot = clock_ns(libc::CLOCK_BOOTTIME) as i128;
+        Clocks { mono_to_wall: real - mono, boot_wall_ns: real - boot }
+    }
+
+    /// Wall-clock ns since the epoch for a `bpf_ktime_get_ns()` value.
+    pub fn wall_from_ktime(&self, ktime_ns: u64) -> i128 {
+        ktime_ns as i128 + self.mono_to_wall
+    }
+
+    /// Wall-clock ns since the epoch for a time since boot (e.g. a task's start).
+    pub fn wall_from_boottime(&self, boot_ns: u64) -> i128 {
+        boot_ns as i128 + self.boot_wall_ns
+    }
+}
+
+/// RFC 3339 UTC with nanoseconds, e.g. `2026-11-26T23:05:59.123456789Z`.
+pub fn rfc3339(wall_ns: i128) -> String {
+    let secs = wall_ns.div_euclid(1_000_000_000) as i64;
+    let nanos = wall_ns.rem_euclid(1_000_000_000) as u32;
+    let days = secs.div_euclid(86_400);
+    let sod = secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{nanos:09}Z",
+        sod / 3600,
+        sod / 60 % 60,
+        sod % 60
+    )
+}
+
+/// Howard Hinnant's days-to-civil algorithm (proleptic Gregorian, days since 1970-01-01).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_formats_known_instants() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000000000Z");
+        // 2000-02-29 (leap day) 12:34:56.000000789
+        assert_eq!(rfc3339(951_827_696_000_000_789), "2000-02-29T12:34:56.000000789Z");
+        assert_eq!(rfc3339(1_795_734_359_123_456_789), "2026-11-26T23:05:59.123456789Z");
+        assert_eq!(rfc3339(-1), "1969-12-31T23:59:59.999999999Z");
+    }
+
+    #[test]
+    fn clocks_map_now_to_now() {
+        let c = Clocks::now();
+        let wall = c.wall_from_ktime(monotonic_ns());
+        let real = clock_ns(libc::CLOCK_REALTIME) as i128;
+        assert!((real - wall).abs() < 50_000_000, "offset off by {} ns", real - wall);
+    }
+}

@@ -1,0 +1,213 @@
+//! Harness for the real-kernel tests: runs the built agent (`target/release/portwatch`,
+//! or `$PORTWATCH_BIN`) as a child, reads its JSON lines, and lets a test wait for the
+//! event it caused, with a deadline, never a fixed sleep.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::mpsc::{Receiver, RecvTimeoutError, channel},
+    thread,
+    time::{Duration, Instant},
+};
+
+pub use serde_json::Value;
+
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// True when this process may load BPF programs; otherwise the caller prints why it skips.
+pub fn can_run_kernel_tests() -> bool {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: kernel tests need root (they load eBPF programs)");
+        return false;
+    }
+    true
+}
+
+pub fn agent_binary() -> PathBuf {
+    std::env::var_os("PORTWATCH_BIN").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/portwatch")
+    })
+}
+
+pub struct Agent {
+    child: Child,
+    lines: Receiver<Value>,
+    /// Every event received so far, in order.
+    pub seen: Vec<Value>,
+}
+
+impl Agent {
+    /// Start `portwatch watch --format json ARGS` and wait until its probes are attached.
+    pub fn start(args: &[&str]) -> Agent {
+        let bin = agent_binary();
+        assert!(bin.exists(), "{} missing: run `cargo xtask test`", bin.display());
+        let mut child = Command::new(&bin)
+            .args(["watch", "--format", "json"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {}: {e}", bin.display()));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let v: Value = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("agent wrote a line that is not JSON ({e}): {line}"));
+                if tx.send(v).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut agent = Agent { child, lines: rx, seen: Vec::new() };
+        agent
+            .wait_for(Duration::from_secs(30), |e| action(e) == "sensor-started")
+            .expect("agent did not report sensor-started within 30 s");
+        agent
+    }
+
+    /// Wait for the first event (already seen or new) matching `pred`.
+    pub fn wait_for(&mut self, deadline: Duration, pred: impl Fn(&Value) -> bool) -> Option<Value> {
+        if let Some(v) = self.seen.iter().find(|v| pred(v)) {
+            return Some(v.clone());
+        }
+        let end = Instant::now() + deadline;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(v) => {
+                    let hit = pred(&v);
+                    self.seen.push(v);
+                    if hit {
+                        return self.seen.last().cloned();
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Like `wait_for`, panicking with `what` when nothing matches in time.
+    pub fn expect(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        self.wait_for(DEADLINE, pred).unwrap_or_else(|| {
+            panic!("no event for {what} within {DEADLINE:?}; saw {} events", self.seen.len())
+        })
+    }
+
+    /// Receive everything until `pred` matches (inclusive) and return all events seen.
+    pub fn drain_until(&mut self, pred: impl Fn(&Value) -> bool) -> &[Value] {
+        self.wait_for(DEADLINE * 3, pred).expect("marker event never arrived");
+        &self.seen
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM, then wait; returns the exit status and every event written until exit.
+    pub fn stop(mut self) -> (ExitStatus, Vec<Value>) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().expect("waiting for the agent");
+        while let Ok(v) = self.lines.recv_timeout(Duration::from_secs(2)) {
+            self.seen.push(v);
+        }
+        (status, std::mem::take(&mut self.seen))
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // A failed test must not leave an agent (and its hooks) behind.
+        if let Ok(None) = self.child.try_wait() {
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+            let _ = self.child.wait();
+        }
+    }
+}
+
+pub fn action(e: &Value) -> &str {
+    e["event"]["action"].as_str().unwrap_or("")
+}
+
+pub fn port(e: &Value) -> u64 {
+    e["server"]["port"].as_u64().unwrap_or(0)
+}
+
+pub fn pid(e: &Value) -> u64 {
+    e["process"]["pid"].as_u64().unwrap_or(0)
+}
+
+/// An event of `act` for `port` owned by `owner`.
+pub fn is(e: &Value, act: &str, owner: u32, p: u16) -> bool {
+    action(e) == act && port(e) == u64::from(p) && pid(e) == u64::from(owner)
+}
+
+/// Process name the kernel shows for `pid` (`/proc/<pid>/comm`).
+pub fn comm_of(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| s.trim_end().to_owned())
+        .unwrap_or_default()
+}
+
+/// Inode of the socket behind `fd`.
+pub fn socket_inode(fd: i32) -> u64 {
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::fstat(fd, &mut st) }, 0, "fstat");
+    st.st_ino
+}
+
+/// Raw socket helpers for cases std cannot express (listen without bind, failing listen).
+pub mod raw {
+    pub fn socket(family: i32, ty: i32) -> i32 {
+        let fd = unsafe { libc::socket(family, ty | libc::SOCK_CLOEXEC, 0) };
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        fd
+    }
+
+    pub fn set_reuseaddr(fd: i32) {
+        let one: libc::c_int = 1;
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_REUSEADDR,
+                std::ptr::from_ref(&one).cast(),
+                size_of::<libc::c_int>() as u32,
+            )
+        };
+        assert_eq!(rc, 0, "setsockopt");
+    }
+
+    pub fn bind_v4(fd: i32, addr: [u8; 4], port: u16) -> i32 {
+        let sa = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(addr) },
+            sin_zero: [0; 8],
+        };
+        unsafe {
+            libc::bind(fd, std::ptr::from_ref(&sa).cast(), size_of::<libc::sockaddr_in>() as u32)
+        }
+    }
+
+    pub fn local_port(fd: i32) -> u16 {
+        let mut sa: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+        let mut len = size_of::<libc::sockaddr_in6>() as u32;
+        let rc = unsafe { libc::getsockname(fd, std::ptr::from_mut(&mut sa).cast(), &mut len) };
+        assert_eq!(rc, 0, "getsockname");
+        // sin_port and sin6_port sit at the same offset.
+        u16::from_be(sa.sin6_port)
+    }
+
+    pub fn listen(fd: i32) -> i32 {
+        unsafe { libc::listen(fd, 16) }
+    }
+
+    pub fn close(fd: i32) {
+        unsafe { libc::close(fd) };
+    }
+}

@@ -1,0 +1,274 @@
+//! The sensor core against the real kernel: each test does the socket work itself and
+//! waits for the event it caused, filtered to its own pid and port.
+
+use std::{
+    net::{TcpListener, UdpSocket},
+    os::fd::AsRawFd,
+    time::{Duration, Instant},
+};
+
+use portwatch_tests::{Agent, Value, action, can_run_kernel_tests, comm_of, is, port, raw, socket_inode};
+
+fn me() -> u32 {
+    std::process::id()
+}
+
+fn check_listener_event(e: &Value, transport: &str, ip: &str, p: u16) {
+    assert_eq!(e["network"]["transport"], transport, "{e}");
+    assert_eq!(e["server"]["ip"], ip, "{e}");
+    assert_eq!(e["server"]["port"], p, "{e}");
+    assert_eq!(e["process"]["pid"], me(), "{e}");
+    assert_eq!(e["process"]["name"], comm_of(me()), "{e}");
+    assert_eq!(e["user"]["id"], "0", "{e}");
+    assert!(e["@timestamp"].as_str().is_some_and(|t| t.ends_with('Z')), "{e}");
+    assert!(e["event"]["sequence"].as_u64().is_some(), "{e}");
+    assert!(e["portwatch"]["socket"]["inode"].as_u64().is_some_and(|i| i > 0), "{e}");
+}
+
+fn tcp_start_stop(bind: &str, ip: &str, family: &str) {
+    if !can_run_kernel_tests() {
+        return;
+    }
+    let mut agent = Agent::start(&["--no-snapshot"]);
+    let l = TcpListener::bind(bind).unwrap();
+    let p = l.local_addr().unwrap().port();
+    let inode = socket_inode(l.as_raw_fd());
+    let start = agent.expect("listen-started", |e| is(e, "listen-started", me(), p));
+    check_listener_event(&start, "tcp", ip, p);
+    assert_eq!(start["network"]["type"], family);
+    assert_eq!(start["portwatch"]["socket"]["inode"], inode);
+    drop(l);
+    let stop = agent.expect("listen-stopped", |e| is(e, "listen-stopped", me(), p));
+    check_listener_event(&stop, "tcp", ip, p);
+    assert!(stop["event"]["duration"].as_u64().is_some_and(|d| d > 0), "{stop}");
+    assert_eq!(stop["process"]["entity_id"], start["process"]["entity_id"]);
+    assert_eq!(stop["portwatch"]["socket"]["inode"], inode);
+    let (status, _) = agent.stop();
+    assert!(status.success(), "agent exit: {status}");
+}
+
+#[test]
+fn tcp_ipv4_listen_start_and_stop() {
+    tcp_start_stop("127.0.0.1:0", "127.0.0.1", "ipv4");
+}
+
+#[test]
+fn tcp_ipv6_listen_start_and_stop() {
+    tcp_start_stop("[::1]:0", "::1", "ipv6");
+}
+
+fn udp_bind_release(bind: &str, ip: &str) {
+    if !can_run_kernel_tests() {
+        return;
+    }
+    let mut agent = Agent::start(&["--no-snapshot"]);
+    let s = UdpSocket::bind(bind).unwrap();
+    let p = s.local_addr().unwrap().port();
+    let bound = agent.expect("udp-bound", |e| is(e, "udp-bound", me(), p));
+    check_listener_event(&bound, "udp", ip, p);
+    drop(s);
+    let released = agent.expect("udp-released", |e| is(e, "udp-released", me(), p));
+    check_listener_event(&released, "udp", ip, p);
+    assert!(released["event"]["duration"].as_u64().is_some_and(|d| d > 0));
+    let (status, _) = agent.stop();
+    assert!(status.success());
+}
+
+#[test]
+fn udp_ipv4_bind_and_release() {
+    udp_bind_release("127.0.0.1:0", "127.0.0.1");
+}
+
+#[test]
+fn udp_ipv6_bind_and_release() {
+    udp_bind_release("[::1]:0", "::1");
+}
+
+#[test]
+fn listen_without_bind_reports_the_assigned_port() {
+    if !can_run_kernel_tests() {
+        return;
+    }
+    let mut agent = Agent::start(&["--no-snapshot"]);
+    let fd = raw::socket(libc::AF_INET, libc::SOCK_STREAM);
+    assert_eq!(raw::listen(fd), 0);
+    let p = raw::local_port(fd);
+    assert_ne!(p, 0);
+    let e = agent.expect("listen-started on the autobound port", |e| {
+        is(e, "listen-started", me(), p)
+    });
+    assert_eq!(e["server"]["ip"], "0.0.0.0");
+    raw::close(fd);
+    agent.expect("listen-stopped", |e| is(e, "listen-stopped", me(), p));
+}
+
+#[test]
+fn failed_listen_is_not_reported() {
+    if !can_run_kernel_tests() {
+        return;
+    }
+    let mut agent = Agent::start(&["--no-snapshot"]);
+    // Two SO_REUSEADDR sockets may bind one port, but only one may listen on it: the
+    // second listen() enters LISTEN, fails in get_port() and goes back to CLOSE.
+    let a = raw::socket(libc::AF_INET, libc::SOCK_STREAM);
+    let b = raw::socket(libc::AF_INET, libc::SOCK_STREAM);
+    raw::set_reuseaddr(a);
+    raw::set_reuseaddr(b);
+    assert_eq!(raw::bind_v4(a, [127, 0, 0, 1], 0), 0);
+    let p = raw::local_port(a);
+    assert_eq!(raw::bind_v4(b, [127, 0, 0, 1], p), 0);
+    assert_eq!(raw::listen(a), 0);
+    assert_ne!(raw::listen(b), 0, "second listen on the same port must fail");
+    let failed_inode = socket_inode(b);
+    // A marker listener after the failure: once its event is in, the failure's would be.
+    let marker = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mp = marker.local_addr().unwrap().port();
+    let seen = agent.drain_until(|e| is(e, "listen-started", me(), mp)).to_vec();
+    assert!(seen.iter().any(|e| is(e, "listen-started", me(), p)), "first listen reported");
+    let bogus: Vec<&Value> = seen
+        .iter()
+        .filter(|e| e["portwatch"]["socket"]["inode"] == failed_inode)
+        .collect();
+    assert!(bogus.is_empty(), "failed listen() was reported: {bogus:?}");
+    raw::close(a);
+    raw::close(b);
+}
+
+#[test]
+fn listener_living_under_a_millisecond_is_caught() {
+    if !can_run_kernel_tests() {
+        return;
+    }
+    let mut agent = Agent::start(&["--no-snapshot"]);
+    let t = Instant::now();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let p = l.local_addr().unwrap().port();
+    drop(l);
+    let lived = t.elapsed();
+    assert!(lived < Duration::from_millis(1), "listener lived {lived:?}, test is void");
+    agent.expect("listen-started", |e| is(e, "listen-started", me(), p));
+    let stop = agent.expect("listen-stopped", |e| is(e, "listen-stopped", me(), p));
+    let d = stop["event"]["duration"].as_u64().expect("duration");
+    assert!(d > 0 && d < 1_000_000, "duration {d} ns");
+}
+
+#[test]
+fn burst_of_1000_listeners_is_fully_reported_or_counted_lost() {
+    if !can_run_kernel_tests() {
+        return;
+    }
+    let mut agent = Agent::start(&["--no-snapshot"]);
+    const N: usize = 1000;
+    let mut ports = std::collections::HashSet::new();
+    let t = Instant::now();
+    for _ in 0..N {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        ports.insert(l.local_addr().unwrap().port());
+    }
+    let took = t.elapsed();
+    let marker = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mp = marker.local_addr().unwrap().port();
+    agent.drain_until(|e| is(e, "listen-started", me(), mp));
+    let (status, events) = agent.stop();
+    assert!(status.success());
+    let started = events
+        .iter()
+        .filter(|e| action(e) == "listen-started" && e["process"]["pid"] == me())
+        .filter(|e| ports.contains(&(port(e) as u16)))
+        .count();
+    let stopped = events
+        .iter()
+        .filter(|e| action(e) == "listen-stopped" && ports.contains(&(port(e) as u16)))
+        .count();
+    let lost: u64 = events
+        .iter()
+        .filter(|e| action(e) == "events-lost")
+        .map(|e| e["portwatch"]["lost"]["count"].as_u64().unwrap_or(0))
+        .sum();
+    println!(
+        "burst: {N} listeners opened and closed in {took:?}; reported {started} started, \
+         {stopped} stopped; events-lost reported {lost}"
+    );
+    assert!(
+        started + stopped + lost as usize >= 2 * N,
+        "shortfall not accounted: started {started} + stopped {stopped} + lost {lost} < {}",
+        2 * N
+    );
+    if lost == 0 {
+        assert_eq!(started, N, "every listener reported");
+    }
+}
+
+#[test]
+fn process_that_listens_and_exits_at_once_keeps_its_identity() {
+    if !can_run_kernel_tests() {
+        return;
+    }
+    let mut agent = Agent::start(&["--no-snapshot"]);
+    let me_comm = comm_of(me());
+    // fork(): the child only makes async-signal-safe calls, then _exit()s.
+    let (rd, wr) = {
+        let mut fds = [0; 2];
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        (fds[0], fds[1])
+    };
+    let child = unsafe { libc::fork() };
+    assert!(child >= 0);
+    if child == 0 {
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            libc::listen(fd, 1);
+            let mut sa: libc::sockaddr_in = std::mem::zeroed();
+            let mut len = size_of::<libc::sockaddr_in>() as u32;
+            libc::getsockname(fd, std::ptr::from_mut(&mut sa).cast(), &mut len);
+            let port = u16::from_be(sa.sin_port);
+            libc::write(wr, std::ptr::from_ref(&port).cast(), 2);
+            libc::_exit(0);
+        }
+    }
+    let mut port_buf = 0u16;
+    assert_eq!(unsafe { libc::read(rd, std::ptr::from_mut(&mut port_buf).cast(), 2) }, 2);
+    unsafe { libc::waitpid(child, std::ptr::null_mut(), 0) };
+    raw::close(rd);
+    raw::close(wr);
+    let child = child as u32;
+    let e = agent.expect("child's listen-started", |e| is(e, "listen-started", child, port_buf));
+    assert_eq!(e["process"]["parent"]["pid"], me(), "{e}");
+    // The child is a fork of this test binary: its comm is the forking thread's name.
+    let name = e["process"]["name"].as_str().unwrap_or("");
+    assert!(!name.is_empty(), "{e}");
+    assert!(e["process"]["entity_id"].as_str().is_some(), "{e}");
+    let _ = me_comm;
+}
+
+#[test]
+fn agent_leaves_no_program_attached_after_exit() {
+    if !can_run_kernel_tests() {
+        return;
+    }
+    let names = ["listen_state", "listen_exit", "udp_bind4", "udp_bind6", "udp_release"];
+    let ours = |agent_pid: Option<u32>| -> Vec<String> {
+        let _ = agent_pid;
+        aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .filter_map(|p| p.name_as_str().map(str::to_owned))
+            .filter(|n| names.contains(&n.as_str()))
+            .collect()
+    };
+    let agent = Agent::start(&["--no-snapshot"]);
+    let loaded = ours(Some(agent.pid()));
+    assert!(loaded.len() >= names.len(), "programs while running: {loaded:?}");
+    let (status, events) = agent.stop();
+    assert!(status.success(), "SIGTERM exit status {status}");
+    assert!(events.iter().any(|e| action(e) == "sensor-started"));
+    // Program teardown is asynchronous in the kernel (RCU): poll, with a deadline.
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = ours(None);
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < end, "still loaded after exit: {left:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -1,0 +1,186 @@
+//! Project chores: set-up of a fresh machine, build, run, test, bench.
+//!
+//! `cargo xtask run` and `cargo xtask test` are the README's two commands: each first
+//! installs whatever this machine lacks (Debian packages, bpf-linker), skipping what is
+//! there, with a line of progress per step.
+
+mod bench;
+
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+    time::Instant,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what a fresh machine lacks (idempotent).
+    Setup,
+    /// Set up, then build target/release/portwatch (eBPF object embedded).
+    Build,
+    /// Set up, build, and start `portwatch watch` with built-in defaults.
+    Run {
+        /// Extra arguments for `portwatch watch`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build, and run every test (unit and real-kernel).
+    Test {
+        /// Extra arguments for the test binaries (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build, and run the benchmark suite (prints figures, writes results).
+    Bench(bench::BenchArgs),
+}
+
+/// Debian packages, as verified in PLATFORM.md, plus what the tests and benchmarks drive.
+const APT_PACKAGES: &[&str] = &[
+    "rustc-web",
+    "cargo-web",
+    "libstd-rust-web-dev-bpf",
+    "llvm-22-dev",
+    "iproute2",
+    "memcached",
+    "bpftrace",
+];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let res = match cli.command {
+        Cmd::Setup => setup(),
+        Cmd::Build => setup().and_then(|()| build()),
+        Cmd::Run { args } => setup().and_then(|()| build()).and_then(|()| run_agent(&args)),
+        Cmd::Test { args } => setup().and_then(|()| build()).and_then(|()| test(&args)),
+        Cmd::Bench(args) => setup().and_then(|()| build()).and_then(|()| bench::run(&args)),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+fn step(msg: &str) {
+    eprintln!("==> {msg}");
+}
+
+fn status(cmd: &mut Command) -> anyhow::Result<()> {
+    let st = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed: {st}");
+    }
+    Ok(())
+}
+
+fn installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .is_ok_and(|o| o.status.success() && o.stdout.ends_with(b"install ok installed"))
+}
+
+fn setup() -> anyhow::Result<()> {
+    let t = Instant::now();
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("set-up installs packages and the tests load eBPF programs: run as root");
+    }
+    let missing: Vec<&str> = APT_PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        step("apt packages: all present");
+    } else {
+        step(&format!("apt packages: installing {}", missing.join(" ")));
+        status(Command::new("apt-get").args(["update", "-q"]))?;
+        status(
+            Command::new("apt-get")
+                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+
+    let have_linker = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION));
+    if have_linker {
+        step(&format!("bpf-linker {BPF_LINKER_VERSION}: present"));
+    } else {
+        step(&format!("bpf-linker {BPF_LINKER_VERSION}: building against LLVM 22 (about 2 min)"));
+        status(
+            Command::new("cargo")
+                .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked"])
+                .args(["--no-default-features", "--features", "llvm-22"])
+                .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
+        )?;
+    }
+
+    if Path::new("/sys/kernel/tracing/events").is_dir() {
+        step("tracefs: mounted");
+    } else {
+        step("tracefs: mounting at /sys/kernel/tracing");
+        status(Command::new("mount").args(["-t", "tracefs", "tracefs", "/sys/kernel/tracing"]))?;
+    }
+    step(&format!("set-up done in {:.1} s", t.elapsed().as_secs_f64()));
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(workspace_root());
+    c
+}
+
+fn build() -> anyhow::Result<()> {
+    let t = Instant::now();
+    step("building target/release/portwatch (eBPF object embedded)");
+    status(cargo().args(["build", "--release", "--package", "portwatch"]))?;
+    step(&format!("build done in {:.1} s", t.elapsed().as_secs_f64()));
+    Ok(())
+}
+
+pub fn agent_binary() -> PathBuf {
+    workspace_root().join("target/release/portwatch")
+}
+
+fn run_agent(args: &[String]) -> anyhow::Result<()> {
+    step("starting portwatch watch (Ctrl-C stops it)");
+    let st = Command::new(agent_binary()).arg("watch").args(args).status()?;
+    if !st.success() {
+        bail!("portwatch exited with {st}");
+    }
+    Ok(())
+}
+
+fn test(args: &[String]) -> anyhow::Result<()> {
+    let t = Instant::now();
+    step("running unit and real-kernel tests");
+    // Kernel tests share the host's hooks and sockets: one at a time.
+    status(
+        cargo()
+            .args(["test", "--release", "--workspace", "--"])
+            .arg("--test-threads=1")
+            .args(args)
+            .env("PORTWATCH_BIN", agent_binary()),
+    )?;
+    step(&format!("tests done in {:.1} s", t.elapsed().as_secs_f64()));
+    Ok(())
+}
