@@ -11,12 +11,19 @@ use anyhow::{Context as _, bail};
 
 fn main() -> anyhow::Result<()> {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
-    let root = manifest_dir.parent().context("workspace root")?.to_path_buf();
+    let root = manifest_dir
+        .parent()
+        .context("workspace root")?
+        .to_path_buf();
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     for dir in ["portwatch-ebpf/src", "portwatch-common/src"] {
         println!("cargo:rerun-if-changed={}", root.join(dir).display());
     }
-    for file in ["portwatch-ebpf/Cargo.toml", "portwatch-common/Cargo.toml", "Cargo.lock"] {
+    for file in [
+        "portwatch-ebpf/Cargo.toml",
+        "portwatch-common/Cargo.toml",
+        "Cargo.lock",
+    ] {
         println!("cargo:rerun-if-changed={}", root.join(file).display());
     }
     println!("cargo:rerun-if-env-changed=PORTWATCH_BPF_RUSTC");
@@ -52,7 +59,9 @@ fn main() -> anyhow::Result<()> {
     ] {
         cmd.env_remove(var);
     }
-    let status = cmd.status().context("running cargo for the eBPF programs")?;
+    let status = cmd
+        .status()
+        .context("running cargo for the eBPF programs")?;
     if !status.success() {
         bail!("building portwatch-ebpf failed ({status}); see the errors above");
     }

@@ -110,7 +110,7 @@ pub const FLAG_V6ONLY: u32 = 1 << 5;
 pub const SOCKET_RECORD_SIZE: usize = core::mem::size_of::<SocketRecord>();
 const _: () = assert!(core::mem::size_of::<Header>() == 24);
 const _: () = assert!(SOCKET_RECORD_SIZE == 24 + 5 * 8 + 3 * 4 + 3 * 2 + 6 + 16 + 16);
-const _: () = assert!(SOCKET_RECORD_SIZE % 8 == 0);
+const _: () = assert!(SOCKET_RECORD_SIZE.is_multiple_of(8));
 
 /// Indices into the `STATS` per-CPU array.
 pub mod stat {

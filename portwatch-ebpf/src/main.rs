@@ -18,8 +18,8 @@ use aya_ebpf::{
     Global,
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_task, bpf_get_current_uid_gid, bpf_get_smp_processor_id,
-        bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_get_current_task, bpf_get_current_uid_gid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+        bpf_probe_read_kernel,
     },
     macros::{cgroup_sock, map, tracepoint},
     maps::{HashMap, PerCpuArray, RingBuf},
@@ -28,8 +28,8 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use portwatch_common::{
     AF_INET, AF_INET6, FLAG_INODE, FLAG_KTHREAD, FLAG_NETNS, FLAG_PPID, FLAG_START, FLAG_V6ONLY,
-    Header, IPPROTO_TCP, IPPROTO_UDP, KernelOffsets, Kind, SocketRecord, TCP_CLOSE,
-    TCP_LISTEN, stat,
+    Header, IPPROTO_TCP, IPPROTO_UDP, KernelOffsets, Kind, SocketRecord, TCP_CLOSE, TCP_LISTEN,
+    stat,
 };
 
 /// Ring buffer size in bytes; the agent may override it at load time.
@@ -126,13 +126,32 @@ fn try_listen_state(ctx: &TracePointContext) -> Result<u32, u32> {
             // In-kernel listeners (nfsd, ...) never return from a listen() syscall: the
             // socket is already bound, so the record's port is the real one.
             let port: u16 = unsafe { ctx.read_at(TP_SPORT) }.map_err(|_| 0u32)?;
-            emit(Kind::ListenStarted, now, pid_tgid, sock, family, IPPROTO_TCP, port, &addr, true);
+            emit(
+                Kind::ListenStarted,
+                now,
+                pid_tgid,
+                sock,
+                family,
+                IPPROTO_TCP,
+                port,
+                &addr,
+                true,
+            );
             return Ok(0);
         }
-        let pending = Pending { sock, ktime_ns: now, family, _pad: [0; 6], addr };
-        if PENDING.insert(&pid_tgid, &pending, 0).is_err() {
+        let pending = Pending {
+            sock,
+            ktime_ns: now,
+            family,
+            _pad: [0; 6],
+            addr,
+        };
+        if PENDING.insert(pid_tgid, pending, 0).is_err() {
             count(stat::PENDING_FULL);
-            warn!(ctx, "portwatch: pending-listen map full, a listen() will not be reported");
+            warn!(
+                ctx,
+                "portwatch: pending-listen map full, a listen() will not be reported"
+            );
         }
         return Ok(0);
     }
@@ -140,15 +159,25 @@ fn try_listen_state(ctx: &TracePointContext) -> Result<u32, u32> {
     // LISTEN -> CLOSE. If this thread's listen() is still in flight on the same socket,
     // the port allocation failed and the kernel is undoing it: not a listener.
     if newstate == TCP_CLOSE
-        && let Some(p) = unsafe { PENDING.get(&pid_tgid) }
+        && let Some(p) = unsafe { PENDING.get(pid_tgid) }
         && p.sock == sock
     {
-        let _ = PENDING.remove(&pid_tgid);
+        let _ = PENDING.remove(pid_tgid);
         count(stat::LISTEN_FAILED);
         return Ok(0);
     }
     let port: u16 = unsafe { ctx.read_at(TP_SPORT) }.map_err(|_| 0u32)?;
-    emit(Kind::ListenStopped, now, pid_tgid, sock, family, IPPROTO_TCP, port, &addr, false);
+    emit(
+        Kind::ListenStopped,
+        now,
+        pid_tgid,
+        sock,
+        family,
+        IPPROTO_TCP,
+        port,
+        &addr,
+        false,
+    );
     Ok(0)
 }
 
@@ -161,10 +190,10 @@ pub fn listen_exit(ctx: TracePointContext) -> u32 {
 
 fn try_listen_exit(ctx: &TracePointContext) -> Result<u32, u32> {
     let pid_tgid = bpf_get_current_pid_tgid();
-    let Some(p) = (unsafe { PENDING.get(&pid_tgid) }).copied() else {
+    let Some(p) = (unsafe { PENDING.get(pid_tgid) }).copied() else {
         return Ok(0);
     };
-    let _ = PENDING.remove(&pid_tgid);
+    let _ = PENDING.remove(pid_tgid);
     let ret: i64 = unsafe { ctx.read_at(TP_SYS_EXIT_RET) }.map_err(|_| 0u32)?;
     if ret != 0 {
         count(stat::LISTEN_FAILED);
@@ -175,7 +204,17 @@ fn try_listen_exit(ctx: &TracePointContext) -> Result<u32, u32> {
         count(stat::READ_FAILED);
         return Ok(0);
     };
-    emit(Kind::ListenStarted, p.ktime_ns, pid_tgid, p.sock, p.family, IPPROTO_TCP, port, &p.addr, false);
+    emit(
+        Kind::ListenStarted,
+        p.ktime_ns,
+        pid_tgid,
+        p.sock,
+        p.family,
+        IPPROTO_TCP,
+        port,
+        &p.addr,
+        false,
+    );
     Ok(0)
 }
 
@@ -234,26 +273,54 @@ pub fn udp_release(ctx: SockContext) -> i32 {
     // The context pointer is the kernel's `struct sock` (`__cgroup_bpf_run_filter_sk()`);
     // sock_release may not read the address fields, so they come from the bind.
     let sock = ctx.sock as u64;
-    let Some(b) = (unsafe { BOUND.get(&sock) }).copied() else {
+    let Some(b) = (unsafe { BOUND.get(sock) }).copied() else {
         return 1;
     };
-    let _ = BOUND.remove(&sock);
+    let _ = BOUND.remove(sock);
     let now = unsafe { bpf_ktime_get_ns() };
-    emit(Kind::UdpReleased, now, bpf_get_current_pid_tgid(), sock, b.family, IPPROTO_UDP, b.port, &b.addr, false);
+    emit(
+        Kind::UdpReleased,
+        now,
+        bpf_get_current_pid_tgid(),
+        sock,
+        b.family,
+        IPPROTO_UDP,
+        b.port,
+        &b.addr,
+        false,
+    );
     1
 }
 
 #[inline(always)]
 fn udp_bound(sock: u64, family: u16, port: u16, addr: [u8; 16]) {
-    let b = Bound { family, port, _pad: [0; 4], addr };
-    if BOUND.insert(&sock, &b, 0).is_err() {
+    let b = Bound {
+        family,
+        port,
+        _pad: [0; 4],
+        addr,
+    };
+    if BOUND.insert(sock, b, 0).is_err() {
         count(stat::BOUND_FULL);
     }
     let now = unsafe { bpf_ktime_get_ns() };
-    emit(Kind::UdpBound, now, bpf_get_current_pid_tgid(), sock, family, IPPROTO_UDP, port, &addr, false);
+    emit(
+        Kind::UdpBound,
+        now,
+        bpf_get_current_pid_tgid(),
+        sock,
+        family,
+        IPPROTO_UDP,
+        port,
+        &addr,
+        false,
+    );
 }
 
-#[expect(clippy::too_many_arguments, reason = "flat record fill, inlined into each probe")]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "flat record fill, inlined into each probe"
+)]
 #[inline(always)]
 fn emit(
     kind: Kind,
@@ -274,7 +341,8 @@ fn emit(
     let mut flags = if kthread { FLAG_KTHREAD } else { 0 };
 
     let socket = read_kernel::<u64>(sock, off.sock_socket).filter(|s| *s != 0);
-    let inode = socket.and_then(|s| read_kernel::<u64>(s, off.socket_to_inode.wrapping_add(off.inode_ino)));
+    let inode =
+        socket.and_then(|s| read_kernel::<u64>(s, off.socket_to_inode.wrapping_add(off.inode_ino)));
     if inode.is_some() {
         flags |= FLAG_INODE;
     }
@@ -360,7 +428,8 @@ fn count(index: u32) {
     }
 }
 
-#[cfg(not(test))]
+// Host builds (clippy over the workspace) link std, which brings its own handler.
+#[cfg(all(not(test), target_arch = "bpf"))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}

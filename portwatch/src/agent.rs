@@ -20,8 +20,8 @@ use crate::{
     emit::{Closed, Emitter, Format},
     enrich::{Enricher, Owner},
     event::{
-        Agent, Boot, ECS_VERSION, Ecs, Event, EventMeta, Host, Lost, Named, Network,
-        Portwatch, Server, Socket,
+        Agent, Boot, ECS_VERSION, Ecs, Event, EventMeta, Host, Lost, Named, Network, Portwatch,
+        Server, Socket,
     },
     probes::{self, KernelStats},
     procfs,
@@ -44,6 +44,16 @@ pub struct WatchOptions {
     pub output: Option<PathBuf>,
     pub ring_bytes: u32,
     pub snapshot: bool,
+}
+
+/// The socket half of a listener event.
+struct Listener {
+    transport: Transport,
+    addr: std::net::IpAddr,
+    port: u16,
+    socket: Socket,
+    user: Option<Named>,
+    group: Option<Named>,
 }
 
 struct Open {
@@ -84,7 +94,9 @@ fn host_info(boot_id: &str, machine_id: Option<String>) -> Arc<Host> {
     Arc::new(Host {
         name: procfs::hostname(),
         id: machine_id,
-        boot: (!boot_id.is_empty()).then(|| Boot { id: boot_id.to_owned() }),
+        boot: (!boot_id.is_empty()).then(|| Boot {
+            id: boot_id.to_owned(),
+        }),
     })
 }
 
@@ -115,13 +127,12 @@ impl Pipeline {
 
     fn base(&mut self, wall_ns: i128, kind: &'static str, action: &'static str) -> Event {
         self.seq += 1;
-        let (category, type_): (&'static [&'static str], &'static [&'static str]) =
-            match action {
-                "listen-started" | "udp-bound" => (&["network"], &["start"]),
-                "listen-stopped" | "udp-released" => (&["network"], &["end"]),
-                "listener-present" => (&["network"], &["info"]),
-                _ => (&["host"], &["info"]),
-            };
+        let (category, type_): (&'static [&'static str], &'static [&'static str]) = match action {
+            "listen-started" | "udp-bound" => (&["network"], &["start"]),
+            "listen-stopped" | "udp-released" => (&["network"], &["end"]),
+            "listener-present" => (&["network"], &["info"]),
+            _ => (&["host"], &["info"]),
+        };
         let now = sys::Clocks::now().wall_from_ktime(sys::monotonic_ns());
         Event {
             timestamp: sys::rfc3339(wall_ns),
@@ -148,7 +159,9 @@ impl Pipeline {
             rule: None,
             host: self.host.clone(),
             agent: self.agent.clone(),
-            ecs: Ecs { version: ECS_VERSION },
+            ecs: Ecs {
+                version: ECS_VERSION,
+            },
             portwatch: Portwatch::default(),
         }
     }
@@ -175,20 +188,26 @@ impl Pipeline {
         &mut self,
         action: &'static str,
         wall_ns: i128,
-        transport: Transport,
-        addr: std::net::IpAddr,
-        port: u16,
-        socket: Socket,
+        l: Listener,
         owner: &Owner,
-        user: Option<Named>,
-        group: Option<Named>,
     ) -> Event {
+        let Listener {
+            transport,
+            addr,
+            port,
+            socket,
+            user,
+            group,
+        } = l;
         let mut ev = self.base(wall_ns, "event", action);
         ev.network = Some(Network {
             transport: transport.as_str(),
             type_: if addr.is_ipv4() { "ipv4" } else { "ipv6" },
         });
-        ev.server = Some(Server { ip: addr.to_string(), port });
+        ev.server = Some(Server {
+            ip: addr.to_string(),
+            port,
+        });
         ev.process = owner.process.clone();
         ev.user = user;
         ev.group = group;
@@ -234,15 +253,31 @@ impl Pipeline {
                 let owner = self.enricher.owner_for_record(&r);
                 let user = Some(self.enricher.user(r.uid));
                 let group = Some(self.enricher.group(r.gid));
-                let action =
-                    if r.kind == Kind::ListenStarted { "listen-started" } else { "udp-bound" };
-                let ev = self.listener_event(
-                    action, wall, r.transport, r.addr, r.port, socket, &owner, user.clone(),
-                    group.clone(),
-                );
+                let action = if r.kind == Kind::ListenStarted {
+                    "listen-started"
+                } else {
+                    "udp-bound"
+                };
+                let l = Listener {
+                    transport: r.transport,
+                    addr: r.addr,
+                    port: r.port,
+                    socket,
+                    user: user.clone(),
+                    group: group.clone(),
+                };
+                let ev = self.listener_event(action, wall, l, &owner);
                 self.write(&ev)?;
                 if self.open.len() < OPEN_MAX {
-                    self.open.insert(key, Open { ktime_ns: Some(r.ktime_ns), owner, user, group });
+                    self.open.insert(
+                        key,
+                        Open {
+                            ktime_ns: Some(r.ktime_ns),
+                            owner,
+                            user,
+                            group,
+                        },
+                    );
                 } else {
                     self.untracked += 1;
                 }
@@ -265,11 +300,20 @@ impl Pipeline {
                         (owner, user, group, None)
                     }
                 };
-                let action =
-                    if r.kind == Kind::ListenStopped { "listen-stopped" } else { "udp-released" };
-                let mut ev = self.listener_event(
-                    action, wall, r.transport, r.addr, r.port, socket, &owner, user, group,
-                );
+                let action = if r.kind == Kind::ListenStopped {
+                    "listen-stopped"
+                } else {
+                    "udp-released"
+                };
+                let l = Listener {
+                    transport: r.transport,
+                    addr: r.addr,
+                    port: r.port,
+                    socket,
+                    user,
+                    group,
+                };
+                let mut ev = self.listener_event(action, wall, l, &owner);
                 ev.event.duration = duration;
                 self.write(&ev)?;
             }
@@ -283,7 +327,11 @@ impl Pipeline {
 
     /// Merge the /proc snapshot: report each listener the live stream has not already
     /// reported (started or stopped while the scan ran).
-    pub fn merge_snapshot(&mut self, found: Vec<snapshot::Found>, took: Duration) -> anyhow::Result<()> {
+    pub fn merge_snapshot(
+        &mut self,
+        found: Vec<snapshot::Found>,
+        took: Duration,
+    ) -> anyhow::Result<()> {
         let now = self.enricher.clocks.wall_from_ktime(sys::monotonic_ns());
         let mut reported = 0u64;
         let mut skipped = 0u64;
@@ -291,7 +339,8 @@ impl Pipeline {
         for f in found {
             let key = f.socket.inode;
             if key != 0
-                && (self.startup.live_started.contains(&key) || self.startup.live_stopped.contains(&key))
+                && (self.startup.live_started.contains(&key)
+                    || self.startup.live_stopped.contains(&key))
             {
                 skipped += 1;
                 continue;
@@ -318,16 +367,29 @@ impl Pipeline {
                 thread_id: None,
                 pids: f.owners.clone(),
             };
-            let ev = self.listener_event(
-                "listener-present", now, transport, f.socket.addr, f.socket.port, socket, &owner,
-                user.clone(), None,
-            );
+            let l = Listener {
+                transport,
+                addr: f.socket.addr,
+                port: f.socket.port,
+                socket,
+                user: user.clone(),
+                group: None,
+            };
+            let ev = self.listener_event("listener-present", now, l, &owner);
             self.write(&ev)?;
             reported += 1;
             if key != 0 {
                 self.startup.reported.insert(key);
                 if self.open.len() < OPEN_MAX {
-                    self.open.insert(key, Open { ktime_ns: None, owner, user, group: None });
+                    self.open.insert(
+                        key,
+                        Open {
+                            ktime_ns: None,
+                            owner,
+                            user,
+                            group: None,
+                        },
+                    );
                 }
             }
         }
@@ -348,7 +410,11 @@ impl Pipeline {
     /// Periodic work: follow the wall clock, report losses, end the startup grace.
     pub fn tick(&mut self, stats: Option<KernelStats>) -> anyhow::Result<()> {
         self.enricher.clocks = sys::Clocks::now();
-        if self.startup.grace_until.is_some_and(|t| Instant::now() >= t) {
+        if self
+            .startup
+            .grace_until
+            .is_some_and(|t| Instant::now() >= t)
+        {
             self.startup.reported.clear();
             self.startup.grace_until = None;
         }
@@ -380,8 +446,15 @@ impl Pipeline {
         let now = self.enricher.clocks.wall_from_ktime(sys::monotonic_ns());
         let mut ev = self.base(now, "metric", "events-lost");
         ev.log = Some(crate::event::Log { level: "warning" });
-        ev.message = Some(format!("{count} events lost ({reason}); {} since start", self.lost_total));
-        ev.portwatch.lost = Some(Lost { count, total: self.lost_total, reason });
+        ev.message = Some(format!(
+            "{count} events lost ({reason}); {} since start",
+            self.lost_total
+        ));
+        ev.portwatch.lost = Some(Lost {
+            count,
+            total: self.lost_total,
+            reason,
+        });
         self.write(&ev)
     }
 }
@@ -400,8 +473,17 @@ fn drain(ring: &mut RingBuf<MapData>, pipeline: &mut Pipeline) -> anyhow::Result
 
 pub async fn watch(opts: WatchOptions) -> anyhow::Result<()> {
     let emitter = Emitter::new(opts.format, opts.output.as_deref())?;
-    let sensor = probes::load(&probes::Options { ring_bytes: opts.ring_bytes })?;
-    let probes::Sensor { ebpf, ring, stats: sensor_stats, logger, cgroup_root, .. } = sensor;
+    let sensor = probes::load(&probes::Options {
+        ring_bytes: opts.ring_bytes,
+    })?;
+    let probes::Sensor {
+        ebpf,
+        ring,
+        stats: sensor_stats,
+        logger,
+        cgroup_root,
+        ..
+    } = sensor;
     let mut pipeline = Pipeline::new(emitter, cgroup_root.clone());
     let result = run(&mut pipeline, ring, &sensor_stats, logger, &opts).await;
     // Final loss report and flush, even after an error in the loop.

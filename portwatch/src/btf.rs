@@ -93,7 +93,12 @@ impl Btf {
         }
 
         // Type id 0 is `void`; keep indices equal to ids.
-        let mut types = vec![Type { kind: 0, name_off: 0, size_or_type: 0, members: vec![] }];
+        let mut types = vec![Type {
+            kind: 0,
+            name_off: 0,
+            size_or_type: 0,
+            members: vec![],
+        }];
         let mut at = types_start;
         while at < types_end {
             let name_off = u32_at(data, at)?;
@@ -115,21 +120,39 @@ impl Btf {
                             name_off: u32_at(data, at)?,
                             type_id: u32_at(data, at + 4)?,
                             // With kind_flag the top 8 bits are the bitfield size.
-                            bit_offset: if kind_flag { offset & 0x00ff_ffff } else { offset },
+                            bit_offset: if kind_flag {
+                                offset & 0x00ff_ffff
+                            } else {
+                                offset
+                            },
                         });
                         at += 12;
                     }
                 }
                 KIND_ENUM | KIND_FUNC_PROTO => at += 8 * vlen,
                 KIND_DATASEC | KIND_ENUM64 => at += 12 * vlen,
-                0 | 2 | 7 | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | 12
-                | 16 | KIND_TYPE_TAG => {}
-                _ => return Err(BtfError::UnknownKind { kind, id: types.len() as u32 }),
+                0 | 2 | 7 | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | 12 | 16
+                | KIND_TYPE_TAG => {}
+                _ => {
+                    return Err(BtfError::UnknownKind {
+                        kind,
+                        id: types.len() as u32,
+                    });
+                }
             }
-            types.push(Type { kind, name_off, size_or_type, members });
+            types.push(Type {
+                kind,
+                name_off,
+                size_or_type,
+                members,
+            });
         }
 
-        let mut btf = Btf { types, strings, structs_by_name: HashMap::new() };
+        let mut btf = Btf {
+            types,
+            strings,
+            structs_by_name: HashMap::new(),
+        };
         for (id, t) in btf.types.iter().enumerate() {
             // Forward declarations and duplicates: the first full struct wins.
             if (t.kind == KIND_STRUCT || t.kind == KIND_UNION) && t.name_off != 0 {
@@ -189,11 +212,15 @@ impl Btf {
                 t = self.resolve(ty)?;
             }
         }
-        Some(FieldPos { byte: bits / 8, bit: bits % 8 })
+        Some(FieldPos {
+            byte: bits / 8,
+            bit: bits % 8,
+        })
     }
 
     fn byte(&self, name: &str, path: &[&str]) -> u32 {
-        self.field(name, path).map_or(KernelOffsets::UNKNOWN, |p| p.byte)
+        self.field(name, path)
+            .map_or(KernelOffsets::UNKNOWN, |p| p.byte)
     }
 
     /// Every offset the programs use. A field missing from this kernel stays UNKNOWN and
@@ -260,7 +287,11 @@ mod tests {
         let strings = b"\0int\0outer\0a\0y\0x\0bits\0f\0g\0".to_vec();
         let s = |name: &str| -> u32 {
             let pat = format!("\0{name}\0");
-            strings.windows(pat.len()).position(|w| w == pat.as_bytes()).unwrap() as u32 + 1
+            strings
+                .windows(pat.len())
+                .position(|w| w == pat.as_bytes())
+                .unwrap() as u32
+                + 1
         };
         let mut t = Vec::new();
         let mut push = |v: u32| t.extend_from_slice(&v.to_le_bytes());
@@ -322,9 +353,18 @@ mod tests {
     #[test]
     fn finds_members_through_anonymous_unions_and_bitfields() {
         let btf = Btf::parse(&blob()).unwrap();
-        assert_eq!(btf.field("outer", &["a"]), Some(FieldPos { byte: 0, bit: 0 }));
-        assert_eq!(btf.field("outer", &["y"]), Some(FieldPos { byte: 6, bit: 0 }));
-        assert_eq!(btf.field("bits", &["g"]), Some(FieldPos { byte: 1, bit: 5 }));
+        assert_eq!(
+            btf.field("outer", &["a"]),
+            Some(FieldPos { byte: 0, bit: 0 })
+        );
+        assert_eq!(
+            btf.field("outer", &["y"]),
+            Some(FieldPos { byte: 6, bit: 0 })
+        );
+        assert_eq!(
+            btf.field("bits", &["g"]),
+            Some(FieldPos { byte: 1, bit: 5 })
+        );
         assert_eq!(btf.field("outer", &["nope"]), None);
         assert_eq!(btf.field("nope", &["a"]), None);
     }

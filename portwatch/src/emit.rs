@@ -36,13 +36,17 @@ impl Emitter {
         let (out, tty): (Box<dyn Write + Send>, bool) = match path {
             None => (Box::new(io::stdout()), io::stdout().is_terminal()),
             Some(p) => {
-                let f = OpenOptions::new().create(true).append(true).open(p).with_context(|| {
-                    format!(
-                        "cannot open output file {} for appending; check the directory \
+                let f = OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .with_context(|| {
+                        format!(
+                            "cannot open output file {} for appending; check the directory \
                          exists and is writable",
-                        p.display()
-                    )
-                })?;
+                            p.display()
+                        )
+                    })?;
                 (Box::new(f), false)
             }
         };
@@ -115,7 +119,11 @@ fn text_line(out: &mut String, ev: &Event, color: bool) {
     };
     let _ = write!(out, "{ts} {on}{:<16}{off}", ev.event.action);
     if let (Some(n), Some(s)) = (&ev.network, &ev.server) {
-        let ip = if s.ip.contains(':') { format!("[{}]", s.ip) } else { s.ip.clone() };
+        let ip = if s.ip.contains(':') {
+            format!("[{}]", s.ip)
+        } else {
+            s.ip.clone()
+        };
         let _ = write!(out, " {} {}:{}", n.transport, ip, s.port);
     }
     if let Some(p) = &ev.process {
@@ -129,7 +137,12 @@ fn text_line(out: &mut String, ev: &Event, color: bool) {
         out.push_str(" user=");
         sanitize(out, u.name.as_deref().unwrap_or(&u.id));
     }
-    if let Some(unit) = ev.portwatch.systemd.as_ref().and_then(|s| s.unit.as_deref()) {
+    if let Some(unit) = ev
+        .portwatch
+        .systemd
+        .as_ref()
+        .and_then(|s| s.unit.as_deref())
+    {
         out.push_str(" unit=");
         sanitize(out, unit);
     }
@@ -140,7 +153,11 @@ fn text_line(out: &mut String, ev: &Event, color: bool) {
         let _ = write!(out, " lived={}", human_ns(d));
     }
     if let Some(l) = &ev.portwatch.lost {
-        let _ = write!(out, " lost={} total={} reason={}", l.count, l.total, l.reason);
+        let _ = write!(
+            out,
+            " lost={} total={} reason={}",
+            l.count, l.total, l.reason
+        );
     }
     if let Some(m) = &ev.message {
         out.push_str(" — ");

@@ -67,17 +67,26 @@ impl Enricher {
     }
 
     pub fn user(&mut self, uid: u32) -> Named {
-        Named { id: uid.to_string(), name: self.users.user_name(uid) }
+        Named {
+            id: uid.to_string(),
+            name: self.users.user_name(uid),
+        }
     }
 
     pub fn group(&mut self, gid: u32) -> Named {
-        Named { id: gid.to_string(), name: self.users.group_name(gid) }
+        Named {
+            id: gid.to_string(),
+            name: self.users.group_name(gid),
+        }
     }
 
     /// `process.entity_id`: stable for one process across agent restarts and distinct
     /// across pid reuse (boot, pid and start time).
     fn entity_id(&self, pid: u32, start_ticks: u64) -> String {
-        let h = fnv1a(fnv1a(self.id_seed, &pid.to_le_bytes()), &start_ticks.to_le_bytes());
+        let h = fnv1a(
+            fnv1a(self.id_seed, &pid.to_le_bytes()),
+            &start_ticks.to_le_bytes(),
+        );
         format!("{h:016x}")
     }
 
@@ -94,7 +103,7 @@ impl Enricher {
         let from_proc = procfs::read_stat(r.pid)
             .ok()
             .filter(|st| start_ticks.is_none_or(|t| t == st.start_ticks));
-        let owner = match from_proc {
+        match from_proc {
             Some(st) => {
                 let mut p = self.read_process(r.pid, st.comm, st.ppid, st.start_ticks);
                 // The kernel's parent is the one at listen time; /proc's may be a reaper.
@@ -118,7 +127,11 @@ impl Enricher {
                     }
                     self.procs.insert(
                         r.pid,
-                        CachedProc { start_ticks, thread_comm: r.comm.clone(), owner: owner.clone() },
+                        CachedProc {
+                            start_ticks,
+                            thread_comm: r.comm.clone(),
+                            owner: owner.clone(),
+                        },
                     );
                 }
                 owner
@@ -130,7 +143,9 @@ impl Enricher {
                     pid: r.pid,
                     name: Some(String::from_utf8_lossy(&r.comm).into_owned()),
                     parent: r.ppid.map(|pid| Parent { pid }),
-                    start: r.start_boottime_ns.map(|ns| rfc3339(self.clocks.wall_from_boottime(ns))),
+                    start: r
+                        .start_boottime_ns
+                        .map(|ns| rfc3339(self.clocks.wall_from_boottime(ns))),
                     entity_id: start_ticks.map(|t| self.entity_id(r.pid, t)),
                     ..Process::default()
                 };
@@ -143,21 +158,32 @@ impl Enricher {
                     kernel: r.kthread,
                 }
             }
-        };
-        owner
+        }
     }
 
     /// Owner of a socket found by the /proc snapshot: `pids` hold it (empty: the kernel).
     pub fn owner_for_pids(&mut self, pids: &[u32]) -> Owner {
         let Some(&pid) = pids.iter().min() else {
-            return Owner { attribution: "kernel-socket", kernel: true, ..Owner::default() };
+            return Owner {
+                attribution: "kernel-socket",
+                kernel: true,
+                ..Owner::default()
+            };
         };
         let Ok(st) = procfs::read_stat(pid) else {
-            return Owner { attribution: "snapshot-gone", ..Owner::default() };
+            return Owner {
+                attribution: "snapshot-gone",
+                ..Owner::default()
+            };
         };
         let mut p = self.read_process(pid, st.comm, st.ppid, st.start_ticks);
-        p.start = Some(rfc3339(self.clocks.wall_from_boottime(st.start_ticks * self.ns_per_tick)));
-        let cg = procfs::read_cgroup(pid).ok().map(|path| self.cgroup_from_path(None, path));
+        p.start = Some(rfc3339(
+            self.clocks
+                .wall_from_boottime(st.start_ticks * self.ns_per_tick),
+        ));
+        let cg = procfs::read_cgroup(pid)
+            .ok()
+            .map(|path| self.cgroup_from_path(None, path));
         let cg = cg.unwrap_or_default();
         Owner {
             process: Some(Arc::new(p)),
@@ -191,7 +217,10 @@ impl Enricher {
         let Some(path) = self.resolver.path(id) else {
             // Not resolvable (yet): report the id alone, and do not cache the miss.
             return CgroupParts {
-                cgroup: Some(Arc::new(Cgroup { id: Some(id), path: None })),
+                cgroup: Some(Arc::new(Cgroup {
+                    id: Some(id),
+                    path: None,
+                })),
                 ..CgroupParts::default()
             };
         };
@@ -204,14 +233,30 @@ impl Enricher {
     }
 
     fn cgroup_from_path(&mut self, id: Option<u64>, path: String) -> CgroupParts {
-        let CgroupInfo { systemd_unit, systemd_slice, container_id, container_runtime, .. } =
-            procfs::parse_cgroup_path(&path);
+        let CgroupInfo {
+            systemd_unit,
+            systemd_slice,
+            container_id,
+            container_runtime,
+            ..
+        } = procfs::parse_cgroup_path(&path);
         CgroupParts {
-            container: container_id
-                .map(|id| Arc::new(Container { id, runtime: container_runtime })),
-            systemd: (systemd_unit.is_some() || systemd_slice.is_some())
-                .then(|| Arc::new(Systemd { unit: systemd_unit, slice: systemd_slice })),
-            cgroup: Some(Arc::new(Cgroup { id, path: Some(path) })),
+            container: container_id.map(|id| {
+                Arc::new(Container {
+                    id,
+                    runtime: container_runtime,
+                })
+            }),
+            systemd: (systemd_unit.is_some() || systemd_slice.is_some()).then(|| {
+                Arc::new(Systemd {
+                    unit: systemd_unit,
+                    slice: systemd_slice,
+                })
+            }),
+            cgroup: Some(Arc::new(Cgroup {
+                id,
+                path: Some(path),
+            })),
         }
     }
 }

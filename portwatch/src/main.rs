@@ -1,22 +1,10 @@
-//! portwatch: reports every TCP listener and UDP bind on a Linux host, as it happens,
-//! attributed to its process and classified by risk.
-
-mod agent;
-mod btf;
-mod emit;
-mod enrich;
-mod event;
-mod probes;
-mod procfs;
-mod ring;
-mod snapshot;
-mod sys;
+//! The `portwatch` command line.
 
 use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 
-use crate::emit::Format;
+use portwatch::{agent, emit::Format};
 
 #[derive(Parser)]
 #[command(name = "portwatch", version, about, propagate_version = true)]
@@ -48,7 +36,9 @@ enum Command {
 }
 
 fn parse_ring_bytes(s: &str) -> Result<u32, String> {
-    let n: u32 = s.parse().map_err(|_| format!("`{s}` is not a number of bytes"))?;
+    let n: u32 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of bytes"))?;
     if n < 4096 || !n.is_power_of_two() {
         return Err(format!("{n} is not a power of two >= 4096 (try 1048576)"));
     }
@@ -64,7 +54,11 @@ impl log::Log for StderrLog {
     }
     fn log(&self, r: &log::Record<'_>) {
         if self.enabled(r.metadata()) {
-            eprintln!("portwatch: {}: {}", r.level().as_str().to_lowercase(), r.args());
+            eprintln!(
+                "portwatch: {}: {}",
+                r.level().as_str().to_lowercase(),
+                r.args()
+            );
         }
     }
     fn flush(&self) {}
@@ -91,13 +85,20 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Watch { format, output, ring_bytes, no_snapshot } => {
+        Command::Watch {
+            format,
+            output,
+            ring_bytes,
+            no_snapshot,
+        } => {
             let format = format.unwrap_or(if output.is_none() && std::io::stdout().is_terminal() {
                 Format::Text
             } else {
                 Format::Json
             });
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             rt.block_on(agent::watch(agent::WatchOptions {
                 format,
                 output,

@@ -25,8 +25,13 @@ use crate::{btf, procfs, sys};
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portwatch.bpf.o"));
 
 /// Names of every program in the object, as the kernel reports them.
-pub const PROGRAMS: [&str; 5] =
-    ["listen_state", "listen_exit", "udp_bind4", "udp_bind6", "udp_release"];
+pub const PROGRAMS: [&str; 5] = [
+    "listen_state",
+    "listen_exit",
+    "udp_bind4",
+    "udp_bind6",
+    "udp_release",
+];
 
 /// Loaded and attached programs. Dropping it detaches everything: the cgroup
 /// attachments are bpf_links (kernel >= 5.7) owned by this process, so they also go
@@ -100,17 +105,19 @@ pub fn load(opts: &Options) -> anyhow::Result<Sensor> {
             .program_mut(name)
             .ok_or_else(|| anyhow!("program {name} missing from the embedded object"))?
             .try_into()?;
-        prog.load().map_err(|e| anyhow!("the kernel refused program {name}: {e}"))?;
+        prog.load()
+            .map_err(|e| anyhow!("the kernel refused program {name}: {e}"))?;
         // aya attaches through bpf_link_create (kernel >= 5.7), where the kernel rejects
         // any flag (`cgroup_bpf_link_attach()`) and links always coexist with other
         // programs, as BPF_F_ALLOW_MULTI would. So the mode here must be `Single` (0).
-        prog.attach(&cgroup, CgroupAttachMode::Single).map_err(|e| {
-            anyhow!(
-                "attaching {name} to {} failed: {}; the kernel needs CONFIG_CGROUP_BPF=y",
-                cgroup_root.display(),
-                error_chain(&e)
-            )
-        })?;
+        prog.attach(&cgroup, CgroupAttachMode::Single)
+            .map_err(|e| {
+                anyhow!(
+                    "attaching {name} to {} failed: {}; the kernel needs CONFIG_CGROUP_BPF=y",
+                    cgroup_root.display(),
+                    error_chain(&e)
+                )
+            })?;
     }
     log::info!(
         "hooks attached: tracepoint sock:inet_sock_set_state, tracepoint \
@@ -119,9 +126,17 @@ pub fn load(opts: &Options) -> anyhow::Result<Sensor> {
     );
 
     let ring = RingBuf::try_from(ebpf.take_map("EVENTS").context("EVENTS map missing")?)?;
-    let stats =
-        StatsReader(PerCpuArray::try_from(ebpf.take_map("STATS").context("STATS map missing")?)?);
-    Ok(Sensor { ebpf, ring, stats, logger, offsets, cgroup_root })
+    let stats = StatsReader(PerCpuArray::try_from(
+        ebpf.take_map("STATS").context("STATS map missing")?,
+    )?);
+    Ok(Sensor {
+        ebpf,
+        ring,
+        stats,
+        logger,
+        offsets,
+        cgroup_root,
+    })
 }
 
 fn attach_tracepoint(
@@ -134,7 +149,8 @@ fn attach_tracepoint(
         .program_mut(name)
         .ok_or_else(|| anyhow!("program {name} missing from the embedded object"))?
         .try_into()?;
-    prog.load().map_err(|e| anyhow!("the kernel refused program {name}: {e}"))?;
+    prog.load()
+        .map_err(|e| anyhow!("the kernel refused program {name}: {e}"))?;
     prog.attach(category, event).map_err(|e| {
         anyhow!(
             "attaching {name} to tracepoint {category}:{event} failed: {}; check that \

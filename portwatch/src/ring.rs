@@ -72,7 +72,10 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
     let kind_id = u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
     let kind = Kind::from_u32(kind_id).ok_or(DecodeError::UnknownKind(kind_id))?;
     if bytes.len() < SOCKET_RECORD_SIZE {
-        return Err(DecodeError::Short { got: bytes.len(), want: SOCKET_RECORD_SIZE });
+        return Err(DecodeError::Short {
+            got: bytes.len(),
+            want: SOCKET_RECORD_SIZE,
+        });
     }
     // SAFETY: length checked above; SocketRecord is plain old data with no invalid bit
     // patterns, and read_unaligned copes with the ring's 8-byte alignment or worse.
@@ -121,7 +124,12 @@ mod tests {
         let mut comm = [0u8; 16];
         comm[..4].copy_from_slice(b"nc\x1b[");
         let r = SocketRecord {
-            header: Header { kind, cpu: 1, ktime_ns: 42, pid_tgid: (7 << 32) | 8 },
+            header: Header {
+                kind,
+                cpu: 1,
+                ktime_ns: 42,
+                pid_tgid: (7 << 32) | 8,
+            },
             uid_gid: (1000 << 32) | 998,
             cgroup_id: 5,
             sock_key: 0xffff_8880_0000_1000,
@@ -157,12 +165,18 @@ mod tests {
 
     #[test]
     fn unknown_kind_and_short_records_are_errors() {
-        assert_eq!(decode(&record(99, AF_INET)), Err(DecodeError::UnknownKind(99)));
+        assert_eq!(
+            decode(&record(99, AF_INET)),
+            Err(DecodeError::UnknownKind(99))
+        );
         assert_eq!(decode(&[1, 0, 0]), Err(DecodeError::ShortHeader(3)));
         let full = record(Kind::UdpBound as u32, AF_INET);
         assert_eq!(
             decode(&full[..40]),
-            Err(DecodeError::Short { got: 40, want: SOCKET_RECORD_SIZE })
+            Err(DecodeError::Short {
+                got: 40,
+                want: SOCKET_RECORD_SIZE
+            })
         );
         assert_eq!(decode(&record(1, 3)), Err(DecodeError::UnknownFamily(3)));
     }
@@ -172,6 +186,9 @@ mod tests {
         let mut bytes = record(Kind::UdpBound as u32, AF_INET6);
         let at = SOCKET_RECORD_SIZE - 32;
         bytes[at..at + 16].copy_from_slice(&Ipv6Addr::LOCALHOST.octets());
-        assert_eq!(decode(&bytes).unwrap().addr, IpAddr::V6(Ipv6Addr::LOCALHOST));
+        assert_eq!(
+            decode(&bytes).unwrap().addr,
+            IpAddr::V6(Ipv6Addr::LOCALHOST)
+        );
     }
 }

@@ -19,12 +19,21 @@ pub fn require_root() -> anyhow::Result<()> {
 /// Tracepoint attach goes through tracefs, which a fresh machine does not mount.
 pub fn ensure_tracefs() -> anyhow::Result<()> {
     let candidates = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
-    if candidates.iter().any(|p| Path::new(p).join("events").is_dir()) {
+    if candidates
+        .iter()
+        .any(|p| Path::new(p).join("events").is_dir())
+    {
         return Ok(());
     }
     let target = c"/sys/kernel/tracing";
     let rc = unsafe {
-        libc::mount(c"tracefs".as_ptr(), target.as_ptr(), c"tracefs".as_ptr(), 0, std::ptr::null())
+        libc::mount(
+            c"tracefs".as_ptr(),
+            target.as_ptr(),
+            c"tracefs".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
     };
     if rc != 0 {
         let err = io::Error::last_os_error();
@@ -40,14 +49,44 @@ pub fn ensure_tracefs() -> anyhow::Result<()> {
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; newer ones use the memory
 /// cgroup, and some sandboxes refuse the raise. A refusal is worth a warning only.
 pub fn raise_memlock() {
-    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
-        log::warn!(
+        let level = if kernel_at_least(5, 11) {
+            log::Level::Info
+        } else {
+            log::Level::Warn
+        };
+        log::log!(
+            level,
             "could not raise RLIMIT_MEMLOCK ({}); fine on kernels >= 5.11 that account BPF \
              memory to the memory cgroup",
             io::Error::last_os_error()
         );
     }
+}
+
+/// Running kernel version from uname(2), e.g. (6, 18).
+pub fn kernel_version() -> Option<(u32, u32)> {
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    if unsafe { libc::uname(&mut u) } != 0 {
+        return None;
+    }
+    let release: Vec<u8> = u
+        .release
+        .iter()
+        .take_while(|c| **c != 0)
+        .map(|c| *c as u8)
+        .collect();
+    let release = String::from_utf8_lossy(&release);
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    kernel_version().is_some_and(|v| v >= (major, minor))
 }
 
 pub fn require_btf() -> anyhow::Result<Vec<u8>> {
@@ -59,7 +98,10 @@ pub fn require_btf() -> anyhow::Result<Vec<u8>> {
 }
 
 fn clock_ns(clock: libc::clockid_t) -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     unsafe { libc::clock_gettime(clock, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
@@ -84,7 +126,10 @@ impl Clocks {
         let real = clock_ns(libc::CLOCK_REALTIME) as i128;
         let mono = clock_ns(libc::CLOCK_MONOTONIC) as i128;
         let boot = clock_ns(libc::CLOCK_BOOTTIME) as i128;
-        Clocks { mono_to_wall: real - mono, boot_wall_ns: real - boot }
+        Clocks {
+            mono_to_wall: real - mono,
+            boot_wall_ns: real - boot,
+        }
     }
 
     /// Wall-clock ns since the epoch for a `bpf_ktime_get_ns()` value.
@@ -135,8 +180,14 @@ mod tests {
     fn rfc3339_formats_known_instants() {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000000000Z");
         // 2000-02-29 (leap day) 12:34:56.000000789
-        assert_eq!(rfc3339(951_827_696_000_000_789), "2000-02-29T12:34:56.000000789Z");
-        assert_eq!(rfc3339(1_795_734_359_123_456_789), "2026-11-26T23:05:59.123456789Z");
+        assert_eq!(
+            rfc3339(951_827_696_000_000_789),
+            "2000-02-29T12:34:56.000000789Z"
+        );
+        assert_eq!(
+            rfc3339(1_795_734_359_123_456_789),
+            "2026-11-26T23:05:59.123456789Z"
+        );
         assert_eq!(rfc3339(-1), "1969-12-31T23:59:59.999999999Z");
     }
 
@@ -145,6 +196,10 @@ mod tests {
         let c = Clocks::now();
         let wall = c.wall_from_ktime(monotonic_ns());
         let real = clock_ns(libc::CLOCK_REALTIME) as i128;
-        assert!((real - wall).abs() < 50_000_000, "offset off by {} ns", real - wall);
+        assert!(
+            (real - wall).abs() < 50_000_000,
+            "offset off by {} ns",
+            real - wall
+        );
     }
 }

@@ -25,9 +25,11 @@ pub fn can_run_kernel_tests() -> bool {
 }
 
 pub fn agent_binary() -> PathBuf {
-    std::env::var_os("PORTWATCH_BIN").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/portwatch")
-    })
+    std::env::var_os("PORTWATCH_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/portwatch")
+        })
 }
 
 pub struct Agent {
@@ -41,7 +43,11 @@ impl Agent {
     /// Start `portwatch watch --format json ARGS` and wait until its probes are attached.
     pub fn start(args: &[&str]) -> Agent {
         let bin = agent_binary();
-        assert!(bin.exists(), "{} missing: run `cargo xtask test`", bin.display());
+        assert!(
+            bin.exists(),
+            "{} missing: run `cargo xtask test`",
+            bin.display()
+        );
         let mut child = Command::new(&bin)
             .args(["watch", "--format", "json"])
             .args(args)
@@ -54,14 +60,19 @@ impl Agent {
         thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                let v: Value = serde_json::from_str(&line)
-                    .unwrap_or_else(|e| panic!("agent wrote a line that is not JSON ({e}): {line}"));
+                let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| {
+                    panic!("agent wrote a line that is not JSON ({e}): {line}")
+                });
                 if tx.send(v).is_err() {
                     break;
                 }
             }
         });
-        let mut agent = Agent { child, lines: rx, seen: Vec::new() };
+        let mut agent = Agent {
+            child,
+            lines: rx,
+            seen: Vec::new(),
+        };
         agent
             .wait_for(Duration::from_secs(30), |e| action(e) == "sensor-started")
             .expect("agent did not report sensor-started within 30 s");
@@ -94,13 +105,17 @@ impl Agent {
     /// Like `wait_for`, panicking with `what` when nothing matches in time.
     pub fn expect(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
         self.wait_for(DEADLINE, pred).unwrap_or_else(|| {
-            panic!("no event for {what} within {DEADLINE:?}; saw {} events", self.seen.len())
+            panic!(
+                "no event for {what} within {DEADLINE:?}; saw {} events",
+                self.seen.len()
+            )
         })
     }
 
     /// Receive everything until `pred` matches (inclusive) and return all events seen.
     pub fn drain_until(&mut self, pred: impl Fn(&Value) -> bool) -> &[Value] {
-        self.wait_for(DEADLINE * 3, pred).expect("marker event never arrived");
+        self.wait_for(DEADLINE * 3, pred)
+            .expect("marker event never arrived");
         &self.seen
     }
 
@@ -186,11 +201,17 @@ pub mod raw {
         let sa = libc::sockaddr_in {
             sin_family: libc::AF_INET as u16,
             sin_port: port.to_be(),
-            sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(addr) },
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(addr),
+            },
             sin_zero: [0; 8],
         };
         unsafe {
-            libc::bind(fd, std::ptr::from_ref(&sa).cast(), size_of::<libc::sockaddr_in>() as u32)
+            libc::bind(
+                fd,
+                std::ptr::from_ref(&sa).cast(),
+                size_of::<libc::sockaddr_in>() as u32,
+            )
         }
     }
 

@@ -7,7 +7,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use portwatch_tests::{Agent, Value, action, can_run_kernel_tests, comm_of, is, port, raw, socket_inode};
+use portwatch_tests::{
+    Agent, Value, action, can_run_kernel_tests, comm_of, is, port, raw, socket_inode,
+};
 
 fn me() -> u32 {
     std::process::id()
@@ -20,9 +22,17 @@ fn check_listener_event(e: &Value, transport: &str, ip: &str, p: u16) {
     assert_eq!(e["process"]["pid"], me(), "{e}");
     assert_eq!(e["process"]["name"], comm_of(me()), "{e}");
     assert_eq!(e["user"]["id"], "0", "{e}");
-    assert!(e["@timestamp"].as_str().is_some_and(|t| t.ends_with('Z')), "{e}");
+    assert!(
+        e["@timestamp"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{e}"
+    );
     assert!(e["event"]["sequence"].as_u64().is_some(), "{e}");
-    assert!(e["portwatch"]["socket"]["inode"].as_u64().is_some_and(|i| i > 0), "{e}");
+    assert!(
+        e["portwatch"]["socket"]["inode"]
+            .as_u64()
+            .is_some_and(|i| i > 0),
+        "{e}"
+    );
 }
 
 fn tcp_start_stop(bind: &str, ip: &str, family: &str) {
@@ -40,7 +50,10 @@ fn tcp_start_stop(bind: &str, ip: &str, family: &str) {
     drop(l);
     let stop = agent.expect("listen-stopped", |e| is(e, "listen-stopped", me(), p));
     check_listener_event(&stop, "tcp", ip, p);
-    assert!(stop["event"]["duration"].as_u64().is_some_and(|d| d > 0), "{stop}");
+    assert!(
+        stop["event"]["duration"].as_u64().is_some_and(|d| d > 0),
+        "{stop}"
+    );
     assert_eq!(stop["process"]["entity_id"], start["process"]["entity_id"]);
     assert_eq!(stop["portwatch"]["socket"]["inode"], inode);
     let (status, _) = agent.stop();
@@ -69,7 +82,11 @@ fn udp_bind_release(bind: &str, ip: &str) {
     drop(s);
     let released = agent.expect("udp-released", |e| is(e, "udp-released", me(), p));
     check_listener_event(&released, "udp", ip, p);
-    assert!(released["event"]["duration"].as_u64().is_some_and(|d| d > 0));
+    assert!(
+        released["event"]["duration"]
+            .as_u64()
+            .is_some_and(|d| d > 0)
+    );
     let (status, _) = agent.stop();
     assert!(status.success());
 }
@@ -118,13 +135,22 @@ fn failed_listen_is_not_reported() {
     let p = raw::local_port(a);
     assert_eq!(raw::bind_v4(b, [127, 0, 0, 1], p), 0);
     assert_eq!(raw::listen(a), 0);
-    assert_ne!(raw::listen(b), 0, "second listen on the same port must fail");
+    assert_ne!(
+        raw::listen(b),
+        0,
+        "second listen on the same port must fail"
+    );
     let failed_inode = socket_inode(b);
     // A marker listener after the failure: once its event is in, the failure's would be.
     let marker = TcpListener::bind("127.0.0.1:0").unwrap();
     let mp = marker.local_addr().unwrap().port();
-    let seen = agent.drain_until(|e| is(e, "listen-started", me(), mp)).to_vec();
-    assert!(seen.iter().any(|e| is(e, "listen-started", me(), p)), "first listen reported");
+    let seen = agent
+        .drain_until(|e| is(e, "listen-started", me(), mp))
+        .to_vec();
+    assert!(
+        seen.iter().any(|e| is(e, "listen-started", me(), p)),
+        "first listen reported"
+    );
     let bogus: Vec<&Value> = seen
         .iter()
         .filter(|e| e["portwatch"]["socket"]["inode"] == failed_inode)
@@ -145,7 +171,10 @@ fn listener_living_under_a_millisecond_is_caught() {
     let p = l.local_addr().unwrap().port();
     drop(l);
     let lived = t.elapsed();
-    assert!(lived < Duration::from_millis(1), "listener lived {lived:?}, test is void");
+    assert!(
+        lived < Duration::from_millis(1),
+        "listener lived {lived:?}, test is void"
+    );
     agent.expect("listen-started", |e| is(e, "listen-started", me(), p));
     let stop = agent.expect("listen-stopped", |e| is(e, "listen-stopped", me(), p));
     let d = stop["event"]["duration"].as_u64().expect("duration");
@@ -227,12 +256,17 @@ fn process_that_listens_and_exits_at_once_keeps_its_identity() {
         }
     }
     let mut port_buf = 0u16;
-    assert_eq!(unsafe { libc::read(rd, std::ptr::from_mut(&mut port_buf).cast(), 2) }, 2);
+    assert_eq!(
+        unsafe { libc::read(rd, std::ptr::from_mut(&mut port_buf).cast(), 2) },
+        2
+    );
     unsafe { libc::waitpid(child, std::ptr::null_mut(), 0) };
     raw::close(rd);
     raw::close(wr);
     let child = child as u32;
-    let e = agent.expect("child's listen-started", |e| is(e, "listen-started", child, port_buf));
+    let e = agent.expect("child's listen-started", |e| {
+        is(e, "listen-started", child, port_buf)
+    });
     assert_eq!(e["process"]["parent"]["pid"], me(), "{e}");
     // The child is a fork of this test binary: its comm is the forking thread's name.
     let name = e["process"]["name"].as_str().unwrap_or("");
@@ -246,7 +280,13 @@ fn agent_leaves_no_program_attached_after_exit() {
     if !can_run_kernel_tests() {
         return;
     }
-    let names = ["listen_state", "listen_exit", "udp_bind4", "udp_bind6", "udp_release"];
+    let names = [
+        "listen_state",
+        "listen_exit",
+        "udp_bind4",
+        "udp_bind6",
+        "udp_release",
+    ];
     let ours = |agent_pid: Option<u32>| -> Vec<String> {
         let _ = agent_pid;
         aya::programs::loaded_programs()
@@ -257,7 +297,10 @@ fn agent_leaves_no_program_attached_after_exit() {
     };
     let agent = Agent::start(&["--no-snapshot"]);
     let loaded = ours(Some(agent.pid()));
-    assert!(loaded.len() >= names.len(), "programs while running: {loaded:?}");
+    assert!(
+        loaded.len() >= names.len(),
+        "programs while running: {loaded:?}"
+    );
     let (status, events) = agent.stop();
     assert!(status.success(), "SIGTERM exit status {status}");
     assert!(events.iter().any(|e| action(e) == "sensor-started"));

@@ -163,12 +163,20 @@ mod tests {
         for e in cat {
             assert!(!e.id.is_empty() && !e.service.is_empty());
             assert!(!e.ports.is_empty() && !e.protocols.is_empty(), "{}", e.id);
-            assert!(e.risk.ja.is_some() && e.why.ja.is_some(), "{} lacks Japanese", e.id);
+            assert!(
+                e.risk.ja.is_some() && e.why.ja.is_some(),
+                "{} lacks Japanese",
+                e.id
+            );
             let r = e.reference.as_deref().unwrap_or("");
             assert!(r.starts_with("https://"), "{} reference {r:?}", e.id);
             assert!(!e.risk.en.ends_with('.'), "{}: risk is a clause", e.id);
             if let Some(l) = &e.loopback {
-                assert!(!l.lines.is_empty() && l.ja.is_some(), "{} loopback hint", e.id);
+                assert!(
+                    !l.lines.is_empty() && l.ja.is_some(),
+                    "{} loopback hint",
+                    e.id
+                );
             }
         }
     }
@@ -178,7 +186,11 @@ mod tests {
         let mut ids = HashMap::new();
         let mut pairs: HashMap<(Transport, u16), &str> = HashMap::new();
         for e in builtin() {
-            assert!(ids.insert(e.id.as_str(), ()).is_none(), "duplicate id {}", e.id);
+            assert!(
+                ids.insert(e.id.as_str(), ()).is_none(),
+                "duplicate id {}",
+                e.id
+            );
             for p in &e.ports {
                 for port in p.lo..=p.hi {
                     for t in &e.protocols {
@@ -201,37 +213,37 @@ mod tests {
             (2049, &[Tcp, Udp]),  // NFS
             (8080, &[Tcp]),       // HTTP alt / admin UIs
             (8081, &[Tcp]),
-            (8888, &[Tcp]),      // admin interfaces
-            (111, &[Tcp, Udp]),  // SunRPC portmapper
-            (5353, &[Udp]),      // mDNS
-            (27017, &[Tcp]),     // MongoDB
-            (137, &[Udp]),       // NetBIOS name
-            (138, &[Udp]),       // NetBIOS datagram
-            (139, &[Tcp]),       // NetBIOS session
-            (445, &[Tcp]),       // SMB
-            (23, &[Tcp]),        // telnet
-            (6379, &[Tcp]),      // Redis
-            (5432, &[Tcp]),      // PostgreSQL
-            (9200, &[Tcp]),      // Elasticsearch
+            (8888, &[Tcp]),     // admin interfaces
+            (111, &[Tcp, Udp]), // SunRPC portmapper
+            (5353, &[Udp]),     // mDNS
+            (27017, &[Tcp]),    // MongoDB
+            (137, &[Udp]),      // NetBIOS name
+            (138, &[Udp]),      // NetBIOS datagram
+            (139, &[Tcp]),      // NetBIOS session
+            (445, &[Tcp]),      // SMB
+            (23, &[Tcp]),       // telnet
+            (6379, &[Tcp]),     // Redis
+            (5432, &[Tcp]),     // PostgreSQL
+            (9200, &[Tcp]),     // Elasticsearch
             (9300, &[Tcp]),
             (2375, &[Tcp]), // Docker API
             (2376, &[Tcp]),
             (2379, &[Tcp]), // etcd
             (2380, &[Tcp]),
-            (10250, &[Tcp]),     // kubelet
-            (1900, &[Udp]),      // SSDP
-            (161, &[Udp]),       // SNMP
-            (123, &[Udp]),       // NTP
-            (389, &[Udp]),       // CLDAP
-            (19, &[Tcp, Udp]),   // chargen
-            (5900, &[Tcp]),      // VNC
-            (3389, &[Tcp]),      // RDP
-            (1433, &[Tcp]),      // MSSQL
-            (1521, &[Tcp]),      // Oracle
-            (5984, &[Tcp]),      // CouchDB
-            (15672, &[Tcp]),     // RabbitMQ management
-            (9092, &[Tcp]),      // Kafka
-            (8086, &[Tcp]),      // InfluxDB
+            (10250, &[Tcp]),   // kubelet
+            (1900, &[Udp]),    // SSDP
+            (161, &[Udp]),     // SNMP
+            (123, &[Udp]),     // NTP
+            (389, &[Udp]),     // CLDAP
+            (19, &[Tcp, Udp]), // chargen
+            (5900, &[Tcp]),    // VNC
+            (3389, &[Tcp]),    // RDP
+            (1433, &[Tcp]),    // MSSQL
+            (1521, &[Tcp]),    // Oracle
+            (5984, &[Tcp]),    // CouchDB
+            (15672, &[Tcp]),   // RabbitMQ management
+            (9092, &[Tcp]),    // Kafka
+            (8086, &[Tcp]),    // InfluxDB
         ];
         for (port, protos) in required {
             for t in [Tcp, Udp] {
@@ -240,7 +252,11 @@ mod tests {
                     found.is_some(),
                     protos.contains(&t),
                     "{port}/{t}: expected {} in catalogue, found {:?}",
-                    if protos.contains(&t) { "present" } else { "absent" },
+                    if protos.contains(&t) {
+                        "present"
+                    } else {
+                        "absent"
+                    },
                     found.map(|e| &e.id)
                 );
             }

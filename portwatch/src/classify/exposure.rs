@@ -29,7 +29,9 @@ use std::path::Path;
 use serde::{Serialize, Serializer};
 
 /// Address scope of a bound address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Scope {
     /// 127.0.0.0/8, ::1, ::ffff:127.x: only this host (or network namespace).
@@ -257,11 +259,11 @@ impl Exposure {
         };
         for a in ifaces {
             let a = a.to_canonical();
-            let accepted = match (a, stack) {
-                (IpAddr::V4(_), Stack::Ipv4Only | Stack::DualStack) => true,
-                (IpAddr::V6(_), Stack::Ipv6Only | Stack::DualStack) => true,
-                _ => false,
-            };
+            let accepted = matches!(
+                (a, stack),
+                (IpAddr::V4(_), Stack::Ipv4Only | Stack::DualStack)
+                    | (IpAddr::V6(_), Stack::Ipv6Only | Stack::DualStack)
+            );
             if !accepted {
                 continue;
             }
@@ -338,7 +340,9 @@ pub fn interface_addrs() -> io::Result<Vec<IpAddr>> {
             libc::AF_INET => {
                 // SAFETY: family AF_INET means the storage is a sockaddr_in.
                 let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-                out.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))));
+                out.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                    sin.sin_addr.s_addr,
+                ))));
             }
             libc::AF_INET6 => {
                 // SAFETY: family AF_INET6 means the storage is a sockaddr_in6.
@@ -465,7 +469,14 @@ mod tests {
         let names: Vec<_> = Scope::ALL.iter().map(|s| s.as_str()).collect();
         assert_eq!(
             names,
-            ["loopback", "link-local", "private", "public", "all-interfaces", "multicast"]
+            [
+                "loopback",
+                "link-local",
+                "private",
+                "public",
+                "all-interfaces",
+                "multicast"
+            ]
         );
         assert_eq!(
             serde_json::to_string(&Scope::AllInterfaces).expect("serialize"),
@@ -488,7 +499,13 @@ mod tests {
 
     #[test]
     fn wildcard_resolution() {
-        let ifaces = [v4("127.0.0.1"), v4("10.0.0.5"), v6("::1"), v6("fe80::1"), v6("2001:db8::5")];
+        let ifaces = [
+            v4("127.0.0.1"),
+            v4("10.0.0.5"),
+            v6("::1"),
+            v6("fe80::1"),
+            v6("2001:db8::5"),
+        ];
         // 0.0.0.0 sees only the v4 addresses: private, not public.
         let e = Exposure::new(v4("0.0.0.0"), None, Some(&ifaces));
         assert_eq!(e.stack, Some(Stack::Ipv4Only));
@@ -504,7 +521,11 @@ mod tests {
         assert_eq!(e.public_addr, Some(v6("2001:db8::5")));
         assert_eq!(e.effective_scope(), Scope::Public);
         // :: v6-only does not see 10.0.0.5.
-        let e = Exposure::new(v6("::"), Some(true), Some(&[v4("203.0.113.5"), v6("fd00::1")]));
+        let e = Exposure::new(
+            v6("::"),
+            Some(true),
+            Some(&[v4("203.0.113.5"), v6("fd00::1")]),
+        );
         assert_eq!(e.stack, Some(Stack::Ipv6Only));
         assert!(!e.reachable_public);
         assert!(e.reachable.contains(Scope::Private));

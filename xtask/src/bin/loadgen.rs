@@ -27,7 +27,10 @@ use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "loadgen", about = "Loopback socket load for the portwatch benchmarks")]
+#[command(
+    name = "loadgen",
+    about = "Loopback socket load for the portwatch benchmarks"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -155,7 +158,8 @@ fn main() -> anyhow::Result<()> {
         // SAFETY: the read end belongs to us.
         let mut f = unsafe { File::from_raw_fd(rfd) };
         let mut text = String::new();
-        f.read_to_string(&mut text).context("reading a worker's report")?;
+        f.read_to_string(&mut text)
+            .context("reading a worker's report")?;
         let mut st = 0;
         // SAFETY: waiting for our own child.
         unsafe { libc::waitpid(pid, &mut st, 0) };
@@ -182,10 +186,20 @@ fn main() -> anyhow::Result<()> {
     let errors: u64 = results.iter().map(|r| r.errors).sum();
     let ops_per_sec: f64 = results
         .iter()
-        .map(|r| if r.elapsed_ns > 0 { r.ops as f64 * 1e9 / r.elapsed_ns as f64 } else { 0.0 })
+        .map(|r| {
+            if r.elapsed_ns > 0 {
+                r.ops as f64 * 1e9 / r.elapsed_ns as f64
+            } else {
+                0.0
+            }
+        })
         .sum();
     let elapsed_s = results.iter().map(|r| r.elapsed_ns).max().unwrap_or(0) as f64 / 1e9;
-    let first_errno = results.iter().map(|r| r.first_errno).find(|e| *e != 0).unwrap_or(0);
+    let first_errno = results
+        .iter()
+        .map(|r| r.first_errno)
+        .find(|e| *e != 0)
+        .unwrap_or(0);
     let summary = serde_json::json!({
         "workload": kind.name(),
         "procs": common.procs,
@@ -255,7 +269,10 @@ fn parse_report(text: &str) -> anyhow::Result<WorkerResult> {
 }
 
 fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid timespec pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -268,7 +285,12 @@ fn sleep_until(ns: u64) {
     };
     // SAFETY: valid timespec; EINTR just returns early and the callers re-check the clock.
     unsafe {
-        libc::clock_nanosleep(libc::CLOCK_MONOTONIC, libc::TIMER_ABSTIME, &ts, std::ptr::null_mut())
+        libc::clock_nanosleep(
+            libc::CLOCK_MONOTONIC,
+            libc::TIMER_ABSTIME,
+            &ts,
+            std::ptr::null_mut(),
+        )
     };
 }
 
@@ -337,7 +359,7 @@ fn worker(kind: Kind, start_ns: u64, secs_ns: u64, rate: f64) -> WorkerResult {
         listens: 0,
         ports: Vec::new(),
     };
-    let mut fail = |r: &mut WorkerResult, e: i32| {
+    let fail = |r: &mut WorkerResult, e: i32| {
         r.errors += 1;
         if r.first_errno == 0 {
             r.first_errno = e;
@@ -367,7 +389,7 @@ fn worker(kind: Kind, start_ns: u64, secs_ns: u64, rate: f64) -> WorkerResult {
 
     sleep_until(start_ns);
     let end_ns = start_ns + secs_ns;
-    let mut now = monotonic_ns();
+    let mut now: u64;
     match kind {
         Kind::TcpChurn | Kind::UdpChurn => {
             let (ty, listen) = if kind == Kind::TcpChurn {
@@ -419,12 +441,16 @@ fn worker(kind: Kind, start_ns: u64, secs_ns: u64, rate: f64) -> WorkerResult {
             r.listens = r.ops;
         }
         Kind::TcpTraffic => {
-            let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+            let linger = libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
             'outer: loop {
                 for _ in 0..8 {
                     // SAFETY: plain socket calls on descriptors we own and close.
                     unsafe {
-                        let c = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+                        let c =
+                            libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
                         if c < 0 {
                             fail(&mut r, errno());
                             continue;

@@ -1,0 +1,17 @@
+//! portwatch: reports every TCP listener and UDP bind on a Linux host, as it happens,
+//! attributed to its process and classified by risk.
+//!
+//! One module per stage of an event's path: [`probes`] (load/attach) → [`ring`] (decode
+//! kernel records) → [`enrich`] (process, user, unit, container) → [`emit`] (JSON or
+//! text); [`snapshot`] reads what already listens, [`agent`] runs the whole stream.
+
+pub mod agent;
+pub mod btf;
+pub mod emit;
+pub mod enrich;
+pub mod event;
+pub mod probes;
+pub mod procfs;
+pub mod ring;
+pub mod snapshot;
+pub mod sys;

@@ -1,0 +1,114 @@
+//! What one measured run produced, and matching captured events to generated ones.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::Serialize;
+
+use super::{
+    load::Load,
+    util::{Pcts, ProgCost},
+};
+
+#[derive(Serialize, Clone, Debug, Default)]
+pub struct Capture {
+    /// Listens (TCP) or binds (UDP) the load generator made.
+    pub generated: u64,
+    /// Of those, how many the tool reported (multiset match, never above generated).
+    pub captured: u64,
+    /// Reports from the generator's pids beyond what it generated (duplicates).
+    pub extra: u64,
+    /// What a report was matched on: `pid+port`, `pid` or `port`.
+    pub match_on: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stops_generated: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stops_captured: Option<u64>,
+}
+
+impl Capture {
+    pub fn fraction(&self) -> Option<f64> {
+        (self.generated > 0).then(|| self.captured as f64 / self.generated as f64)
+    }
+}
+
+#[derive(Serialize, Clone, Debug, Default)]
+pub struct Observer {
+    pub tool: String,
+    pub capture: Option<Capture>,
+    /// Events the tool itself said it lost.
+    pub lost: Option<u64>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub lost_by_reason: BTreeMap<String, u64>,
+    /// Bench read the line from the pipe − kernel timestamp of the event.
+    pub lat_read: Option<Pcts>,
+    /// `event.created` − `@timestamp` (agent's own view).
+    pub lat_created: Option<Pcts>,
+    /// utime + stime while the load ran (and while it drained), seconds.
+    pub cpu_s: Option<f64>,
+    /// cpu_s over the load's duration, percent of one core.
+    pub cpu_pct: Option<f64>,
+    pub events_for_cpu: u64,
+    /// `captured` (lines counted) or `expected` (output not read: generated starts+stops).
+    pub events_basis: &'static str,
+    pub cpu_ms_per_1k_events: Option<f64>,
+    pub peak_rss_kib: Option<u64>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub progs: Vec<ProgCost>,
+    pub lines: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parse_checked: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parse_mismatches: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attach_verified: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub polls: Option<u64>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct Run {
+    pub round: u32,
+    pub workload: String,
+    /// `none`, `portwatch`, `bpftrace`, `ss`.
+    pub tool: String,
+    /// BPF run-time statistics were on (a separate pass: they slow every program).
+    pub kernel_stats: bool,
+    pub error: Option<String>,
+    pub load: Option<Load>,
+    pub observers: Vec<Observer>,
+}
+
+/// Match reports to generated listens. `cap` holds (pid, port) -> reports from the
+/// generator's pids; with `by_port` false ports are ignored (counts per pid).
+pub fn match_capture(load: &Load, cap: &HashMap<(u32, u16), u64>, by_port: bool) -> Capture {
+    let mut captured = 0;
+    let mut extra = 0;
+    if by_port {
+        for (k, &n) in cap {
+            let g = u64::from(load.gen.get(k).copied().unwrap_or(0));
+            captured += n.min(g);
+            extra += n.saturating_sub(g);
+        }
+    } else {
+        let gen = load.per_pid();
+        let mut per_pid: HashMap<u32, u64> = HashMap::new();
+        for ((pid, _), n) in cap {
+            *per_pid.entry(*pid).or_insert(0) += n;
+        }
+        for (pid, n) in per_pid {
+            let g = gen.get(&pid).copied().unwrap_or(0);
+            captured += n.min(g);
+            extra += n.saturating_sub(g);
+        }
+    }
+    Capture {
+        generated: load.listens,
+        captured,
+        extra,
+        match_on: if by_port { "pid+port" } else { "pid" },
+        stops_generated: None,
+        stops_captured: None,
+    }
+}
