@@ -335,7 +335,7 @@ impl Pipeline {
         let now = self.enricher.clocks.wall_from_ktime(sys::monotonic_ns());
         let mut reported = 0u64;
         let mut skipped = 0u64;
-        let mut pid_owners: HashMap<Vec<u32>, Owner> = HashMap::new();
+        let mut owners = HashMap::new();
         for f in found {
             let key = f.socket.inode;
             if key != 0
@@ -345,51 +345,19 @@ impl Pipeline {
                 skipped += 1;
                 continue;
             }
-            let owner = match pid_owners.get(&f.owners) {
-                Some(o) => o.clone(),
-                None => {
-                    let o = self.enricher.owner_for_pids(&f.owners);
-                    pid_owners.insert(f.owners.clone(), o.clone());
-                    o
-                }
-            };
-            let transport = match f.socket.transport {
-                snapshot::Transport::Tcp => Transport::Tcp,
-                snapshot::Transport::Udp => Transport::Udp,
-            };
-            let user = Some(self.enricher.user(f.socket.uid));
-            let socket = Socket {
-                inode: (key != 0).then_some(key),
-                netns: Some(f.netns_ino),
-                host_netns: self.host_netns.map(|h| h == f.netns_ino),
-                v6only: None,
-                kernel: owner.kernel,
-                thread_id: None,
-                pids: f.owners.clone(),
-            };
-            let l = Listener {
-                transport,
-                addr: f.socket.addr,
-                port: f.socket.port,
-                socket,
-                user: user.clone(),
-                group: None,
-            };
-            let ev = self.listener_event("listener-present", now, l, &owner);
+            let (ev, owner, user) = self.present(&f, now, &mut owners);
             self.write(&ev)?;
             reported += 1;
             if key != 0 {
                 self.startup.reported.insert(key);
                 if self.open.len() < OPEN_MAX {
-                    self.open.insert(
-                        key,
-                        Open {
-                            ktime_ns: None,
-                            owner,
-                            user,
-                            group: None,
-                        },
-                    );
+                    let open = Open {
+                        ktime_ns: None,
+                        owner,
+                        user,
+                        group: None,
+                    };
+                    self.open.insert(key, open);
                 }
             }
         }
@@ -405,6 +373,64 @@ impl Pipeline {
                 "duration_ms": took.as_secs_f64() * 1e3,
             }),
         )
+    }
+
+    /// The `listener-present` event for one socket found in /proc. `owners` caches
+    /// attribution per owning pid set (a forked server shares one socket among many).
+    fn present(
+        &mut self,
+        f: &snapshot::Found,
+        wall_ns: i128,
+        owners: &mut HashMap<Vec<u32>, Owner>,
+    ) -> (Event, Owner, Option<Named>) {
+        let owner = match owners.get(&f.owners) {
+            Some(o) => o.clone(),
+            None => {
+                let o = self.enricher.owner_for_pids(&f.owners);
+                owners.insert(f.owners.clone(), o.clone());
+                o
+            }
+        };
+        let transport = match f.socket.transport {
+            snapshot::Transport::Tcp => Transport::Tcp,
+            snapshot::Transport::Udp => Transport::Udp,
+        };
+        let user = Some(self.enricher.user(f.socket.uid));
+        let inode = f.socket.inode;
+        let socket = Socket {
+            inode: (inode != 0).then_some(inode),
+            netns: Some(f.netns_ino),
+            host_netns: self.host_netns.map(|h| h == f.netns_ino),
+            v6only: None,
+            kernel: owner.kernel,
+            thread_id: None,
+            pids: f.owners.clone(),
+        };
+        let l = Listener {
+            transport,
+            addr: f.socket.addr,
+            port: f.socket.port,
+            socket,
+            user: user.clone(),
+            group: None,
+        };
+        let ev = self.listener_event("listener-present", wall_ns, l, &owner);
+        (ev, owner, user)
+    }
+
+    /// Events for everything listening now (the one-shot `portwatch snapshot`).
+    pub fn present_events(&mut self, found: &[snapshot::Found]) -> Vec<Event> {
+        let now = self.enricher.clocks.wall_from_ktime(sys::monotonic_ns());
+        let mut owners = HashMap::new();
+        found
+            .iter()
+            .map(|f| self.present(f, now, &mut owners).0)
+            .collect()
+    }
+
+    /// Write one event and flush (used by one-shot commands).
+    pub fn write_now(&mut self, ev: &Event) -> anyhow::Result<()> {
+        self.write(ev)
     }
 
     /// Periodic work: follow the wall clock, report losses, end the startup grace.

@@ -12,6 +12,7 @@ pub mod enrich;
 pub mod event;
 pub mod probes;
 pub mod procfs;
+pub mod report;
 pub mod ring;
 pub mod snapshot;
 pub mod sys;

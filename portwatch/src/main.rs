@@ -4,7 +4,11 @@ use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 
-use portwatch::{agent, emit::Format};
+use portwatch::{
+    agent,
+    emit::Format,
+    report::{self, SnapshotFormat},
+};
 
 #[derive(Parser)]
 #[command(name = "portwatch", version, about, propagate_version = true)]
@@ -32,6 +36,12 @@ enum Command {
         /// Do not report the listeners that exist at start.
         #[arg(long)]
         no_snapshot: bool,
+    },
+    /// Print what listens now, attributed: the `ss -tulp` audit, complete.
+    Snapshot {
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = SnapshotFormat::Table)]
+        format: SnapshotFormat,
     },
 }
 
@@ -105,6 +115,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ring_bytes,
                 snapshot: !no_snapshot,
             }))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Snapshot { format } => {
+            report::snapshot_command(format)?;
             Ok(ExitCode::SUCCESS)
         }
     }

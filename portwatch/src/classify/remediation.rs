@@ -593,8 +593,8 @@ pub fn remediation(l: &Listener<'_>, v: &Verdict<'_>, lang: Lang) -> Remediation
 
 #[cfg(test)]
 mod tests {
+    use super::super::{Classifier, Exposure, Transport, parse_rules};
     use super::*;
-    use crate::classify::{Classifier, Exposure, Transport, parse_rules};
 
     fn ip(s: &str) -> IpAddr {
         s.parse().expect("test literal")

@@ -387,8 +387,14 @@ impl Ctx<'_> {
             origin: self.origin.to_owned(),
             line,
             col,
-            // Keep the Display a single line whatever toml produced.
-            message: message.split_whitespace().collect::<Vec<_>>().join(" "),
+            // Keep the Display a single line whatever toml produced: its
+            // syntax errors put "expected ..." on a second line.
+            message: message
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect::<Vec<_>>()
+                .join(": "),
         }
     }
 
@@ -914,6 +920,7 @@ severity = "critical"
         let (l, _, msg) = err("[[allow]\nport = 1\n");
         assert_eq!(l, 1, "{msg}");
         assert!(!msg.contains('\n'));
+        assert!(msg.contains("invalid table header: expected"), "{msg}");
     }
 
     #[test]
