@@ -17,6 +17,7 @@ use tokio::{
 };
 
 use crate::{
+    classify::{Lang, Policy},
     emit::{Closed, Emitter, Format},
     enrich::{Enricher, Owner},
     event::{
@@ -24,6 +25,7 @@ use crate::{
         Server, Socket,
     },
     probes::{self, KernelStats},
+    risk::Assessor,
     procfs,
     ring::{self, Record, Transport},
     snapshot, sys,
@@ -39,7 +41,14 @@ const BATCH_MAX: usize = 4096;
 /// as a duplicate. Records reach the agent within milliseconds of the syscall.
 const SNAPSHOT_GRACE: Duration = Duration::from_secs(5);
 
+/// Site policy and language for alerts.
+pub struct PolicyOptions {
+    pub rules: Option<Policy>,
+    pub lang: Lang,
+}
+
 pub struct WatchOptions {
+    pub policy: PolicyOptions,
     pub format: Format,
     pub output: Option<PathBuf>,
     pub ring_bytes: u32,
@@ -83,6 +92,7 @@ pub struct Pipeline {
     seq: u64,
     open: HashMap<u64, Open>,
     startup: Startup,
+    assessor: Assessor,
     kernel_seen: KernelStats,
     lost_total: u64,
     decode_errors: u64,
@@ -101,9 +111,10 @@ fn host_info(boot_id: &str, machine_id: Option<String>) -> Arc<Host> {
 }
 
 impl Pipeline {
-    pub fn new(emitter: Emitter, cgroup_root: PathBuf) -> Pipeline {
+    pub fn new(emitter: Emitter, cgroup_root: PathBuf, policy: PolicyOptions) -> Pipeline {
         let boot_id = procfs::boot_id().unwrap_or_default();
         let machine_id = procfs::machine_id().ok();
+        let host_netns = snapshot::own_netns().ok();
         Pipeline {
             enricher: Enricher::new(cgroup_root, machine_id.as_deref().unwrap_or(""), &boot_id),
             emitter,
@@ -113,10 +124,11 @@ impl Pipeline {
                 name: "portwatch",
                 version: env!("CARGO_PKG_VERSION"),
             }),
-            host_netns: snapshot::own_netns().ok(),
+            host_netns,
             seq: 0,
             open: HashMap::new(),
             startup: Startup::default(),
+            assessor: Assessor::new(policy.rules, policy.lang, host_netns),
             kernel_seen: KernelStats::default(),
             lost_total: 0,
             decode_errors: 0,
@@ -133,7 +145,7 @@ impl Pipeline {
             "listener-present" => (&["network"], &["info"]),
             _ => (&["host"], &["info"]),
         };
-        let now = sys::Clocks::now().wall_from_ktime(sys::monotonic_ns());
+        let now = self.enricher.clocks.wall_from_ktime(sys::monotonic_ns());
         Event {
             timestamp: sys::rfc3339(wall_ns),
             message: None,
@@ -169,6 +181,19 @@ impl Pipeline {
     fn write(&mut self, ev: &Event) -> anyhow::Result<()> {
         self.emitted += 1;
         self.emitter.write(ev)
+    }
+
+    /// Classify a new listener's event, write it, then its alert (never batched: the
+    /// alert goes out in the same flush as the event that raised it).
+    fn write_assessed(&mut self, mut ev: Event) -> anyhow::Result<Event> {
+        let alert = self.assessor.assess(&mut ev);
+        self.write(&ev)?;
+        if let Some(mut alert) = alert {
+            self.seq += 1;
+            alert.event.sequence = self.seq;
+            self.write(&alert)?;
+        }
+        Ok(ev)
     }
 
     pub fn flush(&mut self) -> anyhow::Result<()> {
@@ -267,7 +292,7 @@ impl Pipeline {
                     group: group.clone(),
                 };
                 let ev = self.listener_event(action, wall, l, &owner);
-                self.write(&ev)?;
+                self.write_assessed(ev)?;
                 if self.open.len() < OPEN_MAX {
                     self.open.insert(
                         key,
@@ -346,7 +371,7 @@ impl Pipeline {
                 continue;
             }
             let (ev, owner, user) = self.present(&f, now, &mut owners);
-            self.write(&ev)?;
+            self.write_assessed(ev)?;
             reported += 1;
             if key != 0 {
                 self.startup.reported.insert(key);
@@ -418,14 +443,18 @@ impl Pipeline {
         (ev, owner, user)
     }
 
-    /// Events for everything listening now (the one-shot `portwatch snapshot`).
-    pub fn present_events(&mut self, found: &[snapshot::Found]) -> Vec<Event> {
+    /// Events for everything listening now (the one-shot `portwatch snapshot`), each
+    /// classified, with the alert it raises.
+    pub fn present_events(&mut self, found: &[snapshot::Found]) -> Vec<(Event, Option<Event>)> {
         let now = self.enricher.clocks.wall_from_ktime(sys::monotonic_ns());
         let mut owners = HashMap::new();
-        found
-            .iter()
-            .map(|f| self.present(f, now, &mut owners).0)
-            .collect()
+        let mut out = Vec::with_capacity(found.len());
+        for f in found {
+            let mut ev = self.present(f, now, &mut owners).0;
+            let alert = self.assessor.assess(&mut ev);
+            out.push((ev, alert));
+        }
+        out
     }
 
     /// Write one event and flush (used by one-shot commands).
@@ -463,6 +492,24 @@ impl Pipeline {
         if self.untracked > 0 {
             let n = std::mem::take(&mut self.untracked);
             self.lost(n, "untracked")?;
+        }
+        for (key, n) in self.assessor.quiet_folds() {
+            let now = self.enricher.clocks.wall_from_ktime(sys::monotonic_ns());
+            let mut ev = self.base(now, "alert", "risky-listener-repeated");
+            ev.message = Some(format!(
+                "{n} more alerts for rule {} ({}/{} on {} by {}) were folded into the last one",
+                key.rule,
+                key.port,
+                key.transport.as_str(),
+                key.addr,
+                if key.process.is_empty() { "an unknown process" } else { &key.process }
+            ));
+            ev.network = Some(Network {
+                transport: key.transport.as_str(),
+                type_: if key.addr.is_ipv4() { "ipv4" } else { "ipv6" },
+            });
+            ev.server = Some(Server { ip: key.addr.to_string(), port: key.port });
+            self.write(&ev)?;
         }
         self.flush()
     }
@@ -510,8 +557,9 @@ pub async fn watch(opts: WatchOptions) -> anyhow::Result<()> {
         cgroup_root,
         ..
     } = sensor;
-    let mut pipeline = Pipeline::new(emitter, cgroup_root.clone());
-    let result = run(&mut pipeline, ring, &sensor_stats, logger, &opts).await;
+    let WatchOptions { policy, format: _, output: _, ring_bytes, snapshot } = opts;
+    let mut pipeline = Pipeline::new(emitter, cgroup_root.clone(), policy);
+    let result = run(&mut pipeline, ring, &sensor_stats, logger, ring_bytes, snapshot).await;
     // Final loss report and flush, even after an error in the loop.
     let final_tick = pipeline.tick(sensor_stats.read().ok());
     drop(ebpf); // detaches every program (bpf_link fds close)
@@ -526,7 +574,8 @@ async fn run(
     ring: RingBuf<MapData>,
     stats: &probes::StatsReader,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
-    opts: &WatchOptions,
+    ring_bytes: u32,
+    snapshot: bool,
 ) -> anyhow::Result<()> {
     // SAFETY: the ring buffer and the logger own their map fds and never close or
     // replace them while registered; both live until the AsyncFd is dropped.
@@ -548,15 +597,15 @@ async fn run(
         serde_json::json!({
             "hooks": ["tracepoint/sock/inet_sock_set_state", "tracepoint/syscalls/sys_exit_listen",
                       "cgroup/post_bind4", "cgroup/post_bind6", "cgroup/sock_release"],
-            "ring_buffer_bytes": opts.ring_bytes,
+            "ring_buffer_bytes": ring_bytes,
             "pid": std::process::id(),
         }),
     )?;
 
     // Probes are attached and the ring is being drained: now read what already exists.
     let (snap_tx, mut snap_rx) = tokio::sync::oneshot::channel();
-    let mut snapshot_pending = opts.snapshot;
-    if opts.snapshot {
+    let mut snapshot_pending = snapshot;
+    if snapshot {
         pipeline.snapshot_started();
         tokio::task::spawn_blocking(move || {
             let t = Instant::now();

@@ -10,7 +10,7 @@ use serde::Serialize;
 /// ECS version the field names follow.
 pub const ECS_VERSION: &str = "8.11.0";
 
-#[derive(Serialize, Debug)]
+#[derive(Serialize, Debug, Clone)]
 pub struct Event {
     #[serde(rename = "@timestamp")]
     pub timestamp: String,
@@ -39,7 +39,7 @@ pub struct Event {
     pub portwatch: Portwatch,
 }
 
-#[derive(Serialize, Debug, Default)]
+#[derive(Serialize, Debug, Default, Clone)]
 pub struct EventMeta {
     /// ECS `event.kind`: `event`, `alert`, `state` or `metric`.
     pub kind: &'static str,
@@ -59,19 +59,19 @@ pub struct EventMeta {
     pub created: String,
 }
 
-#[derive(Serialize, Debug)]
+#[derive(Serialize, Debug, Clone)]
 pub struct Log {
     pub level: &'static str,
 }
 
-#[derive(Serialize, Debug)]
+#[derive(Serialize, Debug, Clone)]
 pub struct Network {
     pub transport: &'static str,
     #[serde(rename = "type")]
     pub type_: &'static str,
 }
 
-#[derive(Serialize, Debug)]
+#[derive(Serialize, Debug, Clone)]
 pub struct Server {
     pub ip: String,
     pub port: u16,
@@ -137,12 +137,12 @@ pub struct Agent {
     pub version: &'static str,
 }
 
-#[derive(Serialize, Debug)]
+#[derive(Serialize, Debug, Clone)]
 pub struct Ecs {
     pub version: &'static str,
 }
 
-#[derive(Serialize, Debug)]
+#[derive(Serialize, Debug, Clone)]
 pub struct Rule {
     pub id: String,
     pub name: String,
@@ -153,7 +153,7 @@ pub struct Rule {
 }
 
 /// Fields ECS has no name for, under the agent's own namespace.
-#[derive(Serialize, Debug, Default)]
+#[derive(Serialize, Debug, Default, Clone)]
 pub struct Portwatch {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub socket: Option<Socket>,
@@ -166,10 +166,15 @@ pub struct Portwatch {
     /// the kernel captured), `snapshot`, or `kernel-socket` (no process owns it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attribution: Option<&'static str>,
+    /// Where the listener can be reached from (scope, reachable scopes, public address).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub exposure: Option<serde_json::Value>,
+    pub exposure: Option<crate::classify::Exposure>,
+    /// The catalogue or policy entry the listener matched, and the outcome.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub alert: Option<serde_json::Value>,
+    pub risk: Option<crate::risk::Risk>,
+    /// On alerts: remediation steps and the number of folded repeats.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alert: Option<crate::risk::AlertInfo>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lost: Option<Lost>,
     #[serde(skip_serializing_if = "Option::is_none")]

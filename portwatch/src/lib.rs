@@ -7,12 +7,14 @@
 
 pub mod agent;
 pub mod btf;
+pub mod classify;
 pub mod emit;
 pub mod enrich;
 pub mod event;
 pub mod probes;
 pub mod procfs;
 pub mod report;
+pub mod risk;
 pub mod ring;
 pub mod snapshot;
 pub mod sys;

@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 use portwatch::{
     agent,
+    classify::{self, Lang},
     emit::Format,
     report::{self, SnapshotFormat},
 };
@@ -36,13 +37,62 @@ enum Command {
         /// Do not report the listeners that exist at start.
         #[arg(long)]
         no_snapshot: bool,
+        #[command(flatten)]
+        policy: PolicyArgs,
     },
     /// Print what listens now, attributed: the `ss -tulp` audit, complete.
     Snapshot {
         /// Output format.
         #[arg(long, value_enum, default_value_t = SnapshotFormat::Table)]
         format: SnapshotFormat,
+        #[command(flatten)]
+        policy: PolicyArgs,
     },
+    /// Work with rules files.
+    Rules {
+        #[command(subcommand)]
+        command: RulesCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum RulesCommand {
+    /// Validate a rules file without starting the sensor.
+    Check {
+        /// The TOML rules file.
+        file: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct PolicyArgs {
+    /// Site rules (TOML): allow, deny, extra risky ports, severity overrides.
+    #[arg(long, value_name = "FILE")]
+    rules: Option<PathBuf>,
+    /// Language of alert messages and advice [default: from LC_ALL/LC_MESSAGES/LANG].
+    #[arg(long, value_enum)]
+    lang: Option<LangArg>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LangArg {
+    En,
+    Ja,
+}
+
+impl PolicyArgs {
+    fn load(self) -> anyhow::Result<agent::PolicyOptions> {
+        let rules = match &self.rules {
+            Some(path) => Some(classify::load_rules(path)?),
+            None => None,
+        };
+        let lang = match self.lang {
+            Some(LangArg::En) => Lang::En,
+            Some(LangArg::Ja) => Lang::Ja,
+            None => classify::lang_from_env(),
+        };
+        Ok(agent::PolicyOptions { rules, lang })
+    }
 }
 
 fn parse_ring_bytes(s: &str) -> Result<u32, String> {
@@ -100,7 +150,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             output,
             ring_bytes,
             no_snapshot,
+            policy,
         } => {
+            let policy = policy.load()?;
             let format = format.unwrap_or(if output.is_none() && std::io::stdout().is_terminal() {
                 Format::Text
             } else {
@@ -114,11 +166,25 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 output,
                 ring_bytes,
                 snapshot: !no_snapshot,
+                policy,
             }))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Snapshot { format } => {
-            report::snapshot_command(format)?;
+        Command::Snapshot { format, policy } => {
+            let alerts = report::snapshot_command(format, policy.load()?)?;
+            // Usable from cron and CI: 3 means "something risky is exposed".
+            Ok(if alerts > 0 { ExitCode::from(3) } else { ExitCode::SUCCESS })
+        }
+        Command::Rules { command: RulesCommand::Check { file } } => {
+            let policy = classify::load_rules(&file)?;
+            println!(
+                "{}: ok ({} risky ports, {} allow, {} deny, {} severity overrides)",
+                file.display(),
+                policy.risky.len(),
+                policy.allow.len(),
+                policy.deny.len(),
+                policy.severity.len()
+            );
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -3,14 +3,14 @@
 //! `ss -tulp state listening` audit, made complete.
 
 use std::{
-    io::{self, Write},
+    io::{self, IsTerminal, Write},
     path::PathBuf,
 };
 
 use anyhow::Context as _;
 
 use crate::{
-    agent::Pipeline,
+    agent::{Pipeline, PolicyOptions},
     emit::{Emitter, Format, sanitize},
     event::Event,
     procfs, snapshot,
@@ -22,7 +22,11 @@ pub enum SnapshotFormat {
     Json,
 }
 
-pub fn snapshot_command(format: SnapshotFormat) -> anyhow::Result<Vec<Event>> {
+/// Prints the snapshot; returns how many listeners raised an alert.
+pub fn snapshot_command(format: SnapshotFormat, policy: PolicyOptions) -> anyhow::Result<usize> {
+    let color = format == SnapshotFormat::Table
+        && io::stdout().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     if unsafe { libc::geteuid() } != 0 {
         log::warn!("not root: sockets of other users' processes cannot be attributed");
     }
@@ -32,21 +36,29 @@ pub fn snapshot_command(format: SnapshotFormat) -> anyhow::Result<Vec<Event>> {
         .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup"));
     let found = snapshot::scan().context("reading listeners from /proc")?;
     let emitter = Emitter::new(Format::Json, None)?;
-    let mut pipeline = Pipeline::new(emitter, cgroup_root);
+    let mut pipeline = Pipeline::new(emitter, cgroup_root, policy);
     let mut events = pipeline.present_events(&found);
     events.sort_by(|a, b| sort_key(a).cmp(&sort_key(b)));
-    for (i, ev) in events.iter_mut().enumerate() {
-        ev.event.sequence = i as u64 + 1;
+    let mut seq = 0;
+    for (ev, alert) in events.iter_mut() {
+        for e in std::iter::once(ev).chain(alert.as_mut()) {
+            seq += 1;
+            e.event.sequence = seq;
+        }
     }
+    let alerts = events.iter().filter(|(_, a)| a.is_some()).count();
     match format {
         SnapshotFormat::Json => {
-            for ev in &events {
+            for (ev, alert) in &events {
                 pipeline.write_now(ev)?;
+                if let Some(a) = alert {
+                    pipeline.write_now(a)?;
+                }
             }
             pipeline.flush()?;
         }
         SnapshotFormat::Table => {
-            let table = render_table(&events);
+            let table = render_table(&events, color);
             let mut out = io::stdout().lock();
             match out.write_all(table.as_bytes()).and_then(|()| out.flush()) {
                 Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {}
@@ -54,30 +66,27 @@ pub fn snapshot_command(format: SnapshotFormat) -> anyhow::Result<Vec<Event>> {
             }
         }
     }
-    Ok(events)
+    Ok(alerts)
 }
 
-fn sort_key(e: &Event) -> (u8, &'static str, u16) {
-    let severity = e.event.severity.unwrap_or(0);
+/// Worst first: alert severity, then risky-but-quiet, then by transport and port.
+fn sort_key((e, alert): &(Event, Option<Event>)) -> (u8, u8, &'static str, u16) {
+    let severity = alert.as_ref().and_then(|a| a.event.severity).unwrap_or(0);
+    let risky = u8::from(e.portwatch.risk.is_some());
     let transport = e.network.as_ref().map_or("", |n| n.transport);
     let port = e.server.as_ref().map_or(0, |s| s.port);
-    (u8::MAX - severity, transport, port)
+    (u8::MAX - severity, 1 - risky, transport, port)
 }
 
 /// Plain columns, widths fitted to the content; every string from the host is sanitised.
-pub fn render_table(events: &[Event]) -> String {
+pub fn render_table(events: &[(Event, Option<Event>)], color: bool) -> String {
     let header = [
-        "PROTO",
-        "ADDRESS",
-        "PID",
-        "PROGRAM",
-        "USER",
-        "UNIT",
-        "CONTAINER",
-        "NETNS",
+        "RISK", "PROTO", "ADDRESS", "EXPOSURE", "SERVICE", "PID", "PROGRAM", "USER", "UNIT",
+        "CONTAINER", "NETNS",
     ];
-    let mut rows: Vec<[String; 8]> = Vec::with_capacity(events.len());
-    for e in events {
+    let mut rows: Vec<[String; 11]> = Vec::with_capacity(events.len());
+    let mut advice = String::new();
+    for (e, alert) in events {
         let clean = |s: &str| {
             let mut out = String::new();
             sanitize(&mut out, s);
@@ -119,7 +128,46 @@ pub fn render_table(events: &[Event]) -> String {
             Some(s) => s.netns.map_or("?".into(), |n| n.to_string()),
             None => "?".into(),
         };
-        rows.push([proto, addr, pid, program, user, unit, container, netns]);
+        let risk = match (alert, &e.portwatch.risk) {
+            (Some(a), _) => a.log.as_ref().map_or("alert", |l| l.level).to_uppercase(),
+            (None, Some(r)) if r.allowed_by.is_some() => "allowed".into(),
+            (None, Some(_)) => "ok".into(),
+            (None, None) => "-".into(),
+        };
+        let exposure = e.portwatch.exposure.as_ref().map_or("?".into(), |x| {
+            if x.is_wildcard() {
+                format!("all ({})", x.effective_scope().as_str())
+            } else {
+                x.scope.as_str().to_owned()
+            }
+        });
+        let service = alert
+            .as_ref()
+            .and_then(|a| a.rule.as_ref())
+            .map(|r| r.name.clone())
+            .or_else(|| e.portwatch.risk.as_ref().and_then(|r| r.rule.clone()))
+            .unwrap_or_else(|| "-".into());
+        if let Some(a) = alert {
+            let (on, off) = if color { ("\x1b[1;31m", "\x1b[0m") } else { ("", "") };
+            advice.push_str(&format!("\n{on}{risk}{off} {addr} ({proto}): "));
+            sanitize(&mut advice, a.message.as_deref().unwrap_or(""));
+            advice.push('\n');
+            if let Some(info) = &a.portwatch.alert {
+                for step in &info.remediation.steps {
+                    advice.push_str("  # ");
+                    sanitize(&mut advice, &step.title);
+                    advice.push('\n');
+                    for c in &step.commands {
+                        advice.push_str("  ");
+                        sanitize(&mut advice, c);
+                        advice.push('\n');
+                    }
+                }
+            }
+        }
+        rows.push([
+            risk, proto, addr, exposure, service, pid, program, user, unit, container, netns,
+        ]);
     }
     let mut widths = header.map(str::len);
     for r in &rows {
@@ -142,6 +190,8 @@ pub fn render_table(events: &[Event]) -> String {
         let cells: Vec<&str> = r.iter().map(String::as_str).collect();
         line(&mut out, &cells);
     }
-    out.push_str(&format!("{} listeners\n", rows.len()));
+    let alerts = events.iter().filter(|(_, a)| a.is_some()).count();
+    out.push_str(&format!("{} listeners, {alerts} raising an alert\n", rows.len()));
+    out.push_str(&advice);
     out
 }

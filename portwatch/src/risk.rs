@@ -1,0 +1,203 @@
+//! The classify stage of the pipeline: exposure of each new listener, its verdict
+//! against the catalogue and the site policy, and the alert event for a person, folded
+//! when a service restarts in a loop.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+
+use crate::{
+    classify::{
+        Classifier, Exposure, FoldDecision, FoldKey, Folder, Lang, Listener, Outcome, Policy,
+        Remediation, Severity, Transport, exposure, remediation,
+    },
+    event::{Event, Log, Rule},
+    ring,
+};
+
+/// How long the address list of a network namespace is reused before it is read again.
+const IFACE_TTL: Duration = Duration::from_secs(5);
+/// Bound on cached namespaces' address lists (cleared when exceeded).
+const IFACE_CACHE_MAX: usize = 1024;
+
+/// What the classifier said about a listener, on its event.
+#[derive(Serialize, Debug, Clone)]
+pub struct Risk {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    pub outcome: Outcome,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub severity: Option<Severity>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allowed_by: Option<String>,
+}
+
+/// Alert details beyond ECS `rule.*` and `message`.
+#[derive(Serialize, Debug, Clone)]
+pub struct AlertInfo {
+    /// Alerts for the same rule, process, address and port folded since the last one.
+    pub repeats: u64,
+    #[serde(flatten)]
+    pub remediation: Remediation,
+}
+
+pub struct Assessor {
+    classifier: Classifier,
+    folder: Folder,
+    lang: Lang,
+    ifaces: HashMap<u64, (Instant, Option<Arc<Vec<IpAddr>>>)>,
+    host_netns: Option<u64>,
+    pub folded: u64,
+}
+
+/// ECS `event.severity` (0-100) and `log.level` for a severity.
+pub fn ecs_severity(s: Severity) -> (u8, &'static str) {
+    match s {
+        Severity::Low => (21, "notice"),
+        Severity::Medium => (47, "warning"),
+        Severity::High => (73, "error"),
+        Severity::Critical => (99, "critical"),
+    }
+}
+
+impl Assessor {
+    pub fn new(policy: Option<Policy>, lang: Lang, host_netns: Option<u64>) -> Assessor {
+        Assessor {
+            classifier: Classifier::new(policy),
+            folder: Folder::default(),
+            lang,
+            ifaces: HashMap::new(),
+            host_netns,
+            folded: 0,
+        }
+    }
+
+    /// Addresses of the listener's namespace, for wildcard binds: the agent's own for the
+    /// host namespace, else read through `/proc/<pid>/ns/net` of a process inside it.
+    fn interfaces(&mut self, netns: Option<u64>, pid: Option<u32>) -> Option<Arc<Vec<IpAddr>>> {
+        let ns = netns?;
+        if let Some((at, v)) = self.ifaces.get(&ns)
+            && at.elapsed() < IFACE_TTL
+        {
+            return v.clone();
+        }
+        let addrs = if Some(ns) == self.host_netns {
+            exposure::interface_addrs().ok()
+        } else {
+            let path = PathBuf::from(format!("/proc/{}/ns/net", pid?));
+            exposure::interface_addrs_in_netns(&path).ok()
+        };
+        let addrs = addrs.map(Arc::new);
+        if self.ifaces.len() >= IFACE_CACHE_MAX {
+            self.ifaces.clear();
+        }
+        self.ifaces.insert(ns, (Instant::now(), addrs.clone()));
+        addrs
+    }
+
+    /// Classify the listener in `ev` (a start or present event): fill its
+    /// `portwatch.exposure` and `portwatch.risk`, and return the alert to write after
+    /// it, unless it was folded into an earlier one.
+    pub fn assess(&mut self, ev: &mut Event) -> Option<Event> {
+        let (network, server) = (ev.network.as_ref()?, ev.server.as_ref()?);
+        let transport = match network.transport {
+            "udp" => Transport::Udp,
+            _ => Transport::Tcp,
+        };
+        let addr: IpAddr = server.ip.parse().ok()?;
+        let port = server.port;
+        let socket = ev.portwatch.socket.as_ref();
+        let v6only = socket.and_then(|s| s.v6only);
+        let netns = socket.and_then(|s| s.netns);
+        let process = ev.process.clone();
+        let pid = process.as_ref().map(|p| p.pid);
+        let ifaces = if addr.is_unspecified() { self.interfaces(netns, pid) } else { None };
+        let exposure = Exposure::new(addr, v6only, ifaces.as_deref().map(Vec::as_slice));
+        let unit = ev.portwatch.systemd.as_ref().and_then(|s| s.unit.clone());
+        let container = ev.container.as_ref().map(|c| c.id.clone());
+        let listener = Listener {
+            transport,
+            addr,
+            port,
+            v6only,
+            process_name: process.as_ref().and_then(|p| p.name.as_deref()),
+            executable: process.as_ref().and_then(|p| p.executable.as_deref()),
+            systemd_unit: unit.as_deref(),
+            container_id: container.as_deref(),
+            pid,
+        };
+        let verdict = self.classifier.classify(&listener, &exposure);
+        ev.portwatch.exposure = Some(exposure);
+        if verdict.rule.is_some() || verdict.denied_by.is_some() {
+            ev.portwatch.risk = Some(Risk {
+                rule: verdict.rule_id().map(str::to_owned),
+                outcome: verdict.outcome,
+                severity: verdict.severity,
+                allowed_by: verdict.allowed_by.map(str::to_owned),
+            });
+        }
+        if !verdict.alert {
+            return None;
+        }
+        let repeats = match FoldKey::for_verdict(&listener, &verdict)
+            .map(|k| self.folder.offer(k, Instant::now()))
+        {
+            Some(FoldDecision::Suppress { .. }) => {
+                self.folded += 1;
+                return None;
+            }
+            Some(FoldDecision::Emit { repeats }) => repeats,
+            None => 0,
+        };
+        let fix = remediation::remediation(&listener, &verdict, self.lang);
+        let mut alert = ev.clone();
+        alert.event.kind = "alert";
+        alert.event.action = "risky-listener";
+        alert.event.category = &["network", "intrusion_detection"];
+        alert.event.type_ = &["info"];
+        if let Some(s) = verdict.severity {
+            let (num, level) = ecs_severity(s);
+            alert.event.severity = Some(num);
+            alert.log = Some(Log { level });
+        }
+        alert.message = Some(fix.message.clone());
+        alert.rule = Some(match (verdict.rule, verdict.denied_by) {
+            (_, Some(deny)) => Rule {
+                id: deny.label.clone(),
+                name: verdict.rule.map_or_else(|| deny.label.clone(), |e| e.service.clone()),
+                description: fix.summary.clone(),
+                reference: verdict.rule.and_then(|e| e.reference.clone()),
+                ruleset: "portwatch-site-policy",
+            },
+            (Some(entry), None) => Rule {
+                id: entry.id.clone(),
+                name: entry.service.clone(),
+                description: entry.why.get(self.lang).to_owned(),
+                reference: entry.reference.clone(),
+                ruleset: "portwatch-catalogue",
+            },
+            (None, None) => return None,
+        });
+        alert.portwatch.alert = Some(AlertInfo { repeats, remediation: fix });
+        Some(alert)
+    }
+
+    /// Repeats folded for keys that have gone quiet: reported so no count is lost.
+    pub fn quiet_folds(&mut self) -> Vec<(FoldKey, u64)> {
+        self.folder.flush(Instant::now())
+    }
+}
+
+/// Same transport type on both sides of the classifier boundary.
+pub fn transport(t: ring::Transport) -> Transport {
+    match t {
+        ring::Transport::Tcp => Transport::Tcp,
+        ring::Transport::Udp => Transport::Udp,
+    }
+}
