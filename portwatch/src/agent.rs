@@ -22,12 +22,12 @@ use crate::{
     enrich::{Enricher, Owner},
     event::{
         Agent, Boot, ECS_VERSION, Ecs, Event, EventMeta, Host, Lost, Named, Network, Portwatch,
-        Server, Socket,
+        Rule, Server, Socket,
     },
     probes::{self, KernelStats},
-    risk::Assessor,
     procfs,
     ring::{self, Record, Transport},
+    risk::Assessor,
     snapshot, sys,
 };
 
@@ -463,7 +463,7 @@ impl Pipeline {
     }
 
     /// Periodic work: follow the wall clock, report losses, end the startup grace.
-    pub fn tick(&mut self, stats: Option<KernelStats>) -> anyhow::Result<()> {
+    pub fn tick(&mut self, stats: Option<KernelStats>, last: bool) -> anyhow::Result<()> {
         self.enricher.clocks = sys::Clocks::now();
         if self
             .startup
@@ -493,7 +493,7 @@ impl Pipeline {
             let n = std::mem::take(&mut self.untracked);
             self.lost(n, "untracked")?;
         }
-        for (key, n) in self.assessor.quiet_folds() {
+        for (key, n) in self.assessor.quiet_folds(last) {
             let now = self.enricher.clocks.wall_from_ktime(sys::monotonic_ns());
             let mut ev = self.base(now, "alert", "risky-listener-repeated");
             ev.message = Some(format!(
@@ -502,13 +502,28 @@ impl Pipeline {
                 key.port,
                 key.transport.as_str(),
                 key.addr,
-                if key.process.is_empty() { "an unknown process" } else { &key.process }
+                if key.process.is_empty() {
+                    "an unknown process"
+                } else {
+                    &key.process
+                }
             ));
             ev.network = Some(Network {
                 transport: key.transport.as_str(),
                 type_: if key.addr.is_ipv4() { "ipv4" } else { "ipv6" },
             });
-            ev.server = Some(Server { ip: key.addr.to_string(), port: key.port });
+            ev.server = Some(Server {
+                ip: key.addr.to_string(),
+                port: key.port,
+            });
+            ev.portwatch.folded = Some(n);
+            ev.rule = Some(Rule {
+                id: key.rule.clone(),
+                name: key.rule,
+                description: "repeated alerts folded into one".into(),
+                reference: None,
+                ruleset: "portwatch-catalogue",
+            });
             self.write(&ev)?;
         }
         self.flush()
@@ -557,11 +572,25 @@ pub async fn watch(opts: WatchOptions) -> anyhow::Result<()> {
         cgroup_root,
         ..
     } = sensor;
-    let WatchOptions { policy, format: _, output: _, ring_bytes, snapshot } = opts;
+    let WatchOptions {
+        policy,
+        format: _,
+        output: _,
+        ring_bytes,
+        snapshot,
+    } = opts;
     let mut pipeline = Pipeline::new(emitter, cgroup_root.clone(), policy);
-    let result = run(&mut pipeline, ring, &sensor_stats, logger, ring_bytes, snapshot).await;
+    let result = run(
+        &mut pipeline,
+        ring,
+        &sensor_stats,
+        logger,
+        ring_bytes,
+        snapshot,
+    )
+    .await;
     // Final loss report and flush, even after an error in the loop.
-    let final_tick = pipeline.tick(sensor_stats.read().ok());
+    let final_tick = pipeline.tick(sensor_stats.read().ok(), true);
     drop(ebpf); // detaches every program (bpf_link fds close)
     match result.and(final_tick) {
         Err(e) if e.is::<Closed>() => Ok(()),
@@ -642,7 +671,7 @@ async fn run(
                 guard.get_inner_mut().flush();
                 guard.clear_ready();
             }
-            _ = tick.tick() => pipeline.tick(stats.read().ok())?,
+            _ = tick.tick() => pipeline.tick(stats.read().ok(), false)?,
         }
     }
     // Whatever the kernel wrote before we stopped still goes out.

@@ -118,6 +118,9 @@ fn text_line(out: &mut String, ev: &Event, color: bool) {
         (false, _, _) => ("", ""),
     };
     let _ = write!(out, "{ts} {on}{:<16}{off}", ev.event.action);
+    if let (true, Some(level)) = (alert, &ev.log) {
+        let _ = write!(out, " {on}{}{off}", level.level.to_uppercase());
+    }
     if let (Some(n), Some(s)) = (&ev.network, &ev.server) {
         let ip = if s.ip.contains(':') {
             format!("[{}]", s.ip)

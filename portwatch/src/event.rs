@@ -177,6 +177,9 @@ pub struct Portwatch {
     pub alert: Option<crate::risk::AlertInfo>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lost: Option<Lost>,
+    /// On `risky-listener-repeated`: alerts folded since the last one written.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub folded: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stats: Option<serde_json::Value>,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -14,7 +14,7 @@ pub mod event;
 pub mod probes;
 pub mod procfs;
 pub mod report;
-pub mod risk;
 pub mod ring;
+pub mod risk;
 pub mod snapshot;
 pub mod sys;

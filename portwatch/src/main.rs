@@ -173,9 +173,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Snapshot { format, policy } => {
             let alerts = report::snapshot_command(format, policy.load()?)?;
             // Usable from cron and CI: 3 means "something risky is exposed".
-            Ok(if alerts > 0 { ExitCode::from(3) } else { ExitCode::SUCCESS })
+            Ok(if alerts > 0 {
+                ExitCode::from(3)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
-        Command::Rules { command: RulesCommand::Check { file } } => {
+        Command::Rules {
+            command: RulesCommand::Check { file },
+        } => {
             let policy = classify::load_rules(&file)?;
             println!(
                 "{}: ok ({} risky ports, {} allow, {} deny, {} severity overrides)",

@@ -81,8 +81,17 @@ fn sort_key((e, alert): &(Event, Option<Event>)) -> (u8, u8, &'static str, u16) 
 /// Plain columns, widths fitted to the content; every string from the host is sanitised.
 pub fn render_table(events: &[(Event, Option<Event>)], color: bool) -> String {
     let header = [
-        "RISK", "PROTO", "ADDRESS", "EXPOSURE", "SERVICE", "PID", "PROGRAM", "USER", "UNIT",
-        "CONTAINER", "NETNS",
+        "RISK",
+        "PROTO",
+        "ADDRESS",
+        "EXPOSURE",
+        "SERVICE",
+        "PID",
+        "PROGRAM",
+        "USER",
+        "UNIT",
+        "CONTAINER",
+        "NETNS",
     ];
     let mut rows: Vec<[String; 11]> = Vec::with_capacity(events.len());
     let mut advice = String::new();
@@ -148,7 +157,11 @@ pub fn render_table(events: &[(Event, Option<Event>)], color: bool) -> String {
             .or_else(|| e.portwatch.risk.as_ref().and_then(|r| r.rule.clone()))
             .unwrap_or_else(|| "-".into());
         if let Some(a) = alert {
-            let (on, off) = if color { ("\x1b[1;31m", "\x1b[0m") } else { ("", "") };
+            let (on, off) = if color {
+                ("\x1b[1;31m", "\x1b[0m")
+            } else {
+                ("", "")
+            };
             advice.push_str(&format!("\n{on}{risk}{off} {addr} ({proto}): "));
             sanitize(&mut advice, a.message.as_deref().unwrap_or(""));
             advice.push('\n');
@@ -191,7 +204,10 @@ pub fn render_table(events: &[(Event, Option<Event>)], color: bool) -> String {
         line(&mut out, &cells);
     }
     let alerts = events.iter().filter(|(_, a)| a.is_some()).count();
-    out.push_str(&format!("{} listeners, {alerts} raising an alert\n", rows.len()));
+    out.push_str(&format!(
+        "{} listeners, {alerts} raising an alert\n",
+        rows.len()
+    ));
     out.push_str(&advice);
     out
 }

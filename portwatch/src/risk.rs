@@ -117,7 +117,11 @@ impl Assessor {
         let netns = socket.and_then(|s| s.netns);
         let process = ev.process.clone();
         let pid = process.as_ref().map(|p| p.pid);
-        let ifaces = if addr.is_unspecified() { self.interfaces(netns, pid) } else { None };
+        let ifaces = if addr.is_unspecified() {
+            self.interfaces(netns, pid)
+        } else {
+            None
+        };
         let exposure = Exposure::new(addr, v6only, ifaces.as_deref().map(Vec::as_slice));
         let unit = ev.portwatch.systemd.as_ref().and_then(|s| s.unit.clone());
         let container = ev.container.as_ref().map(|c| c.id.clone());
@@ -170,7 +174,9 @@ impl Assessor {
         alert.rule = Some(match (verdict.rule, verdict.denied_by) {
             (_, Some(deny)) => Rule {
                 id: deny.label.clone(),
-                name: verdict.rule.map_or_else(|| deny.label.clone(), |e| e.service.clone()),
+                name: verdict
+                    .rule
+                    .map_or_else(|| deny.label.clone(), |e| e.service.clone()),
                 description: fix.summary.clone(),
                 reference: verdict.rule.and_then(|e| e.reference.clone()),
                 ruleset: "portwatch-site-policy",
@@ -184,13 +190,24 @@ impl Assessor {
             },
             (None, None) => return None,
         });
-        alert.portwatch.alert = Some(AlertInfo { repeats, remediation: fix });
+        alert.portwatch.alert = Some(AlertInfo {
+            repeats,
+            remediation: fix,
+        });
         Some(alert)
     }
 
-    /// Repeats folded for keys that have gone quiet: reported so no count is lost.
-    pub fn quiet_folds(&mut self) -> Vec<(FoldKey, u64)> {
-        self.folder.flush(Instant::now())
+    /// Repeats folded for keys that have gone quiet (or all of them, when the agent
+    /// stops): reported so no count is lost.
+    pub fn quiet_folds(&mut self, all: bool) -> Vec<(FoldKey, u64)> {
+        let now = Instant::now();
+        // Past every window: flush() then treats every key as quiet.
+        let at = if all {
+            now + Duration::from_secs(365 * 86_400)
+        } else {
+            now
+        };
+        self.folder.flush(at)
     }
 }
 
