@@ -26,6 +26,9 @@ const IFACE_TTL: Duration = Duration::from_secs(5);
 /// Bound on cached namespaces' address lists (cleared when exceeded).
 const IFACE_CACHE_MAX: usize = 1024;
 
+/// A namespace's interface addresses, shared by the events that need them.
+type Addrs = Arc<Vec<IpAddr>>;
+
 /// What the classifier said about a listener, on its event.
 #[derive(Serialize, Debug, Clone)]
 pub struct Risk {
@@ -51,7 +54,7 @@ pub struct Assessor {
     classifier: Classifier,
     folder: Folder,
     lang: Lang,
-    ifaces: HashMap<u64, (Instant, Option<Arc<Vec<IpAddr>>>)>,
+    ifaces: HashMap<u64, (Instant, Option<Addrs>)>,
     host_netns: Option<u64>,
     pub folded: u64,
 }
@@ -80,7 +83,7 @@ impl Assessor {
 
     /// Addresses of the listener's namespace, for wildcard binds: the agent's own for the
     /// host namespace, else read through `/proc/<pid>/ns/net` of a process inside it.
-    fn interfaces(&mut self, netns: Option<u64>, pid: Option<u32>) -> Option<Arc<Vec<IpAddr>>> {
+    fn interfaces(&mut self, netns: Option<u64>, pid: Option<u32>) -> Option<Addrs> {
         let ns = netns?;
         if let Some((at, v)) = self.ifaces.get(&ns)
             && at.elapsed() < IFACE_TTL
