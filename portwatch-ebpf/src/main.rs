@@ -189,20 +189,38 @@ pub fn listen_exit(ctx: TracePointContext) -> u32 {
 }
 
 fn try_listen_exit(ctx: &TracePointContext) -> Result<u32, u32> {
+    let ret: i64 = unsafe { ctx.read_at(TP_SYS_EXIT_RET) }.map_err(|_| 0u32)?;
+    confirm(ret == 0);
+    Ok(0)
+}
+
+/// `IORING_OP_LISTEN` (Linux 6.11+, io_uring/net.c `io_listen()`) runs inline in
+/// `io_uring_enter()` on the submitting thread and never passes `sys_exit_listen`: the
+/// parked transition is confirmed when that syscall returns. A failed listen has
+/// already been undone (LISTEN -> CLOSE removes the entry), so what is still parked
+/// listened successfully.
+#[tracepoint(category = "syscalls", name = "sys_exit_io_uring_enter")]
+pub fn uring_exit(_ctx: TracePointContext) -> u32 {
+    confirm(true);
+    0
+}
+
+/// Report the listen parked by this thread, if any, once its call has returned.
+#[inline(always)]
+fn confirm(succeeded: bool) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let Some(p) = (unsafe { PENDING.get(pid_tgid) }).copied() else {
-        return Ok(0);
+        return;
     };
     let _ = PENDING.remove(pid_tgid);
-    let ret: i64 = unsafe { ctx.read_at(TP_SYS_EXIT_RET) }.map_err(|_| 0u32)?;
-    if ret != 0 {
+    if !succeeded {
         count(stat::LISTEN_FAILED);
-        return Ok(0);
+        return;
     }
     // get_port() has run: skc_num now holds the port, also for an unbound socket.
     let Some(port) = read_kernel::<u16>(p.sock, OFFSETS.load().sock_num) else {
         count(stat::READ_FAILED);
-        return Ok(0);
+        return;
     };
     emit(
         Kind::ListenStarted,
@@ -215,7 +233,6 @@ fn try_listen_exit(ctx: &TracePointContext) -> Result<u32, u32> {
         &p.addr,
         false,
     );
-    Ok(0)
 }
 
 #[cgroup_sock(post_bind4)]

@@ -411,7 +411,14 @@ impl Pipeline {
         let owner = match owners.get(&f.owners) {
             Some(o) => o.clone(),
             None => {
-                let o = self.enricher.owner_for_pids(&f.owners);
+                let o = if f.owner_hidden {
+                    Owner {
+                        attribution: "unknown",
+                        ..Owner::default()
+                    }
+                } else {
+                    self.enricher.owner_for_pids(&f.owners)
+                };
                 owners.insert(f.owners.clone(), o.clone());
                 o
             }
@@ -625,6 +632,7 @@ async fn run(
         "sensor-started",
         serde_json::json!({
             "hooks": ["tracepoint/sock/inet_sock_set_state", "tracepoint/syscalls/sys_exit_listen",
+                      "tracepoint/syscalls/sys_exit_io_uring_enter",
                       "cgroup/post_bind4", "cgroup/post_bind6", "cgroup/sock_release"],
             "ring_buffer_bytes": ring_bytes,
             "pid": std::process::id(),

@@ -5,6 +5,7 @@
 //! |----------------|-----------------------------------------|-------------------------------------|
 //! | `listen_state` | tracepoint `sock:inet_sock_set_state`   | include/trace/events/sock.h         |
 //! | `listen_exit`  | tracepoint `syscalls:sys_exit_listen`   | net/socket.c `__sys_listen()`       |
+//! | `uring_exit`   | tracepoint `syscalls:sys_exit_io_uring_enter` | io_uring/net.c `io_listen()` (6.11+) |
 //! | `udp_bind4`    | cgroup `post_bind4` on the cgroup2 root | net/ipv4/af_inet.c `__inet_bind()`  |
 //! | `udp_bind6`    | cgroup `post_bind6` on the cgroup2 root | net/ipv6/af_inet6.c `__inet6_bind()`|
 //! | `udp_release`  | cgroup `sock_release` on the cgroup2 root | net/ipv4/af_inet.c `inet_release()`|
@@ -25,9 +26,10 @@ use crate::{btf, procfs, sys};
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portwatch.bpf.o"));
 
 /// Names of every program in the object, as the kernel reports them.
-pub const PROGRAMS: [&str; 5] = [
+pub const PROGRAMS: [&str; 6] = [
     "listen_state",
     "listen_exit",
+    "uring_exit",
     "udp_bind4",
     "udp_bind6",
     "udp_release",
@@ -98,6 +100,12 @@ pub fn load(opts: &Options) -> anyhow::Result<Sensor> {
 
     attach_tracepoint(&mut ebpf, "listen_state", "sock", "inet_sock_set_state")?;
     attach_tracepoint(&mut ebpf, "listen_exit", "syscalls", "sys_exit_listen")?;
+    attach_tracepoint(
+        &mut ebpf,
+        "uring_exit",
+        "syscalls",
+        "sys_exit_io_uring_enter",
+    )?;
     let cgroup = File::open(&cgroup_root)
         .with_context(|| format!("opening cgroup2 root {}", cgroup_root.display()))?;
     for name in ["udp_bind4", "udp_bind6", "udp_release"] {

@@ -351,7 +351,7 @@ pub fn listeners_in(ns: &Namespace) -> io::Result<Option<Vec<ProcSocket>>> {
 /// itself cannot be listed the map is empty.
 pub fn socket_owners() -> HashMap<u64, Vec<u32>> {
     match list_pids() {
-        Ok(pids) => collect_owners(&pids, None),
+        Ok(pids) => collect_owners(&pids, None).0,
         Err(_) => HashMap::new(),
     }
 }
@@ -365,6 +365,9 @@ pub struct Found {
     pub socket: ProcSocket,
     /// Pids holding it; empty for a kernel-owned socket (e.g. nfsd) or one no process holds.
     pub owners: Vec<u32>,
+    /// No owner was found, but some processes' fds could not be read (EACCES even as
+    /// root, e.g. a sandbox's init): the owner is unknown, not necessarily the kernel.
+    pub owner_hidden: bool,
 }
 
 /// The listeners of the whole host: for each namespace (see [`namespaces`]) its 4 files, each
@@ -410,17 +413,19 @@ fn scan_with(netns_dir: &Path) -> io::Result<Vec<Found>> {
                 netns_ino: ns.ino,
                 socket,
                 owners: Vec::new(),
+                owner_hidden: false,
             });
         }
     }
     // Listed again so that a process started during the scan, holding a socket we just read,
     // is looked at too.
     let pids = list_pids()?;
-    let mut owners = collect_owners(&pids, Some(&inodes));
+    let (mut owners, unreadable) = collect_owners(&pids, Some(&inodes));
     for f in &mut found {
         if f.socket.inode != 0 {
             f.owners = owners.remove(&f.socket.inode).unwrap_or_default();
         }
+        f.owner_hidden = f.owners.is_empty() && unreadable > 0;
     }
     Ok(found)
 }
@@ -554,15 +559,22 @@ fn netns_of(path: &[u8], cpath: &mut Vec<u8>, link: &mut [u8; LINK_BUF]) -> io::
     })
 }
 
-fn collect_owners(pids: &[u32], wanted: Option<&HashSet<u64>>) -> HashMap<u64, Vec<u32>> {
+/// Also returns how many processes' fd tables could not be read for lack of permission.
+fn collect_owners(pids: &[u32], wanted: Option<&HashSet<u64>>) -> (HashMap<u64, Vec<u32>>, usize) {
     let mut owners: HashMap<u64, Vec<u32>> = HashMap::new();
+    let mut unreadable = 0;
     let mut path = Vec::with_capacity(64);
     let mut cpath = Vec::with_capacity(64);
     let mut link = [0u8; LINK_BUF];
     for &pid in pids {
         let dir = format!("/proc/{pid}/fd/");
-        let Ok(entries) = fs::read_dir(&dir) else {
-            continue;
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                unreadable += 1;
+                continue;
+            }
+            Err(_) => continue,
         };
         for entry in entries {
             // readdir fails part-way once the process exits.
@@ -570,9 +582,15 @@ fn collect_owners(pids: &[u32], wanted: Option<&HashSet<u64>>) -> HashMap<u64, V
             path.clear();
             path.extend_from_slice(dir.as_bytes());
             path.extend_from_slice(entry.file_name().as_bytes());
-            // The fd may be closed between readdir and readlink.
-            let Ok(target) = readlink_into(&path, &mut cpath, &mut link) else {
-                continue;
+            // The fd may be closed between readdir and readlink. Permission can be refused
+            // per link even when the directory lists (ptrace access mode checks).
+            let target = match readlink_into(&path, &mut cpath, &mut link) {
+                Ok(target) => target,
+                Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                    unreadable += 1;
+                    break;
+                }
+                Err(_) => continue,
             };
             let Some(ino) = bracketed_inode(target, b"socket:[") else {
                 continue;
@@ -588,7 +606,7 @@ fn collect_owners(pids: &[u32], wanted: Option<&HashSet<u64>>) -> HashMap<u64, V
             }
         }
     }
-    owners
+    (owners, unreadable)
 }
 
 type NetFiles = [Option<File>; 4];

@@ -283,12 +283,12 @@ fn agent_leaves_no_program_attached_after_exit() {
     let names = [
         "listen_state",
         "listen_exit",
+        "uring_exit",
         "udp_bind4",
         "udp_bind6",
         "udp_release",
     ];
-    let ours = |agent_pid: Option<u32>| -> Vec<String> {
-        let _ = agent_pid;
+    let ours = || -> Vec<String> {
         aya::programs::loaded_programs()
             .filter_map(Result::ok)
             .filter_map(|p| p.name_as_str().map(str::to_owned))
@@ -296,7 +296,7 @@ fn agent_leaves_no_program_attached_after_exit() {
             .collect()
     };
     let agent = Agent::start(&["--no-snapshot"]);
-    let loaded = ours(Some(agent.pid()));
+    let loaded = ours();
     assert!(
         loaded.len() >= names.len(),
         "programs while running: {loaded:?}"
@@ -307,11 +307,51 @@ fn agent_leaves_no_program_attached_after_exit() {
     // Program teardown is asynchronous in the kernel (RCU): poll, with a deadline.
     let end = Instant::now() + Duration::from_secs(10);
     loop {
-        let left = ours(None);
+        let left = ours();
         if left.is_empty() {
             break;
         }
         assert!(Instant::now() < end, "still loaded after exit: {left:?}");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// `IORING_OP_LISTEN` (Linux 6.11+) never passes through the listen() syscall: an
+/// implant listening this way must not be invisible.
+#[test]
+fn io_uring_listen_is_reported() {
+    if !can_run_kernel_tests() {
+        return;
+    }
+    let mut ring = match io_uring::IoUring::new(4) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("skipped: io_uring unavailable here ({e})");
+            return;
+        }
+    };
+    let mut probe = io_uring::Probe::new();
+    if ring.submitter().register_probe(&mut probe).is_err()
+        || !probe.is_supported(io_uring::opcode::Listen::CODE)
+    {
+        eprintln!("skipped: this kernel has no IORING_OP_LISTEN (needs Linux 6.11+)");
+        return;
+    }
+    let mut agent = Agent::start(&["--no-snapshot"]);
+    let fd = raw::socket(libc::AF_INET, libc::SOCK_STREAM);
+    assert_eq!(raw::bind_v4(fd, [127, 0, 0, 1], 0), 0);
+    let p = raw::local_port(fd);
+    let sqe = io_uring::opcode::Listen::new(io_uring::types::Fd(fd), 16)
+        .build()
+        .user_data(7);
+    unsafe { ring.submission().push(&sqe).expect("queue the listen") };
+    ring.submit_and_wait(1).expect("io_uring_enter");
+    let cqe = ring.completion().next().expect("a completion");
+    assert_eq!(cqe.result(), 0, "IORING_OP_LISTEN failed");
+    let e = agent.expect("listen-started through io_uring", |e| {
+        is(e, "listen-started", me(), p)
+    });
+    assert_eq!(e["portwatch"]["socket"]["inode"], socket_inode(fd), "{e}");
+    raw::close(fd);
+    agent.expect("listen-stopped", |e| is(e, "listen-stopped", me(), p));
 }
