@@ -587,6 +587,10 @@ pub async fn watch(opts: WatchOptions) -> anyhow::Result<()> {
         snapshot,
     } = opts;
     let mut pipeline = Pipeline::new(emitter, cgroup_root.clone(), policy);
+    // Loading parsed several MiB of kernel BTF that is now free: hand it back to the
+    // system so the resident size of a long-running agent reflects its real state.
+    // SAFETY: malloc_trim only releases free heap memory.
+    unsafe { libc::malloc_trim(0) };
     let result = run(
         &mut pipeline,
         ring,

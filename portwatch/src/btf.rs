@@ -5,8 +5,6 @@
 //! Format: Documentation/bpf/btf.rst (`struct btf_header`, `struct btf_type` and the
 //! per-kind trailers).
 
-use std::collections::HashMap;
-
 use portwatch_common::KernelOffsets;
 
 #[derive(Debug, thiserror::Error)]
@@ -35,28 +33,14 @@ const KIND_DECL_TAG: u32 = 17;
 const KIND_TYPE_TAG: u32 = 18;
 const KIND_ENUM64: u32 = 19;
 
-#[derive(Clone, Copy, Debug)]
-struct Member {
-    name_off: u32,
-    type_id: u32,
-    /// Offset in bits from the start of the enclosing struct.
-    bit_offset: u32,
-}
-
-#[derive(Debug)]
-struct Type {
-    kind: u32,
-    name_off: u32,
-    /// `type` for modifiers/typedefs; `size` for structs.
-    size_or_type: u32,
-    members: Vec<Member>,
-}
-
-/// A parsed BTF blob: types and the string section.
-pub struct Btf {
-    types: Vec<Type>,
-    strings: Vec<u8>,
-    structs_by_name: HashMap<String, u32>,
+/// A BTF blob, borrowed: types are decoded on demand from their offsets, so the
+/// agent's peak memory stays near the size of the blob (vmlinux BTF is ~6 MiB with
+/// ~150k types; decoding every type up front cost several times that).
+pub struct Btf<'a> {
+    data: &'a [u8],
+    /// Byte offset of each type record; index = type id (0 is `void`).
+    types: Vec<u32>,
+    strings: &'a [u8],
 }
 
 /// Where a member lives: byte offset and, for bitfields, the bit within that byte.
@@ -66,14 +50,56 @@ pub struct FieldPos {
     pub bit: u32,
 }
 
+/// One decoded `struct btf_type` header.
+#[derive(Clone, Copy, Debug)]
+struct TypeHeader {
+    at: usize,
+    name_off: u32,
+    kind: u32,
+    vlen: usize,
+    kind_flag: bool,
+    /// `type` for modifiers/typedefs; `size` for structs.
+    size_or_type: u32,
+}
+
 fn u32_at(data: &[u8], at: usize) -> Result<u32, BtfError> {
     data.get(at..at + 4)
         .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .ok_or(BtfError::Truncated(at))
 }
 
-impl Btf {
-    pub fn parse(data: &[u8]) -> Result<Btf, BtfError> {
+fn header_at(data: &[u8], at: usize) -> Result<TypeHeader, BtfError> {
+    let info = u32_at(data, at + 4)?;
+    Ok(TypeHeader {
+        at,
+        name_off: u32_at(data, at)?,
+        kind: (info >> 24) & 0x1f,
+        vlen: (info & 0xffff) as usize,
+        kind_flag: info >> 31 == 1,
+        size_or_type: u32_at(data, at + 8)?,
+    })
+}
+
+/// Bytes that follow a type header, by kind (Documentation/bpf/btf.rst, 2.2).
+fn trailer_len(h: &TypeHeader, id: usize) -> Result<usize, BtfError> {
+    Ok(match h.kind {
+        KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
+        KIND_ARRAY => 12,
+        KIND_STRUCT | KIND_UNION | KIND_DATASEC | KIND_ENUM64 => 12 * h.vlen,
+        KIND_ENUM | KIND_FUNC_PROTO => 8 * h.vlen,
+        0 | 2 | 7 | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | 12 | 16
+        | KIND_TYPE_TAG => 0,
+        kind => {
+            return Err(BtfError::UnknownKind {
+                kind,
+                id: id as u32,
+            });
+        }
+    })
+}
+
+impl<'a> Btf<'a> {
+    pub fn parse(data: &'a [u8]) -> Result<Btf<'a>, BtfError> {
         if data.len() < 24 || data[0..2] != [0x9f, 0xeb] {
             return Err(BtfError::BadMagic);
         }
@@ -86,93 +112,45 @@ impl Btf {
         let types_end = types_start + type_len;
         let strings = data
             .get(hdr_len + str_off..hdr_len + str_off + str_len)
-            .ok_or(BtfError::Truncated(hdr_len + str_off))?
-            .to_vec();
+            .ok_or(BtfError::Truncated(hdr_len + str_off))?;
         if types_end > data.len() {
             return Err(BtfError::Truncated(types_end));
         }
-
-        // Type id 0 is `void`; keep indices equal to ids.
-        let mut types = vec![Type {
-            kind: 0,
-            name_off: 0,
-            size_or_type: 0,
-            members: vec![],
-        }];
+        let mut types = vec![0u32];
         let mut at = types_start;
         while at < types_end {
-            let name_off = u32_at(data, at)?;
-            let info = u32_at(data, at + 4)?;
-            let size_or_type = u32_at(data, at + 8)?;
-            at += 12;
-            let kind = (info >> 24) & 0x1f;
-            let vlen = (info & 0xffff) as usize;
-            let kind_flag = info >> 31 == 1;
-            let mut members = Vec::new();
-            match kind {
-                KIND_INT | KIND_VAR | KIND_DECL_TAG => at += 4,
-                KIND_ARRAY => at += 12,
-                KIND_STRUCT | KIND_UNION => {
-                    members.reserve(vlen);
-                    for _ in 0..vlen {
-                        let offset = u32_at(data, at + 8)?;
-                        members.push(Member {
-                            name_off: u32_at(data, at)?,
-                            type_id: u32_at(data, at + 4)?,
-                            // With kind_flag the top 8 bits are the bitfield size.
-                            bit_offset: if kind_flag {
-                                offset & 0x00ff_ffff
-                            } else {
-                                offset
-                            },
-                        });
-                        at += 12;
-                    }
-                }
-                KIND_ENUM | KIND_FUNC_PROTO => at += 8 * vlen,
-                KIND_DATASEC | KIND_ENUM64 => at += 12 * vlen,
-                0 | 2 | 7 | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | 12 | 16
-                | KIND_TYPE_TAG => {}
-                _ => {
-                    return Err(BtfError::UnknownKind {
-                        kind,
-                        id: types.len() as u32,
-                    });
-                }
-            }
-            types.push(Type {
-                kind,
-                name_off,
-                size_or_type,
-                members,
-            });
+            let h = header_at(data, at)?;
+            types.push(at as u32);
+            at += 12 + trailer_len(&h, types.len() - 1)?;
         }
-
-        let mut btf = Btf {
+        if at > types_end {
+            return Err(BtfError::Truncated(types_end));
+        }
+        Ok(Btf {
+            data,
             types,
             strings,
-            structs_by_name: HashMap::new(),
-        };
-        for (id, t) in btf.types.iter().enumerate() {
-            // Forward declarations and duplicates: the first full struct wins.
-            if (t.kind == KIND_STRUCT || t.kind == KIND_UNION) && t.name_off != 0 {
-                let name = btf.string(t.name_off).to_owned();
-                btf.structs_by_name.entry(name).or_insert(id as u32);
-            }
-        }
-        Ok(btf)
+        })
     }
 
-    fn string(&self, off: u32) -> &str {
+    fn string(&self, off: u32) -> &'a [u8] {
         let tail = self.strings.get(off as usize..).unwrap_or(&[]);
         let end = tail.iter().position(|b| *b == 0).unwrap_or(tail.len());
-        std::str::from_utf8(&tail[..end]).unwrap_or("")
+        &tail[..end]
+    }
+
+    fn header(&self, id: u32) -> Option<TypeHeader> {
+        let at = *self.types.get(id as usize)?;
+        if id == 0 {
+            return None;
+        }
+        header_at(self.data, at as usize).ok()
     }
 
     /// Follow typedefs and qualifiers to the underlying type.
-    fn resolve(&self, mut id: u32) -> Option<&Type> {
+    fn resolve(&self, mut id: u32) -> Option<TypeHeader> {
         for _ in 0..32 {
-            let t = self.types.get(id as usize)?;
+            let t = self.header(id)?;
             match t.kind {
                 KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
                     id = t.size_or_type
@@ -183,19 +161,43 @@ impl Btf {
         None
     }
 
-    /// Bit offset of `name` inside struct/union `t`, searching anonymous members too
-    /// (`sock_common` keeps `skc_num` inside an anonymous struct in a union).
-    fn member(&self, t: &Type, name: &str) -> Option<(u32, u32)> {
-        for m in &t.members {
-            if m.name_off != 0 {
-                if self.string(m.name_off) == name {
-                    return Some((m.bit_offset, m.type_id));
+    /// The first complete struct or union called `name`.
+    fn find_struct(&self, name: &str) -> Option<TypeHeader> {
+        (1..self.types.len() as u32)
+            .filter_map(|id| self.header(id))
+            .find(|t| {
+                (t.kind == KIND_STRUCT || t.kind == KIND_UNION)
+                    && t.name_off != 0
+                    && self.string(t.name_off) == name.as_bytes()
+            })
+    }
+
+    /// Bit offset and type of `name` inside struct/union `t`, searching anonymous
+    /// members too (`sock_common` keeps `skc_num` inside an anonymous struct in a union).
+    fn member(&self, t: &TypeHeader, name: &str, depth: u32) -> Option<(u32, u32)> {
+        if depth > 8 || (t.kind != KIND_STRUCT && t.kind != KIND_UNION) {
+            return None;
+        }
+        for i in 0..t.vlen {
+            let at = t.at + 12 + 12 * i;
+            let name_off = u32_at(self.data, at).ok()?;
+            let type_id = u32_at(self.data, at + 4).ok()?;
+            let offset = u32_at(self.data, at + 8).ok()?;
+            // With kind_flag the top 8 bits are the bitfield size.
+            let bits = if t.kind_flag {
+                offset & 0x00ff_ffff
+            } else {
+                offset
+            };
+            if name_off != 0 {
+                if self.string(name_off) == name.as_bytes() {
+                    return Some((bits, type_id));
                 }
                 continue;
             }
-            let inner = self.resolve(m.type_id)?;
-            if let Some((off, ty)) = self.member(inner, name) {
-                return Some((m.bit_offset + off, ty));
+            let inner = self.resolve(type_id)?;
+            if let Some((off, ty)) = self.member(&inner, name, depth + 1) {
+                return Some((bits + off, ty));
             }
         }
         None
@@ -203,10 +205,10 @@ impl Btf {
 
     /// Position of `path` (e.g. `["__sk_common", "skc_num"]`) inside `struct name`.
     pub fn field(&self, name: &str, path: &[&str]) -> Option<FieldPos> {
-        let mut t = &self.types[*self.structs_by_name.get(name)? as usize];
+        let mut t = self.find_struct(name)?;
         let mut bits = 0;
         for (i, part) in path.iter().enumerate() {
-            let (off, ty) = self.member(t, part)?;
+            let (off, ty) = self.member(&t, part, 0)?;
             bits += off;
             if i + 1 < path.len() {
                 t = self.resolve(ty)?;
@@ -352,7 +354,8 @@ mod tests {
 
     #[test]
     fn finds_members_through_anonymous_unions_and_bitfields() {
-        let btf = Btf::parse(&blob()).unwrap();
+        let b = blob();
+        let btf = Btf::parse(&b).unwrap();
         assert_eq!(
             btf.field("outer", &["a"]),
             Some(FieldPos { byte: 0, bit: 0 })

@@ -56,9 +56,16 @@ pub fn load(opts: &Options) -> anyhow::Result<Sensor> {
     sys::require_root()?;
     sys::raise_memlock();
     sys::ensure_tracefs()?;
-    let btf_bytes = sys::require_btf()?;
-    let kernel_btf = btf::Btf::parse(&btf_bytes).context("parsing /sys/kernel/btf/vmlinux")?;
-    let offsets = kernel_btf.kernel_offsets();
+    // aya's loader always parses the kernel BTF when created. The object has no BTF and
+    // needs no CO-RE relocation (offsets come in as globals), so that copy is dropped at
+    // once, before our own read: the two never coexist, which keeps peak memory down.
+    let mut loader = EbpfLoader::new();
+    loader.btf(None);
+    let offsets = {
+        let btf_bytes = sys::require_btf()?;
+        let kernel_btf = btf::Btf::parse(&btf_bytes).context("parsing /sys/kernel/btf/vmlinux")?;
+        kernel_btf.kernel_offsets()
+    };
     let missing = btf::missing(&offsets);
     if offsets.sock_num == KernelOffsets::UNKNOWN {
         bail!("this kernel's BTF has no `struct sock_common.skc_num`; cannot read listen ports");
@@ -79,7 +86,7 @@ pub fn load(opts: &Options) -> anyhow::Result<Sensor> {
             )
         })?;
 
-    let mut ebpf = EbpfLoader::new()
+    let mut ebpf = loader
         .override_global("OFFSETS", &offsets, true)
         .map_max_entries("EVENTS", opts.ring_bytes)
         .load(OBJECT)

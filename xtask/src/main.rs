@@ -5,6 +5,7 @@
 //! there, with a line of progress per step.
 
 mod bench;
+mod vm;
 
 use std::{
     env,
@@ -43,6 +44,8 @@ enum Cmd {
     },
     /// Set up, build, and run the benchmark suite (prints figures, writes results).
     Bench(bench::BenchArgs),
+    /// Boot Debian's 6.1/6.12 kernels under QEMU and check the agent's events there.
+    Vm(vm::VmArgs),
 }
 
 /// Debian packages, as verified in PLATFORM.md, plus what the tests and benchmarks drive.
@@ -69,6 +72,7 @@ fn main() -> ExitCode {
         Cmd::Bench(args) => setup()
             .and_then(|()| build())
             .and_then(|()| bench::run(&args)),
+        Cmd::Vm(args) => setup().and_then(|()| build()).and_then(|()| vm::run(&args)),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
