@@ -15,7 +15,7 @@ use std::{fs::File, path::PathBuf};
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{Array, MapData, PerCpuArray, RingBuf},
     programs::{CgroupAttachMode, CgroupSock, TracePoint},
 };
 use portwatch_common::{KernelOffsets, stat};
@@ -42,6 +42,7 @@ pub struct Sensor {
     pub ebpf: Ebpf,
     pub ring: RingBuf<MapData>,
     pub stats: StatsReader,
+    pub sleep_flag: SleepFlag,
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     pub offsets: KernelOffsets,
     pub cgroup_root: PathBuf,
@@ -144,10 +145,19 @@ pub fn load(opts: &Options) -> anyhow::Result<Sensor> {
     let stats = StatsReader(PerCpuArray::try_from(
         ebpf.take_map("STATS").context("STATS map missing")?,
     )?);
+    let flag = Array::try_from(
+        ebpf.take_map("AGENT_SLEEPING")
+            .context("AGENT_SLEEPING map missing")?,
+    )?;
+    let sleep_flag = SleepFlag {
+        map: flag,
+        sleeping: false,
+    };
     Ok(Sensor {
         ebpf,
         ring,
         stats,
+        sleep_flag,
         logger,
         offsets,
         cgroup_root,
@@ -185,6 +195,36 @@ pub struct KernelStats {
     pub pending_full: u64,
     pub bound_full: u64,
     pub read_failed: u64,
+}
+
+/// The agent's half of the wake-up handshake (`AGENT_SLEEPING` in the programs): the
+/// kernel side submits records without waking the reader and only wakes it when this
+/// flag says it is about to block.
+pub struct SleepFlag {
+    map: Array<MapData, u32>,
+    sleeping: bool,
+}
+
+impl SleepFlag {
+    /// Announce that the reader is about to block. The caller must look at the ring
+    /// once more afterwards: a record committed before the flag was visible got no
+    /// wake-up, so it has to be seen now.
+    pub fn going_to_sleep(&mut self) -> anyhow::Result<()> {
+        self.map.set(0, 1, 0).context("setting AGENT_SLEEPING")?;
+        // Order the flag store before the ring re-check (pairs with the producer's
+        // commit-then-load): store->load reordering would lose a wake-up.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.sleeping = true;
+        Ok(())
+    }
+
+    pub fn awake(&mut self) -> anyhow::Result<()> {
+        if self.sleeping {
+            self.map.set(0, 0, 0).context("clearing AGENT_SLEEPING")?;
+            self.sleeping = false;
+        }
+        Ok(())
+    }
 }
 
 /// Reads the kernel-side `STATS` counters.

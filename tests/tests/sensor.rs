@@ -7,9 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use portwatch_tests::{
-    Agent, Value, action, can_run_kernel_tests, comm_of, is, port, raw, socket_inode,
-};
+use portwatch_tests::{Agent, Value, action, can_run_kernel_tests, comm_of, is, raw, socket_inode};
 
 fn me() -> u32 {
     std::process::id()
@@ -188,11 +186,12 @@ fn burst_of_1000_listeners_is_fully_reported_or_counted_lost() {
     }
     let mut agent = Agent::start(&["--no-snapshot"]);
     const N: usize = 1000;
-    let mut ports = std::collections::HashSet::new();
+    // Ports are reused by the kernel within the burst: match on socket inodes.
+    let mut inodes = std::collections::HashSet::new();
     let t = Instant::now();
     for _ in 0..N {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        ports.insert(l.local_addr().unwrap().port());
+        inodes.insert(socket_inode(l.as_raw_fd()));
     }
     let took = t.elapsed();
     let marker = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -200,14 +199,20 @@ fn burst_of_1000_listeners_is_fully_reported_or_counted_lost() {
     agent.drain_until(|e| is(e, "listen-started", me(), mp));
     let (status, events) = agent.stop();
     assert!(status.success());
+    let ours = |e: &&Value| {
+        e["portwatch"]["socket"]["inode"]
+            .as_u64()
+            .is_some_and(|i| inodes.contains(&i))
+    };
     let started = events
         .iter()
-        .filter(|e| action(e) == "listen-started" && e["process"]["pid"] == me())
-        .filter(|e| ports.contains(&(port(e) as u16)))
+        .filter(|e| action(e) == "listen-started")
+        .filter(ours)
         .count();
     let stopped = events
         .iter()
-        .filter(|e| action(e) == "listen-stopped" && ports.contains(&(port(e) as u16)))
+        .filter(|e| action(e) == "listen-stopped")
+        .filter(ours)
         .count();
     let lost: u64 = events
         .iter()
