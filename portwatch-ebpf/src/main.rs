@@ -118,7 +118,10 @@ fn try_listen_state(ctx: &TracePointContext) -> Result<u32, u32> {
     let newstate: i32 = tp_field(ctx, TP_NEWSTATE);
     let oldstate: i32 = tp_field(ctx, TP_OLDSTATE);
     let entering = newstate == TCP_LISTEN;
-    if !entering && oldstate != TCP_LISTEN {
+    // Leaving LISTEN counts only into CLOSE: a connection accepted on a listener is
+    // cloned from it and reported LISTEN -> SYN_RECV (`inet_csk_clone_lock()`), once per
+    // connection, while the listener itself stays open.
+    if !entering && (oldstate != TCP_LISTEN || newstate != TCP_CLOSE) {
         return Ok(0);
     }
     let protocol: u16 = tp_field(ctx, TP_PROTOCOL);

@@ -665,6 +665,8 @@ async fn run(
     snapshot: bool,
 ) -> anyhow::Result<()> {
     let mut last_wake = Instant::now() - BUSY_GAP;
+    // Records are submitted without a wake-up unless this flag is up: raise it before
+    // the first wait, and pick up whatever arrived before the ring was registered.
     // SAFETY: the ring buffer and the logger own their map fds and never close or
     // replace them while registered; both live until the AsyncFd is dropped.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
@@ -680,6 +682,9 @@ async fn run(
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
 
+    // (The flag stays up while draining here: at worst a spare wake-up.)
+    sleep_flag.going_to_sleep()?;
+    drain(ring.get_mut(), pipeline)?;
     pipeline.state(
         "sensor-started",
         serde_json::json!({

@@ -1,8 +1,515 @@
-//! `cargo xtask bench`: see issue 5. Filled in by the benchmark work.
+//! `cargo xtask bench`: figures for issue 5 (a program that prints figures, not a test).
+//!
+//! Each workload comes from `target/release/loadgen` (xtask/src/bin/loadgen.rs) and runs
+//! under every tool in turn within a round, the order rotating from round to round:
+//! no observer (`none`), portwatch, bpftrace on the same tracepoint, and `ss -Htuln`
+//! polled every 1 s and every 100 ms (both pollers in the same run). Figures are medians
+//! over rounds; throughput ratios pair each run with the same round's `none` run.
+//!
+//! In-kernel cost per program run is measured in a separate, shorter pass with BPF
+//! run-time statistics on (they add two clock reads to every program run on the host,
+//! which would bias the throughput ratios if they were on during the rounds).
+//!
+//! Results: target/bench/results.json (every run, plus the summary) and
+//! target/bench/results.md (the tables, also printed). Agent and bpftrace stderr of each
+//! run: target/bench/logs/.
+//!
+//! ```text
+//! cargo xtask bench                  # 3 rounds, 5 s runs, agent output read live (~9 min)
+//! cargo xtask bench --quick          # smoke run: 1 round, 2 s runs (~2 min)
+//! cargo xtask bench --output null --ring-bytes 4194304
+//! cargo xtask bench --workloads tcp-churn,paced --tools none,portwatch --rounds 5
+//! ```
+//!
+//! `cargo xtask` is an unoptimised build; the bench re-executes itself from
+//! target/release/xtask so that its reader of the agent's output (about 1 µs a line
+//! optimised, 10 µs not) is never the bottleneck it is measuring.
 
-#[derive(clap::Args)]
-pub struct BenchArgs {}
+mod agent;
+mod load;
+mod peers;
+mod report;
+mod results;
+mod util;
 
-pub fn run(_args: &BenchArgs) -> anyhow::Result<()> {
-    anyhow::bail!("the benchmark suite is not written yet")
+use std::{
+    fs,
+    os::unix::process::CommandExt as _,
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use serde::Serialize;
+
+use self::{
+    load::{Kind, Workload},
+    results::Run,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputMode {
+    /// Agent writes to a pipe the bench reads (read latency measurable).
+    Stdout,
+    /// Agent appends to target/bench/agent-events.jsonl; parsed after each run.
+    File,
+    /// Agent writes to /dev/null: its cost without a consumer; nothing to count.
+    Null,
+}
+
+#[derive(clap::Args, Debug, Clone, Serialize)]
+pub struct BenchArgs {
+    /// Kernel ring buffer size for the agent (bytes, power of two); agent default if unset.
+    #[arg(long)]
+    pub ring_bytes: Option<u32>,
+    /// Where the agent writes its events.
+    #[arg(long, value_enum, default_value_t = OutputMode::Stdout)]
+    pub output: OutputMode,
+    /// Rounds (tools alternate within each round; figures are medians over rounds).
+    #[arg(long, default_value_t = 3)]
+    pub rounds: u32,
+    /// Seconds per churn and traffic run.
+    #[arg(long, default_value_t = 5.0)]
+    pub duration: f64,
+    /// Seconds of the paced run (1,000 listens per second).
+    #[arg(long, default_value_t = 10.0)]
+    pub paced_secs: f64,
+    /// Smoke run: 1 round, 2 s runs (paced included), 1 s kernel-cost pass.
+    #[arg(long)]
+    pub quick: bool,
+    /// Only these workloads (comma-separated ids or prefixes, e.g. tcp-churn,paced).
+    #[arg(long, value_delimiter = ',')]
+    pub workloads: Vec<String>,
+    /// Only these tools (none, portwatch, bpftrace, ss).
+    #[arg(long, value_delimiter = ',')]
+    pub tools: Vec<String>,
+    /// Skip the pass with BPF run-time statistics on.
+    #[arg(long)]
+    pub no_kernel_cost: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tool {
+    None,
+    Portwatch,
+    Bpftrace,
+    Ss,
+}
+
+impl Tool {
+    fn name(self) -> &'static str {
+        match self {
+            Tool::None => "none",
+            Tool::Portwatch => "portwatch",
+            Tool::Bpftrace => "bpftrace",
+            Tool::Ss => "ss",
+        }
+    }
+}
+
+pub struct Config {
+    pub args: BenchArgs,
+    pub rounds: u32,
+    pub secs: f64,
+    pub paced_secs: f64,
+    pub kernel_secs: f64,
+    pub cores: u32,
+    pub out_dir: PathBuf,
+}
+
+struct Ctx {
+    cfg: Config,
+    loadgen: PathBuf,
+    agent: PathBuf,
+    tmp: PathBuf,
+    logs: PathBuf,
+    have_bpftrace: bool,
+    have_ss: bool,
+    /// Consecutive start failures per tool: after two the tool is skipped.
+    failures: [u32; 4],
+    seq: u32,
+}
+
+/// Set when the bench has re-executed itself as an optimised build.
+const RELEASE_ENV: &str = "PORTWATCH_BENCH_RELEASE";
+
+pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the bench loads eBPF programs: run as root");
+    }
+    if cfg!(debug_assertions) && std::env::var_os(RELEASE_ENV).is_none() {
+        // `cargo xtask` builds without optimisations; unoptimised, the reader of the
+        // agent's output would need ~10 µs a line and become the bottleneck it measures.
+        step("re-running the bench from an optimised build of xtask");
+        let root = crate::workspace_root();
+        crate::status(
+            Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .current_dir(&root)
+                .args(["build", "--release", "--quiet", "--package", "xtask"]),
+        )?;
+        let err = Command::new(root.join("target/release/xtask"))
+            .args(std::env::args_os().skip(1))
+            .env(RELEASE_ENV, "1")
+            .exec();
+        bail!("could not run target/release/xtask: {err}");
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    let (rounds, secs, paced_secs, kernel_secs) = if args.quick {
+        (1, 2.0, 2.0, 1.0)
+    } else {
+        (
+            args.rounds.max(1),
+            args.duration,
+            args.paced_secs,
+            args.duration.min(2.0),
+        )
+    };
+    if !(secs > 0.0 && paced_secs > 0.0) {
+        bail!("--duration and --paced-secs must be positive");
+    }
+    let root = crate::workspace_root();
+    let out_dir = root.join("target/bench");
+    let cfg = Config {
+        args: args.clone(),
+        rounds,
+        secs,
+        paced_secs,
+        kernel_secs,
+        cores,
+        out_dir,
+    };
+    let mut ctx = Ctx {
+        loadgen: root.join("target/release/loadgen"),
+        agent: crate::agent_binary(),
+        tmp: cfg.out_dir.join("tmp"),
+        logs: cfg.out_dir.join("logs"),
+        have_bpftrace: tool_works("bpftrace", "--version"),
+        have_ss: tool_works("ss", "-V"),
+        failures: [0; 4],
+        seq: 0,
+        cfg,
+    };
+    let _ = fs::remove_dir_all(&ctx.logs);
+    fs::create_dir_all(&ctx.tmp)?;
+    fs::create_dir_all(&ctx.logs)?;
+
+    step("building the load generator (target/release/loadgen)");
+    crate::status(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(&root)
+            .args([
+                "build",
+                "--release",
+                "--quiet",
+                "--package",
+                "xtask",
+                "--bin",
+                "loadgen",
+            ]),
+    )?;
+    if !ctx.agent.exists() {
+        bail!("{} is missing (cargo xtask build)", ctx.agent.display());
+    }
+    // Run a private copy: a rebuild of target/release/portwatch while the bench runs (the
+    // workspace is shared) must not mix two builds in one set of figures.
+    let copy = ctx.tmp.join("portwatch-under-test");
+    fs::copy(&ctx.agent, &copy)
+        .with_context(|| format!("copying {} to {}", ctx.agent.display(), copy.display()))?;
+    let agent_info = format!(
+        "{} ({} bytes, built {})",
+        ctx.agent.display(),
+        fs::metadata(&copy)?.len(),
+        fs::metadata(&ctx.agent)
+            .and_then(|m| m.modified())
+            .map(report::rfc3339)
+            .unwrap_or_default()
+    );
+    step(&format!("agent under test: a copy of {agent_info}"));
+    ctx.agent = copy;
+    if !ctx.have_bpftrace {
+        step("bpftrace not found: its rows are skipped");
+    }
+    if !ctx.have_ss {
+        step("ss not found: its rows are skipped");
+    }
+
+    let workloads = workloads(&ctx.cfg);
+    if workloads.is_empty() {
+        bail!("--workloads matched nothing");
+    }
+    let load_start = util::loadavg();
+    let est = estimate_secs(&ctx.cfg, &workloads);
+    step(&format!(
+        "{} workloads x tools, {} round(s), {} s per churn run; about {:.0} min",
+        workloads.len(),
+        ctx.cfg.rounds,
+        ctx.cfg.secs,
+        est / 60.0
+    ));
+
+    let mut runs: Vec<Run> = Vec::new();
+    for round in 0..ctx.cfg.rounds {
+        for w in &workloads {
+            let mut tools = tools_for(&ctx, w);
+            let n = tools.len().max(1);
+            tools.rotate_left(round as usize % n);
+            for tool in tools {
+                let r = run_one(&mut ctx, w, tool, round, false);
+                eprintln!("    {}", report::progress_line(&r));
+                runs.push(r);
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        }
+    }
+
+    let mut kernel_runs: Vec<Run> = Vec::new();
+    if !ctx.cfg.args.no_kernel_cost {
+        step(&format!(
+            "in-kernel cost pass: BPF run-time statistics on, {} s per run",
+            ctx.cfg.kernel_secs
+        ));
+        match util::StatsGuard::enable() {
+            Ok(guard) => {
+                for w in &workloads {
+                    let w = w.with_secs(ctx.cfg.kernel_secs);
+                    for tool in [Tool::Portwatch, Tool::Bpftrace] {
+                        if !tools_for(&ctx, &w).contains(&tool) {
+                            continue;
+                        }
+                        let r = run_one(&mut ctx, &w, tool, 0, true);
+                        eprintln!("    {}", report::progress_line(&r));
+                        kernel_runs.push(r);
+                        std::thread::sleep(Duration::from_millis(300));
+                    }
+                }
+                drop(guard);
+            }
+            Err(e) => step(&format!(
+                "cannot enable BPF statistics ({e:#}): pass skipped"
+            )),
+        }
+    }
+
+    let meta = serde_json::json!({
+        "date": report::rfc3339_now(),
+        "agent": agent_info,
+        "kernel": fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+        "cores": ctx.cfg.cores,
+        "rounds": ctx.cfg.rounds,
+        "secs": ctx.cfg.secs,
+        "paced_secs": ctx.cfg.paced_secs,
+        "kernel_cost_secs": ctx.cfg.kernel_secs,
+        "agent_output": ctx.cfg.args.output,
+        "ring_bytes": ctx.cfg.args.ring_bytes,
+        "loadavg_start": load_start,
+        "loadavg_end": util::loadavg(),
+        "wall_s": t0.elapsed().as_secs_f64(),
+        "args": &ctx.cfg.args,
+    });
+    let rep = report::build(&ctx.cfg, &workloads, &runs, &kernel_runs);
+    let md = report::markdown(&ctx.cfg, &meta, &rep);
+    let json = serde_json::json!({
+        "meta": meta,
+        "workloads": workloads,
+        "summary": rep.rows,
+        "kernel_cost": rep.kernel,
+        "targets": rep.targets,
+        "runs": runs,
+        "kernel_cost_runs": kernel_runs,
+    });
+    let jpath = ctx.cfg.out_dir.join("results.json");
+    let mpath = ctx.cfg.out_dir.join("results.md");
+    fs::write(&jpath, serde_json::to_string_pretty(&json)?)
+        .with_context(|| format!("writing {}", jpath.display()))?;
+    fs::write(&mpath, &md).with_context(|| format!("writing {}", mpath.display()))?;
+    let _ = fs::remove_dir_all(&ctx.tmp);
+    println!("{md}");
+    step(&format!(
+        "bench done in {:.1} min: {} and {}",
+        t0.elapsed().as_secs_f64() / 60.0,
+        jpath.display(),
+        mpath.display()
+    ));
+    Ok(())
+}
+
+fn step(msg: &str) {
+    eprintln!("==> {msg}");
+}
+
+fn tool_works(bin: &str, arg: &str) -> bool {
+    Command::new(bin)
+        .arg(arg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn workloads(cfg: &Config) -> Vec<Workload> {
+    let n = cfg.cores;
+    let mut v = Vec::new();
+    let mut procs = vec![1];
+    if n > 1 {
+        procs.push(n);
+    }
+    for (kind, name, what) in [
+        (
+            Kind::TcpChurn,
+            "tcp-churn",
+            "socket+bind(127.0.0.1:0)+listen+close, flat out",
+        ),
+        (
+            Kind::UdpChurn,
+            "udp-churn",
+            "socket(UDP)+bind(127.0.0.1:0)+close, flat out",
+        ),
+    ] {
+        for &p in &procs {
+            v.push(Workload {
+                id: format!("{name}-{p}p"),
+                kind,
+                procs: p,
+                secs: cfg.secs,
+                rate: 0,
+                what: format!("{what}, {p} process(es)"),
+            });
+        }
+    }
+    v.push(Workload {
+        id: "paced-1000/s".into(),
+        kind: Kind::Paced,
+        procs: 1,
+        secs: cfg.paced_secs,
+        rate: 1000,
+        what: "1,000 TCP listens per second (latency)".into(),
+    });
+    v.push(Workload {
+        id: format!("tcp-traffic-{n}p"),
+        kind: Kind::TcpTraffic,
+        procs: n,
+        secs: cfg.secs,
+        rate: 0,
+        what: format!(
+            "loopback connect+accept+close (RST), one listener per process, {n} process(es)"
+        ),
+    });
+    let filter = &cfg.args.workloads;
+    v.retain(|w| filter.is_empty() || filter.iter().any(|f| w.id.starts_with(f.as_str())));
+    v
+}
+
+fn tools_for(ctx: &Ctx, w: &Workload) -> Vec<Tool> {
+    let mut t = vec![Tool::None, Tool::Portwatch, Tool::Bpftrace, Tool::Ss];
+    if w.kind == Kind::Paced {
+        // Fixed rate: nothing to compare throughput with; latency and capture only.
+        t.retain(|t| *t != Tool::None);
+    }
+    if !ctx.have_bpftrace {
+        t.retain(|t| *t != Tool::Bpftrace);
+    }
+    if !ctx.have_ss {
+        t.retain(|t| *t != Tool::Ss);
+    }
+    let f = &ctx.cfg.args.tools;
+    t.retain(|t| f.is_empty() || f.iter().any(|n| n == t.name()));
+    t
+}
+
+fn estimate_secs(cfg: &Config, ws: &[Workload]) -> f64 {
+    let per_round: f64 = ws
+        .iter()
+        .map(|w| {
+            let n = if w.kind == Kind::Paced { 3.0 } else { 4.0 };
+            n * (w.secs + 1.5)
+        })
+        .sum();
+    let kernel = if cfg.args.no_kernel_cost {
+        0.0
+    } else {
+        ws.len() as f64 * 2.0 * (cfg.kernel_secs + 2.0)
+    };
+    per_round * f64::from(cfg.rounds) + kernel
+}
+
+fn tool_index(t: Tool) -> usize {
+    match t {
+        Tool::None => 0,
+        Tool::Portwatch => 1,
+        Tool::Bpftrace => 2,
+        Tool::Ss => 3,
+    }
+}
+
+fn run_one(ctx: &mut Ctx, w: &Workload, tool: Tool, round: u32, kernel_stats: bool) -> Run {
+    ctx.seq += 1;
+    let mut run = Run {
+        round: round + 1,
+        workload: w.id.clone(),
+        tool: tool.name().into(),
+        kernel_stats,
+        error: None,
+        load: None,
+        observers: Vec::new(),
+        other_cpu_s: None,
+    };
+    let ti = tool_index(tool);
+    if ctx.failures[ti] >= 2 {
+        run.error = Some(format!("skipped: {} failed to start twice", tool.name()));
+        return run;
+    }
+    let tag = format!("{:03}-{}-{}", ctx.seq, w.id.replace('/', "_"), tool.name());
+    let (loadgen, tmp) = (ctx.loadgen.clone(), ctx.tmp.clone());
+    let do_load = || load::run(&loadgen, &tmp, w);
+    let res: anyhow::Result<()> = (|| {
+        match tool {
+            Tool::None => run.load = Some(do_load()?),
+            Tool::Portwatch => {
+                let o = agent::AgentOpts {
+                    bin: &ctx.agent,
+                    mode: ctx.cfg.args.output,
+                    ring_bytes: ctx.cfg.args.ring_bytes,
+                    events_file: ctx.cfg.out_dir.join("agent-events.jsonl"),
+                    log_file: ctx.logs.join(format!("{tag}.stderr")),
+                    kernel_stats,
+                };
+                let (l, obs) = agent::run(&o, w.kind, do_load)?;
+                run.load = Some(l);
+                run.observers.push(obs);
+            }
+            Tool::Bpftrace => {
+                let o = peers::BtOpts {
+                    log_file: ctx.logs.join(format!("{tag}.stderr")),
+                    kernel_stats,
+                };
+                let (l, obs) = peers::run_bpftrace(&o, w.kind, do_load)?;
+                run.load = Some(l);
+                run.observers.push(obs);
+            }
+            Tool::Ss => {
+                let ivs = [Duration::from_secs(1), Duration::from_millis(100)];
+                let (l, obs) = peers::run_ss(&ivs, w.kind, do_load)?;
+                run.load = Some(l);
+                run.observers = obs;
+            }
+        }
+        Ok(())
+    })();
+    run.set_other_cpu();
+    match res {
+        Ok(()) => ctx.failures[ti] = 0,
+        Err(e) => {
+            // Only a tool that never got going counts towards skipping it.
+            if run.load.is_none() {
+                ctx.failures[ti] += 1;
+            }
+            run.error = Some(format!("{e:#}"));
+        }
+    }
+    // File mode: the agent appends, so every run starts from no file.
+    let _ = fs::remove_file(ctx.cfg.out_dir.join("agent-events.jsonl"));
+    run
 }

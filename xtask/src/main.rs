@@ -233,6 +233,9 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         }
         other => other?,
     }
-    step(&format!("kernel VM checks done in {:.1} s", t.elapsed().as_secs_f64()));
+    step(&format!(
+        "kernel VM checks done in {:.1} s",
+        t.elapsed().as_secs_f64()
+    ));
     Ok(())
 }

@@ -31,6 +31,9 @@ use super::{
     util::{self, pcts},
 };
 
+/// Below this many events, CPU per 1,000 events is tick noise (10 ms /proc resolution).
+pub const MIN_EVENTS_FOR_CPU: u64 = 1000;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {
     ListenStarted,
@@ -60,6 +63,8 @@ pub struct Collected {
     pub checked: u64,
     pub mismatches: u64,
     pub first_mismatch: Option<String>,
+    /// A `sensor-started` line was seen.
+    pub started: bool,
 }
 
 struct Scanner {
@@ -74,7 +79,7 @@ struct Scanner {
     n: u64,
 }
 
-fn read_str<'a>(line: &'a [u8], at: usize) -> Option<&'a [u8]> {
+fn read_str(line: &[u8], at: usize) -> Option<&[u8]> {
     let rest = line.get(at..)?;
     let end = memchr::memchr(b'"', rest)?;
     Some(&rest[..end])
@@ -82,7 +87,10 @@ fn read_str<'a>(line: &'a [u8], at: usize) -> Option<&'a [u8]> {
 
 fn read_u64(line: &[u8], at: usize) -> Option<u64> {
     let rest = line.get(at..)?;
-    let end = rest.iter().position(|c| !c.is_ascii_digit()).unwrap_or(rest.len());
+    let end = rest
+        .iter()
+        .position(|c| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
     if end == 0 {
         return None;
     }
@@ -104,7 +112,10 @@ type Fields = (String, u32, u16, i64, i64, Option<u64>, Option<String>);
 
 fn full_parse(line: &[u8]) -> Option<Fields> {
     let v: serde_json::Value = serde_json::from_slice(line).ok()?;
-    let ts = |x: &serde_json::Value| x.as_str().and_then(|s| util::parse_rfc3339_ns(s.as_bytes()));
+    let ts = |x: &serde_json::Value| {
+        x.as_str()
+            .and_then(|s| util::parse_rfc3339_ns(s.as_bytes()))
+    };
     Some((
         v["event"]["action"].as_str()?.to_string(),
         v["process"]["pid"].as_u64().unwrap_or(0) as u32,
@@ -112,7 +123,9 @@ fn full_parse(line: &[u8]) -> Option<Fields> {
         ts(&v["@timestamp"]).unwrap_or(0),
         ts(&v["event"]["created"]).unwrap_or(0),
         v["portwatch"]["lost"]["count"].as_u64(),
-        v["portwatch"]["lost"]["reason"].as_str().map(str::to_string),
+        v["portwatch"]["lost"]["reason"]
+            .as_str()
+            .map(str::to_string),
     ))
 }
 
@@ -142,12 +155,19 @@ impl Scanner {
             .and_then(|c| read_str(line, c + self.created.needle().len()))
             .and_then(util::parse_rfc3339_ns)
             .unwrap_or(0);
-        let pid =
-            self.pid.find(line).and_then(|p| read_u64(line, p + self.pid.needle().len())).unwrap_or(0);
+        let pid = self
+            .pid
+            .find(line)
+            .and_then(|p| read_u64(line, p + self.pid.needle().len()))
+            .unwrap_or(0);
         let port = self
             .server
             .find(line)
-            .and_then(|s| self.port.find(&line[s..]).map(|p| s + p + self.port.needle().len()))
+            .and_then(|s| {
+                self.port
+                    .find(&line[s..])
+                    .map(|p| s + p + self.port.needle().len())
+            })
             .and_then(|p| read_u64(line, p))
             .unwrap_or(0);
         let (lost, reason) = match self.lost.find(line) {
@@ -188,11 +208,7 @@ impl Scanner {
                         if out.first_mismatch.is_none() {
                             out.first_mismatch = Some(String::from_utf8_lossy(line).into_owned());
                         }
-                        if let Some(full) = full {
-                            full
-                        } else {
-                            f
-                        }
+                        if let Some(full) = full { full } else { f }
                     } else {
                         f
                     }
@@ -209,13 +225,24 @@ impl Scanner {
             },
         };
         let (action, pid, port, ts_ns, created_ns, lost, reason) = fields;
+        if action == "sensor-started" {
+            out.started = true;
+        }
         if action == "events-lost" {
-            *out.lost.entry(reason.unwrap_or_else(|| "unknown".into())).or_insert(0) +=
-                lost.unwrap_or(0);
+            *out.lost
+                .entry(reason.unwrap_or_else(|| "unknown".into()))
+                .or_insert(0) += lost.unwrap_or(0);
         }
         let action = action_of(action.as_bytes());
         if action != Action::Other {
-            out.recs.push(Rec { action, pid, port, ts_ns, created_ns, recv_ns });
+            out.recs.push(Rec {
+                action,
+                pid,
+                port,
+                ts_ns,
+                created_ns,
+                recv_ns,
+            });
         }
     }
 }
@@ -257,17 +284,16 @@ fn spawn_reader(mut out: ChildStdout, live: Arc<Live>) -> JoinHandle<Collected> 
         let mut col = Collected::default();
         let mut split = LineSplitter { buf: Vec::new() };
         let mut buf = vec![0u8; 1 << 20];
-        let started = Finder::new(b"\"action\":\"sensor-started\"");
         loop {
             let n = match out.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
             let now = util::realtime_ns();
-            if !live.started.load(Ordering::Relaxed) && started.find(&buf[..n]).is_some() {
+            split.feed(&buf[..n], now, &mut sc, &mut col);
+            if col.started && !live.started.load(Ordering::Relaxed) {
                 live.started.store(true, Ordering::Release);
             }
-            split.feed(&buf[..n], now, &mut sc, &mut col);
             live.lines.store(col.lines, Ordering::Relaxed);
         }
         col
@@ -331,11 +357,17 @@ fn stop(child: &mut Child, sig: i32, grace: Duration) -> anyhow::Result<std::pro
 /// Wait until the process' CPU time (and, when given, the line count) stops moving.
 pub fn wait_idle(pid: u32, lines: Option<&AtomicU64>, max: Duration) -> bool {
     let t = Instant::now();
-    let mut last = (util::cpu_seconds(pid), lines.map(|l| l.load(Ordering::Relaxed)));
+    let mut last = (
+        util::cpu_seconds(pid),
+        lines.map(|l| l.load(Ordering::Relaxed)),
+    );
     let mut still = 0;
     while t.elapsed() < max {
         thread::sleep(Duration::from_millis(100));
-        let now = (util::cpu_seconds(pid), lines.map(|l| l.load(Ordering::Relaxed)));
+        let now = (
+            util::cpu_seconds(pid),
+            lines.map(|l| l.load(Ordering::Relaxed)),
+        );
         if now == last {
             still += 1;
             if still >= 3 {
@@ -366,7 +398,9 @@ pub fn run(
         }
         OutputMode::File => {
             let _ = fs::remove_file(&o.events_file);
-            cmd.arg("--output").arg(&o.events_file).stdout(Stdio::null());
+            cmd.arg("--output")
+                .arg(&o.events_file)
+                .stdout(Stdio::null());
         }
         OutputMode::Null => {
             cmd.args(["--output", "/dev/null"]).stdout(Stdio::null());
@@ -374,7 +408,10 @@ pub fn run(
     }
     let log = File::create(&o.log_file)?;
     cmd.stdin(Stdio::null()).stderr(log);
-    let mut guard = Guard(Some(cmd.spawn().with_context(|| format!("starting {}", o.bin.display()))?));
+    let mut guard = Guard(Some(
+        cmd.spawn()
+            .with_context(|| format!("starting {}", o.bin.display()))?,
+    ));
     let child = guard.0.as_mut().expect("child");
     let pid = child.id();
     let live = Arc::new(Live::default());
@@ -383,6 +420,7 @@ pub fn run(
     // Attached? stdout/file: the sensor-started line. null: its bpf_link fds are there.
     let t = Instant::now();
     let mut notes = Vec::new();
+    let (mut links, mut links_still) = (0, 0);
     loop {
         if let Some(st) = child.try_wait()? {
             bail!(
@@ -394,7 +432,14 @@ pub fn run(
             OutputMode::Stdout => live.started.load(Ordering::Acquire),
             OutputMode::File => fs::read(&o.events_file)
                 .is_ok_and(|b| memchr::memmem::find(&b, b"\"sensor-started\"").is_some()),
-            OutputMode::Null => util::bpf_link_count(pid) >= 5,
+            OutputMode::Null => {
+                // Every hook attached: at least the five documented links, and no new
+                // one for 200 ms.
+                let n = util::bpf_link_count(pid);
+                links_still = if n == links { links_still + 1 } else { 0 };
+                links = n;
+                n >= 5 && links_still >= 20
+            }
         };
         if ready {
             break;
@@ -410,10 +455,16 @@ pub fn run(
     if o.mode == OutputMode::Null {
         // Links exist before the last attach returns and the loop starts: a margin.
         thread::sleep(Duration::from_millis(300));
-        notes.push("output to /dev/null: attach detected from its 5 bpf_link fds".into());
+        notes.push(format!(
+            "output to /dev/null: attach detected from its bpf_link fds ({links})"
+        ));
     }
     let prog_ids = util::bpf_prog_ids(pid);
-    let before = if o.kernel_stats { util::prog_samples(&prog_ids) } else { Vec::new() };
+    let before = if o.kernel_stats {
+        util::prog_samples(&prog_ids)
+    } else {
+        Vec::new()
+    };
     let cpu0 = util::cpu_seconds(pid);
 
     let load = load()?;
@@ -424,14 +475,20 @@ pub fn run(
     }
     let cpu1 = util::cpu_seconds(pid);
     let hwm = util::vm_hwm_kib(pid);
-    let after = if o.kernel_stats { util::prog_samples(&prog_ids) } else { Vec::new() };
+    let after = if o.kernel_stats {
+        util::prog_samples(&prog_ids)
+    } else {
+        Vec::new()
+    };
     let mut child = guard.0.take().expect("child");
     let st = stop(&mut child, libc::SIGTERM, Duration::from_secs(20))?;
     if !st.success() {
         notes.push(format!("portwatch exited with {st} after SIGTERM"));
     }
     let col = match reader {
-        Some(r) => r.join().map_err(|_| anyhow::anyhow!("reader thread panicked"))?,
+        Some(r) => r
+            .join()
+            .map_err(|_| anyhow::anyhow!("reader thread panicked"))?,
         None if o.mode == OutputMode::File => parse_file(&o.events_file)?,
         None => Collected::default(),
     };
@@ -448,7 +505,7 @@ pub fn run(
     obs.cpu_pct = obs.cpu_s.map(|c| 100.0 * c / load.elapsed_s.max(1e-3));
     obs.cpu_ms_per_1k_events = obs
         .cpu_s
-        .filter(|_| obs.events_for_cpu > 0)
+        .filter(|_| obs.events_for_cpu >= MIN_EVENTS_FOR_CPU)
         .map(|c| c * 1e3 / (obs.events_for_cpu as f64 / 1e3));
     obs.peak_rss_kib = hwm;
     obs.progs = util::prog_costs(&before, &after);
@@ -456,7 +513,13 @@ pub fn run(
     Ok((load, obs))
 }
 
-fn score(col: &Collected, load: &Load, kind: Kind, mode: OutputMode, notes: &mut Vec<String>) -> Observer {
+fn score(
+    col: &Collected,
+    load: &Load,
+    kind: Kind,
+    mode: OutputMode,
+    notes: &mut Vec<String>,
+) -> Observer {
     let (start, stop) = if kind.is_udp() {
         (Action::UdpBound, Action::UdpReleased)
     } else {
@@ -495,10 +558,19 @@ fn score(col: &Collected, load: &Load, kind: Kind, mode: OutputMode, notes: &mut
             "fast field scan disagreed with the JSON parse on {} of {} checked lines; e.g. {}",
             col.mismatches,
             col.checked,
-            col.first_mismatch.as_deref().unwrap_or("").chars().take(300).collect::<String>()
+            col.first_mismatch
+                .as_deref()
+                .unwrap_or("")
+                .chars()
+                .take(300)
+                .collect::<String>()
         ));
     }
-    let events = if read_lines { capture.captured + stops } else { 2 * load.listens };
+    let events = if read_lines {
+        capture.captured + stops
+    } else {
+        2 * load.listens
+    };
     Observer {
         tool: "portwatch".into(),
         capture: read_lines.then_some(capture),

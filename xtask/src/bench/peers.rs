@@ -26,7 +26,7 @@ use super::{
 };
 
 /// The issue's one-liner: one line per listen, from the state-change tracepoint.
-const BT_TCP: &str = r#"tracepoint:sock:inet_sock_set_state /args->newstate == 10/ { printf("%d %d\n", pid, args->sport); }"#;
+pub const BT_TCP: &str = r#"tracepoint:sock:inet_sock_set_state /args->newstate == 10/ { printf("%d %d\n", pid, args->sport); }"#;
 /// Paced runs also print the kernel time, so the delivery latency can be read.
 const BT_TCP_TS: &str = r#"tracepoint:sock:inet_sock_set_state /args->newstate == 10/ { printf("%d %d %lld\n", pid, args->sport, nsecs); }"#;
 /// UDP has no state change: successful bind() calls, per pid (no port in this record).
@@ -82,7 +82,12 @@ pub fn run_bpftrace(
     let attached = Arc::new(AtomicBool::new(false));
     let att = attached.clone();
     let reader = thread::spawn(move || {
-        let mut out = BtOut { caps: HashMap::new(), lat: Vec::new(), lost: 0, lines: 0 };
+        let mut out = BtOut {
+            caps: HashMap::new(),
+            lat: Vec::new(),
+            lost: 0,
+            lines: 0,
+        };
         let mut r = BufReader::with_capacity(1 << 20, stdout);
         let mut line = String::new();
         while r.read_line(&mut line).is_ok_and(|n| n > 0) {
@@ -116,7 +121,10 @@ pub fn run_bpftrace(
     while !attached.load(Ordering::Acquire) {
         if child.try_wait()?.is_some() || t.elapsed() > Duration::from_secs(30) {
             kill(&mut child);
-            bail!("bpftrace did not attach: {}", util::read_tail(&o.log_file, 400));
+            bail!(
+                "bpftrace did not attach: {}",
+                util::read_tail(&o.log_file, 400)
+            );
         }
         thread::sleep(Duration::from_millis(10));
     }
@@ -124,7 +132,11 @@ pub fn run_bpftrace(
     thread::sleep(Duration::from_millis(500));
     let sentinel_port = sentinel(kind)?;
     let prog_ids = util::bpf_prog_ids(pid);
-    let before = if o.kernel_stats { util::prog_samples(&prog_ids) } else { Vec::new() };
+    let before = if o.kernel_stats {
+        util::prog_samples(&prog_ids)
+    } else {
+        Vec::new()
+    };
     let cpu0 = util::cpu_seconds(pid);
 
     let load = match load() {
@@ -141,7 +153,11 @@ pub fn run_bpftrace(
     }
     let cpu1 = util::cpu_seconds(pid);
     let hwm = util::vm_hwm_kib(pid);
-    let after = if o.kernel_stats { util::prog_samples(&prog_ids) } else { Vec::new() };
+    let after = if o.kernel_stats {
+        util::prog_samples(&prog_ids)
+    } else {
+        Vec::new()
+    };
     // SAFETY: signalling our own child; bpftrace flushes its output on SIGINT.
     unsafe { libc::kill(pid as i32, libc::SIGINT) };
     let t = Instant::now();
@@ -153,9 +169,14 @@ pub fn run_bpftrace(
         }
         thread::sleep(Duration::from_millis(20));
     }
-    let mut out = reader.join().map_err(|_| anyhow::anyhow!("bpftrace reader panicked"))?;
+    let mut out = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("bpftrace reader panicked"))?;
     let stderr = std::fs::read_to_string(&o.log_file).unwrap_or_default();
-    out.lost += stderr.lines().filter_map(|l| lost_count(l.trim())).sum::<u64>();
+    out.lost += stderr
+        .lines()
+        .filter_map(|l| lost_count(l.trim()))
+        .sum::<u64>();
 
     let me = std::process::id();
     let verified = if kind.is_udp() {
@@ -183,7 +204,9 @@ pub fn run_bpftrace(
         cpu_pct: cpu_s.map(|c| 100.0 * c / load.elapsed_s.max(1e-3)),
         events_for_cpu: events,
         events_basis: "captured",
-        cpu_ms_per_1k_events: cpu_s.filter(|_| events > 0).map(|c| c * 1e6 / events as f64),
+        cpu_ms_per_1k_events: cpu_s
+            .filter(|_| events >= super::agent::MIN_EVENTS_FOR_CPU)
+            .map(|c| c * 1e6 / events as f64),
         peak_rss_kib: hwm,
         progs: util::prog_costs(&before, &after),
         lines: out.lines,
@@ -203,7 +226,11 @@ fn lost_count(l: &str) -> Option<u64> {
 
 /// One `ss -Htuln` poll: (udp?, port) of each listening/unconnected socket on 127.0.0.1.
 fn ss_poll() -> Vec<(bool, u16)> {
-    let Ok(out) = Command::new("ss").arg("-Htuln").stdin(Stdio::null()).output() else {
+    let Ok(out) = Command::new("ss")
+        .arg("-Htuln")
+        .stdin(Stdio::null())
+        .output()
+    else {
         return Vec::new();
     };
     String::from_utf8_lossy(&out.stdout)
@@ -260,11 +287,14 @@ pub fn run_ss(
     let mut observers = Vec::new();
     let load = res?;
     let udp = kind.is_udp();
-    let ports: HashSet<u16> = load.gen.keys().map(|(_, p)| *p).collect();
+    let ports: HashSet<u16> = load.generated.keys().map(|(_, p)| *p).collect();
     for (iv, h, seen) in pollers {
         let _ = h.join();
         let g = seen.lock().expect("poisoned");
-        let n = g.1.iter().filter(|(u, p)| *u == udp && ports.contains(p)).count() as u64;
+        let n =
+            g.1.iter()
+                .filter(|(u, p)| *u == udp && ports.contains(p))
+                .count() as u64;
         let captured = n.min(load.listens);
         observers.push(Observer {
             tool: ss_name(iv),

@@ -25,12 +25,6 @@ pub struct Capture {
     pub stops_captured: Option<u64>,
 }
 
-impl Capture {
-    pub fn fraction(&self) -> Option<f64> {
-        (self.generated > 0).then(|| self.captured as f64 / self.generated as f64)
-    }
-}
-
 #[derive(Serialize, Clone, Debug, Default)]
 pub struct Observer {
     pub tool: String,
@@ -78,6 +72,18 @@ pub struct Run {
     pub error: Option<String>,
     pub load: Option<Load>,
     pub observers: Vec<Observer>,
+    /// CPU-seconds used on the host during the load by everything but the generator,
+    /// the observer and the bench (other processes; `ss` itself in ss runs). The
+    /// observer's time also covers its drain after the load, so this is a lower bound.
+    pub other_cpu_s: Option<f64>,
+}
+
+impl Run {
+    pub fn set_other_cpu(&mut self) {
+        let Some(l) = &self.load else { return };
+        let obs: f64 = self.observers.iter().filter_map(|o| o.cpu_s).sum();
+        self.other_cpu_s = Some((l.host_busy_s - l.cpu_s - l.bench_cpu_s - obs).max(0.0));
+    }
 }
 
 /// Match reports to generated listens. `cap` holds (pid, port) -> reports from the
@@ -87,18 +93,18 @@ pub fn match_capture(load: &Load, cap: &HashMap<(u32, u16), u64>, by_port: bool)
     let mut extra = 0;
     if by_port {
         for (k, &n) in cap {
-            let g = u64::from(load.gen.get(k).copied().unwrap_or(0));
+            let g = u64::from(load.generated.get(k).copied().unwrap_or(0));
             captured += n.min(g);
             extra += n.saturating_sub(g);
         }
     } else {
-        let gen = load.per_pid();
+        let per_gen = load.per_pid();
         let mut per_pid: HashMap<u32, u64> = HashMap::new();
         for ((pid, _), n) in cap {
             *per_pid.entry(*pid).or_insert(0) += n;
         }
         for (pid, n) in per_pid {
-            let g = gen.get(&pid).copied().unwrap_or(0);
+            let g = per_gen.get(&pid).copied().unwrap_or(0);
             captured += n.min(g);
             extra += n.saturating_sub(g);
         }

@@ -5,7 +5,10 @@ use std::{collections::BTreeSet, fs, path::Path};
 use serde::Serialize;
 
 fn clock_ns(clock: libc::clockid_t) -> i64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid out-pointer.
     unsafe { libc::clock_gettime(clock, &mut ts) };
     ts.tv_sec * 1_000_000_000 + ts.tv_nsec
@@ -50,14 +53,18 @@ pub fn vm_hwm_kib(pid: u32) -> Option<u64> {
 /// Ids of the BPF programs a process holds (program fds and bpf_link fds).
 pub fn bpf_prog_ids(pid: u32) -> Vec<u32> {
     let mut ids = BTreeSet::new();
-    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fdinfo")) else { return Vec::new() };
+    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return Vec::new();
+    };
     for e in dir.flatten() {
-        let Ok(s) = fs::read_to_string(e.path()) else { continue };
+        let Ok(s) = fs::read_to_string(e.path()) else {
+            continue;
+        };
         for l in s.lines() {
-            if let Some(v) = l.strip_prefix("prog_id:") {
-                if let Ok(id) = v.trim().parse() {
-                    ids.insert(id);
-                }
+            if let Some(v) = l.strip_prefix("prog_id:")
+                && let Ok(id) = v.trim().parse()
+            {
+                ids.insert(id);
             }
         }
     }
@@ -66,11 +73,11 @@ pub fn bpf_prog_ids(pid: u32) -> Vec<u32> {
 
 /// How many bpf_link file descriptors a process holds (attached programs).
 pub fn bpf_link_count(pid: u32) -> usize {
-    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fd")) else { return 0 };
+    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return 0;
+    };
     dir.flatten()
-        .filter(|e| {
-            fs::read_link(e.path()).is_ok_and(|t| t.as_os_str() == "anon_inode:bpf_link")
-        })
+        .filter(|e| fs::read_link(e.path()).is_ok_and(|t| t.as_os_str() == "anon_inode:bpf_link"))
         .count()
 }
 
@@ -194,7 +201,11 @@ pub fn median(v: &[f64]) -> Option<f64> {
     }
     v.sort_by(f64::total_cmp);
     let n = v.len();
-    Some(if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 })
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
 }
 
 fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
@@ -257,7 +268,9 @@ pub fn loadavg() -> String {
 pub fn read_tail(path: &Path, max: usize) -> String {
     let s = fs::read_to_string(path).unwrap_or_default();
     let start = s.len().saturating_sub(max);
-    let start = (start..s.len()).find(|i| s.is_char_boundary(*i)).unwrap_or(s.len());
+    let start = (start..s.len())
+        .find(|i| s.is_char_boundary(*i))
+        .unwrap_or(s.len());
     s[start..].trim().to_string()
 }
 
@@ -268,7 +281,10 @@ mod tests {
     #[test]
     fn rfc3339() {
         assert_eq!(parse_rfc3339_ns(b"1970-01-01T00:00:00Z"), Some(0));
-        assert_eq!(parse_rfc3339_ns(b"1970-01-01T00:00:01.5Z"), Some(1_500_000_000));
+        assert_eq!(
+            parse_rfc3339_ns(b"1970-01-01T00:00:01.5Z"),
+            Some(1_500_000_000)
+        );
         assert_eq!(
             parse_rfc3339_ns(b"2026-11-26T23:21:35.123456789Z"),
             Some(1_795_735_295_123_456_789)

@@ -97,6 +97,8 @@ struct WorkerResult {
     late_max_ns: u64,
     /// Listens or binds that succeeded (tcp-traffic: its one listener).
     listens: u64,
+    /// utime + stime of the worker (in-kernel BPF programs run in its context), ns.
+    cpu_ns: u64,
     ports: Vec<(u16, u32)>,
 }
 
@@ -195,6 +197,7 @@ fn main() -> anyhow::Result<()> {
         })
         .sum();
     let elapsed_s = results.iter().map(|r| r.elapsed_ns).max().unwrap_or(0) as f64 / 1e9;
+    let cpu_s = results.iter().map(|r| r.cpu_ns).sum::<u64>() as f64 / 1e9;
     let first_errno = results
         .iter()
         .map(|r| r.first_errno)
@@ -215,10 +218,12 @@ fn main() -> anyhow::Result<()> {
         },
         "ops_per_sec": ops_per_sec,
         "elapsed_s": elapsed_s,
+        "cpu_s": cpu_s,
         "late_max_us": results.iter().map(|r| r.late_max_ns).max().unwrap_or(0) as f64 / 1e3,
         "workers": results.iter().map(|r| serde_json::json!({
             "pid": r.pid, "ops": r.ops, "listens": r.listens, "errors": r.errors,
             "elapsed_s": r.elapsed_ns as f64 / 1e9,
+            "cpu_s": r.cpu_ns as f64 / 1e9,
         })).collect::<Vec<_>>(),
     });
     println!("{summary}");
@@ -229,8 +234,8 @@ fn send(f: File, r: &WorkerResult) -> std::io::Result<()> {
     let mut w = BufWriter::new(f);
     writeln!(
         w,
-        "{} {} {} {} {} {} {}",
-        r.pid, r.ops, r.errors, r.first_errno, r.elapsed_ns, r.late_max_ns, r.listens
+        "{} {} {} {} {} {} {} {}",
+        r.pid, r.ops, r.errors, r.first_errno, r.elapsed_ns, r.late_max_ns, r.listens, r.cpu_ns
     )?;
     for (port, n) in &r.ports {
         writeln!(w, "{port} {n}")?;
@@ -246,7 +251,7 @@ fn parse_report(text: &str) -> anyhow::Result<WorkerResult> {
         .split_whitespace()
         .map(|t| t.parse::<i64>().map(|v| v as u64))
         .collect::<Result<_, _>>()?;
-    if head.len() != 7 {
+    if head.len() != 8 {
         bail!("bad report header");
     }
     let mut ports = Vec::new();
@@ -264,6 +269,7 @@ fn parse_report(text: &str) -> anyhow::Result<WorkerResult> {
         elapsed_ns: head[4],
         late_max_ns: head[5],
         listens: head[6],
+        cpu_ns: head[7],
         ports,
     })
 }
@@ -276,6 +282,16 @@ fn monotonic_ns() -> u64 {
     // SAFETY: valid timespec pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// utime + stime of this process so far.
+fn self_cpu_ns() -> u64 {
+    // SAFETY: rusage is plain old data; getrusage fills it.
+    let mut ru: libc::rusage = unsafe { mem::zeroed() };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as u64 * 1_000_000_000 + t.tv_usec as u64 * 1000;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
 fn sleep_until(ns: u64) {
@@ -357,6 +373,7 @@ fn worker(kind: Kind, start_ns: u64, secs_ns: u64, rate: f64) -> WorkerResult {
         elapsed_ns: 0,
         late_max_ns: 0,
         listens: 0,
+        cpu_ns: 0,
         ports: Vec::new(),
     };
     let fail = |r: &mut WorkerResult, e: i32| {
@@ -493,6 +510,7 @@ fn worker(kind: Kind, start_ns: u64, secs_ns: u64, rate: f64) -> WorkerResult {
         }
     }
     r.elapsed_ns = now.saturating_sub(start_ns);
+    r.cpu_ns = self_cpu_ns();
     r.ports = counts
         .iter()
         .enumerate()
