@@ -682,6 +682,11 @@ async fn run(
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
 
+    // Every live start from the moment the probes attached is remembered until the
+    // snapshot is merged, so the snapshot never reports one a second time.
+    if snapshot {
+        pipeline.snapshot_started();
+    }
     // (The flag stays up while draining here: at worst a spare wake-up.)
     sleep_flag.going_to_sleep()?;
     drain(ring.get_mut(), pipeline)?;
@@ -700,7 +705,6 @@ async fn run(
     let (snap_tx, mut snap_rx) = tokio::sync::oneshot::channel();
     let mut snapshot_pending = snapshot;
     if snapshot {
-        pipeline.snapshot_started();
         tokio::task::spawn_blocking(move || {
             let t = Instant::now();
             let res = snapshot::scan();

@@ -360,3 +360,37 @@ fn io_uring_listen_is_reported() {
     raw::close(fd);
     agent.expect("listen-stopped", |e| is(e, "listen-stopped", me(), p));
 }
+
+/// Each connection accepted on a listener is cloned from it (LISTEN -> SYN_RECV in the
+/// tracepoint): that must never read as the listener stopping.
+#[test]
+fn accepted_connections_do_not_end_the_listener() {
+    if !can_run_kernel_tests() {
+        return;
+    }
+    let mut agent = Agent::start(&["--no-snapshot"]);
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let p = l.local_addr().unwrap().port();
+    for _ in 0..3 {
+        let c = std::net::TcpStream::connect(("127.0.0.1", p)).unwrap();
+        let (s, _) = l.accept().unwrap();
+        drop((c, s));
+    }
+    let marker = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mp = marker.local_addr().unwrap().port();
+    let seen = agent
+        .drain_until(|e| is(e, "listen-started", me(), mp))
+        .to_vec();
+    let stops = seen
+        .iter()
+        .filter(|e| action(e) == "listen-stopped" && e["server"]["port"] == p);
+    assert_eq!(
+        stops.count(),
+        0,
+        "accepting connections reported the listener as stopped"
+    );
+    drop(l);
+    agent.expect("the real listen-stopped", |e| {
+        is(e, "listen-stopped", me(), p)
+    });
+}
