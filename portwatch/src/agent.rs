@@ -693,8 +693,7 @@ async fn run(
     pipeline.state(
         "sensor-started",
         serde_json::json!({
-            "hooks": ["tracepoint/sock/inet_sock_set_state", "tracepoint/syscalls/sys_exit_listen",
-                      "tracepoint/syscalls/sys_exit_io_uring_enter",
+            "hooks": ["tracepoint/sock/inet_sock_set_state", "cgroup/sock_ops",
                       "cgroup/post_bind4", "cgroup/post_bind6", "cgroup/sock_release"],
             "ring_buffer_bytes": ring_bytes,
             "pid": std::process::id(),

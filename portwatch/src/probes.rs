@@ -4,8 +4,7 @@
 //! | program        | hook                                    | kernel source                       |
 //! |----------------|-----------------------------------------|-------------------------------------|
 //! | `listen_state` | tracepoint `sock:inet_sock_set_state`   | include/trace/events/sock.h         |
-//! | `listen_exit`  | tracepoint `syscalls:sys_exit_listen`   | net/socket.c `__sys_listen()`       |
-//! | `uring_exit`   | tracepoint `syscalls:sys_exit_io_uring_enter` | io_uring/net.c `io_listen()` (6.11+) |
+//! | `listen_sockops` | cgroup sock_ops `TCP_LISTEN_CB` on the cgroup2 root | net/ipv4/af_inet.c `__inet_listen_sk()` |
 //! | `udp_bind4`    | cgroup `post_bind4` on the cgroup2 root | net/ipv4/af_inet.c `__inet_bind()`  |
 //! | `udp_bind6`    | cgroup `post_bind6` on the cgroup2 root | net/ipv6/af_inet6.c `__inet6_bind()`|
 //! | `udp_release`  | cgroup `sock_release` on the cgroup2 root | net/ipv4/af_inet.c `inet_release()`|
@@ -16,7 +15,7 @@ use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, MapData, PerCpuArray, RingBuf},
-    programs::{CgroupAttachMode, CgroupSock, TracePoint},
+    programs::{CgroupAttachMode, CgroupSock, SockOps, TracePoint},
 };
 use portwatch_common::{KernelOffsets, stat};
 
@@ -26,10 +25,9 @@ use crate::{btf, procfs, sys};
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portwatch.bpf.o"));
 
 /// Names of every program in the object, as the kernel reports them.
-pub const PROGRAMS: [&str; 6] = [
+pub const PROGRAMS: [&str; 5] = [
     "listen_state",
-    "listen_exit",
-    "uring_exit",
+    "listen_sockops",
     "udp_bind4",
     "udp_bind6",
     "udp_release",
@@ -107,15 +105,21 @@ pub fn load(opts: &Options) -> anyhow::Result<Sensor> {
     };
 
     attach_tracepoint(&mut ebpf, "listen_state", "sock", "inet_sock_set_state")?;
-    attach_tracepoint(&mut ebpf, "listen_exit", "syscalls", "sys_exit_listen")?;
-    attach_tracepoint(
-        &mut ebpf,
-        "uring_exit",
-        "syscalls",
-        "sys_exit_io_uring_enter",
-    )?;
     let cgroup = File::open(&cgroup_root)
         .with_context(|| format!("opening cgroup2 root {}", cgroup_root.display()))?;
+    let prog: &mut SockOps = ebpf
+        .program_mut("listen_sockops")
+        .ok_or_else(|| anyhow!("program listen_sockops missing from the embedded object"))?
+        .try_into()?;
+    prog.load()
+        .map_err(|e| anyhow!("the kernel refused program listen_sockops: {e}"))?;
+    prog.attach(&cgroup, CgroupAttachMode::Single).map_err(|e| {
+        anyhow!(
+            "attaching listen_sockops to {} failed: {}; the kernel needs CONFIG_CGROUP_BPF=y",
+            cgroup_root.display(),
+            error_chain(&e)
+        )
+    })?;
     for name in ["udp_bind4", "udp_bind6", "udp_release"] {
         let prog: &mut CgroupSock = ebpf
             .program_mut(name)
@@ -136,8 +140,8 @@ pub fn load(opts: &Options) -> anyhow::Result<Sensor> {
             })?;
     }
     log::info!(
-        "hooks attached: tracepoint sock:inet_sock_set_state, tracepoint \
-         syscalls:sys_exit_listen, cgroup post_bind4/post_bind6/sock_release on {}",
+        "hooks attached: tracepoint sock:inet_sock_set_state, cgroup sock_ops \
+         (TCP_LISTEN_CB), post_bind4/post_bind6/sock_release on {}",
         cgroup_root.display()
     );
 

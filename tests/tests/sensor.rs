@@ -287,8 +287,7 @@ fn agent_leaves_no_program_attached_after_exit() {
     }
     let names = [
         "listen_state",
-        "listen_exit",
-        "uring_exit",
+        "listen_sockops",
         "udp_bind4",
         "udp_bind6",
         "udp_release",
