@@ -37,6 +37,9 @@ enum Command {
         /// Do not report the listeners that exist at start.
         #[arg(long)]
         no_snapshot: bool,
+        /// Run this many nice levels above normal (0 keeps normal priority).
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u8).range(0..=20))]
+        priority_boost: u8,
         #[command(flatten)]
         policy: PolicyArgs,
     },
@@ -150,9 +153,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             output,
             ring_bytes,
             no_snapshot,
+            priority_boost,
             policy,
         } => {
             let policy = policy.load()?;
+            portwatch::sys::boost_priority(priority_boost);
             let format = format.unwrap_or(if output.is_none() && std::io::stdout().is_terminal() {
                 Format::Text
             } else {

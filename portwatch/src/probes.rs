@@ -113,13 +113,14 @@ pub fn load(opts: &Options) -> anyhow::Result<Sensor> {
         .try_into()?;
     prog.load()
         .map_err(|e| anyhow!("the kernel refused program listen_sockops: {e}"))?;
-    prog.attach(&cgroup, CgroupAttachMode::Single).map_err(|e| {
-        anyhow!(
-            "attaching listen_sockops to {} failed: {}; the kernel needs CONFIG_CGROUP_BPF=y",
-            cgroup_root.display(),
-            error_chain(&e)
-        )
-    })?;
+    prog.attach(&cgroup, CgroupAttachMode::Single)
+        .map_err(|e| {
+            anyhow!(
+                "attaching listen_sockops to {} failed: {}; the kernel needs CONFIG_CGROUP_BPF=y",
+                cgroup_root.display(),
+                error_chain(&e)
+            )
+        })?;
     for name in ["udp_bind4", "udp_bind6", "udp_release"] {
         let prog: &mut CgroupSock = ebpf
             .program_mut(name)

@@ -89,6 +89,25 @@ fn kernel_at_least(major: u32, minor: u32) -> bool {
     kernel_version().is_some_and(|v| v >= (major, minor))
 }
 
+/// Raise the agent's CPU priority by `boost` nice levels (like auditd's
+/// `priority_boost`): when listeners churn on every core, a sensor that gets no CPU
+/// loses events, and a lost event is worse than a slightly slower workload. Refusal is
+/// a warning.
+pub fn boost_priority(boost: u8) {
+    if boost == 0 {
+        return;
+    }
+    let nice = -i32::from(boost.min(20));
+    // SAFETY: plain syscall on this process.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } != 0 {
+        log::warn!(
+            "could not raise the agent's priority to nice {nice} ({}); under a CPU-saturating \
+             listener flood events may be lost (and are then counted)",
+            io::Error::last_os_error()
+        );
+    }
+}
+
 pub fn require_btf() -> anyhow::Result<Vec<u8>> {
     fs::read("/sys/kernel/btf/vmlinux").context(
         "cannot read /sys/kernel/btf/vmlinux: this kernel lacks BTF (CONFIG_DEBUG_INFO_BTF=y), \
