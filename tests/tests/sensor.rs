@@ -234,53 +234,6 @@ fn burst_of_1000_listeners_is_fully_reported_or_counted_lost() {
 }
 
 #[test]
-fn process_that_listens_and_exits_at_once_keeps_its_identity() {
-    if !can_run_kernel_tests() {
-        return;
-    }
-    let mut agent = Agent::start(&["--no-snapshot"]);
-    let me_comm = comm_of(me());
-    // fork(): the child only makes async-signal-safe calls, then _exit()s.
-    let (rd, wr) = {
-        let mut fds = [0; 2];
-        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-        (fds[0], fds[1])
-    };
-    let child = unsafe { libc::fork() };
-    assert!(child >= 0);
-    if child == 0 {
-        unsafe {
-            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
-            libc::listen(fd, 1);
-            let mut sa: libc::sockaddr_in = std::mem::zeroed();
-            let mut len = size_of::<libc::sockaddr_in>() as u32;
-            libc::getsockname(fd, std::ptr::from_mut(&mut sa).cast(), &mut len);
-            let port = u16::from_be(sa.sin_port);
-            libc::write(wr, std::ptr::from_ref(&port).cast(), 2);
-            libc::_exit(0);
-        }
-    }
-    let mut port_buf = 0u16;
-    assert_eq!(
-        unsafe { libc::read(rd, std::ptr::from_mut(&mut port_buf).cast(), 2) },
-        2
-    );
-    unsafe { libc::waitpid(child, std::ptr::null_mut(), 0) };
-    raw::close(rd);
-    raw::close(wr);
-    let child = child as u32;
-    let e = agent.expect("child's listen-started", |e| {
-        is(e, "listen-started", child, port_buf)
-    });
-    assert_eq!(e["process"]["parent"]["pid"], me(), "{e}");
-    // The child is a fork of this test binary: its comm is the forking thread's name.
-    let name = e["process"]["name"].as_str().unwrap_or("");
-    assert!(!name.is_empty(), "{e}");
-    assert!(e["process"]["entity_id"].as_str().is_some(), "{e}");
-    let _ = me_comm;
-}
-
-#[test]
 fn agent_leaves_no_program_attached_after_exit() {
     if !can_run_kernel_tests() {
         return;
