@@ -707,6 +707,7 @@ async fn run(
         tokio::task::spawn_blocking(move || {
             let t = Instant::now();
             let res = snapshot::scan();
+            // The receiver is gone only if the agent is already shutting down.
             let _ = snap_tx.send((res, t.elapsed()));
         });
     }

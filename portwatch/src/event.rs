@@ -182,8 +182,6 @@ pub struct Portwatch {
     pub folded: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stats: Option<serde_json::Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub latency_ns: Option<u64>,
 }
 
 #[derive(Serialize, Debug, Default, Clone)]
