@@ -62,7 +62,6 @@ static BOUND: HashMap<u64, Bound> = HashMap::with_max_entries(65536, 0);
 #[unsafe(no_mangle)]
 static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets::unknown());
 
-
 /// Local address of a UDP socket, kept from its bind for its release.
 #[derive(Clone, Copy)]
 #[repr(C)]
@@ -151,7 +150,10 @@ fn try_listen_state(ctx: &TracePointContext) -> Result<u32, u32> {
         );
         if PENDING.insert(sock, rec, 0).is_err() {
             count(stat::PENDING_FULL);
-            warn!(ctx, "portwatch: pending-listen map full, a listen() will not be reported");
+            warn!(
+                ctx,
+                "portwatch: pending-listen map full, a listen() will not be reported"
+            );
         }
         return Ok(0);
     }
@@ -318,11 +320,16 @@ fn emit(
     addr: &[u8; 16],
     kthread: bool,
 ) {
-    submit(&build(kind, ktime_ns, pid_tgid, sock, family, protocol, port, addr, kthread));
+    submit(&build(
+        kind, ktime_ns, pid_tgid, sock, family, protocol, port, addr, kthread,
+    ));
 }
 
 /// The full record of a socket event, captured in the current task's context.
-#[expect(clippy::too_many_arguments, reason = "flat record fill, inlined into each probe")]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "flat record fill, inlined into each probe"
+)]
 #[inline(always)]
 fn build(
     kind: Kind,
