@@ -106,6 +106,10 @@ pub const FLAG_START: u32 = 1 << 3;
 pub const FLAG_KTHREAD: u32 = 1 << 4;
 /// IPv6 socket with `IPV6_V6ONLY` set (only meaningful for `::`).
 pub const FLAG_V6ONLY: u32 = 1 << 5;
+/// A UDP release of a socket whose bind was not seen (bound before the agent started,
+/// or a client socket the kernel bound implicitly): no address, and the agent keeps it
+/// only for a socket it knows (from its startup snapshot).
+pub const FLAG_UNTRACKED: u32 = 1 << 6;
 
 pub const SOCKET_RECORD_SIZE: usize = core::mem::size_of::<SocketRecord>();
 const _: () = assert!(core::mem::size_of::<Header>() == 24);
@@ -159,6 +163,10 @@ pub struct KernelOffsets {
     pub task_start_boottime: u32,
     /// `struct task_struct.flags`.
     pub task_flags: u32,
+    /// `struct sock_common.skc_rcv_saddr` (bound IPv4 address).
+    pub sock_rcv_saddr: u32,
+    /// `struct sock_common.skc_v6_rcv_saddr` (bound IPv6 address).
+    pub sock_v6_rcv_saddr: u32,
     pub _pad: u32,
 }
 
@@ -179,12 +187,14 @@ impl KernelOffsets {
             task_group_leader: Self::UNKNOWN,
             task_start_boottime: Self::UNKNOWN,
             task_flags: Self::UNKNOWN,
+            sock_rcv_saddr: Self::UNKNOWN,
+            sock_v6_rcv_saddr: Self::UNKNOWN,
             _pad: 0,
         }
     }
 }
 
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 14 * 4);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 16 * 4);
 
 #[cfg(feature = "user")]
 mod user {

@@ -30,9 +30,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use portwatch_common::{
-    AF_INET, AF_INET6, FLAG_INODE, FLAG_KTHREAD, FLAG_NETNS, FLAG_PPID, FLAG_START, FLAG_V6ONLY,
-    Header, IPPROTO_TCP, IPPROTO_UDP, KernelOffsets, Kind, SocketRecord, TCP_CLOSE, TCP_LISTEN,
-    stat,
+    AF_INET, AF_INET6, FLAG_INODE, FLAG_KTHREAD, FLAG_NETNS, FLAG_PPID, FLAG_START, FLAG_UNTRACKED,
+    FLAG_V6ONLY, Header, IPPROTO_TCP, IPPROTO_UDP, KernelOffsets, Kind, SocketRecord, TCP_CLOSE,
+    TCP_LISTEN, stat,
 };
 
 /// Ring buffer size in bytes; the agent may override it at load time.
@@ -146,7 +146,7 @@ fn try_listen_state(ctx: &TracePointContext) -> Result<u32, u32> {
             IPPROTO_TCP,
             port,
             &addr,
-            kthread,
+            if kthread { FLAG_KTHREAD } else { 0 },
         );
         if PENDING.insert(sock, rec, 0).is_err() {
             count(stat::PENDING_FULL);
@@ -174,7 +174,7 @@ fn try_listen_state(ctx: &TracePointContext) -> Result<u32, u32> {
         IPPROTO_TCP,
         port,
         &addr,
-        false,
+        0,
     );
     Ok(0)
 }
@@ -260,11 +260,40 @@ pub fn udp_release(ctx: SockContext) -> i32 {
     // The context pointer is the kernel's `struct sock` (`__cgroup_bpf_run_filter_sk()`);
     // sock_release may not read the address fields, so they come from the bind.
     let sock = ctx.sock as u64;
+    let now = unsafe { bpf_ktime_get_ns() };
     let Some(b) = (unsafe { BOUND.get(sock) }).copied() else {
+        // Not seen bound. If it holds a port it may be a listener found by the agent's
+        // startup snapshot, whose end must not go missing; the agent drops the rest.
+        let Some(port) = read_kernel::<u16>(sock, OFFSETS.load().sock_num) else {
+            return 1;
+        };
+        if port != 0 {
+            let family = unsafe { read_volatile(&raw const (*ctx.sock).family) } as u16;
+            let off = OFFSETS.load();
+            let mut addr = [0u8; 16];
+            if family == AF_INET {
+                if let Some(a) = read_kernel::<[u8; 4]>(sock, off.sock_rcv_saddr) {
+                    addr[..4].copy_from_slice(&a);
+                }
+            } else if let Some(a) = read_kernel::<[u8; 16]>(sock, off.sock_v6_rcv_saddr) {
+                addr = a;
+            }
+            let rec = build(
+                Kind::UdpReleased,
+                now,
+                bpf_get_current_pid_tgid(),
+                sock,
+                family,
+                IPPROTO_UDP,
+                port,
+                &addr,
+                FLAG_UNTRACKED,
+            );
+            submit(&rec);
+        }
         return 1;
     };
     let _ = BOUND.remove(sock);
-    let now = unsafe { bpf_ktime_get_ns() };
     emit(
         Kind::UdpReleased,
         now,
@@ -274,7 +303,7 @@ pub fn udp_release(ctx: SockContext) -> i32 {
         IPPROTO_UDP,
         b.port,
         &b.addr,
-        false,
+        0,
     );
     1
 }
@@ -300,7 +329,7 @@ fn udp_bound(sock: u64, family: u16, port: u16, addr: [u8; 16]) {
         IPPROTO_UDP,
         port,
         &addr,
-        false,
+        0,
     );
 }
 
@@ -318,10 +347,10 @@ fn emit(
     protocol: u16,
     port: u16,
     addr: &[u8; 16],
-    kthread: bool,
+    extra: u32,
 ) {
     submit(&build(
-        kind, ktime_ns, pid_tgid, sock, family, protocol, port, addr, kthread,
+        kind, ktime_ns, pid_tgid, sock, family, protocol, port, addr, extra,
     ));
 }
 
@@ -340,10 +369,13 @@ fn build(
     protocol: u16,
     port: u16,
     addr: &[u8; 16],
-    kthread: bool,
+    extra: u32,
 ) -> SocketRecord {
     let off = OFFSETS.load();
-    let mut flags = if kthread { FLAG_KTHREAD } else { 0 };
+    // An end needs only what pairs it with its start (the inode); the agent reuses the
+    // start's attribution, so the namespace and task reads are skipped for it.
+    let starting = matches!(kind, Kind::ListenStarted | Kind::UdpBound);
+    let mut flags = extra;
 
     let socket = read_kernel::<u64>(sock, off.sock_socket).filter(|s| *s != 0);
     let inode =
@@ -351,7 +383,11 @@ fn build(
     if inode.is_some() {
         flags |= FLAG_INODE;
     }
-    let net = read_kernel::<u64>(sock, off.sock_net).filter(|n| *n != 0);
+    let net = if starting {
+        read_kernel::<u64>(sock, off.sock_net).filter(|n| *n != 0)
+    } else {
+        None
+    };
     let netns = net.and_then(|n| read_kernel::<u32>(n, off.net_inum));
     if netns.is_some() {
         flags |= FLAG_NETNS;
@@ -361,7 +397,7 @@ fn build(
     {
         flags |= FLAG_V6ONLY;
     }
-    let task = current_task();
+    let task = if starting { current_task() } else { 0 };
     let leader = read_kernel::<u64>(task, off.task_group_leader).filter(|l| *l != 0);
     let start = leader.and_then(|l| read_kernel::<u64>(l, off.task_start_boottime));
     if start.is_some() {
@@ -371,9 +407,6 @@ fn build(
     let ppid = parent.and_then(|p| read_task_u32(p, off.task_tgid));
     if ppid.is_some() {
         flags |= FLAG_PPID;
-    }
-    if kthread {
-        flags |= FLAG_KTHREAD;
     }
 
     SocketRecord {

@@ -316,6 +316,13 @@ impl Pipeline {
                 }
             }
             Kind::ListenStopped | Kind::UdpReleased => {
+                // A release whose bind the kernel side never saw is reported for the
+                // sockets we know (from the snapshot), and while the snapshot runs (it
+                // may be one the snapshot is about to find); the rest are client sockets
+                // bound implicitly by a send.
+                if r.untracked && !self.startup.snapshot_running && !self.open.contains_key(&key) {
+                    return Ok(());
+                }
                 if self.startup.snapshot_running {
                     self.startup.live_stopped.insert(key);
                 }

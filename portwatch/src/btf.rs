@@ -251,6 +251,8 @@ impl<'a> Btf<'a> {
             task_group_leader: self.byte("task_struct", &["group_leader"]),
             task_start_boottime: self.byte("task_struct", &["start_boottime"]),
             task_flags: self.byte("task_struct", &["flags"]),
+            sock_rcv_saddr: self.byte("sock_common", &["skc_rcv_saddr"]),
+            sock_v6_rcv_saddr: self.byte("sock_common", &["skc_v6_rcv_saddr"]),
             _pad: 0,
         }
     }
@@ -272,6 +274,8 @@ pub fn missing(offsets: &KernelOffsets) -> Vec<&'static str> {
         ("task_struct.group_leader", o.task_group_leader),
         ("task_struct.start_boottime", o.task_start_boottime),
         ("task_struct.flags", o.task_flags),
+        ("sock_common.skc_rcv_saddr", o.sock_rcv_saddr),
+        ("sock_common.skc_v6_rcv_saddr", o.sock_v6_rcv_saddr),
     ]
     .into_iter()
     .filter(|(_, v)| *v == KernelOffsets::UNKNOWN)

@@ -6,8 +6,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use portwatch_common::{
-    AF_INET, AF_INET6, FLAG_INODE, FLAG_KTHREAD, FLAG_NETNS, FLAG_PPID, FLAG_START, FLAG_V6ONLY,
-    Header, IPPROTO_TCP, IPPROTO_UDP, Kind, SOCKET_RECORD_SIZE, SocketRecord,
+    AF_INET, AF_INET6, FLAG_INODE, FLAG_KTHREAD, FLAG_NETNS, FLAG_PPID, FLAG_START, FLAG_UNTRACKED,
+    FLAG_V6ONLY, Header, IPPROTO_TCP, IPPROTO_UDP, Kind, SOCKET_RECORD_SIZE, SocketRecord,
 };
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -57,6 +57,8 @@ pub struct Record {
     pub ppid: Option<u32>,
     pub kthread: bool,
     pub v6only: bool,
+    /// A UDP release whose bind the kernel side did not see (see FLAG_UNTRACKED).
+    pub untracked: bool,
     pub transport: Transport,
     pub addr: IpAddr,
     pub port: u16,
@@ -107,6 +109,7 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
         ppid: has(FLAG_PPID).then_some(r.ppid),
         kthread: has(FLAG_KTHREAD),
         v6only: has(FLAG_V6ONLY),
+        untracked: has(FLAG_UNTRACKED),
         transport,
         addr,
         port: r.port,

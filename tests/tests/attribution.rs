@@ -52,6 +52,11 @@ fn snapshot_reports_a_listener_opened_before_the_agent() {
     let stop = agent.expect("listen-stopped", |e| is(e, "listen-stopped", me(), p));
     assert_eq!(stop["process"]["entity_id"], e["process"]["entity_id"]);
     assert_eq!(inode_of(&stop), inode_of(&e));
+    // A UDP socket bound before the agent: its bind was never seen, its release must be.
+    drop(u);
+    let rel = agent.expect("udp-released", |e| is(e, "udp-released", me(), up));
+    assert_eq!(inode_of(&rel), inode_of(&ue), "{rel}");
+    assert_eq!(rel["server"]["ip"], "::1", "{rel}");
 }
 
 /// A network namespace made with `ip netns add`, removed on drop.
