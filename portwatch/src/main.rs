@@ -157,6 +157,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             policy,
         } => {
             let policy = policy.load()?;
+            portwatch::sys::require_root()?;
             portwatch::sys::boost_priority(priority_boost);
             let format = format.unwrap_or(if output.is_none() && std::io::stdout().is_terminal() {
                 Format::Text
