@@ -238,13 +238,7 @@ fn agent_leaves_no_program_attached_after_exit() {
     if !can_run_kernel_tests() {
         return;
     }
-    let names = [
-        "listen_state",
-        "listen_sockops",
-        "udp_bind4",
-        "udp_bind6",
-        "udp_release",
-    ];
+    let names = portwatch::probes::PROGRAMS;
     let ours = || -> Vec<String> {
         aya::programs::loaded_programs()
             .filter_map(Result::ok)
