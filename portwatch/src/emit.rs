@@ -135,6 +135,8 @@ fn text_line(out: &mut String, ev: &Event, color: bool) {
         let _ = write!(out, "[{}]", p.pid);
     } else if ev.portwatch.socket.as_ref().is_some_and(|s| s.kernel) {
         out.push_str(" [kernel]");
+    } else if ev.server.is_some() {
+        out.push_str(" [owner unknown]");
     }
     if let Some(u) = &ev.user {
         out.push_str(" user=");
