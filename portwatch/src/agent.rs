@@ -448,7 +448,7 @@ impl Pipeline {
             inode: (inode != 0).then_some(inode),
             netns: Some(f.netns_ino),
             host_netns: self.host_netns.map(|h| h == f.netns_ino),
-            v6only: None,
+            v6only: f.v6only,
             kernel: owner.kernel,
             thread_id: None,
             pids: f.owners.clone(),

@@ -351,7 +351,7 @@ pub fn listeners_in(ns: &Namespace) -> io::Result<Option<Vec<ProcSocket>>> {
 /// itself cannot be listed the map is empty.
 pub fn socket_owners() -> HashMap<u64, Vec<u32>> {
     match list_pids() {
-        Ok(pids) => collect_owners(&pids, None).0,
+        Ok(pids) => collect_owners(&pids, None).pids,
         Err(_) => HashMap::new(),
     }
 }
@@ -368,6 +368,8 @@ pub struct Found {
     /// No owner was found, but some processes' fds could not be read (EACCES even as
     /// root, e.g. a sandbox's init): the owner is unknown, not necessarily the kernel.
     pub owner_hidden: bool,
+    /// `IPV6_V6ONLY` of a `::` socket, when it could be asked (see `v6only_of`).
+    pub v6only: Option<bool>,
 }
 
 /// The listeners of the whole host: for each namespace (see [`namespaces`]) its 4 files, each
@@ -414,18 +416,29 @@ fn scan_with(netns_dir: &Path) -> io::Result<Vec<Found>> {
                 socket,
                 owners: Vec::new(),
                 owner_hidden: false,
+                v6only: None,
             });
         }
     }
     // Listed again so that a process started during the scan, holding a socket we just read,
     // is looked at too.
     let pids = list_pids()?;
-    let (mut owners, unreadable) = collect_owners(&pids, Some(&inodes));
+    let Owners {
+        pids: mut owners,
+        first_fd,
+        unreadable,
+    } = collect_owners(&pids, Some(&inodes));
     for f in &mut found {
         if f.socket.inode != 0 {
             f.owners = owners.remove(&f.socket.inode).unwrap_or_default();
         }
         f.owner_hidden = f.owners.is_empty() && unreadable > 0;
+        // Only a `::` bind's exposure depends on it (dual-stack or IPv6 only).
+        if f.socket.addr == IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED) {
+            f.v6only = first_fd
+                .get(&f.socket.inode)
+                .and_then(|&(pid, fd)| v6only_of(pid, fd));
+        }
     }
     Ok(found)
 }
@@ -560,8 +573,17 @@ fn netns_of(path: &[u8], cpath: &mut Vec<u8>, link: &mut [u8; LINK_BUF]) -> io::
 }
 
 /// Also returns how many processes' fd tables could not be read for lack of permission.
-fn collect_owners(pids: &[u32], wanted: Option<&HashSet<u64>>) -> (HashMap<u64, Vec<u32>>, usize) {
+/// Pids holding each socket, where the first of them holds it (pid, fd), and how many
+/// processes' fd tables could not be read.
+struct Owners {
+    pids: HashMap<u64, Vec<u32>>,
+    first_fd: HashMap<u64, (u32, i32)>,
+    unreadable: usize,
+}
+
+fn collect_owners(pids: &[u32], wanted: Option<&HashSet<u64>>) -> Owners {
     let mut owners: HashMap<u64, Vec<u32>> = HashMap::new();
+    let mut first_fd = HashMap::new();
     let mut unreadable = 0;
     let mut path = Vec::with_capacity(64);
     let mut cpath = Vec::with_capacity(64);
@@ -598,6 +620,13 @@ fn collect_owners(pids: &[u32], wanted: Option<&HashSet<u64>>) -> (HashMap<u64, 
             if wanted.is_some_and(|w| !w.contains(&ino)) {
                 continue;
             }
+            if let Some(fd) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<i32>().ok())
+            {
+                first_fd.entry(ino).or_insert((pid, fd));
+            }
             let holders = owners.entry(ino).or_default();
             // A process holding one socket in several fds (dup, SCM_RIGHTS) counts once;
             // its fds are walked together, so a repeat is always the last pid pushed.
@@ -606,7 +635,39 @@ fn collect_owners(pids: &[u32], wanted: Option<&HashSet<u64>>) -> (HashMap<u64, 
             }
         }
     }
-    (owners, unreadable)
+    Owners {
+        pids: owners,
+        first_fd,
+        unreadable,
+    }
+}
+
+/// `IPV6_V6ONLY` of another process's socket: /proc/net does not show it, so borrow the
+/// socket with pidfd_getfd(2) (Linux 5.6+, root) and ask it. `None` when that fails.
+fn v6only_of(pid: u32, fd: i32) -> Option<bool> {
+    // SAFETY: plain syscalls; every fd opened here is closed before returning.
+    unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) as i32;
+        if pidfd < 0 {
+            return None;
+        }
+        let sock = libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) as i32;
+        libc::close(pidfd);
+        if sock < 0 {
+            return None;
+        }
+        let mut v: libc::c_int = 0;
+        let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+        let rc = libc::getsockopt(
+            sock,
+            libc::IPPROTO_IPV6,
+            libc::IPV6_V6ONLY,
+            std::ptr::from_mut(&mut v).cast(),
+            &mut len,
+        );
+        libc::close(sock);
+        (rc == 0).then_some(v != 0)
+    }
 }
 
 type NetFiles = [Option<File>; 4];

@@ -355,3 +355,55 @@ fn startup_race_reports_each_listener_exactly_once() {
         }
     }
 }
+
+/// /proc/net cannot tell a dual-stack `::` socket from an IPv6-only one; the snapshot
+/// asks the socket itself, since exposure depends on it.
+#[test]
+fn snapshot_knows_ipv6_only_from_dual_stack() {
+    if !can_run_kernel_tests() {
+        return;
+    }
+    let bind_any6 = |v6only: i32| -> (i32, u16) {
+        let fd = raw::socket(libc::AF_INET6, libc::SOCK_STREAM);
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_IPV6,
+                libc::IPV6_V6ONLY,
+                std::ptr::from_ref(&v6only).cast(),
+                size_of::<i32>() as u32,
+            )
+        };
+        assert_eq!(rc, 0);
+        let sa: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+        let sa = libc::sockaddr_in6 {
+            sin6_family: libc::AF_INET6 as u16,
+            ..sa
+        };
+        let rc = unsafe {
+            libc::bind(
+                fd,
+                std::ptr::from_ref(&sa).cast(),
+                size_of::<libc::sockaddr_in6>() as u32,
+            )
+        };
+        assert_eq!(rc, 0, "bind [::]:0");
+        assert_eq!(raw::listen(fd), 0);
+        (fd, raw::local_port(fd))
+    };
+    let (only, only_port) = bind_any6(1);
+    let (dual, dual_port) = bind_any6(0);
+    let mut agent = Agent::start(&[]);
+    let e = agent.expect("v6only listener", |e| {
+        is(e, "listener-present", me(), only_port)
+    });
+    assert_eq!(e["portwatch"]["socket"]["v6only"], true, "{e}");
+    assert_eq!(e["portwatch"]["exposure"]["stack"], "ipv6-only", "{e}");
+    let d = agent.expect("dual-stack listener", |e| {
+        is(e, "listener-present", me(), dual_port)
+    });
+    assert_eq!(d["portwatch"]["socket"]["v6only"], false, "{d}");
+    assert_eq!(d["portwatch"]["exposure"]["stack"], "dual-stack", "{d}");
+    raw::close(only);
+    raw::close(dual);
+}
