@@ -104,7 +104,6 @@ pub fn load(opts: &Options) -> anyhow::Result<Sensor> {
         }
     };
 
-    attach_tracepoint(&mut ebpf, "listen_state", "sock", "inet_sock_set_state")?;
     let cgroup = File::open(&cgroup_root)
         .with_context(|| format!("opening cgroup2 root {}", cgroup_root.display()))?;
     let prog: &mut SockOps = ebpf
@@ -140,6 +139,9 @@ pub fn load(opts: &Options) -> anyhow::Result<Sensor> {
                 )
             })?;
     }
+    // The state tracepoint goes last: a LISTEN it parks must always be followed by the
+    // sock_ops confirmation, or its close would be mistaken for a failed listen().
+    attach_tracepoint(&mut ebpf, "listen_state", "sock", "inet_sock_set_state")?;
     log::info!(
         "hooks attached: tracepoint sock:inet_sock_set_state, cgroup sock_ops \
          (TCP_LISTEN_CB), post_bind4/post_bind6/sock_release on {}",
