@@ -397,12 +397,3 @@ mod tests {
         assert_eq!(offsets.sock_num, 14);
     }
 }
-#[cfg(test)]
-mod debug_print {
-    #[test]
-    fn print_offsets() {
-        let data = std::fs::read("/sys/kernel/btf/vmlinux").unwrap();
-        let btf = super::Btf::parse(&data).unwrap();
-        println!("{:?}", btf.kernel_offsets());
-    }
-}
