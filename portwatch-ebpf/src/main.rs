@@ -165,7 +165,7 @@ fn try_listen_state(ctx: &TracePointContext) -> Result<u32, u32> {
         return Ok(0);
     }
     let port: u16 = tp_field(ctx, TP_SPORT);
-    emit(
+    submit(&build(
         Kind::ListenStopped,
         now,
         pid_tgid,
@@ -175,7 +175,7 @@ fn try_listen_state(ctx: &TracePointContext) -> Result<u32, u32> {
         port,
         &addr,
         0,
-    );
+    ));
     Ok(0)
 }
 
@@ -294,7 +294,7 @@ pub fn udp_release(ctx: SockContext) -> i32 {
         return 1;
     };
     let _ = BOUND.remove(sock);
-    emit(
+    submit(&build(
         Kind::UdpReleased,
         now,
         bpf_get_current_pid_tgid(),
@@ -304,7 +304,7 @@ pub fn udp_release(ctx: SockContext) -> i32 {
         b.port,
         &b.addr,
         0,
-    );
+    ));
     1
 }
 
@@ -320,7 +320,7 @@ fn udp_bound(sock: u64, family: u16, port: u16, addr: [u8; 16]) {
         count(stat::BOUND_FULL);
     }
     let now = unsafe { bpf_ktime_get_ns() };
-    emit(
+    submit(&build(
         Kind::UdpBound,
         now,
         bpf_get_current_pid_tgid(),
@@ -330,27 +330,6 @@ fn udp_bound(sock: u64, family: u16, port: u16, addr: [u8; 16]) {
         port,
         &addr,
         0,
-    );
-}
-
-#[expect(
-    clippy::too_many_arguments,
-    reason = "flat record fill, inlined into each probe"
-)]
-#[inline(always)]
-fn emit(
-    kind: Kind,
-    ktime_ns: u64,
-    pid_tgid: u64,
-    sock: u64,
-    family: u16,
-    protocol: u16,
-    port: u16,
-    addr: &[u8; 16],
-    extra: u32,
-) {
-    submit(&build(
-        kind, ktime_ns, pid_tgid, sock, family, protocol, port, addr, extra,
     ));
 }
 

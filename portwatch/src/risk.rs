@@ -126,8 +126,9 @@ impl Assessor {
             None
         };
         let exposure = Exposure::new(addr, v6only, ifaces.as_deref().map(Vec::as_slice));
-        let unit = ev.portwatch.systemd.as_ref().and_then(|s| s.unit.clone());
-        let container = ev.container.as_ref().map(|c| c.id.clone());
+        // Shared handles, not copies of their strings: this runs for every new listener.
+        let systemd = ev.portwatch.systemd.clone();
+        let container = ev.container.clone();
         let listener = Listener {
             transport,
             addr,
@@ -135,8 +136,8 @@ impl Assessor {
             v6only,
             process_name: process.as_ref().and_then(|p| p.name.as_deref()),
             executable: process.as_ref().and_then(|p| p.executable.as_deref()),
-            systemd_unit: unit.as_deref(),
-            container_id: container.as_deref(),
+            systemd_unit: systemd.as_ref().and_then(|s| s.unit.as_deref()),
+            container_id: container.as_ref().map(|c| c.id.as_str()),
             pid,
         };
         let verdict = self.classifier.classify(&listener, &exposure);

@@ -459,12 +459,13 @@ pub fn run(
             "output to /dev/null: attach detected from its bpf_link fds ({links})"
         ));
     }
-    let prog_ids = util::bpf_prog_ids(pid);
-    let before = if o.kernel_stats {
-        util::prog_samples(&prog_ids)
+    // Sampled only when kernel statistics are asked for: no ids, no samples.
+    let prog_ids = if o.kernel_stats {
+        util::bpf_prog_ids(pid)
     } else {
         Vec::new()
     };
+    let before = util::prog_samples(&prog_ids);
     let cpu0 = util::cpu_seconds(pid);
 
     let load = load()?;
@@ -475,11 +476,7 @@ pub fn run(
     }
     let cpu1 = util::cpu_seconds(pid);
     let hwm = util::vm_hwm_kib(pid);
-    let after = if o.kernel_stats {
-        util::prog_samples(&prog_ids)
-    } else {
-        Vec::new()
-    };
+    let after = util::prog_samples(&prog_ids);
     let mut child = guard.0.take().expect("child");
     let st = stop(&mut child, libc::SIGTERM, Duration::from_secs(20))?;
     if !st.success() {

@@ -131,12 +131,13 @@ pub fn run_bpftrace(
     // "Attaching N probes..." is printed just before the attach calls.
     thread::sleep(Duration::from_millis(500));
     let sentinel_port = sentinel(kind)?;
-    let prog_ids = util::bpf_prog_ids(pid);
-    let before = if o.kernel_stats {
-        util::prog_samples(&prog_ids)
+    // Sampled only when kernel statistics are asked for: no ids, no samples.
+    let prog_ids = if o.kernel_stats {
+        util::bpf_prog_ids(pid)
     } else {
         Vec::new()
     };
+    let before = util::prog_samples(&prog_ids);
     let cpu0 = util::cpu_seconds(pid);
 
     let load = match load() {
@@ -153,11 +154,7 @@ pub fn run_bpftrace(
     }
     let cpu1 = util::cpu_seconds(pid);
     let hwm = util::vm_hwm_kib(pid);
-    let after = if o.kernel_stats {
-        util::prog_samples(&prog_ids)
-    } else {
-        Vec::new()
-    };
+    let after = util::prog_samples(&prog_ids);
     // SAFETY: signalling our own child; bpftrace flushes its output on SIGINT.
     unsafe { libc::kill(pid as i32, libc::SIGINT) };
     let t = Instant::now();

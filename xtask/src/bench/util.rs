@@ -93,6 +93,9 @@ pub struct ProgSample {
 /// to move).
 pub fn prog_samples(ids: &[u32]) -> Vec<ProgSample> {
     let mut out = Vec::new();
+    if ids.is_empty() {
+        return out;
+    }
     for info in aya::programs::loaded_programs().flatten() {
         if !ids.contains(&info.id()) {
             continue;
