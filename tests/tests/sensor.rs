@@ -238,16 +238,22 @@ fn agent_leaves_no_program_attached_after_exit() {
     if !can_run_kernel_tests() {
         return;
     }
+    // Identify this agent's programs by id (taken while it runs), not by name alone:
+    // another portwatch on the host (a parallel test run) loads programs of the same names.
     let names = portwatch::probes::PROGRAMS;
-    let ours = || -> Vec<String> {
+    let ours = || -> Vec<(u32, String)> {
         aya::programs::loaded_programs()
             .filter_map(Result::ok)
-            .filter_map(|p| p.name_as_str().map(str::to_owned))
-            .filter(|n| names.contains(&n.as_str()))
+            .filter_map(|p| Some((p.id(), p.name_as_str()?.to_owned())))
+            .filter(|(_, n)| names.contains(&n.as_str()))
             .collect()
     };
+    let before: Vec<u32> = ours().into_iter().map(|(id, _)| id).collect();
     let agent = Agent::start(&["--no-snapshot"]);
-    let loaded = ours();
+    let loaded: Vec<(u32, String)> = ours()
+        .into_iter()
+        .filter(|(id, _)| !before.contains(id))
+        .collect();
     assert!(
         loaded.len() >= names.len(),
         "programs while running: {loaded:?}"
@@ -258,7 +264,8 @@ fn agent_leaves_no_program_attached_after_exit() {
     // Program teardown is asynchronous in the kernel (RCU): poll, with a deadline.
     let end = Instant::now() + Duration::from_secs(10);
     loop {
-        let left = ours();
+        let now: Vec<u32> = ours().into_iter().map(|(id, _)| id).collect();
+        let left: Vec<&(u32, String)> = loaded.iter().filter(|(id, _)| now.contains(id)).collect();
         if left.is_empty() {
             break;
         }
