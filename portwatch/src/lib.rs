@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod btf;
 pub mod classify;
+pub mod cli;
 pub mod emit;
 pub mod enrich;
 pub mod event;
