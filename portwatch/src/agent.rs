@@ -4,7 +4,7 @@
 use std::{
     collections::{HashMap, HashSet},
     path::PathBuf,
-    sync::Arc,
+    sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
 
@@ -18,7 +18,7 @@ use tokio::{
 
 use crate::{
     classify::{Lang, Policy},
-    emit::{Closed, Emitter, Format},
+    emit::{Closed, Format, Output},
     enrich::{Enricher, Owner},
     event::{
         Agent, Boot, ECS_VERSION, Ecs, Event, EventMeta, Host, Lost, Named, Network, Portwatch,
@@ -52,6 +52,8 @@ const SNAPSHOT_GRACE: Duration = Duration::from_secs(5);
 /// Site policy and language for alerts.
 pub struct PolicyOptions {
     pub rules: Option<Policy>,
+    /// Where `rules` came from: re-read on SIGHUP.
+    pub rules_path: Option<PathBuf>,
     pub lang: Lang,
 }
 
@@ -61,6 +63,12 @@ pub struct WatchOptions {
     pub output: Option<PathBuf>,
     pub ring_bytes: u32,
     pub snapshot: bool,
+    /// Bound of the queue between the event loop and the output thread.
+    pub queue_events: usize,
+    /// Period of `sensor-health` events; None: none.
+    pub health_interval: Option<Duration>,
+    /// Keep running when the start-up self-check finds a hook that delivers nothing.
+    pub allow_degraded: bool,
 }
 
 /// The socket half of a listener event.
@@ -78,10 +86,19 @@ struct Open {
     owner: Owner,
     user: Option<Named>,
     group: Option<Named>,
+    /// What the end event needs when it has to be made up by a resync (the end itself
+    /// was lost): the socket and, to know whether a scan covered it, its namespace.
+    transport: Transport,
+    addr: std::net::IpAddr,
+    port: u16,
+    netns: Option<u64>,
+    /// Keyed by socket inode (comparable with /proc), not by kernel address.
+    by_inode: bool,
 }
 
-/// Startup merge state: what the live stream reported while the snapshot ran, and what
-/// the snapshot reported (so a late live record for it is not a duplicate).
+/// Snapshot merge state: what the live stream reported while a /proc scan ran, and what
+/// the scan reported (so a late live record for it is not a duplicate). Used at start and
+/// by the resync after a loss.
 #[derive(Default)]
 struct Startup {
     live_started: HashSet<u64>,
@@ -91,13 +108,25 @@ struct Startup {
     grace_until: Option<Instant>,
 }
 
+/// Running totals for `sensor-health`.
+#[derive(Default)]
+struct Health {
+    records: u64,
+    records_at_last: u64,
+    last: Option<Instant>,
+    resyncs: u64,
+}
+
 pub struct Pipeline {
     enricher: Enricher,
-    emitter: Emitter,
+    output: Output,
     host: Arc<Host>,
     agent: Arc<Agent>,
     host_netns: Option<u64>,
-    seq: u64,
+    /// The agent's own sockets (self-check, sinks) are never reported: seen ones are
+    /// noted here for the self-check.
+    own_pid: u32,
+    own_seen: Vec<(Kind, u16)>,
     open: HashMap<u64, Open>,
     startup: Startup,
     assessor: Assessor,
@@ -105,7 +134,10 @@ pub struct Pipeline {
     lost_total: u64,
     decode_errors: u64,
     untracked: u64,
-    pub emitted: u64,
+    /// A loss made the open-listener table doubtful: re-read /proc.
+    resync_wanted: bool,
+    health: Health,
+    rules_path: Option<PathBuf>,
 }
 
 fn host_info(boot_id: &str, machine_id: Option<String>) -> Arc<Host> {
@@ -119,13 +151,13 @@ fn host_info(boot_id: &str, machine_id: Option<String>) -> Arc<Host> {
 }
 
 impl Pipeline {
-    pub fn new(emitter: Emitter, cgroup_root: PathBuf, policy: PolicyOptions) -> Pipeline {
+    pub fn new(output: Output, cgroup_root: PathBuf, policy: PolicyOptions) -> Pipeline {
         let boot_id = procfs::boot_id().unwrap_or_default();
         let machine_id = procfs::machine_id().ok();
         let host_netns = snapshot::own_netns().ok();
         Pipeline {
             enricher: Enricher::new(cgroup_root, machine_id.as_deref().unwrap_or(""), &boot_id),
-            emitter,
+            output,
             host: host_info(&boot_id, machine_id),
             agent: Arc::new(Agent {
                 type_: "portwatch",
@@ -133,7 +165,8 @@ impl Pipeline {
                 version: env!("CARGO_PKG_VERSION"),
             }),
             host_netns,
-            seq: 0,
+            own_pid: std::process::id(),
+            own_seen: Vec::new(),
             open: HashMap::new(),
             startup: Startup::default(),
             assessor: Assessor::new(policy.rules, policy.lang, host_netns),
@@ -141,12 +174,14 @@ impl Pipeline {
             lost_total: 0,
             decode_errors: 0,
             untracked: 0,
-            emitted: 0,
+            resync_wanted: false,
+            health: Health::default(),
+            rules_path: policy.rules_path,
         }
     }
 
+    /// An event with the common fields; `event.sequence` is set when it is written.
     fn base(&mut self, wall_ns: i128, kind: &'static str, action: &'static str) -> Event {
-        self.seq += 1;
         let (category, type_): (&'static [&'static str], &'static [&'static str]) = match action {
             "listen-started" | "udp-bound" => (&["network"], &["start"]),
             "listen-stopped" | "udp-released" => (&["network"], &["end"]),
@@ -164,7 +199,7 @@ impl Pipeline {
                 action,
                 dataset: "portwatch.listener",
                 module: "portwatch",
-                sequence: self.seq,
+                sequence: 0,
                 duration: None,
                 severity: None,
                 created: sys::rfc3339(now),
@@ -186,35 +221,35 @@ impl Pipeline {
         }
     }
 
-    fn write(&mut self, ev: &Event) -> anyhow::Result<()> {
-        self.emitted += 1;
-        self.emitter.write(ev)
+    /// Queue an event for the output thread (never blocks; a drop is counted there).
+    fn write(&mut self, ev: Event) {
+        self.output.send(ev);
     }
 
-    /// Classify a new listener's event, write it, then its alert (never batched: the
-    /// alert goes out in the same flush as the event that raised it).
-    fn write_assessed(&mut self, mut ev: Event) -> anyhow::Result<Event> {
+    /// Classify a new listener's event, write it, then its alert right behind it.
+    fn write_assessed(&mut self, mut ev: Event) {
         let alert = self.assessor.assess(&mut ev);
-        self.write(&ev)?;
-        if let Some(mut alert) = alert {
-            self.seq += 1;
-            alert.event.sequence = self.seq;
-            self.write(&alert)?;
+        self.write(ev);
+        if let Some(alert) = alert {
+            self.write(alert);
         }
-        Ok(ev)
     }
 
-    pub fn flush(&mut self) -> anyhow::Result<()> {
-        self.emitter.flush()
+    /// Write everything queued and stop the output thread.
+    pub fn finish_output(&mut self) -> anyhow::Result<()> {
+        self.output.finish()
+    }
+
+    pub fn output_shared(&self) -> Arc<crate::emit::OutputShared> {
+        self.output.shared().clone()
     }
 
     /// A state event about the agent itself (`sensor-started`, `snapshot-complete`, ...).
-    pub fn state(&mut self, action: &'static str, stats: serde_json::Value) -> anyhow::Result<()> {
+    pub fn state(&mut self, action: &'static str, stats: serde_json::Value) {
         let now = self.enricher.clocks.wall_from_ktime(sys::monotonic_ns());
         let mut ev = self.base(now, "state", action);
         ev.portwatch.stats = Some(stats);
-        self.write(&ev)?;
-        self.flush()
+        self.write(ev);
     }
 
     fn listener_event(
@@ -256,15 +291,23 @@ impl Pipeline {
         r.inode.unwrap_or(r.sock_key)
     }
 
-    pub fn handle(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+    pub fn handle(&mut self, bytes: &[u8]) {
+        self.health.records += 1;
         let r = match ring::decode(bytes) {
             Ok(r) => r,
             Err(e) => {
                 self.decode_errors += 1;
                 log::warn!("dropping undecodable record: {e}");
-                return Ok(());
+                return;
             }
         };
+        if r.pid == self.own_pid {
+            // The agent's own sockets: noted for the self-check, never reported.
+            if self.own_seen.len() < 64 {
+                self.own_seen.push((r.kind, r.port));
+            }
+            return;
+        }
         let key = Self::key(&r);
         let wall = self.enricher.clocks.wall_from_ktime(r.ktime_ns);
         let socket = Socket {
@@ -281,7 +324,7 @@ impl Pipeline {
                 if self.startup.snapshot_running {
                     self.startup.live_started.insert(key);
                 } else if self.startup.reported.remove(&key) {
-                    return Ok(()); // the snapshot already reported this socket
+                    return; // the snapshot already reported this socket
                 }
                 let owner = self.enricher.owner_for_record(&r);
                 let user = Some(self.enricher.user(r.uid));
@@ -300,7 +343,7 @@ impl Pipeline {
                     group: group.clone(),
                 };
                 let ev = self.listener_event(action, wall, l, &owner);
-                self.write_assessed(ev)?;
+                self.write_assessed(ev);
                 if self.open.len() < OPEN_MAX {
                     self.open.insert(
                         key,
@@ -309,6 +352,11 @@ impl Pipeline {
                             owner,
                             user,
                             group,
+                            transport: r.transport,
+                            addr: r.addr,
+                            port: r.port,
+                            netns: r.netns.map(u64::from),
+                            by_inode: r.inode.is_some(),
                         },
                     );
                 } else {
@@ -321,7 +369,7 @@ impl Pipeline {
                 // may be one the snapshot is about to find); the rest are client sockets
                 // bound implicitly by a send.
                 if r.untracked && !self.startup.snapshot_running && !self.open.contains_key(&key) {
-                    return Ok(());
+                    return;
                 }
                 if self.startup.snapshot_running {
                     self.startup.live_stopped.insert(key);
@@ -355,10 +403,19 @@ impl Pipeline {
                 };
                 let mut ev = self.listener_event(action, wall, l, &owner);
                 ev.event.duration = duration;
-                self.write(&ev)?;
+                self.write(ev);
             }
         }
-        Ok(())
+    }
+
+    /// Whether the agent's own TCP listener on `tcp` and UDP bind on `udp` were seen.
+    fn own_seen(&self, tcp: u16, udp: u16) -> (bool, bool) {
+        let seen = |k: Kind, p: u16| {
+            self.own_seen
+                .iter()
+                .any(|&(kind, port)| kind == k && port == p)
+        };
+        (seen(Kind::ListenStarted, tcp), seen(Kind::UdpBound, udp))
     }
 
     pub fn snapshot_started(&mut self) {
@@ -367,26 +424,35 @@ impl Pipeline {
 
     /// Merge the /proc snapshot: report each listener the live stream has not already
     /// reported (started or stopped while the scan ran).
-    pub fn merge_snapshot(
-        &mut self,
-        found: Vec<snapshot::Found>,
-        took: Duration,
-    ) -> anyhow::Result<()> {
+    ///
+    /// With `resync` (after a loss) the scan is compared with the open-listener table:
+    /// listeners it finds that the table lacks are reported (`portwatch.resync`), and
+    /// listeners the table holds that the scan no longer finds get their end event.
+    pub fn merge_snapshot(&mut self, found: Vec<snapshot::Found>, took: Duration, resync: bool) {
         let now = self.enricher.clocks.wall_from_ktime(sys::monotonic_ns());
         let mut reported = 0u64;
         let mut skipped = 0u64;
         let mut owners = HashMap::new();
+        let mut seen = HashSet::new();
+        let mut scanned_netns = HashSet::new();
         for f in found {
             let key = f.socket.inode;
-            if key != 0
-                && (self.startup.live_started.contains(&key)
-                    || self.startup.live_stopped.contains(&key))
+            scanned_netns.insert(f.netns_ino);
+            seen.insert(key);
+            if f.owners.contains(&self.own_pid)
+                || (key != 0
+                    && (self.startup.live_started.contains(&key)
+                        || self.startup.live_stopped.contains(&key)
+                        || (resync && self.open.contains_key(&key))))
             {
                 skipped += 1;
                 continue;
             }
-            let (ev, owner, user) = self.present(&f, now, &mut owners);
-            self.write_assessed(ev)?;
+            let (mut ev, owner, user) = self.present(&f, now, &mut owners);
+            ev.portwatch.resync = resync;
+            let transport = transport_of(f.socket.transport);
+            let (addr, port) = (f.socket.addr, f.socket.port);
+            self.write_assessed(ev);
             reported += 1;
             if key != 0 {
                 self.startup.reported.insert(key);
@@ -396,23 +462,88 @@ impl Pipeline {
                         owner,
                         user,
                         group: None,
+                        transport,
+                        addr,
+                        port,
+                        netns: Some(f.netns_ino),
+                        by_inode: true,
                     };
                     self.open.insert(key, open);
                 }
             }
         }
+        let mut ended = 0u64;
+        if resync {
+            // Open in the table, in a namespace the scan read, started before the scan
+            // and not found by it: its end was among the events lost.
+            let gone: Vec<u64> = self
+                .open
+                .iter()
+                .filter(|(key, o)| {
+                    o.by_inode
+                        && o.netns.is_some_and(|n| scanned_netns.contains(&n))
+                        && !seen.contains(key)
+                        && !self.startup.live_started.contains(key)
+                })
+                .map(|(key, _)| *key)
+                .collect();
+            for key in gone {
+                let Some(o) = self.open.remove(&key) else {
+                    continue;
+                };
+                let socket = Socket {
+                    inode: Some(key),
+                    netns: o.netns,
+                    host_netns: o.netns.zip(self.host_netns).map(|(a, b)| a == b),
+                    ..Socket::default()
+                };
+                let action = match o.transport {
+                    Transport::Tcp => "listen-stopped",
+                    Transport::Udp => "udp-released",
+                };
+                let l = Listener {
+                    transport: o.transport,
+                    addr: o.addr,
+                    port: o.port,
+                    socket,
+                    user: o.user,
+                    group: o.group,
+                };
+                let mut ev = self.listener_event(action, now, l, &o.owner);
+                ev.portwatch.resync = true;
+                ev.message = Some(
+                    "closed at an unknown time while events were being lost (found by resync)"
+                        .into(),
+                );
+                self.write(ev);
+                ended += 1;
+            }
+            self.health.resyncs += 1;
+        }
         self.startup.snapshot_running = false;
         self.startup.live_started.clear();
         self.startup.live_stopped.clear();
         self.startup.grace_until = Some(Instant::now() + SNAPSHOT_GRACE);
-        self.state(
-            "snapshot-complete",
-            serde_json::json!({
-                "listeners": reported,
-                "already_reported_live": skipped,
-                "duration_ms": took.as_secs_f64() * 1e3,
-            }),
-        )
+        if resync {
+            self.state(
+                "resync-complete",
+                serde_json::json!({
+                    "listeners_found": reported,
+                    "listeners_ended": ended,
+                    "already_known": skipped,
+                    "duration_ms": took.as_secs_f64() * 1e3,
+                }),
+            );
+        } else {
+            self.state(
+                "snapshot-complete",
+                serde_json::json!({
+                    "listeners": reported,
+                    "already_reported_live": skipped,
+                    "duration_ms": took.as_secs_f64() * 1e3,
+                }),
+            );
+        }
     }
 
     /// The `listener-present` event for one socket found in /proc. `owners` caches
@@ -438,10 +569,7 @@ impl Pipeline {
                 o
             }
         };
-        let transport = match f.socket.transport {
-            snapshot::Transport::Tcp => Transport::Tcp,
-            snapshot::Transport::Udp => Transport::Udp,
-        };
+        let transport = transport_of(f.socket.transport);
         let user = Some(self.enricher.user(f.socket.uid));
         let inode = f.socket.inode;
         let socket = Socket {
@@ -479,13 +607,13 @@ impl Pipeline {
         out
     }
 
-    /// Write one event and flush (used by one-shot commands).
-    pub fn write_now(&mut self, ev: &Event) -> anyhow::Result<()> {
-        self.write(ev)
+    /// Write one event (one-shot commands).
+    pub fn write_now(&mut self, ev: Event) {
+        self.write(ev);
     }
 
     /// Periodic work: follow the wall clock, report losses, end the startup grace.
-    pub fn tick(&mut self, stats: Option<KernelStats>, last: bool) -> anyhow::Result<()> {
+    pub fn tick(&mut self, stats: Option<KernelStats>, last: bool) {
         self.enricher.clocks = sys::Clocks::now();
         if self
             .startup
@@ -498,22 +626,35 @@ impl Pipeline {
         if let Some(s) = stats {
             let ring = s.ring_full - self.kernel_seen.ring_full;
             if ring > 0 {
-                self.lost(ring, "ring-buffer-full")?;
+                self.lost(ring, "ring-buffer-full");
             }
             let untracked = (s.pending_full - self.kernel_seen.pending_full)
                 + (s.bound_full - self.kernel_seen.bound_full);
             if untracked > 0 {
-                self.lost(untracked, "kernel-map-full")?;
+                self.lost(untracked, "kernel-map-full");
             }
+            // Starts or ends went missing: the open-listener table may be wrong.
+            self.resync_wanted |= ring > 0 || untracked > 0;
             self.kernel_seen = s;
         }
         if self.decode_errors > 0 {
             let n = std::mem::take(&mut self.decode_errors);
-            self.lost(n, "decode-error")?;
+            self.lost(n, "decode-error");
         }
         if self.untracked > 0 {
             let n = std::mem::take(&mut self.untracked);
-            self.lost(n, "untracked")?;
+            self.lost(n, "untracked");
+        }
+        // Output-side losses. Reporting one may itself be dropped (queue still full):
+        // that drop is counted again and reported at a later tick.
+        let out = self.output.shared().clone();
+        let n = out.queue_dropped.swap(0, Ordering::Relaxed);
+        if n > 0 {
+            self.lost(n, "output-queue-full");
+        }
+        let n = out.write_lost.swap(0, Ordering::Relaxed);
+        if n > 0 {
+            self.lost(n, "output-error");
         }
         for (key, n) in self.assessor.quiet_folds(last) {
             let now = self.enricher.clocks.wall_from_ktime(sys::monotonic_ns());
@@ -546,12 +687,76 @@ impl Pipeline {
                 reference: None,
                 ruleset: "portwatch-catalogue",
             });
-            self.write(&ev)?;
+            self.write(ev);
         }
-        self.flush()
     }
 
-    fn lost(&mut self, count: u64, reason: &'static str) -> anyhow::Result<()> {
+    /// Whether a resync is due (a loss since the last one); clears the request.
+    pub fn take_resync(&mut self) -> bool {
+        std::mem::take(&mut self.resync_wanted)
+    }
+
+    /// `sensor-health`: what a monitoring system needs to trust the stream.
+    pub fn health(&mut self, hooks: &[&str], degraded: &[String]) {
+        let now = Instant::now();
+        let rate = self.health.last.map_or(0.0, |t| {
+            let secs = now.duration_since(t).as_secs_f64();
+            (self.health.records - self.health.records_at_last) as f64 / secs.max(1e-9)
+        });
+        self.health.last = Some(now);
+        self.health.records_at_last = self.health.records;
+        let out = self.output.shared().clone();
+        let (cpu, rss) = sys::self_usage();
+        let stats = serde_json::json!({
+            "hooks_attached": hooks,
+            "degraded": degraded,
+            "records_received": self.health.records,
+            "records_per_sec": (rate * 10.0).round() / 10.0,
+            "events_written": out.written.load(Ordering::Relaxed),
+            "lost_total": self.lost_total,
+            "queue_depth": out.depth.load(Ordering::Relaxed),
+            "output_write_errors": out.write_errors.load(Ordering::Relaxed),
+            "listeners_open": self.open.len(),
+            "resyncs": self.health.resyncs,
+            "cpu_seconds": cpu,
+            "rss_bytes": rss,
+        });
+        let wall = self.enricher.clocks.wall_from_ktime(sys::monotonic_ns());
+        let mut ev = self.base(wall, "metric", "sensor-health");
+        if !degraded.is_empty() {
+            ev.log = Some(crate::event::Log { level: "warning" });
+            ev.message = Some(format!("running degraded: {}", degraded.join("; ")));
+        }
+        ev.portwatch.stats = Some(stats);
+        self.write(ev);
+    }
+
+    /// SIGHUP: read the rules file again. A bad file keeps the rules in force and says
+    /// so in a `config-error` event.
+    pub fn reload_rules(&mut self) {
+        let Some(path) = self.rules_path.clone() else {
+            return;
+        };
+        let wall = self.enricher.clocks.wall_from_ktime(sys::monotonic_ns());
+        match crate::classify::load_rules(&path) {
+            Ok(policy) => {
+                self.assessor.set_policy(Some(policy));
+                log::info!("rules reloaded from {}", path.display());
+                let mut ev = self.base(wall, "state", "rules-reloaded");
+                ev.message = Some(format!("rules reloaded from {}", path.display()));
+                self.write(ev);
+            }
+            Err(e) => {
+                log::error!("{e}; keeping the rules in force");
+                let mut ev = self.base(wall, "state", "config-error");
+                ev.log = Some(crate::event::Log { level: "error" });
+                ev.message = Some(format!("{e}; the previous rules stay in force"));
+                self.write(ev);
+            }
+        }
+    }
+
+    fn lost(&mut self, count: u64, reason: &'static str) {
         self.lost_total += count;
         let now = self.enricher.clocks.wall_from_ktime(sys::monotonic_ns());
         let mut ev = self.base(now, "metric", "events-lost");
@@ -565,61 +770,92 @@ impl Pipeline {
             total: self.lost_total,
             reason,
         });
-        self.write(&ev)
+        self.write(ev);
     }
 }
 
-/// Drain everything the ring holds now (up to BATCH_MAX), then flush once.
-fn drain(ring: &mut RingBuf<MapData>, pipeline: &mut Pipeline) -> anyhow::Result<usize> {
+fn transport_of(t: snapshot::Transport) -> Transport {
+    match t {
+        snapshot::Transport::Tcp => Transport::Tcp,
+        snapshot::Transport::Udp => Transport::Udp,
+    }
+}
+
+/// How long the start-up self-check waits for the agent's own listener and bind.
+const SELF_CHECK_TIMEOUT: Duration = Duration::from_secs(3);
+/// Fewest seconds between two resyncs: each one re-reads /proc for the whole host.
+const RESYNC_MIN_GAP: Duration = Duration::from_secs(10);
+
+/// The hooks the stable set attaches (`sensor-started`, `sensor-health`).
+const HOOKS: &[&str] = &[
+    "tracepoint/sock/inet_sock_set_state",
+    "cgroup/sock_ops",
+    "cgroup/post_bind4",
+    "cgroup/post_bind6",
+    "cgroup/sock_release",
+];
+
+/// Drain everything the ring holds now (up to BATCH_MAX) into the output queue.
+fn drain(ring: &mut RingBuf<MapData>, pipeline: &mut Pipeline) -> usize {
     let mut n = 0;
     while n < BATCH_MAX {
         let Some(item) = ring.next() else { break };
-        pipeline.handle(&item)?;
+        pipeline.handle(&item);
         n += 1;
     }
-    if n > 0 {
-        pipeline.flush()?;
-    }
-    Ok(n)
+    n
 }
 
 /// Drain; when `busy`, go on polling until the ring has stayed empty for SPIN. Returns
 /// true when records are still waiting (a full batch, or the SPIN_MAX budget ran out
 /// while they kept coming), so the caller yields to the other event-loop branches.
-fn drain_for(
-    ring: &mut RingBuf<MapData>,
-    pipeline: &mut Pipeline,
-    busy: bool,
-) -> anyhow::Result<bool> {
-    if drain(ring, pipeline)? == BATCH_MAX {
-        return Ok(true);
+fn drain_for(ring: &mut RingBuf<MapData>, pipeline: &mut Pipeline, busy: bool) -> bool {
+    if drain(ring, pipeline) == BATCH_MAX {
+        return true;
     }
     if !busy {
-        return Ok(false);
+        return false;
     }
     let start = Instant::now();
     let mut quiet_since = start;
     loop {
-        match drain(ring, pipeline)? {
-            BATCH_MAX => return Ok(true),
+        match drain(ring, pipeline) {
+            BATCH_MAX => return true,
             0 => std::hint::spin_loop(),
             _ => quiet_since = Instant::now(),
         }
         let now = Instant::now();
         if now.duration_since(quiet_since) >= SPIN {
-            return Ok(false);
+            return false;
         }
         if now.duration_since(start) >= SPIN_MAX {
-            return Ok(true);
+            return true;
         }
     }
 }
 
+/// What the event loop needs besides the pipeline.
+struct RunConfig {
+    ring_bytes: u32,
+    snapshot: bool,
+    health_interval: Option<Duration>,
+    allow_degraded: bool,
+}
+
 pub async fn watch(opts: WatchOptions) -> anyhow::Result<()> {
-    let emitter = Emitter::new(opts.format, opts.output.as_deref())?;
+    // Opened first: an unwritable output is reported before anything is loaded.
+    let output = Output::new(
+        opts.format,
+        opts.output.as_deref(),
+        opts.queue_events,
+        false,
+    )?;
     let sensor = probes::load(&probes::Options {
         ring_bytes: opts.ring_bytes,
     })?;
+    // Loaded and attached: what is left needs only /proc and namespaces. Done before any
+    // other thread exists, so every thread runs with the reduced set.
+    sys::drop_capabilities(sys::RUNTIME_CAPS)?;
     let probes::Sensor {
         ebpf,
         ring,
@@ -631,35 +867,121 @@ pub async fn watch(opts: WatchOptions) -> anyhow::Result<()> {
     } = sensor;
     let WatchOptions {
         policy,
-        format: _,
-        output: _,
         ring_bytes,
         snapshot,
+        health_interval,
+        allow_degraded,
+        ..
     } = opts;
-    let mut pipeline = Pipeline::new(emitter, cgroup_root.clone(), policy);
+    let mut pipeline = Pipeline::new(output, cgroup_root.clone(), policy);
+    pipeline.output.start()?;
     // Loading parsed several MiB of kernel BTF that is now free: hand it back to the
     // system so the resident size of a long-running agent reflects its real state.
     // SAFETY: malloc_trim only releases free heap memory.
     unsafe { libc::malloc_trim(0) };
+    let config = RunConfig {
+        ring_bytes,
+        snapshot,
+        health_interval,
+        allow_degraded,
+    };
     let result = run(
         &mut pipeline,
         ring,
         &sensor_stats,
         sleep_flag,
         logger,
-        ring_bytes,
-        snapshot,
+        config,
     )
     .await;
-    // Final loss report and flush, even after an error in the loop.
+    // Final loss report, even after an error in the loop.
     let kernel = sensor_stats.read().ok();
     log::info!("kernel-side counters at exit: {kernel:?}");
-    let final_tick = pipeline.tick(kernel, true);
+    pipeline.tick(kernel, true);
     drop(ebpf); // detaches every program (bpf_link fds close)
-    match result.and(final_tick) {
+    let flushed = pipeline.finish_output();
+    match result.and(flushed) {
         Err(e) if e.is::<Closed>() => Ok(()),
         other => other,
     }
+}
+
+/// The agent's own loopback listener and bind, used to prove the hooks deliver.
+struct SelfCheck {
+    tcp: std::net::TcpListener,
+    udp: std::net::UdpSocket,
+}
+
+impl SelfCheck {
+    fn open() -> anyhow::Result<SelfCheck> {
+        let tcp = std::net::TcpListener::bind(("127.0.0.1", 0))
+            .context("self-check: opening a loopback TCP listener")?;
+        let udp = std::net::UdpSocket::bind(("127.0.0.1", 0))
+            .context("self-check: binding a loopback UDP socket")?;
+        Ok(SelfCheck { tcp, udp })
+    }
+
+    fn ports(&self) -> (u16, u16) {
+        let port = |a: std::io::Result<std::net::SocketAddr>| a.map_or(0, |a| a.port());
+        (port(self.tcp.local_addr()), port(self.udp.local_addr()))
+    }
+}
+
+/// Open a listener and a UDP bind, and wait until the ring brings both back. Returns the
+/// hooks that delivered nothing (empty: all good).
+async fn self_check(
+    ring: &mut RingBuf<MapData>,
+    pipeline: &mut Pipeline,
+) -> anyhow::Result<Vec<String>> {
+    let check = SelfCheck::open()?;
+    let (tcp, udp) = check.ports();
+    let t0 = Instant::now();
+    let (mut tcp_ok, mut udp_ok) = (false, false);
+    while t0.elapsed() < SELF_CHECK_TIMEOUT {
+        drain(ring, pipeline);
+        (tcp_ok, udp_ok) = pipeline.own_seen(tcp, udp);
+        if tcp_ok && udp_ok {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    drop(check);
+    let mut broken = Vec::new();
+    if !tcp_ok {
+        broken.push(format!(
+            "TCP listen hooks (tracepoint sock/inet_sock_set_state + cgroup sock_ops) reported \
+             nothing for the agent's own listener on 127.0.0.1:{tcp} within {SELF_CHECK_TIMEOUT:?}"
+        ));
+    }
+    if !udp_ok {
+        broken.push(format!(
+            "UDP bind hook (cgroup post_bind4) reported nothing for the agent's own bind on \
+             127.0.0.1:{udp} within {SELF_CHECK_TIMEOUT:?}"
+        ));
+    }
+    log::info!(
+        "self-check: {} in {:.1} ms",
+        if broken.is_empty() {
+            "passed"
+        } else {
+            "FAILED"
+        },
+        t0.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(broken)
+}
+
+/// Start a /proc scan on a blocking thread; its result arrives on the returned channel.
+fn spawn_scan() -> tokio::sync::oneshot::Receiver<(std::io::Result<Vec<snapshot::Found>>, Duration)>
+{
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::task::spawn_blocking(move || {
+        let t = Instant::now();
+        let res = snapshot::scan();
+        // The receiver is gone only if the agent is already shutting down.
+        let _ = tx.send((res, t.elapsed()));
+    });
+    rx
 }
 
 async fn run(
@@ -668,8 +990,7 @@ async fn run(
     stats: &probes::StatsReader,
     mut sleep_flag: probes::SleepFlag,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
-    ring_bytes: u32,
-    snapshot: bool,
+    config: RunConfig,
 ) -> anyhow::Result<()> {
     let mut last_wake = Instant::now() - BUSY_GAP;
     // Records are submitted without a wake-up unless this flag is up: raise it before
@@ -687,43 +1008,56 @@ async fn run(
     };
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let health_every = config.health_interval.unwrap_or(Duration::from_secs(3600));
+    let mut health =
+        tokio::time::interval_at(tokio::time::Instant::now() + health_every, health_every);
+    let out = pipeline.output_shared();
 
     // Every live start from the moment the probes attached is remembered until the
     // snapshot is merged, so the snapshot never reports one a second time.
-    if snapshot {
+    if config.snapshot {
         pipeline.snapshot_started();
     }
     // (The flag stays up while draining here: at worst a spare wake-up.)
     sleep_flag.going_to_sleep()?;
-    drain(ring.get_mut(), pipeline)?;
+    drain(ring.get_mut(), pipeline);
+
+    // Prove the hooks deliver before claiming to watch.
+    let degraded = self_check(ring.get_mut(), pipeline).await?;
+    if !degraded.is_empty() && !config.allow_degraded {
+        anyhow::bail!(
+            "self-check failed: {}; the kernel accepted the hooks but they deliver nothing \
+             (run with --allow-degraded to keep running anyway)",
+            degraded.join("; ")
+        );
+    }
+    for d in &degraded {
+        log::warn!("running degraded: {d}");
+    }
     pipeline.state(
         "sensor-started",
         serde_json::json!({
-            "hooks": ["tracepoint/sock/inet_sock_set_state", "cgroup/sock_ops",
-                      "cgroup/post_bind4", "cgroup/post_bind6", "cgroup/sock_release"],
-            "ring_buffer_bytes": ring_bytes,
+            "hooks": HOOKS,
+            "self_check": if degraded.is_empty() { "passed" } else { "failed" },
+            "degraded": degraded,
+            "ring_buffer_bytes": config.ring_bytes,
             "pid": std::process::id(),
         }),
-    )?;
+    );
 
     // Probes are attached and the ring is being drained: now read what already exists.
-    let (snap_tx, mut snap_rx) = tokio::sync::oneshot::channel();
-    let mut snapshot_pending = snapshot;
-    if snapshot {
-        tokio::task::spawn_blocking(move || {
-            let t = Instant::now();
-            let res = snapshot::scan();
-            // The receiver is gone only if the agent is already shutting down.
-            let _ = snap_tx.send((res, t.elapsed()));
-        });
-    }
+    let mut scan = config.snapshot.then(spawn_scan);
+    let mut scan_is_resync = false;
+    let mut last_resync: Option<Instant> = None;
 
     loop {
         tokio::select! {
             biased;
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
+            _ = out.closed_notify.notified() => break,
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("waiting on the ring buffer")?;
                 sleep_flag.awake()?;
@@ -731,21 +1065,33 @@ async fn run(
                 // instead of blocking, so the kernel side need not wake us per record.
                 let busy = last_wake.elapsed() < BUSY_GAP;
                 last_wake = Instant::now();
-                if drain_for(guard.get_inner_mut(), pipeline, busy)? {
+                if drain_for(guard.get_inner_mut(), pipeline, busy) {
                     continue; // more is waiting: stay ready, let signals and timers in
                 }
                 sleep_flag.going_to_sleep()?;
-                if drain(guard.get_inner_mut(), pipeline)? == 0 {
+                if drain(guard.get_inner_mut(), pipeline) == 0 {
                     guard.clear_ready();
                 } else {
                     sleep_flag.awake()?;
                 }
             }
-            res = &mut snap_rx, if snapshot_pending => {
-                snapshot_pending = false;
+            res = async { scan.as_mut().expect("guarded by is_some").await }, if scan.is_some() => {
+                scan = None;
                 let (found, took) = res.context("snapshot task vanished")?;
-                let found = found.context("reading the listeners already open from /proc")?;
-                pipeline.merge_snapshot(found, took)?;
+                match found {
+                    Ok(found) => pipeline.merge_snapshot(found, took, scan_is_resync),
+                    // At start a failed scan is fatal (the user asked for it); a resync
+                    // that fails is retried after the next loss.
+                    Err(e) if scan_is_resync => log::error!("resync: reading /proc: {e}"),
+                    Err(e) => {
+                        return Err(anyhow::Error::new(e)
+                            .context("reading the listeners already open from /proc"));
+                    }
+                }
+            }
+            _ = sighup.recv() => {
+                out.reopen.store(true, Ordering::Relaxed);
+                pipeline.reload_rules();
             }
             guard = async {
                 match logger.as_mut() {
@@ -757,11 +1103,26 @@ async fn run(
                 guard.get_inner_mut().flush();
                 guard.clear_ready();
             }
-            _ = tick.tick() => pipeline.tick(stats.read().ok(), false)?,
+            _ = health.tick(), if config.health_interval.is_some() => {
+                pipeline.health(HOOKS, &degraded);
+            }
+            _ = tick.tick() => {
+                pipeline.tick(stats.read().ok(), false);
+                // After a loss the open-listener table may be wrong: re-read /proc (no
+                // more often than RESYNC_MIN_GAP; the request waits until then).
+                let due = last_resync.is_none_or(|t| t.elapsed() >= RESYNC_MIN_GAP);
+                if scan.is_none() && due && pipeline.take_resync() {
+                    log::info!("events were lost: re-reading the listeners from /proc");
+                    pipeline.snapshot_started();
+                    scan = Some(spawn_scan());
+                    scan_is_resync = true;
+                    last_resync = Some(Instant::now());
+                }
+            }
         }
     }
     // Whatever the kernel wrote before we stopped still goes out.
     let ring = ring.get_mut();
-    while drain(ring, pipeline)? == BATCH_MAX {}
+    while drain(ring, pipeline) == BATCH_MAX {}
     Ok(())
 }

@@ -41,6 +41,18 @@ pub enum Command {
         /// Run this many nice levels above normal (0 keeps normal priority).
         #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u8).range(0..=20))]
         priority_boost: u8,
+        /// Events the output may fall behind by before they are dropped (and counted).
+        #[arg(long, default_value_t = crate::emit::QUEUE_EVENTS,
+              value_parser = parse_queue_events)]
+        queue_events: usize,
+        /// Seconds between `sensor-health` events (0: none).
+        #[arg(long, default_value_t = 60, value_name = "SECS",
+              value_parser = clap::value_parser!(u64).range(0..=86_400))]
+        health_interval: u64,
+        /// Keep running when the start-up self-check finds a hook that delivers nothing
+        /// (reported in `sensor-started` and every `sensor-health`).
+        #[arg(long)]
+        allow_degraded: bool,
         #[command(flatten)]
         policy: PolicyArgs,
     },
@@ -95,7 +107,20 @@ impl PolicyArgs {
             Some(LangArg::Ja) => Lang::Ja,
             None => classify::lang_from_env(),
         };
-        Ok(agent::PolicyOptions { rules, lang })
+        Ok(agent::PolicyOptions {
+            rules,
+            rules_path: self.rules,
+            lang,
+        })
+    }
+}
+
+fn parse_queue_events(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (16..=1_048_576).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "`{s}` is not a number of events from 16 to 1048576"
+        )),
     }
 }
 

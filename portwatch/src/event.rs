@@ -177,6 +177,9 @@ pub struct Portwatch {
     pub alert: Option<crate::risk::AlertInfo>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lost: Option<Lost>,
+    /// Found or ended by the resync that follows a loss (not seen live).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub resync: bool,
     /// On `risky-listener-repeated`: alerts folded since the last one written.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub folded: Option<u64>,
@@ -229,7 +232,9 @@ pub struct Lost {
     pub count: u64,
     /// Events lost since the agent started.
     pub total: u64,
-    /// `ring-buffer-full` (the kernel could not reserve space), `decode-error`, or
-    /// `untracked` (a start could not be tracked: its end will carry no duration).
+    /// `ring-buffer-full` (the kernel could not reserve space), `kernel-map-full`,
+    /// `decode-error`, `untracked` (a start could not be tracked: its end will carry no
+    /// duration), `output-queue-full` (the output fell behind and the bounded queue
+    /// overflowed) or `output-error` (a write failed: disk full, I/O error).
     pub reason: &'static str,
 }

@@ -57,6 +57,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ring_bytes,
             no_snapshot,
             priority_boost,
+            queue_events,
+            health_interval,
+            allow_degraded,
             policy,
         } => {
             let policy = policy.load()?;
@@ -75,6 +78,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 output,
                 ring_bytes,
                 snapshot: !no_snapshot,
+                queue_events,
+                health_interval: (health_interval > 0)
+                    .then(|| std::time::Duration::from_secs(health_interval)),
+                allow_degraded,
                 policy,
             }))?;
             Ok(ExitCode::SUCCESS)

@@ -11,7 +11,7 @@ use anyhow::Context as _;
 
 use crate::{
     agent::{Pipeline, PolicyOptions},
-    emit::{Emitter, Format, sanitize},
+    emit::{Format, Output, QUEUE_EVENTS, sanitize},
     event::Event,
     procfs, snapshot,
 };
@@ -35,8 +35,10 @@ pub fn snapshot_command(format: SnapshotFormat, policy: PolicyOptions) -> anyhow
         .flatten()
         .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup"));
     let found = snapshot::scan().context("reading listeners from /proc")?;
-    let emitter = Emitter::new(Format::Json, None)?;
-    let mut pipeline = Pipeline::new(emitter, cgroup_root, policy);
+    // Blocking output: nothing is live here, so nothing may be dropped.
+    let mut output = Output::new(Format::Json, None, QUEUE_EVENTS, true)?;
+    output.start()?;
+    let mut pipeline = Pipeline::new(output, cgroup_root, policy);
     let mut events = pipeline.present_events(&found);
     events.sort_by(|a, b| sort_key(a).cmp(&sort_key(b)));
     let mut seq = 0;
@@ -49,13 +51,16 @@ pub fn snapshot_command(format: SnapshotFormat, policy: PolicyOptions) -> anyhow
     let alerts = events.iter().filter(|(_, a)| a.is_some()).count();
     match format {
         SnapshotFormat::Json => {
-            for (ev, alert) in &events {
-                pipeline.write_now(ev)?;
+            for (ev, alert) in events {
+                pipeline.write_now(ev);
                 if let Some(a) = alert {
-                    pipeline.write_now(a)?;
+                    pipeline.write_now(a);
                 }
             }
-            pipeline.flush()?;
+            match pipeline.finish_output() {
+                Err(e) if e.is::<crate::emit::Closed>() => {}
+                other => other?,
+            }
         }
         SnapshotFormat::Table => {
             let table = render_table(&events, color);

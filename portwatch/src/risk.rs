@@ -81,6 +81,11 @@ impl Assessor {
         }
     }
 
+    /// Replace the site rules (SIGHUP reload); the catalogue stays.
+    pub fn set_policy(&mut self, policy: Option<Policy>) {
+        self.classifier = Classifier::new(policy);
+    }
+
     /// Addresses of the listener's namespace, for wildcard binds: the agent's own for the
     /// host namespace, else read through `/proc/<pid>/ns/net` of a process inside it.
     fn interfaces(&mut self, netns: Option<u64>, pid: Option<u32>) -> Option<Addrs> {

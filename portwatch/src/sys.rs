@@ -191,6 +191,108 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
+/// Capabilities the running agent keeps once its programs are loaded and attached:
+/// `CAP_SYS_PTRACE` (read `/proc/<pid>/exe` and `/proc/<pid>/fd` of any process, borrow
+/// a socket with `pidfd_getfd` for its `IPV6_V6ONLY`), `CAP_DAC_READ_SEARCH` (read
+/// `/proc/<pid>` files and walk the cgroup tree whatever their modes), `CAP_SYS_ADMIN`
+/// (enter another network namespace with `setns` to read its addresses and listeners;
+/// also what kernels before 6.5 check for any `bpf()` call, the ring's included).
+/// Everything else (CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_SYS_RESOURCE, CAP_SYS_NICE,
+/// CAP_DAC_OVERRIDE, CAP_SETUID, ...) is dropped, from the bounding set too.
+pub const RUNTIME_CAPS: &[u32] = &[CAP_DAC_READ_SEARCH, CAP_SYS_PTRACE, CAP_SYS_ADMIN];
+
+// include/uapi/linux/capability.h (libc does not export them).
+pub const CAP_DAC_READ_SEARCH: u32 = 2;
+pub const CAP_SYS_PTRACE: u32 = 19;
+pub const CAP_SYS_ADMIN: u32 = 21;
+
+/// Reduce this thread's capabilities (and the bounding set) to `keep`. Call it before
+/// starting other threads: capabilities are per thread and inherited at creation.
+pub fn drop_capabilities(keep: &[u32]) -> anyhow::Result<()> {
+    let last: u32 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(40);
+    // The bounding set first: dropping from it needs CAP_SETPCAP, about to go.
+    for cap in (0..=last).filter(|c| !keep.contains(c)) {
+        // SAFETY: prctl with integer arguments only.
+        let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            // EPERM: no CAP_SETPCAP (already dropped by the service manager): the
+            // bounding set is someone else's to set; the effective set below still is ours.
+            if e.raw_os_error() != Some(libc::EPERM) {
+                anyhow::bail!("dropping capability {cap} from the bounding set: {e}");
+            }
+        }
+    }
+    let mut mask = [0u32; 2];
+    for &cap in keep {
+        mask[(cap / 32) as usize] |= 1 << (cap % 32);
+    }
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    // _LINUX_CAPABILITY_VERSION_3: two 32-bit words per set.
+    let mut header = Header {
+        version: 0x2008_0522,
+        pid: 0,
+    };
+    let data = [0, 1].map(|i| Data {
+        effective: mask[i],
+        permitted: mask[i],
+        inheritable: 0,
+    });
+    // SAFETY: capset reads a v3 header and two data words, both valid for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_capset,
+            std::ptr::from_mut(&mut header),
+            data.as_ptr(),
+        )
+    };
+    if rc != 0 {
+        anyhow::bail!(
+            "dropping capabilities after attaching: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    log::info!(
+        "capabilities reduced to {keep:?} (CAP_DAC_READ_SEARCH, CAP_SYS_PTRACE, CAP_SYS_ADMIN)"
+    );
+    Ok(())
+}
+
+/// CPU seconds used and resident bytes of this process (for `sensor-health`).
+pub fn self_usage() -> (f64, u64) {
+    // SAFETY: getrusage fills the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    let cpu = if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } == 0 {
+        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        tv(ru.ru_utime) + tv(ru.ru_stime)
+    } else {
+        0.0
+    };
+    let rss = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| {
+            // SAFETY: sysconf has no preconditions.
+            let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+            pages * u64::try_from(page).unwrap_or(4096)
+        });
+    (cpu, rss)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
