@@ -169,8 +169,15 @@ impl Drop for Output {
     }
 }
 
-/// Where the bytes go: stdout or an append-only file (created 0600).
-struct Sink(File);
+/// Where the bytes go: stdout or an append-only file (created 0600). For a regular
+/// file, a write that fails half-way (disk full) is cut back to the last whole line.
+struct Sink {
+    file: File,
+    regular: bool,
+    /// A failed write may have left half a line that could not be cut back: the next
+    /// batch starts with a newline so that at most that one line is damaged.
+    broken_line: bool,
+}
 
 impl Sink {
     fn open(path: Option<&Path>) -> anyhow::Result<(Sink, bool)> {
@@ -180,7 +187,14 @@ impl Sink {
                     .as_fd()
                     .try_clone_to_owned()
                     .context("duplicating stdout")?;
-                Ok((Sink(File::from(fd)), io::stdout().is_terminal()))
+                let file = File::from(fd);
+                let regular = file.metadata().is_ok_and(|m| m.is_file());
+                let sink = Sink {
+                    file,
+                    regular,
+                    broken_line: false,
+                };
+                Ok((sink, io::stdout().is_terminal()))
             }
             Some(p) => {
                 let f = OpenOptions::new()
@@ -195,9 +209,33 @@ impl Sink {
                             p.display()
                         )
                     })?;
-                Ok((Sink(f), false))
+                let regular = f.metadata().is_ok_and(|m| m.is_file());
+                let sink = Sink {
+                    file: f,
+                    regular,
+                    broken_line: false,
+                };
+                Ok((sink, false))
             }
         }
+    }
+
+    /// Write all of `buf`, or (regular files) nothing: the stream stays whole lines.
+    fn write_batch(&mut self, buf: &[u8]) -> io::Result<()> {
+        let before = if self.regular {
+            self.file.metadata().ok().map(|m| m.len())
+        } else {
+            None
+        };
+        if self.broken_line {
+            self.file.write_all(b"\n")?;
+            self.broken_line = false;
+        }
+        let res = self.file.write_all(buf);
+        if res.is_err() {
+            self.broken_line = before.is_none_or(|len| self.file.set_len(len).is_err());
+        }
+        res
     }
 }
 
@@ -230,7 +268,7 @@ impl Writer {
             if self.shared.reopen.swap(false, Ordering::Relaxed) {
                 self.reopen();
             }
-            match self.sink.0.write_all(&self.buf) {
+            match self.sink.write_batch(&self.buf) {
                 Ok(()) => {
                     self.shared.written.fetch_add(n as u64, Ordering::Relaxed);
                 }
@@ -240,6 +278,9 @@ impl Writer {
                     return;
                 }
                 Err(e) => {
+                    // The batch was cut back: its numbers are given to the next events,
+                    // so the file stays gap-free and the loss is told by events-lost.
+                    self.seq -= n as u64;
                     self.shared.write_errors.fetch_add(1, Ordering::Relaxed);
                     self.shared
                         .write_lost

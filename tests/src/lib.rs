@@ -42,19 +42,7 @@ pub struct Agent {
 impl Agent {
     /// Start `portwatch watch --format json ARGS` and wait until its probes are attached.
     pub fn start(args: &[&str]) -> Agent {
-        let bin = agent_binary();
-        assert!(
-            bin.exists(),
-            "{} missing: run `cargo xtask test`",
-            bin.display()
-        );
-        let mut child = Command::new(&bin)
-            .args(["watch", "--format", "json"])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning {}: {e}", bin.display()));
+        let mut child = spawn_watch(args, Stdio::piped(), Stdio::inherit());
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, rx) = channel();
         thread::spawn(move || {
@@ -152,6 +140,45 @@ impl Drop for Agent {
             unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
             let _ = self.child.wait();
         }
+    }
+}
+
+/// `portwatch watch --format json ARGS` with the given stdout and stderr.
+pub fn spawn_watch(args: &[&str], stdout: Stdio, stderr: Stdio) -> Child {
+    let bin = agent_binary();
+    assert!(
+        bin.exists(),
+        "{} missing: run `cargo xtask test`",
+        bin.display()
+    );
+    Command::new(&bin)
+        .args(["watch", "--format", "json"])
+        .args(args)
+        .stdout(stdout)
+        .stderr(stderr)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {}: {e}", bin.display()))
+}
+
+/// Every line of a JSON-lines file, parsed (a line that is not JSON fails the test).
+pub fn read_json_lines(path: &std::path::Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+/// Poll `f` until it returns Some, or the deadline passes.
+pub fn poll<T>(deadline: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let end = Instant::now() + deadline;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= end {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(20));
     }
 }
 
