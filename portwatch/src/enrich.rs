@@ -141,7 +141,7 @@ impl Enricher {
                 // saw; executable and command line stay absent rather than guessed.
                 let p = Process {
                     pid: r.pid,
-                    name: Some(String::from_utf8_lossy(&r.comm).into_owned()),
+                    name: Some(procfs::escape_bytes(&r.comm)),
                     parent: r.ppid.map(|pid| Parent { pid }),
                     start: r
                         .start_boottime_ns

@@ -157,7 +157,7 @@ pub fn parse_stat(text: &str) -> Result<ProcStat, ParseError> {
 pub fn read_stat(pid: u32) -> io::Result<ProcStat> {
     // Lossy: comm is whatever bytes the process put in prctl(PR_SET_NAME).
     let bytes = read_capped(&proc_file(pid, "stat"), 4096)?;
-    parse_stat(&String::from_utf8_lossy(&bytes)).map_err(invalid_data)
+    parse_stat(&escape_bytes(&bytes)).map_err(invalid_data)
 }
 
 /// Parses the `Uid:` and `Gid:` lines of `/proc/<pid>/status` into (real uid, real gid).
@@ -202,12 +202,29 @@ pub fn split_deleted(target: &str) -> (&str, bool) {
     }
 }
 
-/// The executable of `pid` (readlink `/proc/<pid>/exe`, lossy UTF-8) and whether it has
+/// Text from kernel bytes (comm, argv, paths), which need not be UTF-8: valid UTF-8 is
+/// kept as it is, and each byte of an invalid sequence becomes `\xNN`, so nothing is
+/// lost or replaced by U+FFFD. (A name that literally contains `\xNN` reads the same;
+/// the kernel offers no way to quote it.) Control characters stay: JSON escapes them,
+/// and the text view shows them escaped.
+pub fn escape_bytes(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        out.push_str(chunk.valid());
+        for b in chunk.invalid() {
+            use std::fmt::Write as _;
+            let _ = write!(out, "\\x{b:02x}");
+        }
+    }
+    out
+}
+
+/// The executable of `pid` (readlink `/proc/<pid>/exe`, see [`escape_bytes`]) and whether it has
 /// been deleted (or replaced, as a package upgrade does) since the process started.
 /// Kernel threads have no executable: that is an error of kind NotFound.
 pub fn read_exe_deleted(pid: u32) -> io::Result<(String, bool)> {
     let target = fs::read_link(proc_file(pid, "exe"))?;
-    let text = String::from_utf8_lossy(target.as_os_str().as_bytes());
+    let text = escape_bytes(target.as_os_str().as_bytes());
     let (path, deleted) = split_deleted(&text);
     Ok((path.to_owned(), deleted))
 }
@@ -233,9 +250,7 @@ pub fn parse_cmdline(raw: &[u8]) -> Vec<String> {
         return Vec::new();
     }
     let raw = raw.strip_suffix(b"\0").unwrap_or(raw);
-    raw.split(|&b| b == 0)
-        .map(|arg| String::from_utf8_lossy(arg).into_owned())
-        .collect()
+    raw.split(|&b| b == 0).map(escape_bytes).collect()
 }
 
 /// The arguments of `pid`: split on NUL, the trailing empty dropped, lossy UTF-8, at
@@ -977,6 +992,15 @@ mod tests {
         assert_eq!(split_deleted("/usr/bin/foo"), ("/usr/bin/foo", false));
         assert_eq!(split_deleted(" (deleted)"), (" (deleted)", false));
         assert_eq!(split_deleted("/a (deleted) b"), ("/a (deleted) b", false));
+    }
+
+    #[test]
+    fn invalid_utf8_is_escaped_not_replaced() {
+        assert_eq!(escape_bytes(b"nginx"), "nginx");
+        assert_eq!(escape_bytes("caf\u{e9}".as_bytes()), "caf\u{e9}");
+        assert_eq!(escape_bytes(b"a\xffb\xc3"), "a\\xffb\\xc3");
+        assert_eq!(escape_bytes(b"new\nline\x1b[31m"), "new\nline\x1b[31m");
+        assert_eq!(parse_cmdline(b"x\0\xfe\0"), ["x", "\\xfe"]);
     }
 
     #[test]

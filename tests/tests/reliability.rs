@@ -531,3 +531,115 @@ fn capabilities_are_dropped_after_attach_and_own_sockets_are_silent() {
         "the agent reported its own sockets"
     );
 }
+
+/// A process whose comm and argv carry newlines, terminal escapes, invalid UTF-8 and a
+/// 128 KiB argument: its event is one valid JSON line with the bytes preserved (invalid
+/// ones as `\xNN`), and the text view shows no raw control character.
+#[test]
+fn hostile_process_names_and_command_lines_stay_one_safe_line() {
+    use std::{
+        ffi::OsStr,
+        io::Write as _,
+        os::unix::{ffi::OsStrExt as _, process::CommandExt as _},
+        process::Command,
+    };
+    if !can_run_kernel_tests() {
+        return;
+    }
+    // Text view alongside the JSON one.
+    let mut text_agent = Command::new(portwatch_tests::agent_binary())
+        .args(["watch", "--format", "text", "--no-snapshot"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _reap = Reap(text_agent.id());
+    let text_out = BufReader::new(text_agent.stdout.take().unwrap());
+    let (tx, text_lines) = std::sync::mpsc::channel::<Vec<u8>>();
+    std::thread::spawn(move || {
+        for l in text_out.split(b'\n') {
+            if tx.send(l.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    text_lines
+        .recv_timeout(Duration::from_secs(30))
+        .expect("text agent started");
+    let mut agent = Agent::start(&["--no-snapshot"]);
+
+    let comm: &[u8] = b"\x1b[1mAB\nCD\xffEFGH"; // 15 bytes, the kernel's limit
+    let argv0: &[u8] = b"evil\nname\x1b[2J\xff";
+    // 128 KiB of command line, as two arguments (one may hold at most 128 KiB - 1).
+    let big = "A".repeat(64 * 1024);
+    let hex: String = comm.iter().map(|b| format!("{b:02x}")).collect();
+    let mut helper = Command::new(env!("CARGO_BIN_EXE_pw-listen"))
+        .arg0(OsStr::from_bytes(argv0))
+        .arg("--title\x1b]0;pwned\x07")
+        .arg(OsStr::from_bytes(b"\xfe\xfd"))
+        .arg(&big)
+        .arg(&big)
+        .env("PW_COMM_HEX", hex)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut port_line = String::new();
+    BufReader::new(helper.stdout.take().unwrap())
+        .read_line(&mut port_line)
+        .unwrap();
+    let hp: u64 = port_line.trim().parse().unwrap();
+    let hpid = helper.id();
+    let ev = agent.expect("the hostile listener", |e| {
+        action(e) == "listen-started" && port(e) == hp && e["process"]["pid"] == hpid
+    });
+    // Done: let it exit.
+    helper.stdin.take().unwrap().flush().unwrap();
+    helper.wait().unwrap();
+
+    let p = &ev["process"];
+    assert_eq!(p["name"], "\u{1b}[1mAB\nCD\\xffEFGH", "{p}");
+    let args: Vec<&str> = p["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(args[0], "evil\nname\u{1b}[2J\\xff");
+    assert_eq!(args[1], "--title\u{1b}]0;pwned\u{7}");
+    assert_eq!(args[2], "\\xfe\\xfd");
+    // Kept up to the 64 KiB cap (of raw bytes; `\xNN` escapes add a few): the first big
+    // argument is cut short and the second is gone.
+    let kept: usize = args.iter().map(|a| a.len() + 1).sum();
+    assert_eq!(args.len(), 4, "{kept} bytes kept");
+    assert!(args[3].starts_with("AAAA") && args[3].len() < big.len());
+    assert!(kept <= 64 * 1024 + 16, "{kept} bytes kept");
+    let line = serde_json::to_string(&ev).unwrap();
+    assert!(
+        !line.contains('\n') && !line.contains('\u{1b}'),
+        "raw control bytes in JSON"
+    );
+
+    // The text view: the line for this listener, with nothing raw in it.
+    let end = Instant::now() + Duration::from_secs(10);
+    let needle = format!(":{hp} ");
+    let text = loop {
+        let left = end.saturating_duration_since(Instant::now());
+        let l = text_lines
+            .recv_timeout(left)
+            .expect("text line for the listener");
+        if String::from_utf8_lossy(&l).contains(&needle) {
+            break l;
+        }
+    };
+    let shown = String::from_utf8_lossy(&text).into_owned();
+    assert!(
+        !text.iter().any(|&b| b < 0x20 && b != b'\t'),
+        "raw control byte in the text view: {shown:?}"
+    );
+    assert!(shown.contains("\\x1b[1mAB\\x0aCD\\xffEFGH"), "{shown}");
+    unsafe { libc::kill(text_agent.id() as i32, libc::SIGTERM) };
+    text_agent.wait().unwrap();
+    let (status, _) = agent.stop();
+    assert!(status.success());
+}
