@@ -5,6 +5,7 @@
 //! there, with a line of progress per step.
 
 mod bench;
+mod soak;
 mod vm;
 
 use std::{
@@ -46,6 +47,9 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// Boot Debian's 6.1/6.12 kernels under QEMU and check the agent's events there.
     Vm(vm::VmArgs),
+    /// Set up, build, and run the agent under a steady mixed churn for minutes: prints
+    /// RSS over time, loss, and its listener table against /proc at the end.
+    Soak(soak::SoakArgs),
 }
 
 /// Debian packages, as verified in PLATFORM.md, plus what the tests and benchmarks drive.
@@ -73,6 +77,9 @@ fn main() -> ExitCode {
             .and_then(|()| build())
             .and_then(|()| bench::run(&args)),
         Cmd::Vm(args) => setup().and_then(|()| build()).and_then(|()| vm::run(&args)),
+        Cmd::Soak(args) => setup()
+            .and_then(|()| build())
+            .and_then(|()| soak::run(&args)),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
