@@ -60,7 +60,8 @@ pub struct PolicyOptions {
 pub struct WatchOptions {
     pub policy: PolicyOptions,
     pub format: Format,
-    pub output: Option<PathBuf>,
+    /// Where events go (at least one).
+    pub sinks: Vec<crate::emit::SinkSpec>,
     pub ring_bytes: u32,
     pub snapshot: bool,
     /// Bound of the queue between the event loop and the output thread.
@@ -648,13 +649,15 @@ impl Pipeline {
         // Output-side losses. Reporting one may itself be dropped (queue still full):
         // that drop is counted again and reported at a later tick.
         let out = self.output.shared().clone();
-        let n = out.queue_dropped.swap(0, Ordering::Relaxed);
-        if n > 0 {
-            self.lost(n, "output-queue-full");
-        }
-        let n = out.write_lost.swap(0, Ordering::Relaxed);
-        if n > 0 {
-            self.lost(n, "output-error");
+        for sink in &out.sinks {
+            let n = sink.queue_dropped.swap(0, Ordering::Relaxed);
+            if n > 0 {
+                self.lost_in(n, "output-queue-full", Some(&sink.name));
+            }
+            let n = sink.write_lost.swap(0, Ordering::Relaxed);
+            if n > 0 {
+                self.lost_in(n, "output-error", Some(&sink.name));
+            }
         }
         for (key, n) in self.assessor.quiet_folds(last) {
             let now = self.enricher.clocks.wall_from_ktime(sys::monotonic_ns());
@@ -712,10 +715,17 @@ impl Pipeline {
             "degraded": degraded,
             "records_received": self.health.records,
             "records_per_sec": (rate * 10.0).round() / 10.0,
-            "events_written": out.written.load(Ordering::Relaxed),
+            "events_written": out.sinks.iter().map(|s| s.written.load(Ordering::Relaxed)).max(),
             "lost_total": self.lost_total,
-            "queue_depth": out.depth.load(Ordering::Relaxed),
-            "output_write_errors": out.write_errors.load(Ordering::Relaxed),
+            "queue_depth": out.sinks.iter().map(|s| s.depth.load(Ordering::Relaxed)).max(),
+            "output_write_errors": out.sinks.iter().map(|s| s.write_errors.load(Ordering::Relaxed)).sum::<u64>(),
+            "sinks": out.sinks.iter().map(|s| serde_json::json!({
+                "name": s.name,
+                "connected": s.connected.load(Ordering::Relaxed),
+                "written": s.written.load(Ordering::Relaxed),
+                "queue_depth": s.depth.load(Ordering::Relaxed),
+                "write_errors": s.write_errors.load(Ordering::Relaxed),
+            })).collect::<Vec<_>>(),
             "listeners_open": self.open.len(),
             "resyncs": self.health.resyncs,
             "cpu_seconds": cpu,
@@ -757,18 +767,26 @@ impl Pipeline {
     }
 
     fn lost(&mut self, count: u64, reason: &'static str) {
+        self.lost_in(count, reason, None);
+    }
+
+    /// An `events-lost` event; `sink` names the output that lost them, for output losses
+    /// (the other sinks may have written those events).
+    fn lost_in(&mut self, count: u64, reason: &'static str, sink: Option<&str>) {
         self.lost_total += count;
         let now = self.enricher.clocks.wall_from_ktime(sys::monotonic_ns());
         let mut ev = self.base(now, "metric", "events-lost");
         ev.log = Some(crate::event::Log { level: "warning" });
+        let at = sink.map(|s| format!(" at {s}")).unwrap_or_default();
         ev.message = Some(format!(
-            "{count} events lost ({reason}); {} since start",
+            "{count} events lost{at} ({reason}); {} since start",
             self.lost_total
         ));
         ev.portwatch.lost = Some(Lost {
             count,
             total: self.lost_total,
             reason,
+            sink: sink.map(str::to_owned),
         });
         self.write(ev);
     }
@@ -844,12 +862,7 @@ struct RunConfig {
 
 pub async fn watch(opts: WatchOptions) -> anyhow::Result<()> {
     // Opened first: an unwritable output is reported before anything is loaded.
-    let output = Output::new(
-        opts.format,
-        opts.output.as_deref(),
-        opts.queue_events,
-        false,
-    )?;
+    let output = Output::new(opts.format, &opts.sinks, opts.queue_events, false)?;
     let sensor = probes::load(&probes::Options {
         ring_bytes: opts.ring_bytes,
     })?;
@@ -1090,7 +1103,7 @@ async fn run(
                 }
             }
             _ = sighup.recv() => {
-                out.reopen.store(true, Ordering::Relaxed);
+                out.reopen.fetch_add(1, Ordering::Relaxed);
                 pipeline.reload_rules();
             }
             guard = async {

@@ -29,9 +29,20 @@ pub enum Command {
         /// Output format [default: text on a terminal, json otherwise].
         #[arg(long, value_enum)]
         format: Option<Format>,
-        /// Append events to this file instead of stdout.
-        #[arg(long, short)]
-        output: Option<PathBuf>,
+        /// Append events to this file (created 0600, reopened on SIGHUP). Repeatable.
+        #[arg(long, short, value_name = "FILE")]
+        output: Vec<PathBuf>,
+        /// Send each event as RFC 5424 syslog to unix:/dev/log, udp:HOST:PORT or
+        /// tcp:HOST:PORT (octet-counted). Repeatable.
+        #[arg(long, value_name = "ENDPOINT")]
+        syslog: Vec<crate::emit::Endpoint>,
+        /// Stream JSON lines to tcp:HOST:PORT or unix:/PATH (Vector, Fluent Bit,
+        /// Logstash), reconnecting with back-off. Repeatable.
+        #[arg(long, value_name = "ENDPOINT")]
+        forward: Vec<crate::emit::Endpoint>,
+        /// Write to stdout too [default: only when no other destination is given].
+        #[arg(long)]
+        stdout: bool,
         /// Kernel ring buffer size in bytes (a power of two, at least 4096).
         #[arg(long, default_value_t = 1 << 20, value_parser = parse_ring_bytes)]
         ring_bytes: u32,

@@ -4,7 +4,14 @@ use std::{
     fmt::Write as _,
     fs::{File, OpenOptions},
     io::{self, IsTerminal, Write},
-    os::{fd::AsFd as _, unix::fs::OpenOptionsExt as _},
+    net::{TcpStream, UdpSocket},
+    os::{
+        fd::AsFd as _,
+        unix::{
+            fs::OpenOptionsExt as _,
+            net::{UnixDatagram, UnixStream},
+        },
+    },
     path::{Path, PathBuf},
     sync::{
         Arc,
@@ -25,135 +32,255 @@ pub enum Format {
     Text,
 }
 
-/// Stop writing: the reader went away (`| head`). Not an error for the user.
+/// Stop writing: the reader of stdout went away (`| head`). Not an error for the user.
 #[derive(Debug, thiserror::Error)]
 #[error("output closed by the reader")]
 pub struct Closed;
 
-/// Events waiting for the writer thread, by default. An event is about 1 KiB in memory,
-/// so the queue holds at most ~16 MiB; at full listener churn it covers ~80 ms of stall.
+/// Events waiting for each sink's writer thread, by default. An event is about 1 KiB in
+/// memory, so a queue holds at most ~16 MiB; at full listener churn it covers ~80 ms.
 pub const QUEUE_EVENTS: usize = 16_384;
 /// Events rendered into one write(2).
 const WRITE_BATCH: usize = 1024;
 /// Output errors are logged once, then at most this often (they are counted regardless).
 const ERROR_LOG_EVERY: Duration = Duration::from_secs(60);
+/// Reconnect back-off bounds for network sinks.
+const RECONNECT_MIN: Duration = Duration::from_millis(100);
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
+/// At shutdown, how long a disconnected sink may keep trying before its queue is lost.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// Largest datagram sent to a UDP syslog receiver; longer messages are cut.
+const UDP_MAX: usize = 65_000;
 
-/// What the writer thread and the event loop share: counters for health and loss
-/// reports, and the flags that steer the writer.
+/// Where a network sink sends: `unix:/path`, `udp:host:port` or `tcp:host:port`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    Unix(PathBuf),
+    Udp(String),
+    Tcp(String),
+}
+
+impl std::str::FromStr for Endpoint {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Endpoint, String> {
+        let bad =
+            || format!("`{s}` is not an endpoint: use unix:/path, udp:host:port or tcp:host:port");
+        let (scheme, rest) = s.split_once(':').ok_or_else(bad)?;
+        let host_port = |r: &str| -> Result<String, String> {
+            let (host, port) = r.rsplit_once(':').ok_or_else(bad)?;
+            if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
+                return Err(bad());
+            }
+            Ok(r.to_owned())
+        };
+        match scheme {
+            "unix" if rest.starts_with('/') => Ok(Endpoint::Unix(PathBuf::from(rest))),
+            "udp" => host_port(rest).map(Endpoint::Udp),
+            "tcp" => host_port(rest).map(Endpoint::Tcp),
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Unix(p) => write!(f, "unix:{}", p.display()),
+            Endpoint::Udp(a) => write!(f, "udp:{a}"),
+            Endpoint::Tcp(a) => write!(f, "tcp:{a}"),
+        }
+    }
+}
+
+/// One destination of the event stream.
+#[derive(Clone, Debug)]
+pub enum SinkSpec {
+    Stdout,
+    /// Append-only file, created 0600, reopened on SIGHUP.
+    File(PathBuf),
+    /// RFC 5424 syslog: datagrams to a unix socket (`/dev/log`) or UDP, octet-counted
+    /// frames over TCP (RFC 6587). The message is the event's JSON.
+    Syslog(Endpoint),
+    /// JSON lines over a TCP or unix stream socket (Vector, Fluent Bit, Logstash),
+    /// reconnecting with back-off.
+    Forward(Endpoint),
+}
+
+impl std::fmt::Display for SinkSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SinkSpec::Stdout => f.write_str("stdout"),
+            SinkSpec::File(p) => write!(f, "file:{}", p.display()),
+            SinkSpec::Syslog(e) => write!(f, "syslog:{e}"),
+            SinkSpec::Forward(e) => write!(f, "forward:{e}"),
+        }
+    }
+}
+
+/// Counters and flags one sink's writer shares with the event loop.
 #[derive(Default)]
-pub struct OutputShared {
-    /// Events dropped because the queue was full, not yet reported as lost.
+pub struct SinkShared {
+    pub name: String,
+    /// Events dropped because this sink's queue was full, not yet reported as lost.
     pub queue_dropped: AtomicU64,
-    /// Events that a failed write(2) took with it, not yet reported as lost.
+    /// Events that a failed write took with it, not yet reported as lost.
     pub write_lost: AtomicU64,
-    /// Failed write(2) calls since start.
+    /// Failed writes since start.
     pub write_errors: AtomicU64,
     /// Events written since start.
     pub written: AtomicU64,
-    /// Events queued and not yet written (approximate: updated per batch).
+    /// Events queued and not yet written.
     pub depth: AtomicUsize,
-    /// Set when the reader of stdout (or a pipe) went away: the agent stops.
-    pub closed: AtomicBool,
-    pub closed_notify: tokio::sync::Notify,
-    /// Set by SIGHUP: reopen the output file before the next write.
-    pub reopen: AtomicBool,
+    /// A network sink currently has its connection (always true for the others).
+    pub connected: AtomicBool,
 }
 
-/// The output side of the agent: a bounded queue and a thread that numbers, renders and
-/// writes events. The event loop never blocks on output: when the queue is full an
-/// event is dropped and counted (reported as `events-lost`, reason `output-queue-full`).
-/// `event.sequence` is assigned here, at write time, so the written stream is gap-free
-/// and a consumer can detect loss downstream of the agent.
+/// What the writers share with the event loop as a whole.
+#[derive(Default)]
+pub struct OutputShared {
+    pub sinks: Vec<Arc<SinkShared>>,
+    /// Set when the reader of stdout went away: the agent stops.
+    pub closed: AtomicBool,
+    pub closed_notify: tokio::sync::Notify,
+    /// Bumped by SIGHUP: each file sink reopens its file before its next write.
+    pub reopen: AtomicU64,
+    /// Set at shutdown: disconnected sinks stop retrying after SHUTDOWN_GRACE.
+    pub stopping: AtomicBool,
+}
+
+/// The output side of the agent: per sink, a bounded queue and a thread that numbers,
+/// renders and writes events. The event loop never blocks on output: when a sink's
+/// queue is full its copy of the event is dropped and counted (reported as
+/// `events-lost`, reason `output-queue-full`, with the sink). `event.sequence` is
+/// assigned per sink at write time, so each written stream is gap-free and a consumer
+/// can detect loss downstream of the agent. One slow sink never holds up the others.
 pub struct Output {
-    tx: Option<SyncSender<Box<Event>>>,
+    queues: Vec<SyncSender<Arc<Event>>>,
     shared: Arc<OutputShared>,
-    /// The writer and its end of the queue until `start`.
-    pending: Option<(Writer, Receiver<Box<Event>>)>,
-    thread: Option<JoinHandle<()>>,
+    /// Writers and their ends of the queues until `start`.
+    pending: Vec<(Writer, Receiver<Arc<Event>>)>,
+    threads: Vec<JoinHandle<()>>,
     /// Wait for room instead of dropping (one-shot commands, where nothing is live).
     block: bool,
 }
 
 impl Output {
-    /// Open the destination (`path` None is stdout) so that a bad path fails now; the
-    /// writer thread starts with [`Output::start`]. Colour only on a terminal and never
-    /// with NO_COLOR set.
+    /// Open every destination so that a bad path or address fails now; the writer threads
+    /// start with [`Output::start`]. Colour only on a terminal and never with NO_COLOR.
     pub fn new(
         format: Format,
-        path: Option<&Path>,
+        sinks: &[SinkSpec],
         queue: usize,
         block: bool,
     ) -> anyhow::Result<Output> {
-        let (sink, tty) = Sink::open(path)?;
-        let color = tty && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-        let shared = Arc::new(OutputShared::default());
-        let (tx, rx) = sync_channel::<Box<Event>>(queue.max(1));
-        let writer = Writer {
-            sink,
-            path: path.map(Path::to_path_buf),
-            format,
-            color,
-            seq: 0,
-            buf: Vec::with_capacity(1 << 16),
-            line: String::with_capacity(256),
-            shared: shared.clone(),
-            last_error_log: None,
-        };
+        let mut shared = OutputShared::default();
+        let mut writers = Vec::new();
+        for spec in sinks {
+            let conn = Conn::open(spec)?;
+            let tty = matches!(spec, SinkSpec::Stdout) && io::stdout().is_terminal();
+            let render = match spec {
+                SinkSpec::Syslog(e) => Render::Syslog {
+                    framing: if matches!(e, Endpoint::Tcp(_)) {
+                        Framing::OctetCounted
+                    } else {
+                        Framing::Datagram
+                    },
+                    inner: format,
+                },
+                SinkSpec::Forward(_) => Render::Lines(match format {
+                    Format::Text => Format::Json,
+                    f => f,
+                }),
+                _ => Render::Lines(format),
+            };
+            let sink = Arc::new(SinkShared {
+                name: spec.to_string(),
+                connected: AtomicBool::new(conn.is_connected()),
+                ..SinkShared::default()
+            });
+            shared.sinks.push(sink.clone());
+            writers.push((conn, render, tty, sink));
+        }
+        let shared = Arc::new(shared);
+        let color_ok = std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+        let mut queues = Vec::new();
+        let mut pending = Vec::new();
+        for (conn, render, tty, sink) in writers {
+            let (tx, rx) = sync_channel::<Arc<Event>>(queue.max(1));
+            queues.push(tx);
+            let writer = Writer {
+                conn,
+                render,
+                color: tty && color_ok,
+                seq: 0,
+                reopened: 0,
+                buf: Vec::with_capacity(1 << 16),
+                ends: Vec::new(),
+                line: String::with_capacity(256),
+                msg: Vec::with_capacity(256),
+                sink,
+                shared: shared.clone(),
+                last_error_log: None,
+            };
+            pending.push((writer, rx));
+        }
         Ok(Output {
-            tx: Some(tx),
+            queues,
             shared,
-            pending: Some((writer, rx)),
-            thread: None,
+            pending,
+            threads: Vec::new(),
             block,
         })
     }
 
-    /// Start the writer thread (the agent does so after dropping its capabilities, so the
-    /// thread inherits the reduced set).
+    /// Start the writer threads (the agent does so after dropping its capabilities, so
+    /// the threads inherit the reduced set).
     pub fn start(&mut self) -> anyhow::Result<()> {
-        if let Some((writer, rx)) = self.pending.take() {
+        for (writer, rx) in self.pending.drain(..) {
             let thread = std::thread::Builder::new()
                 .name("portwatch-out".into())
                 .spawn(move || writer.run(rx))
-                .context("starting the output thread")?;
-            self.thread = Some(thread);
+                .context("starting an output thread")?;
+            self.threads.push(thread);
         }
         Ok(())
     }
 
-    /// Queue one event. Returns false when it was dropped (queue full or output closed);
-    /// a drop while the output is open is counted in `queue_dropped`.
-    pub fn send(&self, ev: Event) -> bool {
-        let Some(tx) = &self.tx else { return false };
-        let ev = Box::new(ev);
-        // Counted before the send: the writer decrements after taking it.
-        self.shared.depth.fetch_add(1, Ordering::Relaxed);
-        let ok = if self.block {
-            tx.send(ev).is_ok()
-        } else {
-            tx.try_send(ev).is_ok()
-        };
-        if !ok {
-            self.shared.depth.fetch_sub(1, Ordering::Relaxed);
-            if !self.shared.closed.load(Ordering::Relaxed) {
-                self.shared.queue_dropped.fetch_add(1, Ordering::Relaxed);
+    /// Queue one event for every sink. A sink whose queue is full loses its copy (counted
+    /// in its `queue_dropped`).
+    pub fn send(&self, ev: Event) {
+        let ev = Arc::new(ev);
+        for (tx, sink) in self.queues.iter().zip(&self.shared.sinks) {
+            // Counted before the send: the writer decrements after taking it.
+            sink.depth.fetch_add(1, Ordering::Relaxed);
+            let ok = if self.block {
+                tx.send(ev.clone()).is_ok()
+            } else {
+                tx.try_send(ev.clone()).is_ok()
+            };
+            if !ok {
+                sink.depth.fetch_sub(1, Ordering::Relaxed);
+                if !self.shared.closed.load(Ordering::Relaxed) {
+                    sink.queue_dropped.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
-        ok
     }
 
     pub fn shared(&self) -> &Arc<OutputShared> {
         &self.shared
     }
 
-    /// Write everything queued and stop the writer thread. `Closed` when the reader
-    /// went away.
+    /// Write everything queued and stop the writer threads. `Closed` when the reader of
+    /// stdout went away.
     pub fn finish(&mut self) -> anyhow::Result<()> {
         self.start()?;
-        self.tx = None;
-        if let Some(t) = self.thread.take() {
+        self.shared.stopping.store(true, Ordering::Relaxed);
+        self.queues.clear();
+        for t in self.threads.drain(..) {
             t.join()
-                .map_err(|_| anyhow::anyhow!("the output thread panicked"))?;
+                .map_err(|_| anyhow::anyhow!("an output thread panicked"))?;
         }
         if self.shared.closed.load(Ordering::Relaxed) {
             return Err(Closed.into());
@@ -164,186 +291,404 @@ impl Output {
 
 impl Drop for Output {
     fn drop(&mut self) {
-        // Errors were reported by whoever called finish(); here only the thread is joined.
+        // Errors were reported by whoever called finish(); here only the threads are joined.
         let _ = self.finish();
     }
 }
 
-/// Where the bytes go: stdout or an append-only file (created 0600). For a regular
-/// file, a write that fails half-way (disk full) is cut back to the last whole line.
-struct Sink {
-    file: File,
-    regular: bool,
-    /// A failed write may have left half a line that could not be cut back: the next
-    /// batch starts with a newline so that at most that one line is damaged.
-    broken_line: bool,
+/// The connection (or file) of one sink.
+enum Conn {
+    /// stdout or a file. For a regular file, a write that fails half-way (disk full) is
+    /// cut back to the last whole line.
+    Stream {
+        file: File,
+        path: Option<PathBuf>,
+        regular: bool,
+        /// A failed write may have left half a line that could not be cut back: the next
+        /// batch starts with a newline so that at most that one line is damaged.
+        broken_line: bool,
+    },
+    UnixDgram {
+        path: PathBuf,
+        sock: Option<UnixDatagram>,
+    },
+    Udp(UdpSocket),
+    /// TCP or unix stream, reconnected on failure.
+    Connected {
+        endpoint: Endpoint,
+        stream: Option<Box<dyn Write + Send>>,
+        backoff: Duration,
+    },
 }
 
-impl Sink {
-    fn open(path: Option<&Path>) -> anyhow::Result<(Sink, bool)> {
-        match path {
-            None => {
+/// How events are turned into bytes for one sink.
+#[derive(Clone, Copy)]
+enum Render {
+    /// One event per line: JSON (ECS), text, or OCSF JSON.
+    Lines(Format),
+    /// RFC 5424 with the event's JSON as MSG.
+    Syslog { framing: Framing, inner: Format },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// One message per datagram.
+    Datagram,
+    /// RFC 6587 octet counting: `LEN SP MSG`.
+    OctetCounted,
+}
+
+impl Conn {
+    fn open(spec: &SinkSpec) -> anyhow::Result<Conn> {
+        Ok(match spec {
+            SinkSpec::Stdout => {
                 let fd = io::stdout()
                     .as_fd()
                     .try_clone_to_owned()
                     .context("duplicating stdout")?;
                 let file = File::from(fd);
                 let regular = file.metadata().is_ok_and(|m| m.is_file());
-                let sink = Sink {
+                Conn::Stream {
                     file,
+                    path: None,
                     regular,
                     broken_line: false,
-                };
-                Ok((sink, io::stdout().is_terminal()))
+                }
             }
-            Some(p) => {
-                let f = OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .mode(0o600)
-                    .open(p)
-                    .with_context(|| {
-                        format!(
-                            "cannot open output file {} for appending; check the directory \
-                             exists and is writable",
-                            p.display()
-                        )
-                    })?;
-                let regular = f.metadata().is_ok_and(|m| m.is_file());
-                let sink = Sink {
-                    file: f,
+            SinkSpec::File(p) => {
+                let file = open_append(p)?;
+                let regular = file.metadata().is_ok_and(|m| m.is_file());
+                Conn::Stream {
+                    file,
+                    path: Some(p.clone()),
                     regular,
                     broken_line: false,
-                };
-                Ok((sink, false))
+                }
             }
-        }
+            SinkSpec::Syslog(Endpoint::Unix(path)) => {
+                // /dev/log may come and go with the syslog daemon: a missing one now is
+                // retried at each write, and counted meanwhile.
+                let sock = connect_unix_dgram(path).ok();
+                if sock.is_none() {
+                    log::warn!("syslog socket {} not there yet; will retry", path.display());
+                }
+                Conn::UnixDgram {
+                    path: path.clone(),
+                    sock,
+                }
+            }
+            SinkSpec::Syslog(Endpoint::Udp(addr)) => {
+                let sock = UdpSocket::bind(("0.0.0.0", 0))
+                    .and_then(|s| s.connect(addr.as_str()).map(|()| s))
+                    .with_context(|| format!("cannot use syslog address udp:{addr}"))?;
+                Conn::Udp(sock)
+            }
+            SinkSpec::Syslog(e @ Endpoint::Tcp(_)) | SinkSpec::Forward(e) => {
+                if let Endpoint::Udp(a) = e {
+                    anyhow::bail!(
+                        "--forward sends JSON lines over a stream: udp:{a} is not one; use tcp: or unix:"
+                    );
+                }
+                let stream = connect_stream(e).ok();
+                if stream.is_none() {
+                    log::warn!("{e}: not reachable yet; will retry (events queue meanwhile)");
+                }
+                Conn::Connected {
+                    endpoint: e.clone(),
+                    stream,
+                    backoff: RECONNECT_MIN,
+                }
+            }
+        })
     }
 
-    /// Write all of `buf`, or (regular files) nothing: the stream stays whole lines.
-    fn write_batch(&mut self, buf: &[u8]) -> io::Result<()> {
-        let before = if self.regular {
-            self.file.metadata().ok().map(|m| m.len())
-        } else {
-            None
-        };
-        if self.broken_line {
-            self.file.write_all(b"\n")?;
-            self.broken_line = false;
+    fn is_connected(&self) -> bool {
+        match self {
+            Conn::UnixDgram { sock, .. } => sock.is_some(),
+            Conn::Connected { stream, .. } => stream.is_some(),
+            Conn::Stream { .. } | Conn::Udp(_) => true,
         }
-        let res = self.file.write_all(buf);
-        if res.is_err() {
-            self.broken_line = before.is_none_or(|len| self.file.set_len(len).is_err());
+    }
+}
+
+fn open_append(p: &Path) -> anyhow::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(p)
+        .with_context(|| {
+            format!(
+                "cannot open output file {} for appending; check the directory exists and \
+                 is writable",
+                p.display()
+            )
+        })
+}
+
+fn connect_unix_dgram(path: &Path) -> io::Result<UnixDatagram> {
+    let s = UnixDatagram::unbound()?;
+    s.connect(path)?;
+    Ok(s)
+}
+
+fn connect_stream(e: &Endpoint) -> io::Result<Box<dyn Write + Send>> {
+    let timeout = Duration::from_secs(2);
+    match e {
+        Endpoint::Tcp(addr) => {
+            let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
+            for a in std::net::ToSocketAddrs::to_socket_addrs(addr.as_str())? {
+                match TcpStream::connect_timeout(&a, timeout) {
+                    Ok(s) => {
+                        s.set_write_timeout(Some(Duration::from_secs(10)))?;
+                        s.set_nodelay(true)?;
+                        return Ok(Box::new(s));
+                    }
+                    Err(err) => last = err,
+                }
+            }
+            Err(last)
         }
-        res
+        Endpoint::Unix(path) => {
+            let s = UnixStream::connect(path)?;
+            s.set_write_timeout(Some(Duration::from_secs(10)))?;
+            Ok(Box::new(s))
+        }
+        Endpoint::Udp(_) => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a stream endpoint",
+        )),
     }
 }
 
 struct Writer {
-    sink: Sink,
-    path: Option<PathBuf>,
-    format: Format,
+    conn: Conn,
+    render: Render,
     color: bool,
     seq: u64,
+    /// The SIGHUP generation this writer's file was last opened at.
+    reopened: u64,
     buf: Vec<u8>,
+    /// End offset in `buf` of each message (datagram sinks send one per message).
+    ends: Vec<usize>,
     line: String,
+    /// Scratch for one syslog message.
+    msg: Vec<u8>,
+    sink: Arc<SinkShared>,
     shared: Arc<OutputShared>,
     last_error_log: Option<Instant>,
 }
 
 impl Writer {
-    fn run(mut self, rx: Receiver<Box<Event>>) {
-        // Block for the first event, then take whatever else is queued: one write(2) per
+    fn run(mut self, rx: Receiver<Arc<Event>>) {
+        // Block for the first event, then take whatever else is queued: one write per
         // batch, and nothing waits in a buffer for a later event.
         while let Ok(first) = rx.recv() {
             self.buf.clear();
-            self.render(*first);
+            self.ends.clear();
+            self.render(first);
             let mut n = 1;
             while n < WRITE_BATCH {
                 let Ok(ev) = rx.try_recv() else { break };
-                self.render(*ev);
+                self.render(ev);
                 n += 1;
             }
-            self.shared.depth.fetch_sub(n, Ordering::Relaxed);
-            if self.shared.reopen.swap(false, Ordering::Relaxed) {
-                self.reopen();
-            }
-            match self.sink.write_batch(&self.buf) {
+            self.sink.depth.fetch_sub(n, Ordering::Relaxed);
+            match self.write_batch() {
                 Ok(()) => {
-                    self.shared.written.fetch_add(n as u64, Ordering::Relaxed);
+                    self.sink.written.fetch_add(n as u64, Ordering::Relaxed);
                 }
-                Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
+                Err(e) if e.kind() == io::ErrorKind::BrokenPipe && self.is_stdout() => {
                     self.shared.closed.store(true, Ordering::Relaxed);
                     self.shared.closed_notify.notify_one();
                     return;
                 }
                 Err(e) => {
-                    // The batch was cut back: its numbers are given to the next events,
-                    // so the file stays gap-free and the loss is told by events-lost.
+                    // The batch is gone: its numbers are given to the next events, so the
+                    // stream stays gap-free and the loss is told by events-lost.
                     self.seq -= n as u64;
-                    self.shared.write_errors.fetch_add(1, Ordering::Relaxed);
-                    self.shared
-                        .write_lost
-                        .fetch_add(n as u64, Ordering::Relaxed);
-                    let now = Instant::now();
-                    if self
-                        .last_error_log
-                        .is_none_or(|t| now.duration_since(t) >= ERROR_LOG_EVERY)
-                    {
-                        self.last_error_log = Some(now);
-                        log::error!(
-                            "writing events to {}: {e}; {n} events lost (counted, reported as \
-                             events-lost once the output works again)",
-                            self.target()
-                        );
+                    self.sink.write_errors.fetch_add(1, Ordering::Relaxed);
+                    self.sink.write_lost.fetch_add(n as u64, Ordering::Relaxed);
+                    self.log_error(&e, n);
+                }
+            }
+        }
+    }
+
+    fn is_stdout(&self) -> bool {
+        matches!(self.conn, Conn::Stream { path: None, .. })
+    }
+
+    fn log_error(&mut self, e: &io::Error, n: usize) {
+        let now = Instant::now();
+        if self
+            .last_error_log
+            .is_none_or(|t| now.duration_since(t) >= ERROR_LOG_EVERY)
+        {
+            self.last_error_log = Some(now);
+            log::error!(
+                "writing events to {}: {e}; {n} events lost (counted, reported as \
+                 events-lost once the output works again)",
+                self.sink.name
+            );
+        }
+    }
+
+    fn write_batch(&mut self) -> io::Result<()> {
+        let generation = self.shared.reopen.load(Ordering::Relaxed);
+        let reopen = generation != self.reopened;
+        self.reopened = generation;
+        match &mut self.conn {
+            Conn::Stream {
+                file,
+                path,
+                regular,
+                broken_line,
+            } => {
+                if reopen && let Some(p) = path {
+                    // SIGHUP (logrotate moved the file away): continue at the same path.
+                    match open_append(p) {
+                        Ok(f) => {
+                            *regular = f.metadata().is_ok_and(|m| m.is_file());
+                            *file = f;
+                            log::info!("reopened {}", p.display());
+                        }
+                        Err(e) => log::error!("{e:#}; still writing to the file open before"),
                     }
                 }
-            }
-        }
-    }
-
-    fn target(&self) -> String {
-        self.path
-            .as_ref()
-            .map_or_else(|| "stdout".to_owned(), |p| p.display().to_string())
-    }
-
-    /// SIGHUP (logrotate moved the file away): continue in a new file at the same path.
-    fn reopen(&mut self) {
-        let Some(path) = self.path.clone() else {
-            return;
-        };
-        match Sink::open(Some(&path)) {
-            Ok((sink, _)) => {
-                self.sink = sink;
-                log::info!("reopened {}", path.display());
-            }
-            Err(e) => log::error!("{e:#}; still writing to the file open before"),
-        }
-    }
-
-    fn render(&mut self, mut ev: Event) {
-        self.seq += 1;
-        ev.event.sequence = self.seq;
-        match self.format {
-            Format::Json => {
-                // Typed structs with string keys always serialise; were one not to, its
-                // half-written bytes are taken back so the stream stays one JSON per line.
-                let mark = self.buf.len();
-                if serde_json::to_writer(&mut self.buf, &ev).is_ok() {
-                    self.buf.push(b'\n');
+                let before = if *regular {
+                    file.metadata().ok().map(|m| m.len())
                 } else {
-                    self.buf.truncate(mark);
+                    None
+                };
+                if *broken_line {
+                    file.write_all(b"\n")?;
+                    *broken_line = false;
                 }
+                let res = file.write_all(&self.buf);
+                if res.is_err() {
+                    *broken_line = before.is_none_or(|len| file.set_len(len).is_err());
+                }
+                res
             }
+            Conn::UnixDgram { path, sock } => {
+                if sock.is_none() {
+                    *sock = Some(connect_unix_dgram(path)?);
+                }
+                let s = sock.as_ref().expect("connected above");
+                let res = send_each(&self.buf, &self.ends, |m| s.send(m));
+                if res.is_err() {
+                    *sock = None; // the daemon restarted: reconnect next time
+                }
+                self.sink.connected.store(sock.is_some(), Ordering::Relaxed);
+                res
+            }
+            Conn::Udp(s) => send_each(&self.buf, &self.ends, |m| {
+                s.send(&m[..m.len().min(UDP_MAX)])
+            }),
+            Conn::Connected {
+                endpoint,
+                stream,
+                backoff,
+            } => {
+                // Hold the batch until connected: meanwhile the queue fills and the event
+                // loop counts what it cannot queue. At shutdown, give up after a grace.
+                let mut since_stop: Option<Instant> = None;
+                while stream.is_none() {
+                    match connect_stream(endpoint) {
+                        Ok(s) => {
+                            log::info!("{endpoint}: connected");
+                            *stream = Some(s);
+                            *backoff = RECONNECT_MIN;
+                        }
+                        Err(e) => {
+                            if self.shared.stopping.load(Ordering::Relaxed) {
+                                let t = *since_stop.get_or_insert_with(Instant::now);
+                                if t.elapsed() >= SHUTDOWN_GRACE {
+                                    return Err(e);
+                                }
+                            }
+                            self.sink.connected.store(false, Ordering::Relaxed);
+                            std::thread::sleep(*backoff);
+                            *backoff = (*backoff * 2).min(RECONNECT_MAX);
+                        }
+                    }
+                }
+                self.sink.connected.store(true, Ordering::Relaxed);
+                let s = stream.as_mut().expect("connected above");
+                let res = s.write_all(&self.buf).and_then(|()| s.flush());
+                if res.is_err() {
+                    *stream = None;
+                    self.sink.connected.store(false, Ordering::Relaxed);
+                }
+                res
+            }
+        }
+    }
+
+    fn render(&mut self, ev: Arc<Event>) {
+        self.seq += 1;
+        // The only holder (a single sink) takes it as is; otherwise this sink's copy.
+        let mut ev = Arc::try_unwrap(ev).unwrap_or_else(|shared| (*shared).clone());
+        ev.event.sequence = self.seq;
+        let mark = self.buf.len();
+        let ok = match self.render {
+            Render::Lines(format) => {
+                let ok = self.body(format, &ev);
+                self.buf.push(b'\n');
+                ok
+            }
+            Render::Syslog { framing, inner } => {
+                // Header, then the body rendered after it; TCP frames need the length
+                // first, so the message is assembled aside.
+                self.msg.clear();
+                crate::syslog::header(&ev, &mut self.msg);
+                let body_at = self.buf.len();
+                let ok = self.body(inner, &ev);
+                self.msg.extend_from_slice(&self.buf[body_at..]);
+                self.buf.truncate(body_at);
+                if framing == Framing::OctetCounted {
+                    let _ = write!(self.buf, "{} ", self.msg.len());
+                }
+                self.buf.extend_from_slice(&self.msg);
+                ok
+            }
+        };
+        if ok {
+            self.ends.push(self.buf.len());
+        } else {
+            // Typed structs with string keys always serialise; were one not to, its
+            // half-written bytes are taken back so the stream stays one event per line.
+            self.buf.truncate(mark);
+        }
+    }
+
+    /// The event's body in `format`, appended to `buf`.
+    fn body(&mut self, format: Format, ev: &Event) -> bool {
+        match format {
+            Format::Json => serde_json::to_writer(&mut self.buf, ev).is_ok(),
             Format::Text => {
                 self.line.clear();
-                text_line(&mut self.line, &ev, self.color);
-                self.line.push('\n');
+                text_line(&mut self.line, ev, self.color);
                 self.buf.extend_from_slice(self.line.as_bytes());
+                true
             }
         }
     }
+}
+
+/// Send each message of `buf` (ending at `ends`) as its own datagram.
+fn send_each(
+    buf: &[u8],
+    ends: &[usize],
+    send: impl Fn(&[u8]) -> io::Result<usize>,
+) -> io::Result<()> {
+    let mut start = 0;
+    for &end in ends {
+        send(&buf[start..end])?;
+        start = end;
+    }
+    Ok(())
 }
 
 /// Replace control characters (and other non-printables) with visible escapes, so a

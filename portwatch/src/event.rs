@@ -237,4 +237,8 @@ pub struct Lost {
     /// duration), `output-queue-full` (the output fell behind and the bounded queue
     /// overflowed) or `output-error` (a write failed: disk full, I/O error).
     pub reason: &'static str,
+    /// For output losses: the sink that lost them (`stdout`, `file:...`, `syslog:...`,
+    /// `forward:...`); the other sinks may have written those events.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sink: Option<String>,
 }

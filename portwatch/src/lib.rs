@@ -19,3 +19,4 @@ pub mod ring;
 pub mod risk;
 pub mod snapshot;
 pub mod sys;
+pub mod syslog;

@@ -7,7 +7,7 @@ use clap::Parser as _;
 use portwatch::{
     agent, classify,
     cli::{Cli, Command, RulesCommand},
-    emit::Format,
+    emit::{Format, SinkSpec},
     report,
 };
 
@@ -54,6 +54,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Watch {
             format,
             output,
+            syslog,
+            forward,
+            stdout,
             ring_bytes,
             no_snapshot,
             priority_boost,
@@ -65,7 +68,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let policy = policy.load()?;
             portwatch::sys::require_root()?;
             portwatch::sys::boost_priority(priority_boost);
-            let format = format.unwrap_or(if output.is_none() && std::io::stdout().is_terminal() {
+            let mut sinks: Vec<SinkSpec> = output.into_iter().map(SinkSpec::File).collect();
+            sinks.extend(syslog.into_iter().map(SinkSpec::Syslog));
+            sinks.extend(forward.into_iter().map(SinkSpec::Forward));
+            let to_stdout = stdout || sinks.is_empty();
+            if to_stdout {
+                sinks.insert(0, SinkSpec::Stdout);
+            }
+            let format = format.unwrap_or(if to_stdout && std::io::stdout().is_terminal() {
                 Format::Text
             } else {
                 Format::Json
@@ -75,7 +85,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .build()?;
             rt.block_on(agent::watch(agent::WatchOptions {
                 format,
-                output,
+                sinks,
                 ring_bytes,
                 snapshot: !no_snapshot,
                 queue_events,

@@ -11,7 +11,7 @@ use anyhow::Context as _;
 
 use crate::{
     agent::{Pipeline, PolicyOptions},
-    emit::{Format, Output, QUEUE_EVENTS, sanitize},
+    emit::{Format, Output, QUEUE_EVENTS, SinkSpec, sanitize},
     event::Event,
     procfs, snapshot,
 };
@@ -36,7 +36,7 @@ pub fn snapshot_command(format: SnapshotFormat, policy: PolicyOptions) -> anyhow
         .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup"));
     let found = snapshot::scan().context("reading listeners from /proc")?;
     // Blocking output: nothing is live here, so nothing may be dropped.
-    let mut output = Output::new(Format::Json, None, QUEUE_EVENTS, true)?;
+    let mut output = Output::new(Format::Json, &[SinkSpec::Stdout], QUEUE_EVENTS, true)?;
     output.start()?;
     let mut pipeline = Pipeline::new(output, cgroup_root, policy);
     let mut events = pipeline.present_events(&found);

@@ -61,6 +61,7 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "memcached",
     "bpftrace",
+    "rsyslog",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 

@@ -1,0 +1,285 @@
+//! Sinks against real receivers: Debian's rsyslog (unix datagram, UDP and TCP inputs,
+//! RFC 5424 parsed by rsyslog itself) and JSON-lines receivers on TCP and unix sockets
+//! that go away and come back.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    net::{TcpListener, UdpSocket},
+    os::unix::net::UnixListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use portwatch_tests::{Agent, Value, action, can_run_kernel_tests, poll, port};
+
+fn me() -> u32 {
+    std::process::id()
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// rsyslogd in the foreground with a private configuration: inputs on a unix socket,
+/// UDP and TCP; every message to one file, one line each, with the fields rsyslog
+/// parsed out of the RFC 5424 header.
+struct Rsyslog {
+    child: Child,
+    out: PathBuf,
+    sock: PathBuf,
+    udp: u16,
+    tcp: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Rsyslog {
+    fn start() -> Option<Rsyslog> {
+        let Ok(bin) = which("rsyslogd") else {
+            eprintln!("skipped: rsyslogd is not installed (cargo xtask setup installs it)");
+            return None;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let (out, sock) = (d.join("out.log"), d.join("log.sock"));
+        let (udp, tcp) = (free_udp_port(), free_port());
+        let conf = format!(
+            r#"global(workDirectory="{d}")
+module(load="imuxsock" SysSock.Use="off")
+input(type="imuxsock" Socket="{sock}" UseSpecialParser="off" ParseHostname="on")
+module(load="imudp")
+input(type="imudp" address="127.0.0.1" port="{udp}")
+module(load="imtcp")
+input(type="imtcp" address="127.0.0.1" port="{tcp}")
+template(name="fields" type="string"
+  string="%inputname%|%pri%|%hostname%|%app-name%|%procid%|%msgid%|%structured-data%|%msg%\n")
+*.* action(type="omfile" file="{out}" template="fields")
+"#,
+            d = d.display(),
+            sock = sock.display(),
+            out = out.display(),
+        );
+        let conf_path = d.join("rsyslog.conf");
+        std::fs::write(&conf_path, conf).unwrap();
+        let child = Command::new(bin)
+            .arg("-n")
+            .arg("-f")
+            .arg(&conf_path)
+            .arg("-i")
+            .arg(d.join("rsyslog.pid"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let r = Rsyslog {
+            child,
+            out,
+            sock,
+            udp,
+            tcp,
+            _dir: dir,
+        };
+        // Ready when all three inputs exist.
+        poll(Duration::from_secs(10), || {
+            (r.sock.exists() && TcpListener::bind(("127.0.0.1", r.tcp)).is_err()).then_some(())
+        })
+        .expect("rsyslogd did not open its inputs");
+        Some(r)
+    }
+
+    fn lines(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.out)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl Drop for Rsyslog {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn which(name: &str) -> std::io::Result<PathBuf> {
+    for dir in ["/usr/sbin", "/usr/bin", "/sbin", "/bin"] {
+        let p = Path::new(dir).join(name);
+        if p.exists() {
+            return Ok(p);
+        }
+    }
+    Err(std::io::ErrorKind::NotFound.into())
+}
+
+/// One listener reaches rsyslog three times (unix socket, UDP, TCP), each parsed by
+/// rsyslog as RFC 5424: app-name, msgid, structured data, and the event JSON as MSG.
+#[test]
+fn syslog_rfc5424_reaches_a_real_rsyslog_over_unix_udp_and_tcp() {
+    if !can_run_kernel_tests() {
+        return;
+    }
+    let Some(rs) = Rsyslog::start() else { return };
+    let unix = format!("unix:{}", rs.sock.display());
+    let udp = format!("udp:127.0.0.1:{}", rs.udp);
+    let tcp = format!("tcp:127.0.0.1:{}", rs.tcp);
+    let mut agent = Agent::start(&[
+        "--no-snapshot",
+        "--stdout",
+        "--syslog",
+        &unix,
+        "--syslog",
+        &udp,
+        "--syslog",
+        &tcp,
+    ]);
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let p = l.local_addr().unwrap().port();
+    agent.expect("the listener on stdout", |e| {
+        action(e) == "listen-started" && port(e) == u64::from(p)
+    });
+    let want = format!("port=\"{p}\"");
+    let got = poll(Duration::from_secs(10), || {
+        let hits: Vec<String> = rs
+            .lines()
+            .into_iter()
+            .filter(|l| l.contains(&want) && l.contains("|listen-started|"))
+            .collect();
+        (hits.len() >= 3).then_some(hits)
+    });
+    drop(l);
+    let (status, _) = agent.stop();
+    assert!(status.success());
+    let hits = got.unwrap_or_else(|| panic!("rsyslog got: {:?}", rs.lines()));
+    let mut inputs: Vec<&str> = Vec::new();
+    for h in &hits {
+        let f: Vec<&str> = h.splitn(8, '|').collect();
+        let [input, pri, _host, app, _procid, msgid, sd, msg] = f[..] else {
+            panic!("{h}")
+        };
+        inputs.push(input);
+        assert_eq!(pri, "30", "daemon.info: {h}"); // facility 3 * 8 + severity 6
+        assert_eq!(app, "portwatch", "{h}");
+        assert_eq!(msgid, "listen-started", "{h}");
+        assert!(sd.starts_with("[portwatch@32473 "), "{h}");
+        assert!(sd.contains(&format!("pid=\"{}\"", me())), "{h}");
+        assert!(sd.contains("transport=\"tcp\""), "{h}");
+        let ev: Value = serde_json::from_str(msg.trim_start())
+            .unwrap_or_else(|e| panic!("MSG is not the event JSON ({e}): {msg}"));
+        assert_eq!(ev["server"]["port"], p, "{ev}");
+    }
+    inputs.sort_unstable();
+    assert_eq!(inputs, ["imtcp", "imudp", "imuxsock"], "{hits:?}");
+}
+
+/// JSON lines over TCP: the receiver goes away and comes back; the agent reconnects,
+/// the events in between are queued (or counted lost), and the stream stays JSON lines.
+#[test]
+fn forward_json_lines_over_tcp_reconnects() {
+    if !can_run_kernel_tests() {
+        return;
+    }
+    let rx_port = free_port();
+    let receiver = TcpListener::bind(("127.0.0.1", rx_port)).unwrap();
+    let target = format!("tcp:127.0.0.1:{rx_port}");
+    let mut agent = Agent::start(&["--no-snapshot", "--stdout", "--forward", &target]);
+    let (conn, _) = receiver.accept().unwrap();
+    let (tx, lines) = mpsc::channel::<Value>();
+    let reader = |s: std::net::TcpStream, tx: mpsc::Sender<Value>| {
+        std::thread::spawn(move || {
+            for l in BufReader::new(s).lines() {
+                let Ok(l) = l else { break };
+                let v: Value = serde_json::from_str(&l).unwrap();
+                if tx.send(v).is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    reader(conn.try_clone().unwrap(), tx.clone());
+    let wait = |what: &str, p: u16| {
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            let v = lines
+                .recv_timeout(end.saturating_duration_since(Instant::now()))
+                .unwrap_or_else(|_| panic!("no {what} on the forward stream"));
+            if action(&v) == "listen-started" && port(&v) == u64::from(p) {
+                return v;
+            }
+        }
+    };
+    let a = TcpListener::bind("127.0.0.1:0").unwrap();
+    let pa = a.local_addr().unwrap().port();
+    wait("first listener", pa);
+    // The receiver goes away: the next write fails, the agent reconnects.
+    conn.shutdown(std::net::Shutdown::Both).unwrap();
+    drop(conn);
+    let b = TcpListener::bind("127.0.0.1:0").unwrap();
+    let pb = b.local_addr().unwrap().port();
+    agent.expect("second listener on stdout", |e| {
+        action(e) == "listen-started" && port(e) == u64::from(pb)
+    });
+    let (conn2, _) = receiver.accept().unwrap();
+    reader(conn2, tx);
+    let c = TcpListener::bind("127.0.0.1:0").unwrap();
+    let pc = c.local_addr().unwrap().port();
+    let third = wait("third listener after reconnecting", pc);
+    assert!(third["event"]["sequence"].as_u64().unwrap() > 1);
+    drop((a, b, c));
+    let (status, events) = agent.stop();
+    assert!(status.success());
+    // Whatever the broken connection took is accounted for, per sink.
+    for e in events.iter().filter(|e| action(e) == "events-lost") {
+        assert_eq!(
+            e["portwatch"]["lost"]["sink"],
+            format!("forward:{target}"),
+            "{e}"
+        );
+    }
+}
+
+/// JSON lines over a unix stream socket that does not exist yet when the agent starts.
+#[test]
+fn forward_json_lines_over_unix_waits_for_the_receiver() {
+    if !can_run_kernel_tests() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("in.sock");
+    let target = format!("unix:{}", path.display());
+    let mut agent = Agent::start(&["--no-snapshot", "--stdout", "--forward", &target]);
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let p = l.local_addr().unwrap().port();
+    agent.expect("the listener on stdout", |e| {
+        action(e) == "listen-started" && port(e) == u64::from(p)
+    });
+    // The receiver appears late: the queued events arrive once it is there.
+    let receiver = UnixListener::bind(&path).unwrap();
+    let (conn, _) = receiver.accept().unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let found = BufReader::new(conn)
+        .lines()
+        .map_while(Result::ok)
+        .map(|l| serde_json::from_str::<Value>(&l).unwrap())
+        .find(|v| action(v) == "listen-started" && port(v) == u64::from(p));
+    drop(l);
+    let (status, _) = agent.stop();
+    assert!(status.success());
+    let v = found.expect("the queued event after the receiver appeared");
+    assert_eq!(v["process"]["pid"], me());
+}
