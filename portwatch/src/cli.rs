@@ -26,6 +26,9 @@ pub struct Cli {
 pub enum Command {
     /// Stream listener events: what already listens, then every change, live.
     Watch {
+        /// Settings and destinations from a TOML file (flags win; destinations add up).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
         /// Output format [default: text on a terminal, json otherwise].
         #[arg(long, value_enum)]
         format: Option<Format>,
@@ -43,23 +46,23 @@ pub enum Command {
         /// Write to stdout too [default: only when no other destination is given].
         #[arg(long)]
         stdout: bool,
-        /// Kernel ring buffer size in bytes (a power of two, at least 4096).
-        #[arg(long, default_value_t = 1 << 20, value_parser = parse_ring_bytes)]
-        ring_bytes: u32,
+        /// Kernel ring buffer size in bytes (a power of two, at least 4096) [default:
+        /// 1048576].
+        #[arg(long, value_parser = parse_ring_bytes)]
+        ring_bytes: Option<u32>,
         /// Do not report the listeners that exist at start.
         #[arg(long)]
         no_snapshot: bool,
-        /// Run this many nice levels above normal (0 keeps normal priority).
-        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u8).range(0..=20))]
-        priority_boost: u8,
-        /// Events the output may fall behind by before they are dropped (and counted).
-        #[arg(long, default_value_t = crate::emit::QUEUE_EVENTS,
-              value_parser = parse_queue_events)]
-        queue_events: usize,
-        /// Seconds between `sensor-health` events (0: none).
-        #[arg(long, default_value_t = 60, value_name = "SECS",
-              value_parser = clap::value_parser!(u64).range(0..=86_400))]
-        health_interval: u64,
+        /// Run this many nice levels above normal (0 keeps normal priority) [default: 5].
+        #[arg(long, value_parser = clap::value_parser!(u8).range(0..=20))]
+        priority_boost: Option<u8>,
+        /// Events each destination may fall behind by before they are dropped (and
+        /// counted) [default: 16384].
+        #[arg(long, value_parser = parse_queue_events)]
+        queue_events: Option<usize>,
+        /// Seconds between `sensor-health` events (0: none) [default: 60].
+        #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(0..=86_400))]
+        health_interval: Option<u64>,
         /// Keep running when the start-up self-check finds a hook that delivers nothing
         /// (reported in `sensor-started` and every `sensor-health`).
         #[arg(long)]

@@ -9,6 +9,7 @@ pub mod agent;
 pub mod btf;
 pub mod classify;
 pub mod cli;
+pub mod config;
 pub mod emit;
 pub mod enrich;
 pub mod event;

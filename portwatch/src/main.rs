@@ -52,6 +52,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Watch {
+            config,
             format,
             output,
             syslog,
@@ -65,30 +66,45 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             allow_degraded,
             policy,
         } => {
+            let file = match &config {
+                Some(path) => portwatch::config::load(path)?,
+                None => portwatch::config::Config::default(),
+            };
+            let mut policy = policy;
+            if policy.rules.is_none() {
+                policy.rules.clone_from(&file.rules);
+            }
             let policy = policy.load()?;
             portwatch::sys::require_root()?;
-            portwatch::sys::boost_priority(priority_boost);
-            let mut sinks: Vec<SinkSpec> = output.into_iter().map(SinkSpec::File).collect();
+            portwatch::sys::boost_priority(priority_boost.or(file.priority_boost).unwrap_or(5));
+            let mut sinks: Vec<SinkSpec> = file.sink_specs();
+            sinks.extend(output.into_iter().map(SinkSpec::File));
             sinks.extend(syslog.into_iter().map(SinkSpec::Syslog));
             sinks.extend(forward.into_iter().map(SinkSpec::Forward));
-            let to_stdout = stdout || sinks.is_empty();
-            if to_stdout {
+            if (stdout || sinks.is_empty()) && !sinks.iter().any(|s| matches!(s, SinkSpec::Stdout))
+            {
                 sinks.insert(0, SinkSpec::Stdout);
             }
-            let format = format.unwrap_or(if to_stdout && std::io::stdout().is_terminal() {
-                Format::Text
-            } else {
-                Format::Json
-            });
+            let to_stdout = sinks.iter().any(|s| matches!(s, SinkSpec::Stdout));
+            let format = format.or(file.format.map(Format::from)).unwrap_or(
+                if to_stdout && std::io::stdout().is_terminal() {
+                    Format::Text
+                } else {
+                    Format::Json
+                },
+            );
+            let health_interval = health_interval.or(file.health_interval).unwrap_or(60);
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             rt.block_on(agent::watch(agent::WatchOptions {
                 format,
                 sinks,
-                ring_bytes,
+                ring_bytes: ring_bytes.or(file.ring_bytes).unwrap_or(1 << 20),
                 snapshot: !no_snapshot,
-                queue_events,
+                queue_events: queue_events
+                    .or(file.queue_events)
+                    .unwrap_or(portwatch::emit::QUEUE_EVENTS),
                 health_interval: (health_interval > 0)
                     .then(|| std::time::Duration::from_secs(health_interval)),
                 allow_degraded,

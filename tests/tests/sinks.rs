@@ -283,3 +283,42 @@ fn forward_json_lines_over_unix_waits_for_the_receiver() {
     let v = found.expect("the queued event after the receiver appeared");
     assert_eq!(v["process"]["pid"], me());
 }
+
+/// `--config`: destinations from the file and from flags are used together.
+#[test]
+fn config_file_destinations_add_to_the_flags() {
+    if !can_run_kernel_tests() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events.json");
+    let config = dir.path().join("portwatch.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "health_interval = 0\n[[sink]]\ntype = \"file\"\npath = \"{}\"\n",
+            events.display()
+        ),
+    )
+    .unwrap();
+    let mut agent = Agent::start(&[
+        "--no-snapshot",
+        "--stdout",
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let p = l.local_addr().unwrap().port();
+    agent.expect("the listener on stdout", |e| {
+        action(e) == "listen-started" && port(e) == u64::from(p)
+    });
+    let in_file = poll(Duration::from_secs(10), || {
+        portwatch_tests::read_json_lines(&events)
+            .into_iter()
+            .find(|e| action(e) == "listen-started" && port(e) == u64::from(p))
+    });
+    drop(l);
+    let (status, _) = agent.stop();
+    assert!(status.success());
+    assert!(in_file.is_some(), "the config file's sink got nothing");
+}
