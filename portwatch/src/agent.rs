@@ -116,7 +116,13 @@ struct Health {
     records_at_last: u64,
     last: Option<Instant>,
     resyncs: u64,
+    last_trim: Option<Instant>,
 }
+
+/// How often freed heap memory is handed back to the system. A burst (a stalled output
+/// filling its queue, a flood of new processes) leaves freed memory that malloc keeps;
+/// trimming makes the resident size follow the real state instead of the high-water mark.
+const TRIM_EVERY: Duration = Duration::from_secs(30);
 
 pub struct Pipeline {
     enricher: Enricher,
@@ -616,6 +622,11 @@ impl Pipeline {
     /// Periodic work: follow the wall clock, report losses, end the startup grace.
     pub fn tick(&mut self, stats: Option<KernelStats>, last: bool) {
         self.enricher.clocks = sys::Clocks::now();
+        if self.health.last_trim.is_none_or(|t| t.elapsed() >= TRIM_EVERY) {
+            self.health.last_trim = Some(Instant::now());
+            // SAFETY: malloc_trim only releases free heap memory (~1 ms here).
+            unsafe { libc::malloc_trim(0) };
+        }
         if self
             .startup
             .grace_until
