@@ -106,6 +106,8 @@ struct Startup {
     live_stopped: HashSet<u64>,
     reported: HashSet<u64>,
     snapshot_running: bool,
+    /// The running scan is a resync, not the start-up snapshot.
+    resync: bool,
     grace_until: Option<Instant>,
 }
 
@@ -372,10 +374,11 @@ impl Pipeline {
             }
             Kind::ListenStopped | Kind::UdpReleased => {
                 // A release whose bind the kernel side never saw is reported for the
-                // sockets we know (from the snapshot), and while the snapshot runs (it
-                // may be one the snapshot is about to find); the rest are client sockets
-                // bound implicitly by a send.
-                if r.untracked && !self.startup.snapshot_running && !self.open.contains_key(&key) {
+                // sockets we know (from the snapshot), and while the startup snapshot
+                // runs (it may be one the snapshot is about to find); the rest are client
+                // sockets bound implicitly by a send.
+                let scanning_at_start = self.startup.snapshot_running && !self.startup.resync;
+                if r.untracked && !scanning_at_start && !self.open.contains_key(&key) {
                     return;
                 }
                 if self.startup.snapshot_running {
@@ -425,8 +428,10 @@ impl Pipeline {
         (seen(Kind::ListenStarted, tcp), seen(Kind::UdpBound, udp))
     }
 
-    pub fn snapshot_started(&mut self) {
+    /// A /proc scan starts: at start-up, or (`resync`) after a loss.
+    pub fn snapshot_started(&mut self, resync: bool) {
         self.startup.snapshot_running = true;
+        self.startup.resync = resync;
     }
 
     /// Merge the /proc snapshot: report each listener the live stream has not already
@@ -622,7 +627,11 @@ impl Pipeline {
     /// Periodic work: follow the wall clock, report losses, end the startup grace.
     pub fn tick(&mut self, stats: Option<KernelStats>, last: bool) {
         self.enricher.clocks = sys::Clocks::now();
-        if self.health.last_trim.is_none_or(|t| t.elapsed() >= TRIM_EVERY) {
+        if self
+            .health
+            .last_trim
+            .is_none_or(|t| t.elapsed() >= TRIM_EVERY)
+        {
             self.health.last_trim = Some(Instant::now());
             // SAFETY: malloc_trim only releases free heap memory (~1 ms here).
             unsafe { libc::malloc_trim(0) };
@@ -1042,7 +1051,7 @@ async fn run(
     // Every live start from the moment the probes attached is remembered until the
     // snapshot is merged, so the snapshot never reports one a second time.
     if config.snapshot {
-        pipeline.snapshot_started();
+        pipeline.snapshot_started(false);
     }
     // (The flag stays up while draining here: at worst a spare wake-up.)
     sleep_flag.going_to_sleep()?;
@@ -1137,7 +1146,7 @@ async fn run(
                 let due = last_resync.is_none_or(|t| t.elapsed() >= RESYNC_MIN_GAP);
                 if scan.is_none() && due && pipeline.take_resync() {
                     log::info!("events were lost: re-reading the listeners from /proc");
-                    pipeline.snapshot_started();
+                    pipeline.snapshot_started(true);
                     scan = Some(spawn_scan());
                     scan_is_resync = true;
                     last_resync = Some(Instant::now());
