@@ -1018,7 +1018,7 @@ mod tests {
             parse_cmdline(b"nginx: worker process"),
             vec!["nginx: worker process"]
         );
-        assert_eq!(parse_cmdline(b"x\xff\0"), vec!["x\u{fffd}"]);
+        assert_eq!(parse_cmdline(b"x\xff\0"), vec!["x\\xff"]);
         let huge = vec![b'a'; CMDLINE_CAP * 2];
         let args = parse_cmdline(&huge);
         assert_eq!(args.len(), 1);
