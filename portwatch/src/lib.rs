@@ -13,6 +13,7 @@ pub mod config;
 pub mod emit;
 pub mod enrich;
 pub mod event;
+pub mod ocsf;
 pub mod probes;
 pub mod procfs;
 pub mod report;
