@@ -12,6 +12,7 @@ pub mod cli;
 pub mod emit;
 pub mod enrich;
 pub mod event;
+pub mod metrics;
 pub mod probes;
 pub mod procfs;
 pub mod report;
