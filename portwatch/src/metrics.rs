@@ -371,8 +371,7 @@ impl Metrics {
     /// ([`prometheus_text::CONTENT_TYPE`]).
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
-        prometheus_text::encode(&mut out, &self.registry)
-            .expect("writing to a String cannot fail");
+        prometheus_text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
     }
 
@@ -418,7 +417,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest request head read; more is answered 431.
 const REQUEST_MAX: usize = 8 * 1024;
-/// Connections served at once; more are answered 503 and closed. A scraper or two, and
+/// Connections served at once; more are closed at once, unanswered. A scraper or two, and
 /// someone with curl, need far fewer.
 const CONNECTIONS_MAX: usize = 8;
 
@@ -453,9 +452,7 @@ pub fn bind(addr: &str) -> anyhow::Result<MetricsListener> {
     };
     let listener = TcpListener::bind(&addrs[..]).map_err(|e| {
         fail(&match e.kind() {
-            io::ErrorKind::AddrInUse => {
-                "address in use; pick another --metrics address".to_owned()
-            }
+            io::ErrorKind::AddrInUse => "address in use; pick another --metrics address".to_owned(),
             io::ErrorKind::PermissionDenied => {
                 "permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE); \
                  pick another --metrics address"
@@ -492,7 +489,7 @@ fn serve_with(
 fn accept_loop(listener: TcpListener, metrics: Arc<Metrics>, request_timeout: Duration) {
     let active = Arc::new(AtomicUsize::new(0));
     for conn in listener.incoming() {
-        let mut stream = match conn {
+        let stream = match conn {
             Ok(s) => s,
             Err(e) => {
                 // EMFILE and the like: wait for a descriptor rather than spin.
@@ -503,8 +500,10 @@ fn accept_loop(listener: TcpListener, metrics: Arc<Metrics>, request_timeout: Du
         };
         if active.fetch_add(1, Ordering::AcqRel) >= CONNECTIONS_MAX {
             active.fetch_sub(1, Ordering::AcqRel);
-            let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
-            let _ = respond(&mut stream, 503, "Service Unavailable", None, &[]);
+            // Closed unanswered: a 503 would need the request read first (closing on
+            // unread bytes resets the connection, response and all), and this thread
+            // must not wait on a client.
+            drop(stream);
             continue;
         }
         let metrics = metrics.clone();
@@ -543,18 +542,18 @@ enum Request {
 /// One request, one response, close (HTTP/1.1 with `Connection: close`).
 fn handle(mut stream: TcpStream, metrics: &Metrics, request_timeout: Duration) -> io::Result<()> {
     stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
-    let head = match read_head(&mut stream, request_timeout)? {
+    answer(&mut stream, metrics, request_timeout)?;
+    linger(&mut stream);
+    Ok(())
+}
+
+fn answer(stream: &mut TcpStream, metrics: &Metrics, request_timeout: Duration) -> io::Result<()> {
+    let head = match read_head(stream, request_timeout)? {
         Head::Complete(h) => h,
         Head::TooLarge => {
-            return respond(
-                &mut stream,
-                431,
-                "Request Header Fields Too Large",
-                None,
-                &[],
-            );
+            return respond(stream, 431, "Request Header Fields Too Large", None, &[]);
         }
-        Head::TimedOut => return respond(&mut stream, 408, "Request Timeout", None, &[]),
+        Head::TimedOut => return respond(stream, 408, "Request Timeout", None, &[]),
         Head::Closed => return Ok(()),
     };
     match parse_request(&head) {
@@ -567,17 +566,17 @@ fn handle(mut stream: TcpStream, metrics: &Metrics, request_timeout: Duration) -
             // HEAD: the headers GET would send, Content-Length included, no body.
             let length = body.len();
             let body = if head { &[][..] } else { body.as_bytes() };
-            respond(&mut stream, 200, "OK", Some((content_type, length)), body)
+            respond(stream, 200, "OK", Some((content_type, length)), body)
         }
-        Request::NotFound => respond(&mut stream, 404, "Not Found", None, b"not found\n"),
+        Request::NotFound => respond(stream, 404, "Not Found", None, b"not found\n"),
         Request::MethodNotAllowed => respond(
-            &mut stream,
+            stream,
             405,
             "Method Not Allowed",
             None,
             b"method not allowed\n",
         ),
-        Request::Bad => respond(&mut stream, 400, "Bad Request", None, b"bad request\n"),
+        Request::Bad => respond(stream, 400, "Bad Request", None, b"bad request\n"),
     }
 }
 
@@ -602,7 +601,12 @@ fn read_head(stream: &mut TcpStream, timeout: Duration) -> io::Result<Head> {
         let n = match stream.read(&mut chunk) {
             Ok(0) => return Ok(Head::Closed),
             Ok(n) => n,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
                 return Ok(Head::TimedOut);
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -677,8 +681,500 @@ fn respond(
     let mut response = out.into_bytes();
     response.extend_from_slice(body);
     stream.write_all(&response)?;
-    stream.flush()?;
-    // Tell the client we are done; then close.
+    stream.flush()
+}
+
+/// How long, and how much, a client may still send after its response before the
+/// connection is closed anyway.
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_MAX: usize = 64 * 1024;
+
+/// Close gently: say we are done, then read what the client still sends (a request cut
+/// off at the size cap, a body nobody asked for) until it closes. Closing with unread
+/// bytes makes the kernel send a reset, and a reset can cost the client the response it
+/// has not read yet.
+fn linger(stream: &mut TcpStream) {
     let _ = stream.shutdown(std::net::Shutdown::Write);
-    Ok(())
+    let deadline = Instant::now() + LINGER;
+    let mut chunk = [0u8; 4096];
+    let mut drained = 0;
+    while drained < LINGER_MAX {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            return;
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => drained += n,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, HashMap};
+
+    use super::*;
+
+    const _: fn() = || {
+        fn shared<T: Send + Sync>() {}
+        shared::<Metrics>();
+    };
+
+    /// Long enough that a test waiting on it would fail on the client's own timeout.
+    const CLIENT_TIMEOUT: Duration = Duration::from_secs(20);
+
+    struct Response {
+        status: u16,
+        headers: HashMap<String, String>,
+        body: String,
+    }
+
+    impl Response {
+        fn header(&self, name: &str) -> &str {
+            self.headers
+                .get(&name.to_ascii_lowercase())
+                .map_or("", String::as_str)
+        }
+    }
+
+    fn connect(addr: SocketAddr) -> TcpStream {
+        let s = TcpStream::connect(addr).expect("connecting to the metrics server");
+        s.set_read_timeout(Some(CLIENT_TIMEOUT)).unwrap();
+        s.set_write_timeout(Some(CLIENT_TIMEOUT)).unwrap();
+        s
+    }
+
+    fn read_response(mut s: TcpStream) -> Response {
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw)
+            .expect("reading the response (the server must answer and close)");
+        let raw = String::from_utf8(raw).expect("response is UTF-8");
+        let (head, body) = raw.split_once("\r\n\r\n").expect("a response head");
+        let mut lines = head.split("\r\n");
+        let status_line = lines.next().unwrap();
+        let mut parts = status_line.splitn(3, ' ');
+        assert_eq!(parts.next(), Some("HTTP/1.1"), "{status_line}");
+        let status = parts.next().unwrap().parse().unwrap();
+        let headers = lines
+            .map(|l| {
+                let (k, v) = l.split_once(':').expect("a header line");
+                (k.trim().to_ascii_lowercase(), v.trim().to_owned())
+            })
+            .collect();
+        Response {
+            status,
+            headers,
+            body: body.to_owned(),
+        }
+    }
+
+    fn request(addr: SocketAddr, raw: &str) -> Response {
+        let mut s = connect(addr);
+        s.write_all(raw.as_bytes()).unwrap();
+        read_response(s)
+    }
+
+    fn get(addr: SocketAddr, path: &str) -> Response {
+        request(
+            addr,
+            &format!("GET {path} HTTP/1.1\r\nHost: test\r\nUser-Agent: test\r\n\r\n"),
+        )
+    }
+
+    fn start(metrics: Arc<Metrics>, request_timeout: Duration) -> SocketAddr {
+        let listener = bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr();
+        assert_ne!(addr.port(), 0);
+        serve_with(listener, metrics, request_timeout).unwrap();
+        addr
+    }
+
+    /// A parsed exposition: HELP and TYPE by metric name, samples by name and labels.
+    #[derive(Debug, Default)]
+    struct Exposition {
+        help: HashMap<String, String>,
+        types: HashMap<String, String>,
+        samples: HashMap<(String, BTreeMap<String, String>), f64>,
+    }
+
+    impl Exposition {
+        fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+            let labels = labels
+                .iter()
+                .map(|&(k, v)| (k.to_owned(), v.to_owned()))
+                .collect();
+            self.samples.get(&(name.to_owned(), labels)).copied()
+        }
+    }
+
+    /// Parse the text format (enough of it for what this registry emits: no timestamps,
+    /// no exemplars), failing on any line it does not understand.
+    fn parse(text: &str) -> Exposition {
+        let mut e = Exposition::default();
+        for line in text.lines() {
+            if line == "# EOF" {
+                continue;
+            }
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                let (name, help) = rest.split_once(' ').expect("HELP name text");
+                assert!(e.help.insert(name.into(), help.into()).is_none(), "{line}");
+                continue;
+            }
+            if line.starts_with("# UNIT ") {
+                continue;
+            }
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, ty) = rest.split_once(' ').expect("TYPE name type");
+                assert!(e.types.insert(name.into(), ty.into()).is_none(), "{line}");
+                continue;
+            }
+            assert!(!line.starts_with('#'), "unexpected comment: {line}");
+            let (series, value) = line.rsplit_once(' ').expect("sample: series value");
+            let value: f64 = value.parse().unwrap_or_else(|_| panic!("value in {line}"));
+            let (name, labels) = match series.split_once('{') {
+                None => (series.to_owned(), BTreeMap::new()),
+                Some((name, rest)) => {
+                    let rest = rest.strip_suffix('}').expect("labels end with }");
+                    (name.to_owned(), parse_labels(rest))
+                }
+            };
+            assert!(
+                name.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+                "metric name {name}"
+            );
+            assert!(
+                e.samples.insert((name, labels), value).is_none(),
+                "duplicate series: {line}"
+            );
+        }
+        e
+    }
+
+    fn parse_labels(s: &str) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        let mut chars = s.chars().peekable();
+        while chars.peek().is_some() {
+            let key: String = chars.by_ref().take_while(|&c| c != '=').collect();
+            assert_eq!(chars.next(), Some('"'), "label {key} value is quoted");
+            let mut value = String::new();
+            loop {
+                match chars.next().expect("label value ends") {
+                    '"' => break,
+                    '\\' => match chars.next().expect("escape") {
+                        'n' => value.push('\n'),
+                        c => value.push(c),
+                    },
+                    c => value.push(c),
+                }
+            }
+            out.insert(key, value);
+            match chars.next() {
+                None | Some(',') => {}
+                Some(c) => panic!("unexpected {c:?} after a label in {s}"),
+            }
+        }
+        out
+    }
+
+    fn recorded() -> Arc<Metrics> {
+        let m = Arc::new(Metrics::new());
+        for _ in 0..3 {
+            m.event("listen-started", Some("tcp"));
+        }
+        m.event("udp-bound", Some("udp"));
+        m.event("sensor-health", None);
+        // Not in the fixed table: counted all the same.
+        m.event("something-new", Some("udp"));
+        m.alert("mysql");
+        m.alert("mysql");
+        m.alert("rule \"quoted\"\\x");
+        m.lost("ring-buffer-full", 5);
+        m.lost("output-queue-full", 2);
+        m.lost("output-queue-full", 1);
+        m.lost("some-new-reason", 7);
+        m.set_gauges(Gauges {
+            queue_depth: 12,
+            hooks_attached: 5,
+            hooks_degraded: 1,
+            open_listeners: 42,
+            process_cache: 300,
+            cgroup_cache: 17,
+            events_written: 1000,
+            output_write_errors: 2,
+        });
+        m
+    }
+
+    #[test]
+    fn every_fixed_series_has_its_slot() {
+        for (i, &(action, transport)) in EVENT_SERIES.iter().enumerate() {
+            let transport = (transport != NO_TRANSPORT).then_some(transport);
+            assert_eq!(
+                event_slot(action, transport),
+                Some(i),
+                "{action} {transport:?}"
+            );
+        }
+        assert_eq!(event_slot("listen-started", Some("udp")), None);
+        assert_eq!(event_slot("listen-started", None), None);
+    }
+
+    #[test]
+    fn scrape_over_http_and_parse() {
+        let addr = start(recorded(), REQUEST_TIMEOUT);
+        let r = get(addr, "/metrics");
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.header("content-type"), prometheus_text::CONTENT_TYPE);
+        assert_eq!(r.header("content-length"), r.body.len().to_string());
+        assert_eq!(r.header("connection"), "close");
+
+        let e = parse(&r.body);
+        // Every family has HELP and TYPE, every sample belongs to one, all prefixed.
+        let expected_types = [
+            ("portwatch_events_total", "counter"),
+            ("portwatch_alerts_total", "counter"),
+            ("portwatch_events_lost_total", "counter"),
+            ("portwatch_events_written_total", "counter"),
+            ("portwatch_output_write_errors_total", "counter"),
+            ("portwatch_output_queue_depth", "gauge"),
+            ("portwatch_hooks_attached", "gauge"),
+            ("portwatch_hooks_degraded", "gauge"),
+            ("portwatch_listeners_open", "gauge"),
+            ("portwatch_cache_entries", "gauge"),
+            ("portwatch_process_cpu_seconds_total", "counter"),
+            ("portwatch_process_resident_memory_bytes", "gauge"),
+        ];
+        for (name, ty) in expected_types {
+            assert_eq!(
+                e.types.get(name).map(String::as_str),
+                Some(ty),
+                "TYPE {name}"
+            );
+            assert!(
+                e.help.get(name).is_some_and(|h| h.len() > 10),
+                "HELP {name}"
+            );
+        }
+        assert_eq!(e.types.len(), expected_types.len(), "{:?}", e.types.keys());
+        for (name, _) in e.samples.keys() {
+            assert!(e.types.contains_key(name), "sample {name} without TYPE");
+            assert!(name.starts_with("portwatch_"), "{name}");
+        }
+
+        let events = "portwatch_events_total";
+        let ev = |a, t| e.value(events, &[("action", a), ("transport", t)]);
+        assert_eq!(ev("listen-started", "tcp"), Some(3.0));
+        assert_eq!(ev("udp-bound", "udp"), Some(1.0));
+        assert_eq!(ev("sensor-health", "none"), Some(1.0));
+        assert_eq!(ev("something-new", "udp"), Some(1.0));
+        // Made at start: present at 0 before the first one.
+        assert_eq!(ev("listen-stopped", "tcp"), Some(0.0));
+        assert_eq!(ev("risky-listener", "udp"), Some(0.0));
+
+        let alerts = "portwatch_alerts_total";
+        assert_eq!(e.value(alerts, &[("rule", "mysql")]), Some(2.0));
+        assert_eq!(
+            e.value(alerts, &[("rule", "rule \"quoted\"\\x")]),
+            Some(1.0)
+        );
+
+        let lost = "portwatch_events_lost_total";
+        let lo = |r, s| e.value(lost, &[("reason", r), ("side", s)]);
+        assert_eq!(lo("ring-buffer-full", "kernel"), Some(5.0));
+        assert_eq!(lo("kernel-map-full", "kernel"), Some(0.0));
+        assert_eq!(lo("output-queue-full", "userspace"), Some(3.0));
+        assert_eq!(lo("decode-error", "userspace"), Some(0.0));
+        assert_eq!(lo("some-new-reason", "unknown"), Some(7.0));
+
+        assert_eq!(e.value("portwatch_events_written_total", &[]), Some(1000.0));
+        assert_eq!(
+            e.value("portwatch_output_write_errors_total", &[]),
+            Some(2.0)
+        );
+        assert_eq!(e.value("portwatch_output_queue_depth", &[]), Some(12.0));
+        assert_eq!(e.value("portwatch_hooks_attached", &[]), Some(5.0));
+        assert_eq!(e.value("portwatch_hooks_degraded", &[]), Some(1.0));
+        assert_eq!(e.value("portwatch_listeners_open", &[]), Some(42.0));
+        let cache = "portwatch_cache_entries";
+        assert_eq!(e.value(cache, &[("cache", "process")]), Some(300.0));
+        assert_eq!(e.value(cache, &[("cache", "cgroup")]), Some(17.0));
+        let cpu = e.value("portwatch_process_cpu_seconds_total", &[]).unwrap();
+        assert!(cpu > 0.0, "cpu {cpu}");
+        let rss = e
+            .value("portwatch_process_resident_memory_bytes", &[])
+            .unwrap();
+        assert!(rss > 1e6, "rss {rss}");
+    }
+
+    #[test]
+    fn counters_from_totals_never_go_back() {
+        let m = Metrics::new();
+        let g = |w| Gauges {
+            events_written: w,
+            ..Gauges::default()
+        };
+        m.set_gauges(g(10));
+        m.set_gauges(g(7));
+        let e = parse(&m.render());
+        assert_eq!(e.value("portwatch_events_written_total", &[]), Some(10.0));
+    }
+
+    #[test]
+    fn gauges_from_output_shared() {
+        let out = OutputShared::default();
+        out.depth.store(3, Ordering::Relaxed);
+        out.written.store(99, Ordering::Relaxed);
+        out.write_errors.store(1, Ordering::Relaxed);
+        let g = Gauges::from_output(&out);
+        assert_eq!(
+            (g.queue_depth, g.events_written, g.output_write_errors),
+            (3, 99, 1)
+        );
+    }
+
+    #[test]
+    fn openmetrics_when_asked() {
+        let addr = start(recorded(), REQUEST_TIMEOUT);
+        let r = request(
+            addr,
+            "GET /metrics HTTP/1.1\r\nHost: t\r\nAccept: application/openmetrics-text;\
+             version=1.0.0,text/plain;version=0.0.4;q=0.5\r\n\r\n",
+        );
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("content-type"), OPENMETRICS_CONTENT_TYPE);
+        assert!(r.body.ends_with("# EOF\n"), "{}", r.body);
+        let e = parse(&r.body);
+        // OpenMetrics names the family without the _total of its samples.
+        assert_eq!(e.types["portwatch_events"], "counter");
+        assert_eq!(
+            e.value(
+                "portwatch_events_total",
+                &[("action", "listen-started"), ("transport", "tcp")]
+            ),
+            Some(3.0)
+        );
+    }
+
+    #[test]
+    fn head_query_string_and_errors() {
+        let addr = start(Arc::new(Metrics::new()), REQUEST_TIMEOUT);
+
+        let r = request(addr, "HEAD /metrics HTTP/1.1\r\nHost: t\r\n\r\n");
+        assert_eq!(r.status, 200);
+        assert!(r.body.is_empty());
+        assert!(r.header("content-length").parse::<usize>().unwrap() > 100);
+
+        assert_eq!(get(addr, "/metrics?x=1").status, 200);
+
+        let r = get(addr, "/");
+        assert_eq!(r.status, 404);
+        assert_eq!(r.header("connection"), "close");
+        assert_eq!(get(addr, "/metricsx").status, 404);
+
+        let r = request(addr, "POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(r.status, 405);
+        assert_eq!(r.header("allow"), "GET, HEAD");
+
+        assert_eq!(request(addr, "garbage\r\n\r\n").status, 400);
+        assert_eq!(request(addr, "GET /metrics SPDY/3\r\n\r\n").status, 400);
+
+        // A head that never ends within the cap.
+        let mut s = connect(addr);
+        let line = format!("X-Filler: {}\r\n", "a".repeat(1000));
+        s.write_all(b"GET /metrics HTTP/1.1\r\n").unwrap();
+        for _ in 0..(REQUEST_MAX / line.len() + 2) {
+            if s.write_all(line.as_bytes()).is_err() {
+                break;
+            }
+        }
+        assert_eq!(read_response(s).status, 431);
+    }
+
+    #[test]
+    fn stalled_client_does_not_block_a_scrape() {
+        // The stalled request holds its handler for a minute, longer than the client
+        // waits: a server that served one connection at a time would fail the scrape.
+        let addr = start(recorded(), Duration::from_secs(60));
+        let mut stalled = connect(addr);
+        stalled
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost:")
+            .unwrap();
+        let r = get(addr, "/metrics");
+        assert_eq!(r.status, 200);
+        assert!(parse(&r.body).types.contains_key("portwatch_events_total"));
+        drop(stalled);
+    }
+
+    #[test]
+    fn slow_client_is_cut_off() {
+        let addr = start(Arc::new(Metrics::new()), Duration::from_millis(200));
+        let mut s = connect(addr);
+        s.write_all(b"GET /metrics HTTP/1.1\r\n").unwrap();
+        // The server answers 408 and closes once its deadline passes (the client would
+        // give up after CLIENT_TIMEOUT otherwise).
+        assert_eq!(read_response(s).status, 408);
+    }
+
+    #[test]
+    fn too_many_connections_are_refused_not_queued() {
+        let addr = start(Arc::new(Metrics::new()), Duration::from_secs(60));
+        let held: Vec<TcpStream> = (0..CONNECTIONS_MAX)
+            .map(|_| {
+                let mut s = connect(addr);
+                s.write_all(b"GET /metrics HTTP/1.1\r\n").unwrap();
+                s
+            })
+            .collect();
+        assert_eq!(try_get(addr), None, "over the limit: closed, unanswered");
+        // A slot frees when a client goes: the server then serves again.
+        drop(held);
+        let deadline = Instant::now() + CLIENT_TIMEOUT;
+        while try_get(addr) != Some(200) {
+            assert!(Instant::now() < deadline, "slots never freed");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// A scrape's status, or None when the server closed without answering (an empty
+    /// read, or a reset: the server closed before reading the request).
+    fn try_get(addr: SocketAddr) -> Option<u16> {
+        let mut s = connect(addr);
+        if s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").is_err() {
+            return None;
+        }
+        let mut raw = Vec::new();
+        match s.read_to_end(&mut raw) {
+            Ok(_) if raw.is_empty() => None,
+            Ok(_) => {
+                let status = String::from_utf8_lossy(&raw[..raw.len().min(12)]).into_owned();
+                Some(status[9..12].parse().expect("a status code"))
+            }
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => None,
+            Err(e) => panic!("reading the response: {e}"),
+        }
+    }
+
+    #[test]
+    fn bind_errors_say_what_to_do() {
+        let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap().to_string();
+        let e = bind(&addr).unwrap_err();
+        assert_eq!(
+            format!("{e:#}"),
+            format!(
+                "cannot serve metrics on {addr}: address in use; pick another --metrics address"
+            )
+        );
+        for bad in ["nonsense", "127.0.0.1", "127.0.0.1:99999", ""] {
+            let e = format!("{:#}", bind(bad).unwrap_err());
+            assert!(
+                e.starts_with(&format!("cannot serve metrics on {bad}: not a HOST:PORT")),
+                "{e}"
+            );
+            assert!(!e.contains('\n'), "{e}");
+        }
+        assert!(bind("[::1]:0").is_ok() || bind("127.0.0.1:0").is_ok());
+    }
 }
