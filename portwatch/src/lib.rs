@@ -4,6 +4,7 @@
 //! One module per stage of an event's path: [`probes`] (load/attach) → [`ring`] (decode
 //! kernel records) → [`enrich`] (process, user, unit, container) → [`emit`] (JSON or
 //! text); [`snapshot`] reads what already listens, [`agent`] runs the whole stream.
+//! [`metrics`] serves the agent's own figures to Prometheus (`--metrics ADDR`).
 
 pub mod agent;
 pub mod btf;
