@@ -66,6 +66,11 @@ impl Enricher {
         }
     }
 
+    /// Entries in the process and the cgroup cache now (`portwatch_cache_entries`).
+    pub fn cache_sizes(&self) -> (usize, usize) {
+        (self.procs.len(), self.cgroups.len())
+    }
+
     pub fn user(&mut self, uid: u32) -> Named {
         Named {
             id: uid.to_string(),

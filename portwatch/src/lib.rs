@@ -4,6 +4,7 @@
 //! One module per stage of an event's path: [`probes`] (load/attach) → [`ring`] (decode
 //! kernel records) → [`enrich`] (process, user, unit, container) → [`emit`] (JSON or
 //! text); [`snapshot`] reads what already listens, [`agent`] runs the whole stream.
+//! [`metrics`] serves the agent's own figures to Prometheus (`--metrics ADDR`).
 
 pub mod agent;
 pub mod btf;
@@ -13,6 +14,7 @@ pub mod config;
 pub mod emit;
 pub mod enrich;
 pub mod event;
+pub mod metrics;
 pub mod ocsf;
 pub mod probes;
 pub mod procfs;
