@@ -62,6 +62,8 @@ pub struct WatchOptions {
     pub format: Format,
     /// Where events go (at least one).
     pub sinks: Vec<crate::emit::SinkSpec>,
+    /// Serve Prometheus metrics on this address.
+    pub metrics: Option<String>,
     pub ring_bytes: u32,
     pub snapshot: bool,
     /// Bound of the queue between the event loop and the output thread.
@@ -147,6 +149,7 @@ pub struct Pipeline {
     resync_wanted: bool,
     health: Health,
     rules_path: Option<PathBuf>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 fn host_info(boot_id: &str, machine_id: Option<String>) -> Arc<Host> {
@@ -186,6 +189,7 @@ impl Pipeline {
             resync_wanted: false,
             health: Health::default(),
             rules_path: policy.rules_path,
+            metrics: None,
         }
     }
 
@@ -230,8 +234,14 @@ impl Pipeline {
         }
     }
 
-    /// Queue an event for the output thread (never blocks; a drop is counted there).
+    /// Queue an event for the output threads (never blocks; a drop is counted there).
     fn write(&mut self, ev: Event) {
+        if let Some(m) = &self.metrics {
+            m.event(ev.event.action, ev.network.as_ref().map(|n| n.transport));
+            if let Some(r) = ev.rule.as_ref().filter(|_| ev.event.kind == "alert") {
+                m.alert(&r.id);
+            }
+        }
         self.output.send(ev);
     }
 
@@ -242,6 +252,25 @@ impl Pipeline {
         if let Some(alert) = alert {
             self.write(alert);
         }
+    }
+
+    /// Count into `metrics` from now on.
+    pub fn set_metrics(&mut self, metrics: Arc<crate::metrics::Metrics>) {
+        self.metrics = Some(metrics);
+    }
+
+    /// Refresh the metrics' gauges (each tick).
+    fn update_gauges(&self, hooks: usize, degraded: usize) {
+        let Some(m) = &self.metrics else { return };
+        let (process_cache, cgroup_cache) = self.enricher.cache_sizes();
+        m.set_gauges(crate::metrics::Gauges {
+            hooks_attached: hooks as u64,
+            hooks_degraded: degraded as u64,
+            open_listeners: self.open.len() as u64,
+            process_cache: process_cache as u64,
+            cgroup_cache: cgroup_cache as u64,
+            ..crate::metrics::Gauges::from_output(self.output.shared())
+        });
     }
 
     /// Write everything queued and stop the output thread.
@@ -794,6 +823,9 @@ impl Pipeline {
     /// (the other sinks may have written those events).
     fn lost_in(&mut self, count: u64, reason: &'static str, sink: Option<&str>) {
         self.lost_total += count;
+        if let Some(m) = &self.metrics {
+            m.lost(reason, count);
+        }
         let now = self.enricher.clocks.wall_from_ktime(sys::monotonic_ns());
         let mut ev = self.base(now, "metric", "events-lost");
         ev.log = Some(crate::event::Log { level: "warning" });
@@ -883,6 +915,13 @@ struct RunConfig {
 pub async fn watch(opts: WatchOptions) -> anyhow::Result<()> {
     // Opened first: an unwritable output is reported before anything is loaded.
     let output = Output::new(opts.format, &opts.sinks, opts.queue_events, false)?;
+    // Bound before loading (a bad or busy address fails first; a port below 1024 still
+    // may be bound), served after the capability drop (its threads inherit the set).
+    let metrics_listener = opts
+        .metrics
+        .as_deref()
+        .map(crate::metrics::bind)
+        .transpose()?;
     let sensor = probes::load(&probes::Options {
         ring_bytes: opts.ring_bytes,
     })?;
@@ -908,6 +947,11 @@ pub async fn watch(opts: WatchOptions) -> anyhow::Result<()> {
     } = opts;
     let mut pipeline = Pipeline::new(output, cgroup_root.clone(), policy);
     pipeline.output.start()?;
+    if let Some(listener) = metrics_listener {
+        let m = Arc::new(crate::metrics::Metrics::new());
+        crate::metrics::serve(listener, m.clone())?;
+        pipeline.set_metrics(m);
+    }
     // Loading parsed several MiB of kernel BTF that is now free: hand it back to the
     // system so the resident size of a long-running agent reflects its real state.
     // SAFETY: malloc_trim only releases free heap memory.
@@ -1141,6 +1185,7 @@ async fn run(
             }
             _ = tick.tick() => {
                 pipeline.tick(stats.read().ok(), false);
+                pipeline.update_gauges(HOOKS.len(), degraded.len());
                 // After a loss the open-listener table may be wrong: re-read /proc (no
                 // more often than RESYNC_MIN_GAP; the request waits until then).
                 let due = last_resync.is_none_or(|t| t.elapsed() >= RESYNC_MIN_GAP);

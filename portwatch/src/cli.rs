@@ -46,6 +46,9 @@ pub enum Command {
         /// Write to stdout too [default: only when no other destination is given].
         #[arg(long)]
         stdout: bool,
+        /// Serve Prometheus metrics on ADDR (e.g. 127.0.0.1:9100), path /metrics.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<String>,
         /// Kernel ring buffer size in bytes (a power of two, at least 4096) [default:
         /// 1048576].
         #[arg(long, value_parser = parse_ring_bytes)]

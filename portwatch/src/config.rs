@@ -3,7 +3,8 @@
 //! win over the file; destinations from both are used together.
 //!
 //! ```toml
-//! format = "json"                 # json | text
+//! format = "json"                 # json | text | ocsf
+//! metrics = "127.0.0.1:9100"      # Prometheus endpoint
 //! rules = "/etc/portwatch/rules.toml"
 //! queue_events = 16384
 //! health_interval = 60            # seconds, 0: none
@@ -41,6 +42,7 @@ pub struct Config {
     pub health_interval: Option<u64>,
     pub ring_bytes: Option<u32>,
     pub priority_boost: Option<u8>,
+    pub metrics: Option<String>,
     #[serde(default, rename = "sink")]
     pub sinks: Vec<SinkEntry>,
 }
@@ -50,6 +52,7 @@ pub struct Config {
 pub enum FormatName {
     Json,
     Text,
+    Ocsf,
 }
 
 impl From<FormatName> for Format {
@@ -57,6 +60,7 @@ impl From<FormatName> for Format {
         match f {
             FormatName::Json => Format::Json,
             FormatName::Text => Format::Text,
+            FormatName::Ocsf => Format::Ocsf,
         }
     }
 }

@@ -28,8 +28,12 @@ use crate::event::Event;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
+    /// ECS JSON, one document per line.
     Json,
+    /// One readable line per event, for people.
     Text,
+    /// OCSF 1.5 JSON, one document per line (see `ocsf`).
+    Ocsf,
 }
 
 /// Stop writing: the reader of stdout went away (`| head`). Not an error for the user.
@@ -667,6 +671,7 @@ impl Writer {
     fn body(&mut self, format: Format, ev: &Event) -> bool {
         match format {
             Format::Json => serde_json::to_writer(&mut self.buf, ev).is_ok(),
+            Format::Ocsf => crate::ocsf::render(ev, &mut self.buf).is_ok(),
             Format::Text => {
                 self.line.clear();
                 text_line(&mut self.line, ev, self.color);

@@ -58,6 +58,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             syslog,
             forward,
             stdout,
+            metrics,
             ring_bytes,
             no_snapshot,
             priority_boost,
@@ -100,6 +101,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             rt.block_on(agent::watch(agent::WatchOptions {
                 format,
                 sinks,
+                metrics: metrics.or(file.metrics),
                 ring_bytes: ring_bytes.or(file.ring_bytes).unwrap_or(1 << 20),
                 snapshot: !no_snapshot,
                 queue_events: queue_events

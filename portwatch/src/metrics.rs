@@ -160,9 +160,24 @@ impl Gauges {
     /// fills in the rest.
     pub fn from_output(out: &OutputShared) -> Gauges {
         Gauges {
-            queue_depth: out.depth.load(Ordering::Relaxed) as u64,
-            events_written: out.written.load(Ordering::Relaxed),
-            output_write_errors: out.write_errors.load(Ordering::Relaxed),
+            // Per destination they differ; the worst queue, the most written, all errors.
+            queue_depth: out
+                .sinks
+                .iter()
+                .map(|s| s.depth.load(Ordering::Relaxed) as u64)
+                .max()
+                .unwrap_or(0),
+            events_written: out
+                .sinks
+                .iter()
+                .map(|s| s.written.load(Ordering::Relaxed))
+                .max()
+                .unwrap_or(0),
+            output_write_errors: out
+                .sinks
+                .iter()
+                .map(|s| s.write_errors.load(Ordering::Relaxed))
+                .sum(),
             ..Gauges::default()
         }
     }

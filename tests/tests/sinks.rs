@@ -322,3 +322,88 @@ fn config_file_destinations_add_to_the_flags() {
     assert!(status.success());
     assert!(in_file.is_some(), "the config file's sink got nothing");
 }
+
+/// `--metrics`: a running agent serves Prometheus text; a listener shows in the counters.
+#[test]
+fn metrics_endpoint_counts_a_real_listener() {
+    use std::io::{Read as _, Write as _};
+    if !can_run_kernel_tests() {
+        return;
+    }
+    let mp = free_port();
+    let addr = format!("127.0.0.1:{mp}");
+    let mut agent = Agent::start(&["--no-snapshot", "--metrics", &addr]);
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let p = l.local_addr().unwrap().port();
+    agent.expect("the listener", |e| {
+        action(e) == "listen-started" && port(e) == u64::from(p)
+    });
+    drop(l);
+    let scrape = || -> String {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body
+    };
+    let value = |text: &str, series: &str| -> Option<f64> {
+        text.lines()
+            .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    };
+    // Gauges refresh each second.
+    let text = poll(Duration::from_secs(5), || {
+        let t = scrape();
+        (value(&t, "portwatch_hooks_attached") == Some(5.0)).then_some(t)
+    })
+    .expect("hooks_attached 5 within 5 s");
+    let (status, _) = agent.stop();
+    assert!(status.success());
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let started = value(
+        &text,
+        "portwatch_events_total{action=\"listen-started\",transport=\"tcp\"}",
+    );
+    assert!(started >= Some(1.0), "{text}");
+    assert!(
+        value(&text, "portwatch_process_resident_memory_bytes") > Some(1e6),
+        "{text}"
+    );
+}
+
+/// `--format ocsf`: the listener as OCSF Network Activity / Listen.
+#[test]
+fn ocsf_format_renders_listeners_as_network_activity_listen() {
+    if !can_run_kernel_tests() {
+        return;
+    }
+    let mut child = Command::new(portwatch_tests::agent_binary())
+        .args(["watch", "--format", "ocsf", "--no-snapshot"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    // Started (Application Lifecycle / Start); other hosts' events may come first.
+    let started = lines
+        .by_ref()
+        .map(|l| serde_json::from_str::<Value>(&l.unwrap()).unwrap())
+        .find(|v| v["class_uid"] == 6002)
+        .expect("sensor-started in OCSF");
+    assert_eq!(started["activity_id"], 3, "{started}");
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let p = l.local_addr().unwrap().port();
+    let ev = lines
+        .map(|l| serde_json::from_str::<Value>(&l.unwrap()).unwrap())
+        .find(|v| v["dst_endpoint"]["port"] == p)
+        .expect("the listener in OCSF");
+    drop(l);
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    assert_eq!(ev["class_uid"], 4001, "{ev}");
+    assert_eq!(ev["activity_id"], 7, "{ev}");
+    assert_eq!(ev["type_uid"], 400_107, "{ev}");
+    assert_eq!(ev["actor"]["process"]["pid"], me(), "{ev}");
+    assert_eq!(ev["metadata"]["product"]["name"], "portwatch", "{ev}");
+}
