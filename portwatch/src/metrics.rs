@@ -1038,14 +1038,22 @@ mod tests {
 
     #[test]
     fn gauges_from_output_shared() {
-        let out = OutputShared::default();
-        out.depth.store(3, Ordering::Relaxed);
-        out.written.store(99, Ordering::Relaxed);
-        out.write_errors.store(1, Ordering::Relaxed);
+        let sink = |depth: usize, written: u64, errors: u64| {
+            let s = crate::emit::SinkShared::default();
+            s.depth.store(depth, Ordering::Relaxed);
+            s.written.store(written, Ordering::Relaxed);
+            s.write_errors.store(errors, Ordering::Relaxed);
+            std::sync::Arc::new(s)
+        };
+        let out = OutputShared {
+            sinks: vec![sink(3, 99, 1), sink(1, 98, 2)],
+            ..OutputShared::default()
+        };
         let g = Gauges::from_output(&out);
+        // The worst queue, the most written, all errors.
         assert_eq!(
             (g.queue_depth, g.events_written, g.output_write_errors),
-            (3, 99, 1)
+            (3, 99, 3)
         );
     }
 
