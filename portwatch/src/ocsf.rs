@@ -1264,6 +1264,7 @@ mod tests {
             count: 12,
             total: 12,
             reason: "ring-buffer-full",
+            sink: None,
         });
         let v = render_value(&lost);
         assert_base(&v, &lost, 6008, 6, 1);
