@@ -86,6 +86,17 @@ fn wait_for_repair(agent: &mut Agent) {
     panic!("no resync after the last loss within 25 s");
 }
 
+/// Wait until the agent writing to `file` has started.
+fn wait_started(file: &std::path::Path) {
+    poll(Duration::from_secs(10), || {
+        read_json_lines(file)
+            .iter()
+            .any(|e| action(e) == "sensor-started")
+            .then_some(())
+    })
+    .expect("sensor-started in the output file");
+}
+
 fn assert_gap_free(events: &[Value]) {
     for (i, e) in events.iter().enumerate() {
         assert_eq!(
@@ -343,13 +354,7 @@ fn full_disk_is_survived_counted_and_reported() {
         Stdio::from(stderr_file.reopen().unwrap()),
     );
     let _reap = Reap(child.id());
-    poll(Duration::from_secs(10), || {
-        read_json_lines(&file)
-            .iter()
-            .any(|e| action(e) == "sensor-started")
-            .then_some(())
-    })
-    .expect("sensor-started in the output file");
+    wait_started(&file);
     assert_eq!(
         std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
         0o600,
@@ -419,13 +424,7 @@ fn sighup_reopens_the_output_and_reloads_rules() {
         Stdio::null(),
     );
     let _reap = Reap(child.id());
-    poll(Duration::from_secs(10), || {
-        read_json_lines(&file)
-            .iter()
-            .any(|e| action(e) == "sensor-started")
-            .then_some(())
-    })
-    .expect("sensor-started");
+    wait_started(&file);
     // logrotate: move the file away, then HUP.
     let rotated = dir.path().join("events.json.1");
     std::fs::rename(&file, &rotated).unwrap();

@@ -197,19 +197,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     fs::create_dir_all(&ctx.logs)?;
 
     step("building the load generator (target/release/loadgen)");
-    crate::status(
-        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .current_dir(&root)
-            .args([
-                "build",
-                "--release",
-                "--quiet",
-                "--package",
-                "xtask",
-                "--bin",
-                "loadgen",
-            ]),
-    )?;
+    crate::build_loadgen()?;
     if !ctx.agent.exists() {
         bail!("{} is missing (cargo xtask build)", ctx.agent.display());
     }

@@ -191,6 +191,19 @@ fn build() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// target/release/loadgen, the benchmark and soak load generator.
+fn build_loadgen() -> anyhow::Result<()> {
+    status(cargo().args([
+        "build",
+        "--release",
+        "--quiet",
+        "--package",
+        "xtask",
+        "--bin",
+        "loadgen",
+    ]))
+}
+
 pub fn agent_binary() -> PathBuf {
     workspace_root().join("target/release/portwatch")
 }

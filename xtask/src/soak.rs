@@ -46,15 +46,7 @@ impl Rng {
 }
 
 pub fn run(args: &SoakArgs) -> anyhow::Result<()> {
-    crate::status(crate::cargo().args([
-        "build",
-        "--release",
-        "--quiet",
-        "--package",
-        "xtask",
-        "--bin",
-        "loadgen",
-    ]))?;
+    crate::build_loadgen()?;
     // Private copies: a rebuild in the shared workspace during a long soak must not swap
     // the binaries under it.
     let dir = crate::workspace_root().join("target/soak");
