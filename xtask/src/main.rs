@@ -5,6 +5,7 @@
 //! there, with a line of progress per step.
 
 mod bench;
+mod package;
 mod vm;
 
 use std::{
@@ -46,6 +47,9 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// Boot Debian's 6.1/6.12 kernels under QEMU and check the agent's events there.
     Vm(vm::VmArgs),
+    /// Set up, build, and make target/package/portwatch_*.deb; then lintian and an
+    /// install/purge check in a throwaway copy of this machine.
+    Package(package::PackageArgs),
 }
 
 /// Debian packages, as verified in PLATFORM.md, plus what the tests and benchmarks drive.
@@ -57,6 +61,13 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "memcached",
     "bpftrace",
+    // `cargo xtask package` and its checks (part of `cargo xtask test`).
+    "dpkg-dev",
+    "binutils",
+    "lintian",
+    "man-db",
+    "systemd",
+    "python3-yaml",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -73,6 +84,9 @@ fn main() -> ExitCode {
             .and_then(|()| build())
             .and_then(|()| bench::run(&args)),
         Cmd::Vm(args) => setup().and_then(|()| build()).and_then(|()| vm::run(&args)),
+        Cmd::Package(args) => setup()
+            .and_then(|()| build())
+            .and_then(|()| package::run(&args)),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
