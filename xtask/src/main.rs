@@ -67,6 +67,7 @@ const APT_PACKAGES: &[&str] = &[
     "lintian",
     "man-db",
     "systemd",
+    "systemd-container",
     "python3-yaml",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -226,6 +227,14 @@ fn test(args: &[String]) -> anyhow::Result<()> {
             .env("PORTWATCH_BIN", agent_binary()),
     )?;
     step(&format!("tests done in {:.1} s", t.elapsed().as_secs_f64()));
+
+    // The Debian package of the binary just tested: lintian, the example
+    // configurations, install/purge in a throwaway copy of this machine, and the
+    // service running under systemd in a booted copy (~30 s in all).
+    package::run(&package::PackageArgs {
+        no_check: false,
+        boot: true,
+    })?;
 
     // The same binary on other kernels (Debian 6.1 and 6.12 under QEMU): their struct
     // offsets differ, which is what the BTF-driven globals must get right. Installing

@@ -44,12 +44,19 @@ pub struct PackageArgs {
     /// Only build the .deb; skip lintian and the install check.
     #[arg(long)]
     pub no_check: bool,
+    /// Also boot this machine's userland under systemd-nspawn (systemd as PID 1), install
+    /// the .deb there and check the running service (needs systemd-container).
+    #[arg(long)]
+    pub boot: bool,
 }
 
 pub fn run(args: &PackageArgs) -> anyhow::Result<()> {
     let deb = build_deb()?;
     if !args.no_check {
         check(&deb)?;
+    }
+    if args.boot {
+        boot_check(&deb)?;
     }
     println!("{}", deb.display());
     Ok(())
@@ -387,6 +394,29 @@ pub fn check(deb: &Path) -> anyhow::Result<()> {
     )?;
     step(&format!(
         "package checks done in {:.1} s",
+        t.elapsed().as_secs_f64()
+    ));
+    Ok(())
+}
+
+/// dpkg -i, then the service under a real systemd: `package-boot-check.sh`.
+fn boot_check(deb: &Path) -> anyhow::Result<()> {
+    let t = Instant::now();
+    step("boot this machine's userland with systemd as PID 1 (nspawn), install, run, purge");
+    let scratch = out_dir().join("boot-root");
+    fs::create_dir_all(&scratch)?;
+    let script = out_dir().join("package-boot-check.sh");
+    fs::write(&script, include_str!("package-boot-check.sh"))?;
+    status(
+        Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh"])
+            .arg(&script)
+            .arg(deb)
+            .arg(&scratch),
+    )
+    .context("the package's service under systemd (is systemd-container installed?)")?;
+    step(&format!(
+        "boot check done in {:.1} s",
         t.elapsed().as_secs_f64()
     ));
     Ok(())
