@@ -365,7 +365,7 @@ fn set_dir_modes(root: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn check(deb: &Path) -> anyhow::Result<()> {
+fn check(deb: &Path) -> anyhow::Result<()> {
     let t = Instant::now();
     step("lintian (errors fail the check)");
     let st = Command::new("lintian")
