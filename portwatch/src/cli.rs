@@ -1,9 +1,13 @@
 //! The command line's definition, in the library so that `cargo xtask` can generate
 //! shell completions and the man page from the same clap tree the binary parses.
 
-use std::path::PathBuf;
+use std::{
+    fs,
+    io::{self, Write as _},
+    path::{Path, PathBuf},
+};
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 
 use crate::{
     agent,
@@ -149,4 +153,88 @@ fn parse_ring_bytes(s: &str) -> Result<u32, String> {
         return Err(format!("{n} is not a power of two >= 4096 (try 1048576)"));
     }
     Ok(n)
+}
+
+/// Sections of the top-level man page that clap has no place for.
+const MAN_EXTRA: &str = r#".SH "EXIT STATUS"
+.TP
+\fB0\fR
+Stopped by SIGINT or SIGTERM after detaching every program and flushing; or the reader of
+the output went away. \fBsnapshot\fR: no listener raises an alert.
+.TP
+\fB1\fR
+An error, explained in one line on stderr (not root, no BTF, a hook that cannot attach,
+an unwritable output file).
+.TP
+\fB2\fR
+A bad flag or argument.
+.TP
+\fB3\fR
+\fBsnapshot\fR: at least one listener raises an alert.
+.SH ENVIRONMENT
+.TP
+\fBLC_ALL\fR, \fBLC_MESSAGES\fR, \fBLANG\fR
+Messages and advice are in Japanese when the first one set starts with \fBja\fR
+(unless \fB\-\-lang\fR says otherwise).
+.TP
+\fBNO_COLOR\fR
+When set and not empty, alerts on a terminal are not coloured.
+.SH FILES
+.TP
+\fI/var/log/portwatch/events.json\fR
+The events of the packaged service, one ECS JSON document per line.
+.TP
+\fI/etc/default/portwatch\fR
+\fBPORTWATCH_OPTS\fR: extra \fBwatch\fR arguments for the packaged service.
+.TP
+\fI/usr/lib/systemd/system/portwatch.service\fR
+The service, with its capability bounding set and sandboxing.
+.SH "SEE ALSO"
+\fBportwatch-watch\fR(8), \fBportwatch-snapshot\fR(8), \fBportwatch-rules\fR(8),
+\fBss\fR(8), \fBsystemd.exec\fR(5)
+"#;
+
+/// Writes the man pages (section 8: the agent runs as root) and the bash, zsh and fish
+/// completions for this command line into `dir`: man/portwatch*.8 and
+/// completions/{portwatch.bash,_portwatch,portwatch.fish}.
+///
+/// The binary runs this for `portwatch generate DIR`, a subcommand it adds to [`Cli`]
+/// itself, hidden, so that it is in none of these pages.
+pub fn generate(dir: &Path) -> io::Result<()> {
+    let man_dir = dir.join("man");
+    let completions = dir.join("completions");
+    fs::create_dir_all(&man_dir)?;
+    fs::create_dir_all(&completions)?;
+
+    let mut cmd = Cli::command().disable_help_subcommand(true);
+    cmd.build();
+    write_man_pages(&cmd, &man_dir, true)?;
+
+    let mut cmd = Cli::command();
+    for (shell, file) in [
+        (clap_complete::Shell::Bash, "portwatch.bash"),
+        (clap_complete::Shell::Zsh, "_portwatch"),
+        (clap_complete::Shell::Fish, "portwatch.fish"),
+    ] {
+        let mut out = io::BufWriter::new(fs::File::create(completions.join(file))?);
+        clap_complete::generate(shell, &mut cmd, "portwatch", &mut out);
+        out.flush()?;
+    }
+    Ok(())
+}
+
+/// One page per visible (sub)command, named as `git` does: portwatch-rules-check.8.
+fn write_man_pages(cmd: &clap::Command, dir: &Path, top: bool) -> io::Result<()> {
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        write_man_pages(sub, dir, false)?;
+    }
+    let man = clap_mangen::Man::new(cmd.clone())
+        .section("8")
+        .manual("System Administration");
+    let mut page = Vec::new();
+    man.render(&mut page)?;
+    if top {
+        page.extend_from_slice(MAN_EXTRA.as_bytes());
+    }
+    fs::write(dir.join(man.get_filename()), page)
 }

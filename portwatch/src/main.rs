@@ -1,8 +1,8 @@
 //! The `portwatch` command line.
 
-use std::{io::IsTerminal as _, process::ExitCode};
+use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode};
 
-use clap::Parser as _;
+use clap::{CommandFactory as _, FromArgMatches as _};
 
 use portwatch::{
     agent, classify,
@@ -31,7 +31,35 @@ impl log::Log for StderrLog {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // `portwatch generate DIR`: the packagers' hook (`cargo xtask package`). It is added
+    // here, not in `Cli`, so the man pages and completions rendered from `Cli` omit it;
+    // clap_complete lists even hidden subcommands.
+    let matches = Cli::command()
+        .subcommand(
+            clap::Command::new("generate")
+                .hide(true)
+                .about("Write the man pages and shell completions into DIR")
+                .arg(
+                    clap::Arg::new("dir")
+                        .required(true)
+                        .value_parser(clap::value_parser!(PathBuf)),
+                ),
+        )
+        .get_matches();
+    if let Some(("generate", m)) = matches.subcommand() {
+        let dir = m.get_one::<PathBuf>("dir").expect("required by clap");
+        return match portwatch::cli::generate(dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!(
+                    "portwatch: error: writing man pages and completions to {}: {e}",
+                    dir.display()
+                );
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let level = match cli.verbose {
         0 => log::LevelFilter::Warn,
         1 => log::LevelFilter::Info,

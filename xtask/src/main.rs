@@ -5,6 +5,7 @@
 //! there, with a line of progress per step.
 
 mod bench;
+mod package;
 mod soak;
 mod vm;
 
@@ -50,6 +51,9 @@ enum Cmd {
     /// Set up, build, and run the agent under a steady mixed churn for minutes: prints
     /// RSS over time, loss, and its listener table against /proc at the end.
     Soak(soak::SoakArgs),
+    /// Set up, build, and make target/package/portwatch_*.deb; then lintian and an
+    /// install/purge check in a throwaway copy of this machine.
+    Package(package::PackageArgs),
 }
 
 /// Debian packages, as verified in PLATFORM.md, plus what the tests and benchmarks drive.
@@ -62,6 +66,14 @@ const APT_PACKAGES: &[&str] = &[
     "memcached",
     "bpftrace",
     "rsyslog",
+    // `cargo xtask package` and its checks (part of `cargo xtask test`).
+    "dpkg-dev",
+    "binutils",
+    "lintian",
+    "man-db",
+    "systemd",
+    "systemd-container",
+    "python3-yaml",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -81,6 +93,9 @@ fn main() -> ExitCode {
         Cmd::Soak(args) => setup()
             .and_then(|()| build())
             .and_then(|()| soak::run(&args)),
+        Cmd::Package(args) => setup()
+            .and_then(|()| build())
+            .and_then(|()| package::run(&args)),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -233,6 +248,14 @@ fn test(args: &[String]) -> anyhow::Result<()> {
             .env("PORTWATCH_BIN", agent_binary()),
     )?;
     step(&format!("tests done in {:.1} s", t.elapsed().as_secs_f64()));
+
+    // The Debian package of the binary just tested: lintian, the example
+    // configurations, install/purge in a throwaway copy of this machine, and the
+    // service running under systemd in a booted copy (~30 s in all).
+    package::run(&package::PackageArgs {
+        no_check: false,
+        boot: true,
+    })?;
 
     // The same binary on other kernels (Debian 6.1 and 6.12 under QEMU): their struct
     // offsets differ, which is what the BTF-driven globals must get right. Installing
