@@ -383,18 +383,30 @@ impl Ctx<'_> {
     fn err(&self, span: Option<Range<usize>>, message: impl Into<String>) -> RulesError {
         let (line, col) = span.map_or((0, 0), |s| line_col(self.text, s.start));
         let message: String = message.into();
+        // Keep the Display a single line whatever toml produced: its
+        // syntax errors put "expected ..." on a second line.
+        let joined = message
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join(": ");
+        // serde quotes the file's own text unescaped ("unknown variant `...`"): a tab,
+        // a carriage return or a terminal escape from the file must not reach the
+        // terminal as such (found by the `rules` fuzz target).
+        let mut message = String::with_capacity(joined.len());
+        for c in joined.chars() {
+            if c.is_control() {
+                message.extend(c.escape_default());
+            } else {
+                message.push(c);
+            }
+        }
         RulesError::Invalid {
             origin: self.origin.to_owned(),
             line,
             col,
-            // Keep the Display a single line whatever toml produced: its
-            // syntax errors put "expected ..." on a second line.
-            message: message
-                .lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty())
-                .collect::<Vec<_>>()
-                .join(": "),
+            message,
         }
     }
 
