@@ -16,8 +16,11 @@ use portwatch::{
     procfs, ring, snapshot,
 };
 
+/// A target's checks on one input; panics on a failure.
+pub type Check = fn(&[u8]);
+
 /// Every target, by the name of its binary and corpus directory.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Check)] = &[
     ("proc_net", proc_net),
     ("procfs", procfs),
     ("rules", rules),
@@ -64,7 +67,10 @@ pub fn proc_net(data: &[u8]) {
         Err(e) => {
             assert_one_clean_line("proc_net", &e.to_string());
             let line = e.line().expect("a parse error names its line");
-            assert!(line >= 1 && line <= text.lines().count(), "line {line}: {e}");
+            assert!(
+                line >= 1 && line <= text.lines().count(),
+                "line {line}: {e}"
+            );
         }
     }
     if text.len() <= 64 {

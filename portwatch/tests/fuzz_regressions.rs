@@ -30,7 +30,10 @@ fn committed_fuzz_inputs_pass_their_checks() {
     let mut failed = Vec::new();
     for (target, check) in checks::TARGETS {
         let seeds = inputs("corpus", target);
-        assert!(!seeds.is_empty(), "fuzz/corpus/{target}/ has no seed inputs");
+        assert!(
+            !seeds.is_empty(),
+            "fuzz/corpus/{target}/ has no seed inputs"
+        );
         for path in seeds.iter().chain(&inputs("regressions", target)) {
             let data = std::fs::read(path).expect("reading a fuzz input");
             if std::panic::catch_unwind(|| check(&data)).is_err() {

@@ -5,6 +5,7 @@
 //! there, with a line of progress per step.
 
 mod bench;
+mod fuzz;
 mod vm;
 
 use std::{
@@ -46,6 +47,8 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// Boot Debian's 6.1/6.12 kernels under QEMU and check the agent's events there.
     Vm(vm::VmArgs),
+    /// Set up, then run each libFuzzer target (fuzz/) for a bounded time.
+    Fuzz(fuzz::FuzzArgs),
 }
 
 /// Debian packages, as verified in PLATFORM.md, plus what the tests and benchmarks drive.
@@ -57,8 +60,11 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "memcached",
     "bpftrace",
+    // libfuzzer-sys compiles libFuzzer's C++ (cargo xtask fuzz).
+    "g++",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -73,6 +79,7 @@ fn main() -> ExitCode {
             .and_then(|()| build())
             .and_then(|()| bench::run(&args)),
         Cmd::Vm(args) => setup().and_then(|()| build()).and_then(|()| vm::run(&args)),
+        Cmd::Fuzz(args) => setup().and_then(|()| fuzz::run(&args)),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -156,6 +163,25 @@ fn setup() -> anyhow::Result<()> {
         )?;
     }
 
+    let have_cargo_fuzz = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if have_cargo_fuzz {
+        step("cargo-fuzz: present");
+    } else {
+        step(&format!(
+            "cargo-fuzz {CARGO_FUZZ_VERSION}: installing (about 1 min)"
+        ));
+        status(Command::new("cargo").args([
+            "install",
+            "cargo-fuzz",
+            "--version",
+            CARGO_FUZZ_VERSION,
+            "--locked",
+        ]))?;
+    }
+
     if Path::new("/sys/kernel/tracing/events").is_dir() {
         step("tracefs: mounted");
     } else {
@@ -212,6 +238,14 @@ fn test(args: &[String]) -> anyhow::Result<()> {
             .env("PORTWATCH_BIN", agent_binary()),
     )?;
     step(&format!("tests done in {:.1} s", t.elapsed().as_secs_f64()));
+
+    // Hostile input: a short run of every fuzz target (the committed inputs were
+    // replayed by the tests above already). Longer runs: `cargo xtask fuzz --secs N`.
+    fuzz::run(&fuzz::FuzzArgs {
+        secs: 8,
+        targets: Vec::new(),
+        sanitizer: "address".into(),
+    })?;
 
     // The same binary on other kernels (Debian 6.1 and 6.12 under QEMU): their struct
     // offsets differ, which is what the BTF-driven globals must get right. Installing
