@@ -29,6 +29,10 @@ fn committed_fuzz_inputs_pass_their_checks() {
     let mut replayed = 0;
     let mut failed = Vec::new();
     for (target, check) in checks::TARGETS {
+        let wrapper = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../fuzz/fuzz_targets")
+            .join(format!("{target}.rs"));
+        assert!(wrapper.is_file(), "{} is missing", wrapper.display());
         let seeds = inputs("corpus", target);
         assert!(
             !seeds.is_empty(),

@@ -188,3 +188,26 @@ fn crash_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     }
     Ok(files)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_match_the_fuzz_crate() {
+        let manifest = fs::read_to_string(workspace_root().join("fuzz/Cargo.toml"))
+            .expect("reading fuzz/Cargo.toml");
+        let bins: Vec<&str> = manifest
+            .split("[[bin]]")
+            .skip(1)
+            .filter_map(|section| {
+                let line = section.lines().find(|l| l.starts_with("name = "))?;
+                Some(line.trim_start_matches("name = ").trim_matches('"'))
+            })
+            .collect();
+        assert_eq!(
+            bins, TARGETS,
+            "fuzz/Cargo.toml [[bin]] names vs fuzz::TARGETS"
+        );
+    }
+}
