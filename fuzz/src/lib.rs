@@ -26,6 +26,7 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("rules", rules),
     ("record", record),
     ("emit", emit),
+    ("remediation", remediation),
 ];
 
 /// An error shown to a person (stderr, a log line) must stay on its one line and must
@@ -328,4 +329,71 @@ pub fn emit(data: &[u8]) {
         }
     }
     let _ = std::fs::remove_file(&path);
+}
+
+/// Alert advice for a listener whose process, executable, unit and container names are
+/// hostile: the commands are meant to be pasted into a root shell, so every character a
+/// shell would act on must be inside quotes, whatever the names are.
+pub fn remediation(data: &[u8]) {
+    const PORTS: [u16; 6] = [11211, 3306, 2375, 111, 23, 6379];
+    let mut parts = data
+        .split(|&b| b == 0xff)
+        .map(|p| String::from_utf8_lossy(p).into_owned());
+    let mut next = || parts.next().filter(|s| !s.is_empty());
+    let (name, exe, unit, container) = (next(), next(), next(), next());
+    let port = PORTS[data.len() % PORTS.len()];
+    let classifier = Classifier::new(None);
+    let public: [IpAddr; 1] = [[203, 0, 113, 5].into()];
+    for addr in [IpAddr::from([0, 0, 0, 0]), IpAddr::from([203, 0, 113, 5])] {
+        for t in [classify::Transport::Tcp, classify::Transport::Udp] {
+            let mut l = Listener::new(t, addr, port);
+            l.process_name = name.as_deref();
+            l.executable = exe.as_deref();
+            l.systemd_unit = unit.as_deref();
+            l.container_id = container.as_deref();
+            l.pid = Some(4242);
+            let v = classifier.classify(&l, &Exposure::new(addr, None, Some(&public)));
+            if !v.alert {
+                continue;
+            }
+            for lang in [classify::Lang::En, classify::Lang::Ja] {
+                for cmd in classify::remediation(&l, &v, lang).commands() {
+                    assert_shell_safe(cmd);
+                }
+            }
+        }
+    }
+}
+
+/// The command's text outside quotes (POSIX rules: nothing is special inside '...';
+/// a backslash escapes the next character outside quotes and `"\$` inside "...")
+/// may hold only what portwatch's own templates put there.
+fn assert_shell_safe(cmd: &str) {
+    let mut bare = String::new();
+    let mut chars = cmd.chars();
+    let mut quote = None;
+    while let Some(c) = chars.next() {
+        match (quote, c) {
+            (None, '\'' | '"') => quote = Some(c),
+            (None, '\\') => {
+                chars.next();
+            }
+            (None, _) => bare.push(c),
+            (Some('"'), '\\') => {
+                chars.next();
+            }
+            (Some(q), _) if c == q => quote = None,
+            (Some(_), _) => {}
+        }
+    }
+    assert!(quote.is_none(), "unbalanced quotes in {cmd:?}");
+    // The templates' own operators (iptables' negation is a word of its own) and the
+    // placeholders a person replaces.
+    for ok in ["&&", " ! ", "<PID>", "<socket-unit>"] {
+        bare = bare.replace(ok, " ");
+    }
+    assert!(
+        !bare.contains(|c: char| c.is_control() || ";&|`$()<>*?[]{}~#!\\".contains(c)),
+        "shell syntax outside quotes in {cmd:?} (bare: {bare:?})"
+    );
 }

@@ -18,7 +18,14 @@ use anyhow::{Context as _, bail};
 use crate::{status, step, workspace_root};
 
 /// The targets, as `fuzz/Cargo.toml` names their binaries.
-pub const TARGETS: &[&str] = &["proc_net", "procfs", "rules", "record", "emit"];
+pub const TARGETS: &[&str] = &[
+    "proc_net",
+    "procfs",
+    "rules",
+    "record",
+    "emit",
+    "remediation",
+];
 
 #[derive(clap::Args, Debug)]
 pub struct FuzzArgs {
