@@ -206,7 +206,8 @@ pub fn record(data: &[u8]) {
 /// Event strings that come from hostile processes (comm, argv, exe path, cgroup and unit
 /// names), written by the real [`portwatch::emit::Emitter`] in both formats: the JSON
 /// line must be one valid document that gives the strings back unchanged; the text line
-/// must be one line with no control characters (no terminal escapes).
+/// must be one line with no control characters (no terminal escapes), and so must the
+/// row of `portwatch snapshot`'s table.
 pub fn emit(data: &[u8]) {
     use std::sync::Arc;
 
@@ -294,6 +295,14 @@ pub fn emit(data: &[u8]) {
             ..Default::default()
         },
     };
+
+    // `portwatch snapshot`'s table: a header, one row, the count line.
+    let table = portwatch::report::render_table(&[(ev.clone(), None)], false);
+    assert_eq!(table.lines().count(), 3, "{table:?}");
+    assert!(
+        !table.chars().any(|c| c.is_control() && c != '\n'),
+        "the table has control characters: {table:?}"
+    );
 
     // The emitter's only sinks are stdout and a file: use a file per process.
     let path = std::env::temp_dir().join(format!("portwatch-fuzz-emit-{}", std::process::id()));
