@@ -396,9 +396,10 @@ fn assert_shell_safe(cmd: &str) {
         }
     }
     assert!(quote.is_none(), "unbalanced quotes in {cmd:?}");
-    // The templates' own operators (iptables' negation is a word of its own) and the
-    // placeholders a person replaces.
-    for ok in ["&&", " ! ", "<PID>", "<socket-unit>"] {
+    // The templates' own operators (iptables' negation is a word of its own, socket
+    // activation's `systemctl list-sockets | grep`) and the placeholders a person
+    // replaces.
+    for ok in ["&&", " | ", " ! ", "<PID>", "<socket-unit>"] {
         bare = bare.replace(ok, " ");
     }
     assert!(
