@@ -45,7 +45,11 @@ fn main() -> ExitCode {
                         .value_parser(clap::value_parser!(PathBuf)),
                 ),
         )
-        .get_matches();
+        .try_get_matches();
+    let matches = match matches {
+        Ok(m) => m,
+        Err(e) => return usage_error(&e),
+    };
     if let Some(("generate", m)) = matches.subcommand() {
         let dir = m.get_one::<PathBuf>("dir").expect("required by clap");
         return match portwatch::cli::generate(dir) {
@@ -59,7 +63,10 @@ fn main() -> ExitCode {
             }
         };
     }
-    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(&e),
+    };
     let level = match cli.verbose {
         0 => log::LevelFilter::Warn,
         1 => log::LevelFilter::Info,
@@ -71,10 +78,53 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("portwatch: error: {e:#}");
+            eprintln!("portwatch: error: {}", one_line(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }
+}
+
+/// A bad flag or value gets one line, like every other error, with exit status 2: clap's
+/// own rendering adds a tip, the usage and a pointer to --help on lines of their own.
+/// Help and version (asked for, or shown for a missing subcommand) print as clap has them.
+fn usage_error(e: &clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = e.print();
+        return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
+    }
+    let text = e.render().to_string();
+    // The message is what comes before clap's first blank line.
+    let msg = text.split("\n\n").next().unwrap_or_default().trim();
+    let msg = msg.strip_prefix("error: ").unwrap_or(msg);
+    // clap puts "[possible values: ...]" on a line of its own.
+    let msg = msg
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    eprintln!("portwatch: error: {} (see --help)", one_line(&msg));
+    ExitCode::from(2)
+}
+
+/// Errors quote what the user gave (paths, values): control characters in them, line
+/// breaks included, are escaped, so an error is always one line on a terminal.
+fn one_line(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    for c in msg.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {

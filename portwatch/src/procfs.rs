@@ -446,12 +446,18 @@ fn container_component(
         return Some((None, id));
     }
     // LXC >= 4: /lxc.payload.<name>; before that /lxc/<name>. "lxc.monitor.<name>" holds
-    // the monitor process, not the container.
+    // the monitor process, not the container. The name is the only id here that is not
+    // hex: one with control characters is not taken for a name, so it can never carry a
+    // terminal escape into a text line (found by the `emit` fuzz target).
+    let lxc_name = |name: &str| {
+        (!name.is_empty() && !name.chars().any(char::is_control))
+            .then(|| (Some("lxc"), name.to_owned()))
+    };
     if let Some(name) = comp.strip_prefix("lxc.payload.") {
-        return (!name.is_empty()).then(|| (Some("lxc"), name.to_owned()));
+        return lxc_name(name);
     }
     if i == 1 && prev == Some("lxc") {
-        return Some((Some("lxc"), comp.to_owned()));
+        return lxc_name(comp);
     }
     None
 }
@@ -1412,6 +1418,8 @@ mod tests {
         );
         assert_eq!(p("/lxc.monitor.web1"), CgroupInfo::default());
         assert_eq!(p("/lxc.payload."), CgroupInfo::default());
+        assert_eq!(p("/lxc.payload.a\x1b[2J"), CgroupInfo::default());
+        assert_eq!(p("/lxc/\n"), CgroupInfo::default());
         assert_eq!(p("/x/lxc/web1"), CgroupInfo::default());
     }
 

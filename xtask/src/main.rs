@@ -5,6 +5,7 @@
 //! there, with a line of progress per step.
 
 mod bench;
+mod fuzz;
 mod package;
 mod soak;
 mod vm;
@@ -54,6 +55,8 @@ enum Cmd {
     /// Set up, build, and make target/package/portwatch_*.deb; then lintian and an
     /// install/purge check in a throwaway copy of this machine.
     Package(package::PackageArgs),
+    /// Set up, then run each libFuzzer target (fuzz/) for a bounded time.
+    Fuzz(fuzz::FuzzArgs),
 }
 
 /// Debian packages, as verified in PLATFORM.md, plus what the tests and benchmarks drive.
@@ -74,8 +77,11 @@ const APT_PACKAGES: &[&str] = &[
     "systemd",
     "systemd-container",
     "python3-yaml",
+    // libfuzzer-sys compiles libFuzzer's C++ (cargo xtask fuzz).
+    "g++",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -96,6 +102,7 @@ fn main() -> ExitCode {
         Cmd::Package(args) => setup()
             .and_then(|()| build())
             .and_then(|()| package::run(&args)),
+        Cmd::Fuzz(args) => setup().and_then(|()| fuzz::run(&args)),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -179,6 +186,25 @@ fn setup() -> anyhow::Result<()> {
         )?;
     }
 
+    let have_cargo_fuzz = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if have_cargo_fuzz {
+        step("cargo-fuzz: present");
+    } else {
+        step(&format!(
+            "cargo-fuzz {CARGO_FUZZ_VERSION}: installing (about 1 min)"
+        ));
+        status(Command::new("cargo").args([
+            "install",
+            "cargo-fuzz",
+            "--version",
+            CARGO_FUZZ_VERSION,
+            "--locked",
+        ]))?;
+    }
+
     if Path::new("/sys/kernel/tracing/events").is_dir() {
         step("tracefs: mounted");
     } else {
@@ -248,6 +274,14 @@ fn test(args: &[String]) -> anyhow::Result<()> {
             .env("PORTWATCH_BIN", agent_binary()),
     )?;
     step(&format!("tests done in {:.1} s", t.elapsed().as_secs_f64()));
+
+    // Hostile input: a short run of every fuzz target (the committed inputs were
+    // replayed by the tests above already). Longer runs: `cargo xtask fuzz --secs N`.
+    fuzz::run(&fuzz::FuzzArgs {
+        secs: 8,
+        targets: Vec::new(),
+        sanitizer: "address".into(),
+    })?;
 
     // The Debian package of the binary just tested: lintian, the example
     // configurations, install/purge in a throwaway copy of this machine, and the

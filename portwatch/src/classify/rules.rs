@@ -320,14 +320,14 @@ impl MatchRule {
 /// Error loading or validating a rules file.
 #[derive(Debug, thiserror::Error)]
 pub enum RulesError {
-    /// The file could not be read.
-    #[error("{path}: {source}")]
+    /// The file could not be read. The reason is part of the message, not a `source`:
+    /// `main` prints the chain, which would say it twice.
+    #[error("{path}: {}", io_reason(.error))]
     Io {
         /// The path as given.
         path: String,
         /// The underlying error.
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
     /// Syntax or validation error, with its position when known.
     #[error("{origin}:{}{message}", fmt_pos(*.line, *.col))]
@@ -341,6 +341,16 @@ pub enum RulesError {
         /// What is wrong (one line).
         message: String,
     },
+}
+
+fn io_reason(e: &io::Error) -> String {
+    if e.kind() == io::ErrorKind::InvalidData {
+        // read_to_string's own words ("stream did not contain valid UTF-8") do not say
+        // what the user gave us.
+        "not a text file (a rules file is UTF-8 TOML)".to_owned()
+    } else {
+        e.to_string()
+    }
 }
 
 fn fmt_pos(line: usize, col: usize) -> String {
@@ -383,18 +393,30 @@ impl Ctx<'_> {
     fn err(&self, span: Option<Range<usize>>, message: impl Into<String>) -> RulesError {
         let (line, col) = span.map_or((0, 0), |s| line_col(self.text, s.start));
         let message: String = message.into();
+        // Keep the Display a single line whatever toml produced: its
+        // syntax errors put "expected ..." on a second line.
+        let joined = message
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join(": ");
+        // serde quotes the file's own text unescaped ("unknown variant `...`"): a tab,
+        // a carriage return or a terminal escape from the file must not reach the
+        // terminal as such (found by the `rules` fuzz target).
+        let mut message = String::with_capacity(joined.len());
+        for c in joined.chars() {
+            if c.is_control() {
+                message.extend(c.escape_default());
+            } else {
+                message.push(c);
+            }
+        }
         RulesError::Invalid {
             origin: self.origin.to_owned(),
             line,
             col,
-            // Keep the Display a single line whatever toml produced: its
-            // syntax errors put "expected ..." on a second line.
-            message: message
-                .lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty())
-                .collect::<Vec<_>>()
-                .join(": "),
+            message,
         }
     }
 
@@ -503,13 +525,32 @@ fn default_id(service: &str) -> String {
         .join("-")
 }
 
-/// Reads and validates the rules file at `path`.
+/// Rules files are a few KiB. Anything larger is not one, and `--rules /dev/zero`
+/// must not read until memory runs out.
+pub const MAX_RULES_BYTES: u64 = 1 << 20;
+
+/// Reads and validates the rules file at `path` (at most [`MAX_RULES_BYTES`]; a pipe
+/// such as `<(generate-rules)` is fine).
 pub fn load_rules(path: &Path) -> Result<Policy, RulesError> {
+    use std::io::Read as _;
+
     let origin = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| RulesError::Io {
+    let io_err = |error| RulesError::Io {
         path: origin.clone(),
-        source,
-    })?;
+        error,
+    };
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_RULES_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(io_err)?;
+    if bytes.len() as u64 > MAX_RULES_BYTES {
+        return Err(io_err(io::Error::other(format!(
+            "larger than {} MiB: not a rules file",
+            MAX_RULES_BYTES >> 20
+        ))));
+    }
+    let text = String::from_utf8(bytes)
+        .map_err(|e| io_err(io::Error::new(io::ErrorKind::InvalidData, e)))?;
     parse_rules(&text, &origin)
 }
 
