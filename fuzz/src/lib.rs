@@ -204,7 +204,7 @@ pub fn record(data: &[u8]) {
 }
 
 /// Event strings that come from hostile processes (comm, argv, exe path, cgroup and unit
-/// names), written by the real [`portwatch::emit::Emitter`] in both formats: the JSON
+/// names), written by the real [`portwatch::emit::Output`] in every format: the JSON
 /// line must be one valid document that gives the strings back unchanged; the text line
 /// must be one line with no control characters (no terminal escapes), and so must the
 /// row of `portwatch snapshot`'s table.
@@ -212,7 +212,7 @@ pub fn emit(data: &[u8]) {
     use std::sync::Arc;
 
     use portwatch::{
-        emit::{Emitter, Format},
+        emit::{Format, Output, SinkSpec},
         event,
     };
 
@@ -304,13 +304,15 @@ pub fn emit(data: &[u8]) {
         "the table has control characters: {table:?}"
     );
 
-    // The emitter's only sinks are stdout and a file: use a file per process.
+    // The real output path (queue, writer thread) into a file per process.
     let path = std::env::temp_dir().join(format!("portwatch-fuzz-emit-{}", std::process::id()));
-    for format in [Format::Json, Format::Text] {
+    for format in [Format::Json, Format::Text, Format::Ocsf] {
         std::fs::write(&path, b"").expect("truncating the scratch output file");
-        let mut out = Emitter::new(format, Some(&path)).expect("opening the scratch file");
-        out.write(&ev).expect("writing an event");
-        out.flush().expect("flushing an event");
+        let mut out = Output::new(format, &[SinkSpec::File(path.clone())], 16, true)
+            .expect("opening the scratch file");
+        out.start().expect("starting the writer");
+        out.send(ev.clone());
+        out.finish().expect("writing an event");
         drop(out);
         let written = std::fs::read(&path).expect("reading the scratch file back");
         let body = written
@@ -327,6 +329,11 @@ pub fn emit(data: &[u8]) {
                 assert_eq!(v["portwatch"]["systemd"]["unit"], unit.as_str());
                 assert_eq!(v["portwatch"]["cgroup"]["path"], cgroup.as_str());
                 assert_eq!(v["user"]["name"], user.as_str());
+            }
+            Format::Ocsf => {
+                let v: serde_json::Value =
+                    serde_json::from_slice(body).expect("an OCSF event is valid JSON");
+                assert_eq!(v["actor"]["process"]["name"], name.as_str());
             }
             Format::Text => {
                 let line = std::str::from_utf8(body).expect("a text line is UTF-8");

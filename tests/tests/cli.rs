@@ -142,8 +142,12 @@ fn bad_flags_and_values_are_one_line_with_status_2() {
     cases.push(os(&[b"rules", b"check", b"a.toml", b"b.toml"]));
 
     // Every value-taking flag: missing value, then each bad value.
-    let flags: [(&[&str], &str, &[&str]); 7] = [
-        (&["watch"], "--format", &["json", "text"]),
+    let flags: [(&[&str], &str, &[&str]); 11] = [
+        (&["watch"], "--format", &["json", "text", "ocsf"]),
+        (&["watch"], "--queue-events", &[]),
+        (&["watch"], "--health-interval", &[]),
+        (&["watch"], "--syslog", &[]),
+        (&["watch"], "--forward", &[]),
         (&["watch"], "--ring-bytes", &[]),
         (&["watch"], "--priority-boost", &[]),
         (&["watch"], "--lang", &["en", "ja"]),
@@ -191,6 +195,27 @@ fn bad_flags_and_values_are_one_line_with_status_2() {
     }
     for n in ["21", "255", "256", "-0", "+5x"] {
         cases.push(os(&[b"watch", b"--priority-boost", n.as_bytes()]));
+    }
+    for n in ["0", "15", "1048577", "99999999999"] {
+        cases.push(os(&[b"watch", b"--queue-events", n.as_bytes()]));
+    }
+    for n in ["86401", "-1", "1.5"] {
+        cases.push(os(&[b"watch", b"--health-interval", n.as_bytes()]));
+    }
+    // Endpoints: no scheme, unknown scheme, no port, port 0 or too big, relative path,
+    // UDP where a stream is needed.
+    for e in [
+        "localhost:514",
+        "http://x:1",
+        "udp:host",
+        "tcp::514",
+        "tcp:h:0",
+        "tcp:h:65536",
+        "unix:relative.sock",
+        "unix:",
+    ] {
+        cases.push(os(&[b"watch", b"--syslog", e.as_bytes()]));
+        cases.push(os(&[b"watch", b"--forward", e.as_bytes()]));
     }
     // Paths that are not there at all.
     cases.push(os(&[b"watch", b"--output"]));
@@ -307,6 +332,50 @@ fn bad_output_paths_are_one_line_with_status_1() {
             OsString::from("json"),
             OsString::from("--output"),
             out.clone(),
+        ];
+        one_line_error(&args, 1);
+    }
+}
+
+/// Config files that are not portwatch config files, and metrics addresses that cannot
+/// be served: one line naming the problem, exit 1, before anything is loaded.
+#[test]
+fn bad_config_files_and_metrics_addresses_are_one_line_with_status_1() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let write = |name: &str, bytes: &[u8]| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, bytes).expect("writing a test file");
+        p.into_os_string()
+    };
+    let configs = vec![
+        dir.path().join("missing.toml").into_os_string(),
+        dir.path().as_os_str().to_owned(),
+        write("binary.toml", b"\x00\xff\xfe garbage \x1b[2J"),
+        write("unknown.toml", b"bogus = 1\n"),
+        write("type.toml", b"queue_events = \"many\"\n"),
+        write("range.toml", b"queue_events = 3\n"),
+        write("ring.toml", b"ring_bytes = 1000\n"),
+        write("sink.toml", b"[[sink]]\ntype = \"carrier-pigeon\"\n"),
+        write("file.toml", b"[[sink]]\ntype = \"file\"\n"),
+        write(
+            "udp.toml",
+            b"[[sink]]\ntype = \"forward\"\nendpoint = \"udp:h:1\"\n",
+        ),
+        write("format.toml", b"format = \"xml\"\n"),
+    ];
+    for c in &configs {
+        let args = vec![
+            OsString::from("watch"),
+            OsString::from("--config"),
+            c.clone(),
+        ];
+        one_line_error(&args, 1);
+    }
+    for addr in ["nonsense", "127.0.0.1:99999", "256.0.0.1:80", ""] {
+        let args = vec![
+            OsString::from("watch"),
+            OsString::from("--metrics"),
+            OsString::from(addr),
         ];
         one_line_error(&args, 1);
     }
