@@ -134,10 +134,15 @@ pub struct Pipeline {
     host: Arc<Host>,
     agent: Arc<Agent>,
     host_netns: Option<u64>,
-    /// The agent's own sockets (self-check, sinks) are never reported: seen ones are
-    /// noted here for the self-check.
-    own_pid: u32,
-    own_seen: Vec<(Kind, u16)>,
+    /// The agent's own sockets (self-check, sinks, metrics) are never reported. /proc
+    /// names the agent `proc_pid`; the kernel names it by its pid in the initial pid
+    /// namespace, `kernel_pid`: the same on a host, different inside a container, where
+    /// it is learned from the self-check's sockets (matched by inode).
+    proc_pid: u32,
+    kernel_pid: Option<u32>,
+    probe_inodes: Vec<u64>,
+    /// Own records seen (kind, socket inode), for the self-check.
+    own_seen: Vec<(Kind, u64)>,
     open: HashMap<u64, Open>,
     startup: Startup,
     assessor: Assessor,
@@ -177,7 +182,9 @@ impl Pipeline {
                 version: env!("CARGO_PKG_VERSION"),
             }),
             host_netns,
-            own_pid: std::process::id(),
+            proc_pid: std::process::id(),
+            kernel_pid: sys::in_initial_pid_ns().then(std::process::id),
+            probe_inodes: Vec::new(),
             own_seen: Vec::new(),
             open: HashMap::new(),
             startup: Startup::default(),
@@ -339,10 +346,14 @@ impl Pipeline {
                 return;
             }
         };
-        if r.pid == self.own_pid {
+        let probe = r.inode.is_some_and(|i| self.probe_inodes.contains(&i));
+        if probe {
+            self.kernel_pid = Some(r.pid);
+        }
+        if probe || self.kernel_pid == Some(r.pid) {
             // The agent's own sockets: noted for the self-check, never reported.
             if self.own_seen.len() < 64 {
-                self.own_seen.push((r.kind, r.port));
+                self.own_seen.push((r.kind, r.inode.unwrap_or(0)));
             }
             return;
         }
@@ -447,12 +458,17 @@ impl Pipeline {
         }
     }
 
-    /// Whether the agent's own TCP listener on `tcp` and UDP bind on `udp` were seen.
-    fn own_seen(&self, tcp: u16, udp: u16) -> (bool, bool) {
-        let seen = |k: Kind, p: u16| {
+    /// The self-check's sockets, by inode: their records name the agent's kernel pid.
+    fn expect_own(&mut self, inodes: &[u64]) {
+        self.probe_inodes = inodes.to_vec();
+    }
+
+    /// Whether the start of the agent's own listener (inode `tcp`) and bind (`udp`) came.
+    fn own_seen(&self, tcp: u64, udp: u64) -> (bool, bool) {
+        let seen = |k: Kind, inode: u64| {
             self.own_seen
                 .iter()
-                .any(|&(kind, port)| kind == k && port == p)
+                .any(|&(kind, i)| kind == k && i == inode)
         };
         (seen(Kind::ListenStarted, tcp), seen(Kind::UdpBound, udp))
     }
@@ -480,7 +496,7 @@ impl Pipeline {
             let key = f.socket.inode;
             scanned_netns.insert(f.netns_ino);
             seen.insert(key);
-            if f.owners.contains(&self.own_pid)
+            if f.owners.contains(&self.proc_pid)
                 || (key != 0
                     && (self.startup.live_started.contains(&key)
                         || self.startup.live_stopped.contains(&key)
@@ -1002,6 +1018,22 @@ impl SelfCheck {
         let port = |a: std::io::Result<std::net::SocketAddr>| a.map_or(0, |a| a.port());
         (port(self.tcp.local_addr()), port(self.udp.local_addr()))
     }
+
+    /// Socket inodes: how the agent knows its own records, whatever pid namespace it
+    /// runs in.
+    fn inodes(&self) -> (u64, u64) {
+        use std::os::fd::AsRawFd as _;
+        let ino = |fd: i32| {
+            // SAFETY: fstat fills the struct it is given; fd is open for the call.
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            if unsafe { libc::fstat(fd, &mut st) } == 0 {
+                st.st_ino
+            } else {
+                0
+            }
+        };
+        (ino(self.tcp.as_raw_fd()), ino(self.udp.as_raw_fd()))
+    }
 }
 
 /// Open a listener and a UDP bind, and wait until the ring brings both back. Returns the
@@ -1012,11 +1044,13 @@ async fn self_check(
 ) -> anyhow::Result<Vec<String>> {
     let check = SelfCheck::open()?;
     let (tcp, udp) = check.ports();
+    let (tcp_ino, udp_ino) = check.inodes();
+    pipeline.expect_own(&[tcp_ino, udp_ino]);
     let t0 = Instant::now();
     let (mut tcp_ok, mut udp_ok) = (false, false);
     while t0.elapsed() < SELF_CHECK_TIMEOUT {
         drain(ring, pipeline);
-        (tcp_ok, udp_ok) = pipeline.own_seen(tcp, udp);
+        (tcp_ok, udp_ok) = pipeline.own_seen(tcp_ino, udp_ino);
         if tcp_ok && udp_ok {
             break;
         }

@@ -149,8 +149,10 @@ fn parse_ring_bytes(s: &str) -> Result<u32, String> {
     let n: u32 = s
         .parse()
         .map_err(|_| format!("`{s}` is not a number of bytes"))?;
-    if n < 4096 || !n.is_power_of_two() {
-        return Err(format!("{n} is not a power of two >= 4096 (try 1048576)"));
+    if !(4096..=1 << 30).contains(&n) || !n.is_power_of_two() {
+        return Err(format!(
+            "{n} is not a power of two from 4096 to 1073741824 (try 1048576)"
+        ));
     }
     Ok(n)
 }

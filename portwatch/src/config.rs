@@ -122,11 +122,11 @@ pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
         ));
     }
     if let Some(n) = config.ring_bytes
-        && (n < 4096 || !n.is_power_of_two())
+        && (!(4096..=1 << 30).contains(&n) || !n.is_power_of_two())
     {
         return Err(at(
             None,
-            format!("ring_bytes {n} is not a power of two >= 4096"),
+            format!("ring_bytes {n} is not a power of two from 4096 to 1073741824"),
         ));
     }
     if let Some(n) = config.priority_boost

@@ -753,7 +753,8 @@ fn text_line(out: &mut String, ev: &Event, color: bool) {
         sanitize(out, unit);
     }
     if let Some(c) = &ev.container {
-        let _ = write!(out, " container={}", c.id.get(..12).unwrap_or(&c.id));
+        out.push_str(" container=");
+        sanitize(out, c.id.get(..12).unwrap_or(&c.id));
     }
     if let Some(d) = ev.event.duration {
         let _ = write!(out, " lived={}", human_ns(d));

@@ -136,7 +136,7 @@ pub fn render_table(events: &[(Event, Option<Event>)], color: bool) -> String {
         let container = e
             .container
             .as_ref()
-            .map_or("-".into(), |c| c.id.get(..12).unwrap_or(&c.id).to_owned());
+            .map_or("-".into(), |c| clean(c.id.get(..12).unwrap_or(&c.id)));
         let netns = match socket {
             Some(s) if s.host_netns == Some(true) => "host".to_owned(),
             Some(s) => s.netns.map_or("?".into(), |n| n.to_string()),

@@ -272,6 +272,14 @@ pub fn drop_capabilities(keep: &[u32]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// True when this process is in the initial pid namespace (its pids are the kernel's).
+/// `PROC_PID_INIT_INO` (include/linux/proc_ns.h) names that namespace.
+pub fn in_initial_pid_ns() -> bool {
+    const PROC_PID_INIT_INO: u64 = 0xEFFF_FFFC;
+    std::fs::metadata("/proc/self/ns/pid")
+        .is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == PROC_PID_INIT_INO)
+}
+
 /// CPU seconds used and resident bytes of this process (for `sensor-health`).
 pub fn self_usage() -> (f64, u64) {
     // SAFETY: getrusage fills the struct it is given.
