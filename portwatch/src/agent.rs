@@ -61,6 +61,7 @@ pub struct WatchOptions {
     pub output: Option<PathBuf>,
     pub ring_bytes: u32,
     pub snapshot: bool,
+    pub hooks: probes::HooksChoice,
 }
 
 /// The socket half of a listener event.
@@ -106,6 +107,8 @@ pub struct Pipeline {
     decode_errors: u64,
     untracked: u64,
     pub emitted: u64,
+    /// The hook set in use, for the `sensor-started` event.
+    pub hooks: Option<probes::Hooks>,
 }
 
 fn host_info(boot_id: &str, machine_id: Option<String>) -> Arc<Host> {
@@ -142,6 +145,7 @@ impl Pipeline {
             decode_errors: 0,
             untracked: 0,
             emitted: 0,
+            hooks: None,
         }
     }
 
@@ -206,6 +210,16 @@ impl Pipeline {
 
     pub fn flush(&mut self) -> anyhow::Result<()> {
         self.emitter.flush()
+    }
+
+    /// `sensor-started`: the hook set in use (and why) in `portwatch.hooks`.
+    pub fn sensor_started(&mut self, stats: serde_json::Value) -> anyhow::Result<()> {
+        let now = self.enricher.clocks.wall_from_ktime(sys::monotonic_ns());
+        let mut ev = self.base(now, "state", "sensor-started");
+        ev.portwatch.stats = Some(stats);
+        ev.portwatch.hooks = self.hooks.take();
+        self.write(&ev)?;
+        self.flush()
     }
 
     /// A state event about the agent itself (`sensor-started`, `snapshot-complete`, ...).
@@ -619,6 +633,7 @@ pub async fn watch(opts: WatchOptions) -> anyhow::Result<()> {
     let emitter = Emitter::new(opts.format, opts.output.as_deref())?;
     let sensor = probes::load(&probes::Options {
         ring_bytes: opts.ring_bytes,
+        hooks: opts.hooks,
     })?;
     let probes::Sensor {
         ebpf,
@@ -627,6 +642,7 @@ pub async fn watch(opts: WatchOptions) -> anyhow::Result<()> {
         sleep_flag,
         logger,
         cgroup_root,
+        hooks,
         ..
     } = sensor;
     let WatchOptions {
@@ -635,8 +651,10 @@ pub async fn watch(opts: WatchOptions) -> anyhow::Result<()> {
         output: _,
         ring_bytes,
         snapshot,
+        hooks: _,
     } = opts;
     let mut pipeline = Pipeline::new(emitter, cgroup_root.clone(), policy);
+    pipeline.hooks = Some(hooks);
     // Loading parsed several MiB of kernel BTF that is now free: hand it back to the
     // system so the resident size of a long-running agent reflects its real state.
     // SAFETY: malloc_trim only releases free heap memory.
@@ -697,15 +715,10 @@ async fn run(
     // (The flag stays up while draining here: at worst a spare wake-up.)
     sleep_flag.going_to_sleep()?;
     drain(ring.get_mut(), pipeline)?;
-    pipeline.state(
-        "sensor-started",
-        serde_json::json!({
-            "hooks": ["tracepoint/sock/inet_sock_set_state", "cgroup/sock_ops",
-                      "cgroup/post_bind4", "cgroup/post_bind6", "cgroup/sock_release"],
+    pipeline.sensor_started(serde_json::json!({
             "ring_buffer_bytes": ring_bytes,
             "pid": std::process::id(),
-        }),
-    )?;
+    }))?;
 
     // Probes are attached and the ring is being drained: now read what already exists.
     let (snap_tx, mut snap_rx) = tokio::sync::oneshot::channel();

@@ -236,6 +236,7 @@ impl<'a> Btf<'a> {
             _ => KernelOffsets::UNKNOWN,
         };
         let v6only = self.field("sock_common", &["skc_ipv6only"]);
+        let kern_sock = self.field("sock", &["sk_kern_sock"]);
         KernelOffsets {
             sock_num: self.byte("sock", &["__sk_common", "skc_num"]),
             sock_socket: self.byte("sock", &["sk_socket"]),
@@ -253,9 +254,35 @@ impl<'a> Btf<'a> {
             task_flags: self.byte("task_struct", &["flags"]),
             sock_rcv_saddr: self.byte("sock_common", &["skc_rcv_saddr"]),
             sock_v6_rcv_saddr: self.byte("sock_common", &["skc_v6_rcv_saddr"]),
-            _pad: 0,
+            sock_state: self.byte("sock_common", &["skc_state"]),
+            sock_family: self.byte("sock_common", &["skc_family"]),
+            sock_protocol: self.byte("sock", &["sk_protocol"]),
+            inet_sport: self.byte("inet_sock", &["inet_sport"]),
+            inet_saddr: self.byte("inet_sock", &["inet_saddr"]),
+            socket_sk: self.byte("socket", &["sk"]),
+            sock_kern_byte: kern_sock.map_or(KernelOffsets::UNKNOWN, |p| p.byte),
+            sock_kern_bit: kern_sock.map_or(0, |p| p.bit),
         }
     }
+}
+
+/// Names of the offsets the direct hook set needs that this kernel's BTF did not
+/// provide (without them it cannot tell a socket's family, state or protocol).
+pub fn missing_direct(offsets: &KernelOffsets) -> Vec<&'static str> {
+    let o = offsets;
+    [
+        ("sock_common.skc_state", o.sock_state),
+        ("sock_common.skc_family", o.sock_family),
+        ("sock.sk_protocol", o.sock_protocol),
+        ("inet_sock.inet_sport", o.inet_sport),
+        ("inet_sock.inet_saddr", o.inet_saddr),
+        ("socket.sk", o.socket_sk),
+        ("sock.sk_kern_sock", o.sock_kern_byte),
+    ]
+    .into_iter()
+    .filter(|(_, v)| *v == KernelOffsets::UNKNOWN)
+    .map(|(n, _)| n)
+    .collect()
 }
 
 /// Names of the offsets that this kernel's BTF did not provide.
@@ -393,6 +420,7 @@ mod tests {
         let btf = Btf::parse(&data).unwrap();
         let offsets = btf.kernel_offsets();
         assert_eq!(missing(&offsets), Vec::<&str>::new());
+        assert_eq!(missing_direct(&offsets), Vec::<&str>::new());
         // skc_num sits right after skc_dport in the port pair: a fixed fact since 2.6.
         assert_eq!(offsets.sock_num, 14);
     }

@@ -56,6 +56,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             output,
             ring_bytes,
             no_snapshot,
+            hooks,
             priority_boost,
             policy,
         } => {
@@ -75,6 +76,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 output,
                 ring_bytes,
                 snapshot: !no_snapshot,
+                hooks,
                 policy,
             }))?;
             Ok(ExitCode::SUCCESS)
