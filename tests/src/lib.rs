@@ -53,19 +53,22 @@ impl Agent {
     /// set) and wait until its probes are attached.
     pub fn start(args: &[&str]) -> Agent {
         let mut all: Vec<String> = Vec::new();
-        if let Some(h) = hooks_from_env()
-            && !args.contains(&"--hooks")
-        {
-            all.extend(["--hooks".to_owned(), h]);
+        // A test that names its set itself keeps it.
+        let from_env = hooks_from_env().filter(|_| !args.contains(&"--hooks"));
+        if let Some(h) = &from_env {
+            all.extend(["--hooks".to_owned(), h.clone()]);
         }
         all.extend(args.iter().map(|a| (*a).to_owned()));
         let agent = Self::spawn(&all, false).unwrap_or_else(|e| panic!("agent did not start: {e}"));
-        if let Some(want) = hooks_from_env().filter(|h| h == "stable" || h.starts_with("direct")) {
+        if let Some(want) = from_env.filter(|h| h == "stable" || h.starts_with("direct")) {
             let set = agent.hooks()["set"].as_str().unwrap_or("").to_owned();
             assert!(
                 want.starts_with(&set) && !set.is_empty(),
                 "PORTWATCH_HOOKS={want} but the agent runs the {set:?} set"
             );
+            if want == "direct-kprobe" {
+                assert_eq!(agent.hooks()["via"], "kprobe", "{}", agent.hooks());
+            }
         }
         agent
     }

@@ -78,6 +78,12 @@ fn normalised(e: &Value) -> Value {
     if let Some(o) = e.as_object_mut() {
         o.remove("@timestamp");
     }
+    // The kernel's task start time turned into wall-clock time with each agent's own
+    // boot-time offset (read at its start): equal to the microsecond or so. The raw
+    // start time is compared through process.entity_id, a hash of it.
+    if let Some(o) = e["process"].as_object_mut() {
+        o.remove("start");
+    }
     if let Some(o) = e["event"].as_object_mut() {
         o.remove("created");
         o.remove("sequence");
