@@ -26,6 +26,7 @@ const KIND_TYPEDEF: u32 = 8;
 const KIND_VOLATILE: u32 = 9;
 const KIND_CONST: u32 = 10;
 const KIND_RESTRICT: u32 = 11;
+const KIND_FUNC: u32 = 12;
 const KIND_FUNC_PROTO: u32 = 13;
 const KIND_VAR: u32 = 14;
 const KIND_DATASEC: u32 = 15;
@@ -87,7 +88,7 @@ fn trailer_len(h: &TypeHeader, id: usize) -> Result<usize, BtfError> {
         KIND_ARRAY => 12,
         KIND_STRUCT | KIND_UNION | KIND_DATASEC | KIND_ENUM64 => 12 * h.vlen,
         KIND_ENUM | KIND_FUNC_PROTO => 8 * h.vlen,
-        0 | 2 | 7 | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | 12 | 16
+        0 | 2 | 7 | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_FUNC | 16
         | KIND_TYPE_TAG => 0,
         kind => {
             return Err(BtfError::UnknownKind {
@@ -170,6 +171,16 @@ impl<'a> Btf<'a> {
                     && t.name_off != 0
                     && self.string(t.name_off) == name.as_bytes()
             })
+    }
+
+    /// Type id of the function (`BTF_KIND_FUNC`) called `name`: what an fentry program
+    /// names as its `attach_btf_id`.
+    pub fn func_id(&self, name: &str) -> Option<u32> {
+        (1..self.types.len() as u32).find(|id| {
+            self.header(*id).is_some_and(|t| {
+                t.kind == KIND_FUNC && t.name_off != 0 && self.string(t.name_off) == name.as_bytes()
+            })
+        })
     }
 
     /// Bit offset and type of `name` inside struct/union `t`, searching anonymous
@@ -423,5 +434,9 @@ mod tests {
         assert_eq!(missing_direct(&offsets), Vec::<&str>::new());
         // skc_num sits right after skc_dport in the port pair: a fixed fact since 2.6.
         assert_eq!(offsets.sock_num, 14);
+        // The direct set's fentry targets.
+        for f in ["inet_listen", "inet_bind", "inet6_bind", "inet_release"] {
+            assert!(btf.func_id(f).is_some(), "no BTF FUNC {f}");
+        }
     }
 }

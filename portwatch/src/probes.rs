@@ -147,10 +147,23 @@ pub fn load(opts: &Options) -> anyhow::Result<Sensor> {
     // once, before our own read: the two never coexist, which keeps peak memory down.
     let mut loader = EbpfLoader::new();
     loader.btf(None);
-    let offsets = {
+    let (offsets, fentry_probe) = {
         let btf_bytes = sys::require_btf()?;
         let kernel_btf = btf::Btf::parse(&btf_bytes).context("parsing /sys/kernel/btf/vmlinux")?;
-        kernel_btf.kernel_offsets()
+        // Whether this kernel loads fentry programs at all, asked with our own BTF parse:
+        // aya's (needed to load the real ones) costs ~8 MiB of peak memory, not worth
+        // paying on kernels that refuse fentry anyway.
+        let probe = match opts.hooks {
+            HooksChoice::Stable | HooksChoice::DirectKprobe => None,
+            _ => Some(match kernel_btf.func_id(FENTRY_HOOKS[0].1) {
+                Some(id) => fentry_loads(id),
+                None => Err(format!(
+                    "this kernel's BTF has no function {}",
+                    FENTRY_HOOKS[0].1
+                )),
+            }),
+        };
+        (kernel_btf.kernel_offsets(), probe)
     };
     let missing = btf::missing(&offsets);
     if offsets.sock_num == KernelOffsets::UNKNOWN {
@@ -191,7 +204,7 @@ pub fn load(opts: &Options) -> anyhow::Result<Sensor> {
         }
     };
 
-    let hooks = choose_and_attach(&mut ebpf, opts.hooks, &offsets, &cgroup_root)?;
+    let hooks = choose_and_attach(&mut ebpf, opts.hooks, &offsets, fentry_probe, &cgroup_root)?;
     log::info!(
         "hooks: {} set via {} ({}): {}",
         hooks.set,
@@ -231,6 +244,7 @@ fn choose_and_attach(
     ebpf: &mut Ebpf,
     choice: HooksChoice,
     offsets: &KernelOffsets,
+    fentry_probe: Option<Result<(), String>>,
     cgroup_root: &Path,
 ) -> anyhow::Result<Hooks> {
     if choice == HooksChoice::Stable {
@@ -239,14 +253,17 @@ fn choose_and_attach(
     let direct = match btf::missing_direct(offsets) {
         m if !m.is_empty() => Err(format!("this kernel's BTF lacks {}", m.join(", "))),
         _ if choice == HooksChoice::DirectKprobe => attach_kprobe(ebpf),
-        _ => attach_fentry(ebpf).or_else(|fentry| match attach_kprobe(ebpf) {
-            // Keep why fentry was not used: it is part of the reason for kprobes.
-            Ok(hooks) => Ok(Hooks {
-                reason: fentry,
-                ..hooks
+        _ => fentry_probe
+            .unwrap_or(Ok(()))
+            .and_then(|()| attach_fentry(ebpf))
+            .or_else(|fentry| match attach_kprobe(ebpf) {
+                // Keep why fentry was not used: it is part of the reason for kprobes.
+                Ok(hooks) => Ok(Hooks {
+                    reason: fentry,
+                    ..hooks
+                }),
+                Err(kprobe) => Err(format!("{fentry}; {kprobe}")),
             }),
-            Err(kprobe) => Err(format!("{fentry}; {kprobe}")),
-        }),
     };
     match (direct, choice) {
         (Ok(mut hooks), _) => {
@@ -274,6 +291,50 @@ fn choose_and_attach(
              (or --hooks auto to fall back by itself)"
         ),
     }
+}
+
+/// Loads a do-nothing fentry program on BTF function `func_id` and closes it again:
+/// Ok when this kernel accepts fentry programs (a kernel may have them built and still
+/// refuse them, as the 6.18 microVM does with EPERM). A raw `BPF_PROG_LOAD`, because
+/// aya's loader needs its own full parse of the kernel BTF first.
+fn fentry_loads(func_id: u32) -> Result<(), String> {
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_PROG_TYPE_TRACING: u32 = 26;
+    const BPF_TRACE_FENTRY: u32 = 24;
+    // `r0 = 0; exit`
+    let insns: [u64; 2] = [u64::from_le_bytes([0xb7, 0, 0, 0, 0, 0, 0, 0]), 0x95];
+    let license = c"GPL";
+    // `union bpf_attr` for BPF_PROG_LOAD (include/uapi/linux/bpf.h), up to attach_btf_id.
+    let mut attr = [0u8; 128];
+    let mut put = |at: usize, bytes: &[u8]| attr[at..at + bytes.len()].copy_from_slice(bytes);
+    put(0, &BPF_PROG_TYPE_TRACING.to_ne_bytes());
+    put(4, &(insns.len() as u32).to_ne_bytes());
+    put(8, &(insns.as_ptr() as u64).to_ne_bytes());
+    put(16, &(license.as_ptr() as u64).to_ne_bytes());
+    put(68, &BPF_TRACE_FENTRY.to_ne_bytes());
+    put(108, &func_id.to_ne_bytes());
+    // SAFETY: attr outlives the call; the pointers in it point at live locals.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_LOAD,
+            attr.as_ptr(),
+            attr.len() as u32,
+        )
+    };
+    if fd < 0 {
+        let e = std::io::Error::last_os_error();
+        let name = match e.raw_os_error() {
+            Some(libc::EPERM) => "EPERM".to_owned(),
+            Some(libc::EINVAL) => "EINVAL".to_owned(),
+            Some(libc::ENOTSUP) | Some(524) => "ENOTSUPP".to_owned(),
+            _ => e.to_string(),
+        };
+        return Err(format!("fentry programs refused: {name}"));
+    }
+    // SAFETY: the kernel just gave us this fd.
+    unsafe { libc::close(fd as i32) };
+    Ok(())
 }
 
 /// fentry/fexit on the kernel functions. On any failure every program of the flavour is

@@ -371,6 +371,16 @@ fn build_initramfs(
         fs::set_permissions(&dst, fs::Permissions::from_mode(0o755))?;
         libs.extend(vm::needed_libs(&b.path)?);
     }
+    // iproute2's ip over busybox's applet, which has no `ip netns` (the network
+    // namespace test needs it). Without it on the host, that test skips and says so.
+    let ip = Path::new("/bin/ip");
+    if fs::symlink_metadata(ip).is_ok_and(|m| m.is_file()) {
+        let dst = staging.join("bin/ip");
+        let _ = fs::remove_file(&dst);
+        fs::copy(ip, &dst).context("copying /bin/ip")?;
+        fs::set_permissions(&dst, fs::Permissions::from_mode(0o755))?;
+        libs.extend(vm::needed_libs(ip)?);
+    }
     libs.sort();
     libs.dedup();
     for lib in &libs {
