@@ -180,8 +180,9 @@ pub fn load(opts: &Options) -> anyhow::Result<Sensor> {
         .context("reading /proc/self/mountinfo")?
         .ok_or_else(|| {
             anyhow!(
-                "no cgroup2 filesystem is mounted (needed for the UDP bind hooks); mount one \
-                 with `mount -t cgroup2 none /sys/fs/cgroup/unified`"
+                "no cgroup2 filesystem is mounted (needed for the stable set's cgroup hooks \
+                 and for cgroup paths); mount one with \
+                 `mount -t cgroup2 none /sys/fs/cgroup/unified`"
             )
         })?;
 

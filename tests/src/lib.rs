@@ -150,7 +150,15 @@ impl Agent {
         {
             return Ok(agent);
         }
-        let status = agent.child.try_wait().ok().flatten();
+        // Its stdout closed: it is exiting (give it a moment to be reaped), or it hangs.
+        let mut status = None;
+        for _ in 0..40 {
+            status = agent.child.try_wait().ok().flatten();
+            if status.is_some() {
+                break;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
         if status.is_none() {
             unsafe { libc::kill(agent.child.id() as i32, libc::SIGKILL) };
             let _ = agent.child.wait();

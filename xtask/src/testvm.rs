@@ -225,14 +225,9 @@ fn test_binaries(root: &Path) -> anyhow::Result<Vec<TestBin>> {
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(cargo)
         .current_dir(root)
-        .args([
-            "test",
-            "--release",
-            "--package",
-            "portwatch-tests",
-            "--tests",
-        ])
-        .args(["--no-run", "--message-format=json"])
+        // The default members, as `cargo xtask test` builds them: with `--package` the
+        // features would resolve differently and every test binary be built again.
+        .args(["test", "--release", "--no-run", "--message-format=json"])
         .stderr(Stdio::inherit())
         .output()
         .context("running cargo test --no-run")?;
@@ -246,6 +241,9 @@ fn test_binaries(root: &Path) -> anyhow::Result<Vec<TestBin>> {
         };
         let is_test = v["reason"] == "compiler-artifact"
             && v["profile"]["test"] == true
+            && v["manifest_path"]
+                .as_str()
+                .is_some_and(|m| Path::new(m) == root.join("tests/Cargo.toml"))
             && v["target"]["kind"]
                 .as_array()
                 .is_some_and(|k| k.iter().any(|k| k == "test"));
