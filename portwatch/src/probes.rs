@@ -270,7 +270,8 @@ fn choose_and_attach(
         (Ok(mut hooks), _) => {
             let how = match choice {
                 HooksChoice::Auto => "auto",
-                _ => "asked for with --hooks",
+                HooksChoice::DirectKprobe => "asked for with --hooks direct-kprobe",
+                _ => "asked for with --hooks direct",
             };
             hooks.reason = if hooks.reason.is_empty() {
                 format!(
