@@ -167,7 +167,23 @@ pub struct KernelOffsets {
     pub sock_rcv_saddr: u32,
     /// `struct sock_common.skc_v6_rcv_saddr` (bound IPv6 address).
     pub sock_v6_rcv_saddr: u32,
-    pub _pad: u32,
+    // The direct hook set (inet_listen/inet_bind/...) reads these; the stable set gets
+    // them from its tracepoint record or `bpf_sock` context instead.
+    /// `struct sock_common.skc_state` (u8).
+    pub sock_state: u32,
+    /// `struct sock_common.skc_family` (u16).
+    pub sock_family: u32,
+    /// `struct sock.sk_protocol` (u16 since 5.6).
+    pub sock_protocol: u32,
+    /// `struct inet_sock.inet_sport` (network order; kept after the port is released).
+    pub inet_sport: u32,
+    /// `struct inet_sock.inet_saddr` (what `sock:inet_sock_set_state` reports for IPv4).
+    pub inet_saddr: u32,
+    /// `struct socket.sk`.
+    pub socket_sk: u32,
+    /// `struct sock.sk_kern_sock` is a bitfield: the byte holding it, and the bit.
+    pub sock_kern_byte: u32,
+    pub sock_kern_bit: u32,
 }
 
 impl KernelOffsets {
@@ -189,12 +205,19 @@ impl KernelOffsets {
             task_flags: Self::UNKNOWN,
             sock_rcv_saddr: Self::UNKNOWN,
             sock_v6_rcv_saddr: Self::UNKNOWN,
-            _pad: 0,
+            sock_state: Self::UNKNOWN,
+            sock_family: Self::UNKNOWN,
+            sock_protocol: Self::UNKNOWN,
+            inet_sport: Self::UNKNOWN,
+            inet_saddr: Self::UNKNOWN,
+            socket_sk: Self::UNKNOWN,
+            sock_kern_byte: Self::UNKNOWN,
+            sock_kern_bit: 0,
         }
     }
 }
 
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 16 * 4);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 23 * 4);
 
 #[cfg(feature = "user")]
 mod user {

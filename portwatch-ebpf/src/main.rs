@@ -11,8 +11,13 @@
 //!
 //! UDP: cgroup `post_bind4`/`post_bind6` (`__inet_bind()`, net/ipv4/af_inet.c) run after
 //! the port is reserved; cgroup `sock_release` (`inet_release()`) ends the socket's life.
+//!
+//! The direct hook set (`direct.rs`) hooks the kernel functions themselves instead, where
+//! the kernel allows it; the agent picks one set at start.
 #![no_std]
 #![no_main]
+
+mod direct;
 
 use core::ptr::read_volatile;
 
@@ -132,8 +137,6 @@ fn try_listen_state(ctx: &TracePointContext) -> Result<u32, u32> {
     let now = unsafe { bpf_ktime_get_ns() };
 
     if entering {
-        let task_flags = read_task_u32(current_task(), OFFSETS.load().task_flags);
-        let kthread = task_flags.is_some_and(|f| f & PF_KTHREAD != 0);
         // Everything about the listener is captured now, in its own task's context; the
         // port of an unbound socket is filled in when the listen is confirmed.
         let port: u16 = tp_field(ctx, TP_SPORT);
@@ -146,7 +149,7 @@ fn try_listen_state(ctx: &TracePointContext) -> Result<u32, u32> {
             IPPROTO_TCP,
             port,
             &addr,
-            if kthread { FLAG_KTHREAD } else { 0 },
+            kthread_flag(),
         );
         if PENDING.insert(sock, rec, 0).is_err() {
             count(stat::PENDING_FULL);
@@ -254,21 +257,26 @@ pub fn udp_bind6(ctx: SockContext) -> i32 {
 #[cgroup_sock(sock_release)]
 pub fn udp_release(ctx: SockContext) -> i32 {
     let protocol = unsafe { read_volatile(&raw const (*ctx.sock).protocol) };
-    if protocol != IPPROTO_UDP as u32 {
-        return 1;
+    if protocol == IPPROTO_UDP as u32 {
+        // The context pointer is the kernel's `struct sock` (`__cgroup_bpf_run_filter_sk()`).
+        let family = unsafe { read_volatile(&raw const (*ctx.sock).family) } as u16;
+        udp_released(ctx.sock as u64, family);
     }
-    // The context pointer is the kernel's `struct sock` (`__cgroup_bpf_run_filter_sk()`);
-    // sock_release may not read the address fields, so they come from the bind.
-    let sock = ctx.sock as u64;
+    1
+}
+
+/// A UDP socket is being released (`inet_release()`): report it if we saw it bound.
+#[inline(always)]
+fn udp_released(sock: u64, family: u16) {
     let now = unsafe { bpf_ktime_get_ns() };
+    // sock_release may not read the address fields, so they come from the bind.
     let Some(b) = (unsafe { BOUND.get(sock) }).copied() else {
         // Not seen bound. If it holds a port it may be a listener found by the agent's
         // startup snapshot, whose end must not go missing; the agent drops the rest.
         let Some(port) = read_kernel::<u16>(sock, OFFSETS.load().sock_num) else {
-            return 1;
+            return;
         };
         if port != 0 {
-            let family = unsafe { read_volatile(&raw const (*ctx.sock).family) } as u16;
             let off = OFFSETS.load();
             let mut addr = [0u8; 16];
             if family == AF_INET {
@@ -291,7 +299,7 @@ pub fn udp_release(ctx: SockContext) -> i32 {
             );
             submit(&rec);
         }
-        return 1;
+        return;
     };
     let _ = BOUND.remove(sock);
     submit(&build(
@@ -305,7 +313,6 @@ pub fn udp_release(ctx: SockContext) -> i32 {
         &b.addr,
         0,
     ));
-    1
 }
 
 #[inline(always)]
@@ -430,6 +437,17 @@ fn submit(rec: &SocketRecord) {
     if sleeping && let Some(nudge) = EVENTS.reserve::<u64>(0) {
         // A discarded slot is skipped by the reader; it exists to carry the wake-up.
         nudge.discard(BPF_RB_FORCE_WAKEUP as u64);
+    }
+}
+
+/// `FLAG_KTHREAD` when the current task is a kernel thread (no process owns the socket).
+#[inline(always)]
+fn kthread_flag() -> u32 {
+    let task_flags = read_task_u32(current_task(), OFFSETS.load().task_flags);
+    if task_flags.is_some_and(|f| f & PF_KTHREAD != 0) {
+        FLAG_KTHREAD
+    } else {
+        0
     }
 }
 

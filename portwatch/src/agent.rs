@@ -72,6 +72,8 @@ pub struct WatchOptions {
     pub health_interval: Option<Duration>,
     /// Keep running when the start-up self-check finds a hook that delivers nothing.
     pub allow_degraded: bool,
+    /// Which hook set: auto, stable or direct.
+    pub hooks: probes::HooksChoice,
 }
 
 /// The socket half of a listener event.
@@ -155,6 +157,8 @@ pub struct Pipeline {
     health: Health,
     rules_path: Option<PathBuf>,
     metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// The hook set in use, for the `sensor-started` event.
+    pub hooks: Option<probes::Hooks>,
 }
 
 fn host_info(boot_id: &str, machine_id: Option<String>) -> Arc<Host> {
@@ -197,6 +201,7 @@ impl Pipeline {
             health: Health::default(),
             rules_path: policy.rules_path,
             metrics: None,
+            hooks: None,
         }
     }
 
@@ -287,6 +292,15 @@ impl Pipeline {
 
     pub fn output_shared(&self) -> Arc<crate::emit::OutputShared> {
         self.output.shared().clone()
+    }
+
+    /// `sensor-started`: the hook set in use (and why) in `portwatch.hooks`.
+    pub fn sensor_started(&mut self, stats: serde_json::Value) {
+        let now = self.enricher.clocks.wall_from_ktime(sys::monotonic_ns());
+        let mut ev = self.base(now, "state", "sensor-started");
+        ev.portwatch.stats = Some(stats);
+        ev.portwatch.hooks = self.hooks.clone();
+        self.write(ev);
     }
 
     /// A state event about the agent itself (`sensor-started`, `snapshot-complete`, ...).
@@ -765,7 +779,7 @@ impl Pipeline {
     }
 
     /// `sensor-health`: what a monitoring system needs to trust the stream.
-    pub fn health(&mut self, hooks: &[&str], degraded: &[String]) {
+    pub fn health(&mut self, hooks: &[String], degraded: &[String]) {
         let now = Instant::now();
         let rate = self.health.last.map_or(0.0, |t| {
             let secs = now.duration_since(t).as_secs_f64();
@@ -872,15 +886,6 @@ const SELF_CHECK_TIMEOUT: Duration = Duration::from_secs(3);
 /// Fewest seconds between two resyncs: each one re-reads /proc for the whole host.
 const RESYNC_MIN_GAP: Duration = Duration::from_secs(10);
 
-/// The hooks the stable set attaches (`sensor-started`, `sensor-health`).
-const HOOKS: &[&str] = &[
-    "tracepoint/sock/inet_sock_set_state",
-    "cgroup/sock_ops",
-    "cgroup/post_bind4",
-    "cgroup/post_bind6",
-    "cgroup/sock_release",
-];
-
 /// Drain everything the ring holds now (up to BATCH_MAX) into the output queue.
 fn drain(ring: &mut RingBuf<MapData>, pipeline: &mut Pipeline) -> usize {
     let mut n = 0;
@@ -940,6 +945,7 @@ pub async fn watch(opts: WatchOptions) -> anyhow::Result<()> {
         .transpose()?;
     let sensor = probes::load(&probes::Options {
         ring_bytes: opts.ring_bytes,
+        hooks: opts.hooks,
     })?;
     // Loaded and attached: what is left needs only /proc and namespaces. Done before any
     // other thread exists, so every thread runs with the reduced set.
@@ -951,6 +957,7 @@ pub async fn watch(opts: WatchOptions) -> anyhow::Result<()> {
         sleep_flag,
         logger,
         cgroup_root,
+        hooks,
         ..
     } = sensor;
     let WatchOptions {
@@ -962,6 +969,7 @@ pub async fn watch(opts: WatchOptions) -> anyhow::Result<()> {
         ..
     } = opts;
     let mut pipeline = Pipeline::new(output, cgroup_root.clone(), policy);
+    pipeline.hooks = Some(hooks);
     pipeline.output.start()?;
     if let Some(listener) = metrics_listener {
         let m = Arc::new(crate::metrics::Metrics::new());
@@ -1060,14 +1068,12 @@ async fn self_check(
     let mut broken = Vec::new();
     if !tcp_ok {
         broken.push(format!(
-            "TCP listen hooks (tracepoint sock/inet_sock_set_state + cgroup sock_ops) reported \
-             nothing for the agent's own listener on 127.0.0.1:{tcp} within {SELF_CHECK_TIMEOUT:?}"
+            "the TCP listen hooks reported nothing for the agent's own listener on 127.0.0.1:{tcp} within {SELF_CHECK_TIMEOUT:?}"
         ));
     }
     if !udp_ok {
         broken.push(format!(
-            "UDP bind hook (cgroup post_bind4) reported nothing for the agent's own bind on \
-             127.0.0.1:{udp} within {SELF_CHECK_TIMEOUT:?}"
+            "the UDP bind hooks reported nothing for the agent's own bind on 127.0.0.1:{udp} within {SELF_CHECK_TIMEOUT:?}"
         ));
     }
     log::info!(
@@ -1147,16 +1153,18 @@ async fn run(
     for d in &degraded {
         log::warn!("running degraded: {d}");
     }
-    pipeline.state(
-        "sensor-started",
-        serde_json::json!({
-            "hooks": HOOKS,
-            "self_check": if degraded.is_empty() { "passed" } else { "failed" },
-            "degraded": degraded,
-            "ring_buffer_bytes": config.ring_bytes,
-            "pid": std::process::id(),
-        }),
-    );
+    pipeline.sensor_started(serde_json::json!({
+        "self_check": if degraded.is_empty() { "passed" } else { "failed" },
+        "degraded": degraded,
+        "ring_buffer_bytes": config.ring_bytes,
+        "pid": std::process::id(),
+    }));
+
+    let attached: Vec<String> = pipeline
+        .hooks
+        .as_ref()
+        .map(|h| h.attached.clone())
+        .unwrap_or_default();
 
     // Probes are attached and the ring is being drained: now read what already exists.
     let mut scan = config.snapshot.then(spawn_scan);
@@ -1215,11 +1223,11 @@ async fn run(
                 guard.clear_ready();
             }
             _ = health.tick(), if config.health_interval.is_some() => {
-                pipeline.health(HOOKS, &degraded);
+                pipeline.health(&attached, &degraded);
             }
             _ = tick.tick() => {
                 pipeline.tick(stats.read().ok(), false);
-                pipeline.update_gauges(HOOKS.len(), degraded.len());
+                pipeline.update_gauges(attached.len(), degraded.len());
                 // After a loss the open-listener table may be wrong: re-read /proc (no
                 // more often than RESYNC_MIN_GAP; the request waits until then).
                 let due = last_resync.is_none_or(|t| t.elapsed() >= RESYNC_MIN_GAP);

@@ -26,6 +26,7 @@ const KIND_TYPEDEF: u32 = 8;
 const KIND_VOLATILE: u32 = 9;
 const KIND_CONST: u32 = 10;
 const KIND_RESTRICT: u32 = 11;
+const KIND_FUNC: u32 = 12;
 const KIND_FUNC_PROTO: u32 = 13;
 const KIND_VAR: u32 = 14;
 const KIND_DATASEC: u32 = 15;
@@ -87,7 +88,7 @@ fn trailer_len(h: &TypeHeader, id: usize) -> Result<usize, BtfError> {
         KIND_ARRAY => 12,
         KIND_STRUCT | KIND_UNION | KIND_DATASEC | KIND_ENUM64 => 12 * h.vlen,
         KIND_ENUM | KIND_FUNC_PROTO => 8 * h.vlen,
-        0 | 2 | 7 | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | 12 | 16
+        0 | 2 | 7 | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_FUNC | 16
         | KIND_TYPE_TAG => 0,
         kind => {
             return Err(BtfError::UnknownKind {
@@ -172,6 +173,16 @@ impl<'a> Btf<'a> {
             })
     }
 
+    /// Type id of the function (`BTF_KIND_FUNC`) called `name`: what an fentry program
+    /// names as its `attach_btf_id`.
+    pub fn func_id(&self, name: &str) -> Option<u32> {
+        (1..self.types.len() as u32).find(|id| {
+            self.header(*id).is_some_and(|t| {
+                t.kind == KIND_FUNC && t.name_off != 0 && self.string(t.name_off) == name.as_bytes()
+            })
+        })
+    }
+
     /// Bit offset and type of `name` inside struct/union `t`, searching anonymous
     /// members too (`sock_common` keeps `skc_num` inside an anonymous struct in a union).
     fn member(&self, t: &TypeHeader, name: &str, depth: u32) -> Option<(u32, u32)> {
@@ -236,6 +247,7 @@ impl<'a> Btf<'a> {
             _ => KernelOffsets::UNKNOWN,
         };
         let v6only = self.field("sock_common", &["skc_ipv6only"]);
+        let kern_sock = self.field("sock", &["sk_kern_sock"]);
         KernelOffsets {
             sock_num: self.byte("sock", &["__sk_common", "skc_num"]),
             sock_socket: self.byte("sock", &["sk_socket"]),
@@ -253,9 +265,35 @@ impl<'a> Btf<'a> {
             task_flags: self.byte("task_struct", &["flags"]),
             sock_rcv_saddr: self.byte("sock_common", &["skc_rcv_saddr"]),
             sock_v6_rcv_saddr: self.byte("sock_common", &["skc_v6_rcv_saddr"]),
-            _pad: 0,
+            sock_state: self.byte("sock_common", &["skc_state"]),
+            sock_family: self.byte("sock_common", &["skc_family"]),
+            sock_protocol: self.byte("sock", &["sk_protocol"]),
+            inet_sport: self.byte("inet_sock", &["inet_sport"]),
+            inet_saddr: self.byte("inet_sock", &["inet_saddr"]),
+            socket_sk: self.byte("socket", &["sk"]),
+            sock_kern_byte: kern_sock.map_or(KernelOffsets::UNKNOWN, |p| p.byte),
+            sock_kern_bit: kern_sock.map_or(0, |p| p.bit),
         }
     }
+}
+
+/// Names of the offsets the direct hook set needs that this kernel's BTF did not
+/// provide (without them it cannot tell a socket's family, state or protocol).
+pub fn missing_direct(offsets: &KernelOffsets) -> Vec<&'static str> {
+    let o = offsets;
+    [
+        ("sock_common.skc_state", o.sock_state),
+        ("sock_common.skc_family", o.sock_family),
+        ("sock.sk_protocol", o.sock_protocol),
+        ("inet_sock.inet_sport", o.inet_sport),
+        ("inet_sock.inet_saddr", o.inet_saddr),
+        ("socket.sk", o.socket_sk),
+        ("sock.sk_kern_sock", o.sock_kern_byte),
+    ]
+    .into_iter()
+    .filter(|(_, v)| *v == KernelOffsets::UNKNOWN)
+    .map(|(n, _)| n)
+    .collect()
 }
 
 /// Names of the offsets that this kernel's BTF did not provide.
@@ -393,7 +431,12 @@ mod tests {
         let btf = Btf::parse(&data).unwrap();
         let offsets = btf.kernel_offsets();
         assert_eq!(missing(&offsets), Vec::<&str>::new());
+        assert_eq!(missing_direct(&offsets), Vec::<&str>::new());
         // skc_num sits right after skc_dport in the port pair: a fixed fact since 2.6.
         assert_eq!(offsets.sock_num, 14);
+        // The direct set's fentry targets.
+        for f in ["inet_listen", "inet_bind", "inet6_bind", "inet_release"] {
+            assert!(btf.func_id(f).is_some(), "no BTF FUNC {f}");
+        }
     }
 }

@@ -13,6 +13,7 @@ use crate::{
     agent,
     classify::{self, Lang},
     emit::Format,
+    probes::HooksChoice,
     report::SnapshotFormat,
 };
 
@@ -60,6 +61,10 @@ pub enum Command {
         /// Do not report the listeners that exist at start.
         #[arg(long)]
         no_snapshot: bool,
+        /// Kernel hook set: direct (fentry/fexit or kprobes on inet_listen/inet_bind) where
+        /// the kernel allows it, else stable (tracepoint + cgroup hooks).
+        #[arg(long, value_enum, default_value_t = HooksChoice::Auto)]
+        hooks: HooksChoice,
         /// Run this many nice levels above normal (0 keeps normal priority) [default: 5].
         #[arg(long, value_parser = clap::value_parser!(u8).range(0..=20))]
         priority_boost: Option<u8>,

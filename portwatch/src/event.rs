@@ -185,6 +185,9 @@ pub struct Portwatch {
     pub folded: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stats: Option<serde_json::Value>,
+    /// On `sensor-started`: the hook set in use and why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hooks: Option<crate::probes::Hooks>,
 }
 
 #[derive(Serialize, Debug, Default, Clone)]

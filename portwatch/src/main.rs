@@ -139,6 +139,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             metrics,
             ring_bytes,
             no_snapshot,
+            hooks,
             priority_boost,
             queue_events,
             health_interval,
@@ -188,6 +189,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 health_interval: (health_interval > 0)
                     .then(|| std::time::Duration::from_secs(health_interval)),
                 allow_degraded,
+                hooks,
                 policy,
             }))?;
             Ok(ExitCode::SUCCESS)

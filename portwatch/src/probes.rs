@@ -1,5 +1,10 @@
-//! Loading and attaching the kernel programs, in one place: which hook is used for what,
+//! Loading and attaching the kernel programs, in one place: which hook set is used, why,
 //! and a one-line error when the running kernel cannot provide it.
+//!
+//! Two hook sets report the same events (same record, same fields):
+//!
+//! The stable set (any kernel with BTF, ring buffers and cgroup BPF; the only one on
+//! kernels that refuse fentry and lack kprobes):
 //!
 //! | program        | hook                                    | kernel source                       |
 //! |----------------|-----------------------------------------|-------------------------------------|
@@ -8,14 +13,22 @@
 //! | `udp_bind4`    | cgroup `post_bind4` on the cgroup2 root | net/ipv4/af_inet.c `__inet_bind()`  |
 //! | `udp_bind6`    | cgroup `post_bind6` on the cgroup2 root | net/ipv6/af_inet6.c `__inet6_bind()`|
 //! | `udp_release`  | cgroup `sock_release` on the cgroup2 root | net/ipv4/af_inet.c `inet_release()`|
+//!
+//! The direct set hooks `inet_listen()`, `inet_csk_listen_stop()`, `inet_bind()`,
+//! `inet6_bind()` and `inet_release()` themselves, with fentry/fexit where the kernel
+//! allows it, else kprobe/kretprobe (see portwatch-ebpf/src/direct.rs). It needs no
+//! cgroup attachment and sees the result of each call directly.
 
-use std::{fs::File, path::PathBuf};
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, MapData, PerCpuArray, RingBuf},
-    programs::{CgroupAttachMode, CgroupSock, SockOps, TracePoint},
+    programs::{CgroupAttachMode, CgroupSock, FEntry, FExit, KProbe, SockOps, TracePoint},
 };
 use portwatch_common::{KernelOffsets, stat};
 
@@ -24,14 +37,86 @@ use crate::{btf, procfs, sys};
 /// The eBPF object, built by build.rs from portwatch-ebpf and embedded in the binary.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portwatch.bpf.o"));
 
-/// Names of every program in the object, as the kernel reports them.
-pub const PROGRAMS: [&str; 5] = [
+/// Programs of the stable set, as the kernel reports their names.
+pub const STABLE_PROGRAMS: [&str; 5] = [
     "listen_state",
     "listen_sockops",
     "udp_bind4",
     "udp_bind6",
     "udp_release",
 ];
+
+/// Programs of the direct set with fentry/fexit: (program, kernel function, is fexit).
+/// Attached in this order: the end hooks before the start hooks, so that no listener
+/// is reported started without its end being watched.
+const FENTRY_HOOKS: [(&str, &str, bool); 6] = [
+    ("release_enter", "inet_release", false),
+    ("listen_stop", "inet_csk_listen_stop", false),
+    ("udp_bind4_exit", "inet_bind", true),
+    ("udp_bind6_exit", "inet6_bind", true),
+    ("listen_exit", "inet_listen", true),
+    ("listen_enter", "inet_listen", false),
+];
+
+/// The same with kprobes: (program, kernel functions, is kretprobe).
+const KPROBE_HOOKS: [(&str, &[&str], bool); 6] = [
+    ("release_kp", &["inet_release"], false),
+    ("listen_stop_kp", &["inet_csk_listen_stop"], false),
+    ("bind_exit_kp", &["inet_bind", "inet6_bind"], true),
+    ("bind_enter_kp", &["inet_bind", "inet6_bind"], false),
+    ("listen_exit_kp", &["inet_listen"], true),
+    ("listen_enter_kp", &["inet_listen"], false),
+];
+
+/// Names of every program in the object, as the kernel reports them.
+pub const PROGRAMS: [&str; 17] = [
+    "listen_state",
+    "listen_sockops",
+    "udp_bind4",
+    "udp_bind6",
+    "udp_release",
+    "release_enter",
+    "listen_stop",
+    "udp_bind4_exit",
+    "udp_bind6_exit",
+    "listen_exit",
+    "listen_enter",
+    "release_kp",
+    "listen_stop_kp",
+    "bind_exit_kp",
+    "bind_enter_kp",
+    "listen_exit_kp",
+    "listen_enter_kp",
+];
+
+/// `--hooks`: which hook set to use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum HooksChoice {
+    /// The direct set when this kernel loads it, else the stable set.
+    Auto,
+    /// Tracepoint and cgroup hooks (works wherever portwatch runs).
+    Stable,
+    /// fentry/fexit (else kprobes) on inet_listen/inet_bind; an error if unavailable.
+    Direct,
+    /// The direct set with kprobes even where fentry works (to test that fallback).
+    #[value(hide = true)]
+    DirectKprobe,
+}
+
+/// Which hooks are attached, and why: reported in the `sensor-started` event.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Hooks {
+    /// `stable` or `direct`.
+    pub set: &'static str,
+    /// `tracepoint+cgroup`, `fentry` or `kprobe`.
+    pub via: &'static str,
+    /// Why this set was chosen (the probe results).
+    pub reason: String,
+    /// Program names attached.
+    pub programs: Vec<&'static str>,
+    /// Kernel hook points, `kind/target`.
+    pub attached: Vec<String>,
+}
 
 /// Loaded and attached programs. Dropping it detaches everything: the cgroup
 /// attachments are bpf_links (kernel >= 5.7) owned by this process, so they also go
@@ -44,11 +129,13 @@ pub struct Sensor {
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     pub offsets: KernelOffsets,
     pub cgroup_root: PathBuf,
+    pub hooks: Hooks,
 }
 
 pub struct Options {
     /// Ring buffer size in bytes (power of two, multiple of the page size).
     pub ring_bytes: u32,
+    pub hooks: HooksChoice,
 }
 
 pub fn load(opts: &Options) -> anyhow::Result<Sensor> {
@@ -60,10 +147,23 @@ pub fn load(opts: &Options) -> anyhow::Result<Sensor> {
     // once, before our own read: the two never coexist, which keeps peak memory down.
     let mut loader = EbpfLoader::new();
     loader.btf(None);
-    let offsets = {
+    let (offsets, fentry_probe) = {
         let btf_bytes = sys::require_btf()?;
         let kernel_btf = btf::Btf::parse(&btf_bytes).context("parsing /sys/kernel/btf/vmlinux")?;
-        kernel_btf.kernel_offsets()
+        // Whether this kernel loads fentry programs at all, asked with our own BTF parse:
+        // aya's (needed to load the real ones) costs ~8 MiB of peak memory, not worth
+        // paying on kernels that refuse fentry anyway.
+        let probe = match opts.hooks {
+            HooksChoice::Stable | HooksChoice::DirectKprobe => None,
+            _ => Some(match kernel_btf.func_id(FENTRY_HOOKS[0].1) {
+                Some(id) => fentry_loads(id),
+                None => Err(format!(
+                    "this kernel's BTF has no function {}",
+                    FENTRY_HOOKS[0].1
+                )),
+            }),
+        };
+        (kernel_btf.kernel_offsets(), probe)
     };
     let missing = btf::missing(&offsets);
     if offsets.sock_num == KernelOffsets::UNKNOWN {
@@ -80,8 +180,9 @@ pub fn load(opts: &Options) -> anyhow::Result<Sensor> {
         .context("reading /proc/self/mountinfo")?
         .ok_or_else(|| {
             anyhow!(
-                "no cgroup2 filesystem is mounted (needed for the UDP bind hooks); mount one \
-                 with `mount -t cgroup2 none /sys/fs/cgroup/unified`"
+                "no cgroup2 filesystem is mounted (needed for the stable set's cgroup hooks \
+                 and for cgroup paths); mount one with \
+                 `mount -t cgroup2 none /sys/fs/cgroup/unified`"
             )
         })?;
 
@@ -104,7 +205,244 @@ pub fn load(opts: &Options) -> anyhow::Result<Sensor> {
         }
     };
 
-    let cgroup = File::open(&cgroup_root)
+    let hooks = choose_and_attach(&mut ebpf, opts.hooks, &offsets, fentry_probe, &cgroup_root)?;
+    log::info!(
+        "hooks: {} set via {} ({}): {}",
+        hooks.set,
+        hooks.via,
+        hooks.reason,
+        hooks.attached.join(", ")
+    );
+
+    let ring = RingBuf::try_from(ebpf.take_map("EVENTS").context("EVENTS map missing")?)?;
+    let stats = StatsReader(PerCpuArray::try_from(
+        ebpf.take_map("STATS").context("STATS map missing")?,
+    )?);
+    let flag = Array::try_from(
+        ebpf.take_map("AGENT_SLEEPING")
+            .context("AGENT_SLEEPING map missing")?,
+    )?;
+    let sleep_flag = SleepFlag {
+        map: flag,
+        sleeping: false,
+    };
+    Ok(Sensor {
+        ebpf,
+        ring,
+        stats,
+        sleep_flag,
+        logger,
+        offsets,
+        cgroup_root,
+        hooks,
+    })
+}
+
+/// The one place that decides which hook set runs: the direct set where this kernel
+/// loads and attaches it (tried for real: a kernel may list fentry and still refuse it,
+/// as 6.18 microVMs do with EPERM), else the stable set, saying why.
+fn choose_and_attach(
+    ebpf: &mut Ebpf,
+    choice: HooksChoice,
+    offsets: &KernelOffsets,
+    fentry_probe: Option<Result<(), String>>,
+    cgroup_root: &Path,
+) -> anyhow::Result<Hooks> {
+    if choice == HooksChoice::Stable {
+        return attach_stable(ebpf, cgroup_root, "asked for with --hooks stable".into());
+    }
+    let direct = match btf::missing_direct(offsets) {
+        m if !m.is_empty() => Err(format!("this kernel's BTF lacks {}", m.join(", "))),
+        _ if choice == HooksChoice::DirectKprobe => attach_kprobe(ebpf),
+        _ => fentry_probe
+            .unwrap_or(Ok(()))
+            .and_then(|()| attach_fentry(ebpf))
+            .or_else(|fentry| match attach_kprobe(ebpf) {
+                // Keep why fentry was not used: it is part of the reason for kprobes.
+                Ok(hooks) => Ok(Hooks {
+                    reason: fentry,
+                    ..hooks
+                }),
+                Err(kprobe) => Err(format!("{fentry}; {kprobe}")),
+            }),
+    };
+    match (direct, choice) {
+        (Ok(mut hooks), _) => {
+            let how = match choice {
+                HooksChoice::Auto => "auto",
+                HooksChoice::DirectKprobe => "asked for with --hooks direct-kprobe",
+                _ => "asked for with --hooks direct",
+            };
+            hooks.reason = if hooks.reason.is_empty() {
+                format!(
+                    "{how}: this kernel loads and attaches {} programs",
+                    hooks.via
+                )
+            } else {
+                format!("{how}: {}; kprobes work", hooks.reason)
+            };
+            Ok(hooks)
+        }
+        (Err(why), HooksChoice::Auto) => attach_stable(
+            ebpf,
+            cgroup_root,
+            format!("auto: the direct set is unavailable: {why}"),
+        ),
+        (Err(why), _) => bail!(
+            "the direct hook set cannot run on this kernel: {why}; use --hooks stable \
+             (or --hooks auto to fall back by itself)"
+        ),
+    }
+}
+
+/// Loads a do-nothing fentry program on BTF function `func_id` and closes it again:
+/// Ok when this kernel accepts fentry programs (a kernel may have them built and still
+/// refuse them, as the 6.18 microVM does with EPERM). A raw `BPF_PROG_LOAD`, because
+/// aya's loader needs its own full parse of the kernel BTF first.
+fn fentry_loads(func_id: u32) -> Result<(), String> {
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_PROG_TYPE_TRACING: u32 = 26;
+    const BPF_TRACE_FENTRY: u32 = 24;
+    // `r0 = 0; exit`
+    let insns: [u64; 2] = [u64::from_le_bytes([0xb7, 0, 0, 0, 0, 0, 0, 0]), 0x95];
+    let license = c"GPL";
+    // `union bpf_attr` for BPF_PROG_LOAD (include/uapi/linux/bpf.h), up to attach_btf_id.
+    let mut attr = [0u8; 128];
+    let mut put = |at: usize, bytes: &[u8]| attr[at..at + bytes.len()].copy_from_slice(bytes);
+    put(0, &BPF_PROG_TYPE_TRACING.to_ne_bytes());
+    put(4, &(insns.len() as u32).to_ne_bytes());
+    put(8, &(insns.as_ptr() as u64).to_ne_bytes());
+    put(16, &(license.as_ptr() as u64).to_ne_bytes());
+    put(68, &BPF_TRACE_FENTRY.to_ne_bytes());
+    put(108, &func_id.to_ne_bytes());
+    // SAFETY: attr outlives the call; the pointers in it point at live locals.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_LOAD,
+            attr.as_ptr(),
+            attr.len() as u32,
+        )
+    };
+    if fd < 0 {
+        let e = std::io::Error::last_os_error();
+        let name = match e.raw_os_error() {
+            Some(libc::EPERM) => "EPERM".to_owned(),
+            Some(libc::EINVAL) => "EINVAL".to_owned(),
+            Some(libc::ENOTSUP) | Some(524) => "ENOTSUPP".to_owned(),
+            _ => e.to_string(),
+        };
+        return Err(format!("fentry programs refused: {name}"));
+    }
+    // SAFETY: the kernel just gave us this fd.
+    unsafe { libc::close(fd as i32) };
+    Ok(())
+}
+
+/// fentry/fexit on the kernel functions. On any failure every program of the flavour is
+/// unloaded again (detaching what was attached) and the reason returned.
+fn attach_fentry(ebpf: &mut Ebpf) -> Result<Hooks, String> {
+    // fentry targets are named by BTF type id; aya needs its own parse of the kernel BTF
+    // for that. Only here: the stable set never pays for it.
+    let btf = aya::Btf::from_sys_fs().map_err(|e| format!("fentry: reading kernel BTF: {e}"))?;
+    let mut attached = Vec::new();
+    let res = (|| -> anyhow::Result<()> {
+        for (name, func, exit) in FENTRY_HOOKS {
+            let prog = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the embedded object"))?;
+            if exit {
+                let p: &mut FExit = prog.try_into()?;
+                p.load(func, &btf)
+                    .map_err(|e| anyhow!("fexit {func} refused: {}", load_error(&e)))?;
+                p.attach()
+                    .map_err(|e| anyhow!("fexit {func} attach: {}", error_chain(&e)))?;
+                attached.push(format!("fexit/{func}"));
+            } else {
+                let p: &mut FEntry = prog.try_into()?;
+                p.load(func, &btf)
+                    .map_err(|e| anyhow!("fentry {func} refused: {}", load_error(&e)))?;
+                p.attach()
+                    .map_err(|e| anyhow!("fentry {func} attach: {}", error_chain(&e)))?;
+                attached.push(format!("fentry/{func}"));
+            }
+        }
+        Ok(())
+    })();
+    match res {
+        Ok(()) => Ok(Hooks {
+            set: "direct",
+            via: "fentry",
+            reason: String::new(),
+            programs: FENTRY_HOOKS.iter().map(|h| h.0).collect(),
+            attached,
+        }),
+        Err(e) => {
+            unload(ebpf, FENTRY_HOOKS.iter().map(|h| h.0));
+            Err(format!("{e:#}"))
+        }
+    }
+}
+
+/// kprobe/kretprobe on the same functions, for kernels without fentry.
+fn attach_kprobe(ebpf: &mut Ebpf) -> Result<Hooks, String> {
+    // aya attaches kprobes through the perf `kprobe` PMU; without it (CONFIG_KPROBES
+    // unset) every attach fails, so say that rather than the errno.
+    if !Path::new("/sys/bus/event_source/devices/kprobe").exists() {
+        return Err("kprobes: this kernel has no kprobe PMU (CONFIG_KPROBES is not set)".into());
+    }
+    let mut attached = Vec::new();
+    let res = (|| -> anyhow::Result<()> {
+        for (name, funcs, ret) in KPROBE_HOOKS {
+            let p: &mut KProbe = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the embedded object"))?
+                .try_into()?;
+            p.load()
+                .map_err(|e| anyhow!("kprobe program {name} refused: {}", load_error(&e)))?;
+            let kind = if ret { "kretprobe" } else { "kprobe" };
+            for func in funcs {
+                p.attach(*func, 0)
+                    .map_err(|e| anyhow!("{kind} {func}: {}", error_chain(&e)))?;
+                attached.push(format!("{kind}/{func}"));
+            }
+        }
+        Ok(())
+    })();
+    match res {
+        Ok(()) => Ok(Hooks {
+            set: "direct",
+            via: "kprobe",
+            reason: String::new(),
+            programs: KPROBE_HOOKS.iter().map(|h| h.0).collect(),
+            attached,
+        }),
+        Err(e) => {
+            unload(ebpf, KPROBE_HOOKS.iter().map(|h| h.0));
+            Err(format!("kprobes: {e:#}"))
+        }
+    }
+}
+
+/// Unload (and so detach) whichever of `names` got loaded; the rest are left alone.
+fn unload<'a>(ebpf: &mut Ebpf, names: impl Iterator<Item = &'a str>) {
+    for name in names {
+        let res = match ebpf.program_mut(name) {
+            Some(aya::programs::Program::FEntry(p)) => p.unload(),
+            Some(aya::programs::Program::FExit(p)) => p.unload(),
+            Some(aya::programs::Program::KProbe(p)) => p.unload(),
+            _ => Ok(()),
+        };
+        // Not loaded at all is the usual case here: nothing to undo.
+        if let Err(e) = res {
+            log::debug!("unloading {name}: {e}");
+        }
+    }
+}
+
+/// The tracepoint + cgroup set.
+fn attach_stable(ebpf: &mut Ebpf, cgroup_root: &Path, reason: String) -> anyhow::Result<Hooks> {
+    let cgroup = File::open(cgroup_root)
         .with_context(|| format!("opening cgroup2 root {}", cgroup_root.display()))?;
     let prog: &mut SockOps = ebpf
         .program_mut("listen_sockops")
@@ -141,33 +479,19 @@ pub fn load(opts: &Options) -> anyhow::Result<Sensor> {
     }
     // The state tracepoint goes last: a LISTEN it parks must always be followed by the
     // sock_ops confirmation, or its close would be mistaken for a failed listen().
-    attach_tracepoint(&mut ebpf, "listen_state", "sock", "inet_sock_set_state")?;
-    log::info!(
-        "hooks attached: tracepoint sock:inet_sock_set_state, cgroup sock_ops \
-         (TCP_LISTEN_CB), post_bind4/post_bind6/sock_release on {}",
-        cgroup_root.display()
-    );
-
-    let ring = RingBuf::try_from(ebpf.take_map("EVENTS").context("EVENTS map missing")?)?;
-    let stats = StatsReader(PerCpuArray::try_from(
-        ebpf.take_map("STATS").context("STATS map missing")?,
-    )?);
-    let flag = Array::try_from(
-        ebpf.take_map("AGENT_SLEEPING")
-            .context("AGENT_SLEEPING map missing")?,
-    )?;
-    let sleep_flag = SleepFlag {
-        map: flag,
-        sleeping: false,
-    };
-    Ok(Sensor {
-        ebpf,
-        ring,
-        stats,
-        sleep_flag,
-        logger,
-        offsets,
-        cgroup_root,
+    attach_tracepoint(ebpf, "listen_state", "sock", "inet_sock_set_state")?;
+    Ok(Hooks {
+        set: "stable",
+        via: "tracepoint+cgroup",
+        reason,
+        programs: STABLE_PROGRAMS.to_vec(),
+        attached: vec![
+            "tracepoint/sock/inet_sock_set_state".into(),
+            "cgroup/sock_ops".into(),
+            "cgroup/post_bind4".into(),
+            "cgroup/post_bind6".into(),
+            "cgroup/sock_release".into(),
+        ],
     })
 }
 
@@ -247,6 +571,37 @@ impl StatsReader {
             bound_full: sum(stat::BOUND_FULL)?,
             read_failed: sum(stat::READ_FAILED)?,
         })
+    }
+}
+
+/// A program load failure in one line: the errno by name (`EPERM` is how a kernel that
+/// forbids a program type answers), plus the verifier's last words when it had any.
+fn load_error(e: &aya::programs::ProgramError) -> String {
+    let aya::programs::ProgramError::LoadError {
+        io_error,
+        verifier_log,
+    } = e
+    else {
+        return error_chain(e);
+    };
+    let name = match io_error.raw_os_error() {
+        Some(libc::EPERM) => "EPERM",
+        Some(libc::EACCES) => "EACCES",
+        Some(libc::EINVAL) => "EINVAL",
+        Some(libc::ENOENT) => "ENOENT",
+        Some(libc::E2BIG) => "E2BIG",
+        Some(libc::EOPNOTSUPP) => "EOPNOTSUPP",
+        Some(524) => "ENOTSUPP",
+        _ => "",
+    };
+    let log = verifier_log.to_string();
+    let tail: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    let tail = tail[tail.len().saturating_sub(3)..].join(" | ");
+    match (name, tail.is_empty()) {
+        ("", true) => io_error.to_string(),
+        ("", false) => format!("{io_error}; verifier: {tail}"),
+        (n, true) => n.to_string(),
+        (n, false) => format!("{n}; verifier: {tail}"),
     }
 }
 

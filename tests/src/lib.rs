@@ -39,10 +39,71 @@ pub struct Agent {
     pub seen: Vec<Value>,
 }
 
+/// The hook set every test agent is started with: `$PORTWATCH_HOOKS` (`auto`, `stable`,
+/// `direct`, ...), so the same test binaries run against each set; unset: the agent's
+/// default (`auto`).
+pub fn hooks_from_env() -> Option<String> {
+    std::env::var("PORTWATCH_HOOKS")
+        .ok()
+        .filter(|h| !h.is_empty())
+}
+
 impl Agent {
-    /// Start `portwatch watch --format json ARGS` and wait until its probes are attached.
+    /// Start `portwatch watch --format json ARGS` (with `--hooks $PORTWATCH_HOOKS` when
+    /// set) and wait until its probes are attached.
     pub fn start(args: &[&str]) -> Agent {
-        let mut child = spawn_watch(args, Stdio::piped(), Stdio::inherit());
+        let mut all: Vec<String> = Vec::new();
+        // A test that names its set itself keeps it.
+        let from_env = hooks_from_env().filter(|_| !args.contains(&"--hooks"));
+        if let Some(h) = &from_env {
+            all.extend(["--hooks".to_owned(), h.clone()]);
+        }
+        all.extend(args.iter().map(|a| (*a).to_owned()));
+        let agent = Self::spawn(&all, false).unwrap_or_else(|e| panic!("agent did not start: {e}"));
+        if let Some(want) = from_env.filter(|h| h == "stable" || h.starts_with("direct")) {
+            let set = agent.hooks()["set"].as_str().unwrap_or("").to_owned();
+            assert!(
+                want.starts_with(&set) && !set.is_empty(),
+                "PORTWATCH_HOOKS={want} but the agent runs the {set:?} set"
+            );
+            if want == "direct-kprobe" {
+                assert_eq!(agent.hooks()["via"], "kprobe", "{}", agent.hooks());
+            }
+        }
+        agent
+    }
+
+    /// Start an agent with exactly `args` (no `$PORTWATCH_HOOKS`); `Err` with the
+    /// agent's stderr when it exits before reporting `sensor-started`.
+    pub fn try_start(args: &[&str]) -> Result<Agent, String> {
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        Self::spawn(&args, true)
+    }
+
+    /// `portwatch.hooks` of this agent's `sensor-started` event.
+    pub fn hooks(&self) -> Value {
+        self.seen
+            .iter()
+            .find(|e| action(e) == "sensor-started")
+            .map(|e| e["portwatch"]["hooks"].clone())
+            .unwrap_or(Value::Null)
+    }
+
+    fn spawn(args: &[String], capture_stderr: bool) -> Result<Agent, String> {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let stderr = if capture_stderr {
+            Stdio::piped()
+        } else {
+            Stdio::inherit()
+        };
+        let mut child = spawn_watch(&args, Stdio::piped(), stderr);
+        let stderr = child.stderr.take().map(|mut err| {
+            thread::spawn(move || {
+                let mut s = String::new();
+                let _ = std::io::Read::read_to_string(&mut err, &mut s);
+                s
+            })
+        });
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, rx) = channel();
         thread::spawn(move || {
@@ -72,10 +133,34 @@ impl Agent {
             lines: rx,
             seen: Vec::new(),
         };
-        agent
-            .wait_for(Duration::from_secs(30), |e| action(e) == "sensor-started")
-            .expect("agent did not report sensor-started within 30 s");
-        agent
+        // Loading takes a while on a slow (emulated) machine: up to 60 s.
+        if agent
+            .wait_for(Duration::from_secs(60), |e| action(e) == "sensor-started")
+            .is_some()
+        {
+            return Ok(agent);
+        }
+        // Its stdout closed: it is exiting (give it a moment to be reaped), or it hangs.
+        let mut status = None;
+        for _ in 0..40 {
+            status = agent.child.try_wait().ok().flatten();
+            if status.is_some() {
+                break;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        if status.is_none() {
+            unsafe { libc::kill(agent.child.id() as i32, libc::SIGKILL) };
+            let _ = agent.child.wait();
+        }
+        let err = stderr
+            .and_then(|t| t.join().ok())
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_default();
+        Err(match status {
+            Some(st) => format!("agent exited ({st}) before sensor-started: {err}"),
+            None => format!("agent did not report sensor-started within 60 s: {err}"),
+        })
     }
 
     /// Wait for the first event (already seen or new) matching `pred`.

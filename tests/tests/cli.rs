@@ -142,7 +142,8 @@ fn bad_flags_and_values_are_one_line_with_status_2() {
     cases.push(os(&[b"rules", b"check", b"a.toml", b"b.toml"]));
 
     // Every value-taking flag: missing value, then each bad value.
-    let flags: [(&[&str], &str, &[&str]); 11] = [
+    let flags: [(&[&str], &str, &[&str]); 12] = [
+        (&["watch"], "--hooks", &["auto", "stable", "direct"]),
         (&["watch"], "--format", &["json", "text", "ocsf"]),
         (&["watch"], "--queue-events", &[]),
         (&["watch"], "--health-interval", &[]),

@@ -250,13 +250,21 @@ fn agent_leaves_no_program_attached_after_exit() {
     };
     let before: Vec<u32> = ours().into_iter().map(|(id, _)| id).collect();
     let agent = Agent::start(&["--no-snapshot"]);
+    // The programs of the hook set this agent chose (stable or direct).
+    let expected = agent.hooks()["programs"].as_array().map_or(0, |p| p.len());
+    assert!(
+        expected > 0,
+        "sensor-started names no programs: {}",
+        agent.hooks()
+    );
     let loaded: Vec<(u32, String)> = ours()
         .into_iter()
         .filter(|(id, _)| !before.contains(id))
         .collect();
     assert!(
-        loaded.len() >= names.len(),
-        "programs while running: {loaded:?}"
+        loaded.len() >= expected,
+        "programs while running: {loaded:?}, want {}",
+        agent.hooks()["programs"]
     );
     let (status, events) = agent.stop();
     assert!(status.success(), "SIGTERM exit status {status}");

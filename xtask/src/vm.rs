@@ -71,15 +71,15 @@ pub struct VmArgs {
 }
 
 /// One Debian kernel flavour the VM can boot.
-struct KernelSpec {
-    label: &'static str,
+pub(crate) struct KernelSpec {
+    pub(crate) label: &'static str,
     /// `apt-cache search --names-only` pattern of the image packages (one per ABI).
     apt_pattern: &'static str,
     /// Start of those packages' names, to find a cached `.deb` without asking apt.
     name_prefix: &'static str,
 }
 
-const KERNELS: &[KernelSpec] = &[
+pub(crate) const KERNELS: &[KernelSpec] = &[
     KernelSpec {
         label: "6.1",
         apt_pattern: r"^linux-image-6\.1\.0-[0-9]+-cloud-amd64$",
@@ -119,7 +119,7 @@ const REQUIRED_CONFIG: &[(&str, &str)] = &[
 
 /// Workspace root when `--root` is not given: $PORTWATCH_ROOT, else the parent of the
 /// crate this file is compiled in when that is xtask, else /work/main (a scratch copy).
-fn workspace_root() -> PathBuf {
+pub(crate) fn workspace_root() -> PathBuf {
     if let Some(r) = env::var_os("PORTWATCH_ROOT") {
         return PathBuf::from(r);
     }
@@ -129,7 +129,7 @@ fn workspace_root() -> PathBuf {
     }
 }
 
-fn step(msg: &str) {
+pub(crate) fn step(msg: &str) {
     eprintln!("==> {msg}");
 }
 
@@ -141,7 +141,7 @@ fn run_ok(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn output_ok(cmd: &mut Command) -> anyhow::Result<String> {
+pub(crate) fn output_ok(cmd: &mut Command) -> anyhow::Result<String> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
         bail!(
@@ -220,7 +220,7 @@ pub fn run(args: &VmArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn ensure_packages(allow_removals: bool) -> anyhow::Result<()> {
+pub(crate) fn ensure_packages(allow_removals: bool) -> anyhow::Result<()> {
     let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
     if missing.is_empty() {
         step("vm packages: all present");
@@ -264,7 +264,7 @@ fn version_key(name: &str) -> Vec<u64> {
 }
 
 /// The newest cached `.deb` of this kernel, else the newest apt knows, downloaded.
-fn kernel_deb(spec: &KernelSpec, vm_dir: &Path) -> anyhow::Result<PathBuf> {
+pub(crate) fn kernel_deb(spec: &KernelSpec, vm_dir: &Path) -> anyhow::Result<PathBuf> {
     let cached = fs::read_dir(vm_dir)?
         .filter_map(|e| e.ok())
         .map(|e| e.path())
@@ -325,13 +325,13 @@ fn kernel_deb(spec: &KernelSpec, vm_dir: &Path) -> anyhow::Result<PathBuf> {
 }
 
 /// An unpacked kernel package: the bootable image and its release string.
-struct Unpacked {
-    vmlinuz: PathBuf,
-    release: String,
+pub(crate) struct Unpacked {
+    pub(crate) vmlinuz: PathBuf,
+    pub(crate) release: String,
 }
 
 /// Unpacks the `.deb`'s /boot once (next to it, named after it) and checks the config.
-fn unpack_kernel(deb: &Path) -> anyhow::Result<Unpacked> {
+pub(crate) fn unpack_kernel(deb: &Path) -> anyhow::Result<Unpacked> {
     let dir = deb.with_extension("");
     let boot = dir.join("boot");
     if !boot.is_dir() {
@@ -460,7 +460,7 @@ fn run_kernel(
     })
 }
 
-fn truncate(s: &str, max: usize) -> &str {
+pub(crate) fn truncate(s: &str, max: usize) -> &str {
     match s.char_indices().nth(max) {
         Some((i, _)) => &s[..i],
         None => s,
@@ -468,7 +468,7 @@ fn truncate(s: &str, max: usize) -> &str {
 }
 
 /// Shared libraries (and the loader) a dynamic binary needs, as `ldd` lists them.
-fn needed_libs(bin: &Path) -> anyhow::Result<Vec<PathBuf>> {
+pub(crate) fn needed_libs(bin: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let out = output_ok(Command::new("ldd").arg(bin))?;
     let mut libs = Vec::new();
     for line in out.lines() {
@@ -493,7 +493,7 @@ fn needed_libs(bin: &Path) -> anyhow::Result<Vec<PathBuf>> {
 
 /// Copies `src` to the same absolute path under `root` (following symlinks: the
 /// initramfs gets real files at the paths the loader looks up).
-fn copy_into(root: &Path, src: &Path, mode: u32) -> anyhow::Result<()> {
+pub(crate) fn copy_into(root: &Path, src: &Path, mode: u32) -> anyhow::Result<()> {
     let dst = root.join(src.strip_prefix("/").unwrap_or(src));
     if let Some(parent) = dst.parent() {
         fs::create_dir_all(parent)?;
@@ -682,15 +682,27 @@ const UDHCPD_CONF: &str = "interface lo\nstart 127.0.0.10\nend 127.0.0.20\n\
                            lease_file /tmp/udhcpd.leases\npidfile /tmp/udhcpd.pid\n";
 
 /// The console of a finished (or killed) VM.
-struct Console {
-    text: String,
-    timed_out: bool,
+pub(crate) struct Console {
+    pub(crate) text: String,
+    pub(crate) timed_out: bool,
 }
 
-fn boot(vmlinuz: &Path, initrd: &Path, timeout: Duration) -> anyhow::Result<Console> {
+pub(crate) fn boot(vmlinuz: &Path, initrd: &Path, timeout: Duration) -> anyhow::Result<Console> {
+    boot_with(vmlinuz, initrd, timeout, 1, 1024)
+}
+
+/// Boots with `cpus` vCPUs and `mem_mib` of memory.
+pub(crate) fn boot_with(
+    vmlinuz: &Path,
+    initrd: &Path,
+    timeout: Duration,
+    cpus: u32,
+    mem_mib: u32,
+) -> anyhow::Result<Console> {
     let mut child = Command::new("qemu-system-x86_64")
-        // KVM hangs on these machines (PLATFORM.md): TCG, one vCPU, no display.
-        .args(["-accel", "tcg", "-cpu", "max", "-m", "1024", "-smp", "1"])
+        // KVM hangs on these machines (PLATFORM.md): TCG, no display.
+        .args(["-accel", "tcg", "-cpu", "max"])
+        .args(["-m", &mem_mib.to_string(), "-smp", &cpus.to_string()])
         .args(["-nographic", "-no-reboot"])
         .arg("-kernel")
         .arg(vmlinuz)
@@ -745,7 +757,7 @@ fn boot(vmlinuz: &Path, initrd: &Path, timeout: Duration) -> anyhow::Result<Cons
 }
 
 /// Lines strictly between `begin` and `end` (None if `begin` never appeared).
-fn section<'a>(text: &'a str, begin: &str, end: &str) -> Option<Vec<&'a str>> {
+pub(crate) fn section<'a>(text: &'a str, begin: &str, end: &str) -> Option<Vec<&'a str>> {
     let mut lines = text.lines().skip_while(|l| l.trim() != begin);
     lines.next()?;
     Some(lines.take_while(|l| l.trim() != end).collect())
