@@ -233,7 +233,26 @@ fn forward_json_lines_over_tcp_reconnects() {
     agent.expect("second listener on stdout", |e| {
         action(e) == "listen-started" && port(e) == u64::from(pb)
     });
-    let (conn2, _) = receiver.accept().unwrap();
+    // The first write after the close goes into the dead connection (TCP reports the
+    // close only then); the agent notices at the next write. Keep making events until it
+    // has reconnected.
+    receiver.set_nonblocking(true).unwrap();
+    let end = Instant::now() + Duration::from_secs(10);
+    let conn2 = loop {
+        match receiver.accept() {
+            Ok((c, _)) => break c,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(
+                    Instant::now() < end,
+                    "the agent did not reconnect within 10 s"
+                );
+                drop(TcpListener::bind("127.0.0.1:0").unwrap());
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    };
+    conn2.set_nonblocking(false).unwrap();
     reader(conn2, tx);
     let c = TcpListener::bind("127.0.0.1:0").unwrap();
     let pc = c.local_addr().unwrap().port();
