@@ -129,6 +129,9 @@ struct Health {
 /// filling its queue, a flood of new processes) leaves freed memory that malloc keeps;
 /// trimming makes the resident size follow the real state instead of the high-water mark.
 const TRIM_EVERY: Duration = Duration::from_secs(30);
+/// Most `events-lost` events one tick may write (kernel, map, decode, untracked, and two
+/// per destination): the queues must have this much room before losses are reported.
+const LOSS_REPORTS_MAX: usize = 32;
 
 pub struct Pipeline {
     enricher: Enricher,
@@ -703,40 +706,12 @@ impl Pipeline {
             self.startup.reported.clear();
             self.startup.grace_until = None;
         }
-        if let Some(s) = stats {
-            let ring = s.ring_full - self.kernel_seen.ring_full;
-            if ring > 0 {
-                self.lost(ring, "ring-buffer-full");
-            }
-            let untracked = (s.pending_full - self.kernel_seen.pending_full)
-                + (s.bound_full - self.kernel_seen.bound_full);
-            if untracked > 0 {
-                self.lost(untracked, "kernel-map-full");
-            }
-            // Starts or ends went missing: the open-listener table may be wrong.
-            self.resync_wanted |= ring > 0 || untracked > 0;
-            self.kernel_seen = s;
-        }
-        if self.decode_errors > 0 {
-            let n = std::mem::take(&mut self.decode_errors);
-            self.lost(n, "decode-error");
-        }
-        if self.untracked > 0 {
-            let n = std::mem::take(&mut self.untracked);
-            self.lost(n, "untracked");
-        }
-        // Output-side losses. Reporting one may itself be dropped (queue still full):
-        // that drop is counted again and reported at a later tick.
-        let out = self.output.shared().clone();
-        for sink in &out.sinks {
-            let n = sink.queue_dropped.swap(0, Ordering::Relaxed);
-            if n > 0 {
-                self.lost_in(n, "output-queue-full", Some(&sink.name));
-            }
-            let n = sink.write_lost.swap(0, Ordering::Relaxed);
-            if n > 0 {
-                self.lost_in(n, "output-error", Some(&sink.name));
-            }
+        // Loss reports wait until every destination's queue has room for them: a report
+        // dropped by a full queue would take its count with it. Until then the counts
+        // keep adding up (the kernel's in `stats`, ours in the fields and atomics).
+        let room = self.output.has_room(LOSS_REPORTS_MAX);
+        if room || last {
+            self.report_losses(stats);
         }
         for (key, n) in self.assessor.quiet_folds(last) {
             let now = self.enricher.clocks.wall_from_ktime(sys::monotonic_ns());
@@ -770,6 +745,45 @@ impl Pipeline {
                 ruleset: "portwatch-catalogue",
             });
             self.write(ev);
+        }
+    }
+
+    /// `events-lost` for everything lost since the last report, by reason (and, for
+    /// output losses, by destination).
+    fn report_losses(&mut self, stats: Option<KernelStats>) {
+        if let Some(s) = stats {
+            let ring = s.ring_full - self.kernel_seen.ring_full;
+            if ring > 0 {
+                self.lost(ring, "ring-buffer-full");
+            }
+            let untracked = (s.pending_full - self.kernel_seen.pending_full)
+                + (s.bound_full - self.kernel_seen.bound_full);
+            if untracked > 0 {
+                self.lost(untracked, "kernel-map-full");
+            }
+            // Starts or ends went missing: the open-listener table may be wrong.
+            self.resync_wanted |= ring > 0 || untracked > 0;
+            self.kernel_seen = s;
+        }
+        if self.decode_errors > 0 {
+            let n = std::mem::take(&mut self.decode_errors);
+            self.lost(n, "decode-error");
+        }
+        if self.untracked > 0 {
+            let n = std::mem::take(&mut self.untracked);
+            self.lost(n, "untracked");
+        }
+        // Output-side losses (reported only when every queue has room: see tick).
+        let out = self.output.shared().clone();
+        for sink in &out.sinks {
+            let n = sink.queue_dropped.swap(0, Ordering::Relaxed);
+            if n > 0 {
+                self.lost_in(n, "output-queue-full", Some(&sink.name));
+            }
+            let n = sink.write_lost.swap(0, Ordering::Relaxed);
+            if n > 0 {
+                self.lost_in(n, "output-error", Some(&sink.name));
+            }
         }
     }
 

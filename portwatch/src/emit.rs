@@ -167,6 +167,8 @@ pub struct Output {
     threads: Vec<JoinHandle<()>>,
     /// Wait for room instead of dropping (one-shot commands, where nothing is live).
     block: bool,
+    /// Each queue's bound.
+    capacity: usize,
 }
 
 impl Output {
@@ -235,6 +237,7 @@ impl Output {
             pending,
             threads: Vec::new(),
             block,
+            capacity: queue.max(1),
         })
     }
 
@@ -274,6 +277,15 @@ impl Output {
 
     pub fn shared(&self) -> &Arc<OutputShared> {
         &self.shared
+    }
+
+    /// Every destination's queue has room for `n` more events. The event loop is the
+    /// only producer, so room seen here is room its next `n` sends will find.
+    pub fn has_room(&self, n: usize) -> bool {
+        self.shared
+            .sinks
+            .iter()
+            .all(|s| s.depth.load(Ordering::Relaxed) + n <= self.capacity)
     }
 
     /// Write everything queued and stop the writer threads. `Closed` when the reader of

@@ -276,6 +276,11 @@ fn stalled_output_drops_are_counted_and_memory_stays_bounded() {
         .filter(|e| port(e) != u64::from(mp))
         .count() as u64;
     let dropped = lost.get("output-queue-full").copied().unwrap_or(0);
+    // The kernel side may also have lost some while the machine was busy: all counted.
+    let kernel_lost: u64 = ["ring-buffer-full", "kernel-map-full"]
+        .iter()
+        .map(|r| lost.get(*r).copied().unwrap_or(0))
+        .sum();
     println!(
         "generated {} records, written {captured}, output-queue-full {dropped}, agent RSS {rss} KiB while stalled",
         2 * N
@@ -285,9 +290,9 @@ fn stalled_output_drops_are_counted_and_memory_stays_bounded() {
         dropped > 0,
         "nothing dropped although nobody read: {lost:?}"
     );
-    // Drops include other processes' events and re-dropped loss reports: at least.
+    // Exact on a quiet host; other processes' events may add drops: at least.
     assert!(
-        captured + dropped >= 2 * N as u64,
+        captured + dropped + kernel_lost >= 2 * N as u64,
         "{captured} + {dropped} < {}",
         2 * N
     );
