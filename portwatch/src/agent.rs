@@ -288,6 +288,11 @@ impl Pipeline {
         });
     }
 
+    /// Hand what was written since the last call to the output threads.
+    pub fn flush_output(&mut self) {
+        self.output.flush();
+    }
+
     /// Write everything queued and stop the output thread.
     pub fn finish_output(&mut self) -> anyhow::Result<()> {
         self.output.finish()
@@ -908,6 +913,9 @@ fn drain(ring: &mut RingBuf<MapData>, pipeline: &mut Pipeline) -> usize {
         pipeline.handle(&item);
         n += 1;
     }
+    if n > 0 {
+        pipeline.flush_output();
+    }
     n
 }
 
@@ -1186,6 +1194,8 @@ async fn run(
     let mut last_resync: Option<Instant> = None;
 
     loop {
+        // Whatever the last branch wrote goes to the writers before waiting again.
+        pipeline.flush_output();
         tokio::select! {
             biased;
             _ = sigint.recv() => break,

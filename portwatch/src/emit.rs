@@ -16,7 +16,7 @@ use std::{
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
-        mpsc::{Receiver, SyncSender, sync_channel},
+        mpsc::{Receiver, Sender, channel},
     },
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -44,8 +44,11 @@ pub struct Closed;
 /// Events waiting for each sink's writer thread, by default. An event is about 1 KiB in
 /// memory, so a queue holds at most ~16 MiB; at full listener churn it covers ~80 ms.
 pub const QUEUE_EVENTS: usize = 16_384;
-/// Events rendered into one write(2).
+/// Events rendered into one write(2) (a round may exceed it by one handed-over batch).
 const WRITE_BATCH: usize = 1024;
+/// Events handed to the writers at once, at most (the event loop flushes after each
+/// drained batch anyway).
+const HANDOFF_BATCH: usize = 512;
 /// Output errors are logged once, then at most this often (they are counted regardless).
 const ERROR_LOG_EVERY: Duration = Duration::from_secs(60);
 /// Reconnect back-off bounds for network sinks.
@@ -160,10 +163,16 @@ pub struct OutputShared {
 /// assigned per sink at write time, so each written stream is gap-free and a consumer
 /// can detect loss downstream of the agent. One slow sink never holds up the others.
 pub struct Output {
-    queues: Vec<SyncSender<Arc<Event>>>,
+    /// One channel per sink, carrying batches; bounded by `depth` against `capacity`
+    /// (the channel itself never blocks).
+    queues: Vec<Sender<Vec<Arc<Event>>>>,
+    /// Events sent since the last flush: handed over as one batch per sink, so the event
+    /// loop pays one channel operation (and at most one wake-up) per drained batch, not
+    /// per event.
+    batch: Vec<Arc<Event>>,
     shared: Arc<OutputShared>,
     /// Writers and their ends of the queues until `start`.
-    pending: Vec<(Writer, Receiver<Arc<Event>>)>,
+    pending: Vec<(Writer, Receiver<Vec<Arc<Event>>>)>,
     threads: Vec<JoinHandle<()>>,
     /// Wait for room instead of dropping (one-shot commands, where nothing is live).
     block: bool,
@@ -213,7 +222,7 @@ impl Output {
         let mut queues = Vec::new();
         let mut pending = Vec::new();
         for (conn, render, tty, sink) in writers {
-            let (tx, rx) = sync_channel::<Arc<Event>>(queue.max(1));
+            let (tx, rx) = channel::<Vec<Arc<Event>>>();
             queues.push(tx);
             let writer = Writer {
                 conn,
@@ -233,6 +242,7 @@ impl Output {
         }
         Ok(Output {
             queues,
+            batch: Vec::with_capacity(HANDOFF_BATCH),
             shared,
             pending,
             threads: Vec::new(),
@@ -254,25 +264,56 @@ impl Output {
         Ok(())
     }
 
-    /// Queue one event for every sink. A sink whose queue is full loses its copy (counted
-    /// in its `queue_dropped`).
-    pub fn send(&self, ev: Event) {
-        let ev = Arc::new(ev);
-        for (tx, sink) in self.queues.iter().zip(&self.shared.sinks) {
-            // Counted before the send: the writer decrements after taking it.
-            sink.depth.fetch_add(1, Ordering::Relaxed);
-            let ok = if self.block {
-                tx.send(ev.clone()).is_ok()
+    /// Queue one event for every sink; it is handed over at the next [`Output::flush`]
+    /// (or when a batch is full).
+    pub fn send(&mut self, ev: Event) {
+        self.batch.push(Arc::new(ev));
+        if self.batch.len() >= HANDOFF_BATCH {
+            self.flush();
+        }
+    }
+
+    /// Hand the events sent since the last flush to every sink. A sink whose queue
+    /// cannot take them all keeps what fits and loses the rest (counted in its
+    /// `queue_dropped`); with `block` (one-shot commands) nothing is dropped.
+    pub fn flush(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.batch);
+        let last = self.queues.len().saturating_sub(1);
+        let mut batch = Some(batch);
+        for (i, (tx, sink)) in self.queues.iter().zip(&self.shared.sinks).enumerate() {
+            // The last sink takes the batch itself; the others a copy of the pointers.
+            let mut mine = if i == last {
+                batch.take().unwrap_or_default()
             } else {
-                tx.try_send(ev.clone()).is_ok()
+                batch.clone().unwrap_or_default()
             };
-            if !ok {
-                sink.depth.fetch_sub(1, Ordering::Relaxed);
+            let depth = sink.depth.load(Ordering::Relaxed);
+            let room = if self.block {
+                mine.len()
+            } else {
+                self.capacity.saturating_sub(depth)
+            };
+            if mine.len() > room {
+                let dropped = (mine.len() - room) as u64;
+                mine.truncate(room);
                 if !self.shared.closed.load(Ordering::Relaxed) {
-                    sink.queue_dropped.fetch_add(1, Ordering::Relaxed);
+                    sink.queue_dropped.fetch_add(dropped, Ordering::Relaxed);
                 }
             }
+            if mine.is_empty() {
+                continue;
+            }
+            let n = mine.len();
+            // Counted before the send: the writer decrements after taking them.
+            sink.depth.fetch_add(n, Ordering::Relaxed);
+            if tx.send(mine).is_err() {
+                sink.depth.fetch_sub(n, Ordering::Relaxed);
+            }
         }
+        self.batch = Vec::with_capacity(HANDOFF_BATCH);
     }
 
     pub fn shared(&self) -> &Arc<OutputShared> {
@@ -285,12 +326,13 @@ impl Output {
         self.shared
             .sinks
             .iter()
-            .all(|s| s.depth.load(Ordering::Relaxed) + n <= self.capacity)
+            .all(|s| s.depth.load(Ordering::Relaxed) + self.batch.len() + n <= self.capacity)
     }
 
     /// Write everything queued and stop the writer threads. `Closed` when the reader of
     /// stdout went away.
     pub fn finish(&mut self) -> anyhow::Result<()> {
+        self.flush();
         self.start()?;
         self.shared.stopping.store(true, Ordering::Relaxed);
         self.queues.clear();
@@ -496,18 +538,23 @@ struct Writer {
 }
 
 impl Writer {
-    fn run(mut self, rx: Receiver<Arc<Event>>) {
-        // Block for the first event, then take whatever else is queued: one write per
-        // batch, and nothing waits in a buffer for a later event.
+    fn run(mut self, rx: Receiver<Vec<Arc<Event>>>) {
+        // Block for the first batch, then take whatever else is queued (up to about
+        // WRITE_BATCH events): one write per round, and nothing waits in a buffer for a
+        // later event.
         while let Ok(first) = rx.recv() {
             self.buf.clear();
             self.ends.clear();
-            self.render(first);
-            let mut n = 1;
-            while n < WRITE_BATCH {
-                let Ok(ev) = rx.try_recv() else { break };
+            let mut n = first.len();
+            for ev in first {
                 self.render(ev);
-                n += 1;
+            }
+            while n < WRITE_BATCH {
+                let Ok(more) = rx.try_recv() else { break };
+                n += more.len();
+                for ev in more {
+                    self.render(ev);
+                }
             }
             self.sink.depth.fetch_sub(n, Ordering::Relaxed);
             match self.write_batch() {

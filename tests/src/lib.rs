@@ -228,6 +228,18 @@ impl Drop for Agent {
     }
 }
 
+/// Kills an agent started by hand (not through [`Agent`]) if the test fails before it
+/// stops it: a leftover agent keeps its hooks attached and skews everything after it.
+pub struct Reap(pub u32);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+        }
+    }
+}
+
 /// `portwatch watch --format json ARGS` with the given stdout and stderr.
 pub fn spawn_watch(args: &[&str], stdout: Stdio, stderr: Stdio) -> Child {
     let bin = agent_binary();

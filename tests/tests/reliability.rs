@@ -12,8 +12,8 @@ use std::{
 };
 
 use portwatch_tests::{
-    Agent, Value, action, can_run_kernel_tests, poll, port, raw, read_json_lines, socket_inode,
-    spawn_watch,
+    Agent, Reap, Value, action, can_run_kernel_tests, poll, port, raw, read_json_lines,
+    socket_inode, spawn_watch,
 };
 
 fn me() -> u32 {
@@ -56,17 +56,6 @@ fn lost_by_reason(events: &[Value]) -> HashMap<String, u64> {
             e["portwatch"]["lost"]["count"].as_u64().unwrap();
     }
     m
-}
-
-/// Kills the agent if the test fails before it stops it.
-struct Reap(u32);
-
-impl Drop for Reap {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
-        }
-    }
 }
 
 /// Wait until every loss reported so far is followed by a resync that completed after
@@ -220,6 +209,7 @@ fn stalled_output_drops_are_counted_and_memory_stays_bounded() {
         Stdio::piped(),
         Stdio::null(),
     );
+    let _reap = Reap(child.id());
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut first = String::new();
     out.read_line(&mut first).unwrap();
@@ -310,6 +300,7 @@ fn closed_stdout_ends_the_agent_cleanly() {
         return;
     }
     let mut child = spawn_watch(&["--no-snapshot"], Stdio::piped(), Stdio::piped());
+    let _reap = Reap(child.id());
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut first = String::new();
     out.read_line(&mut first).unwrap();

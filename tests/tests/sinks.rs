@@ -403,6 +403,7 @@ fn ocsf_format_renders_listeners_as_network_activity_listen() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    let _reap = portwatch_tests::Reap(child.id());
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     // Started (Application Lifecycle / Start); other hosts' events may come first.
     let started = lines
