@@ -14,7 +14,7 @@
 
 use std::{
     env, fs,
-    os::unix::fs::{PermissionsExt as _, symlink},
+    os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -346,39 +346,8 @@ fn build_initramfs(
     sets: &[String],
 ) -> anyhow::Result<()> {
     let t = Instant::now();
-    let _ = fs::remove_dir_all(staging);
-    for d in [
-        "bin", "dev", "etc", "proc", "sys", "tmp", "root", "run", "tests",
-    ] {
-        fs::create_dir_all(staging.join(d))?;
-    }
-    for (link, target) in [
-        ("sbin", "bin"),
-        ("usr/bin", "../bin"),
-        ("usr/sbin", "../bin"),
-    ] {
-        let l = staging.join(link);
-        fs::create_dir_all(l.parent().unwrap_or(staging))?;
-        symlink(target, &l)?;
-    }
-    let busybox = Path::new("/bin/busybox");
-    fs::copy(busybox, staging.join("bin/busybox")).context("copying /bin/busybox")?;
-    fs::set_permissions(
-        staging.join("bin/busybox"),
-        fs::Permissions::from_mode(0o755),
-    )?;
-    let applets = vm::output_ok(Command::new(busybox).arg("--list"))?;
-    for applet in applets.lines().map(str::trim).filter(|a| !a.is_empty()) {
-        if applet != "busybox" {
-            symlink("busybox", staging.join("bin").join(applet))?;
-        }
-    }
+    vm::busybox_root(staging, agent, &["tests"])?;
     let mut libs = vm::needed_libs(agent)?;
-    fs::copy(agent, staging.join("bin/portwatch"))?;
-    fs::set_permissions(
-        staging.join("bin/portwatch"),
-        fs::Permissions::from_mode(0o755),
-    )?;
     for b in bins {
         let dst = staging.join("tests").join(&b.name);
         fs::copy(&b.path, &dst).with_context(|| format!("copying {}", b.path.display()))?;

@@ -504,11 +504,14 @@ pub(crate) fn copy_into(root: &Path, src: &Path, mode: u32) -> anyhow::Result<()
     Ok(())
 }
 
-fn build_initramfs(staging: &Path, initrd: &Path, agent: &Path) -> anyhow::Result<()> {
-    let t = Instant::now();
-    // Rebuilt every run: the agent binary changes between runs, and this is quick.
+/// A fresh busybox root in `staging` (rebuilt every run: the agent binary changes between
+/// runs, and this is quick): the usual top-level directories plus `extra_dirs`, busybox
+/// with a link per applet, and the agent at /bin/portwatch (its libraries are the
+/// caller's, with the rest of what it copies in).
+pub fn busybox_root(staging: &Path, agent: &Path, extra_dirs: &[&str]) -> anyhow::Result<()> {
     let _ = fs::remove_dir_all(staging);
-    for d in ["bin", "dev", "etc", "proc", "sys", "tmp", "root", "run"] {
+    let dirs = ["bin", "dev", "etc", "proc", "sys", "tmp", "root", "run"];
+    for d in dirs.iter().chain(extra_dirs) {
         fs::create_dir_all(staging.join(d))?;
     }
     for (link, target) in [
@@ -520,22 +523,25 @@ fn build_initramfs(staging: &Path, initrd: &Path, agent: &Path) -> anyhow::Resul
         fs::create_dir_all(l.parent().unwrap_or(staging))?;
         symlink(target, &l)?;
     }
-
     let busybox = Path::new("/bin/busybox");
     let dst = staging.join("bin/busybox");
     fs::copy(busybox, &dst).context("copying /bin/busybox (from busybox-static)")?;
     fs::set_permissions(&dst, fs::Permissions::from_mode(0o755))?;
     let applets = output_ok(Command::new(busybox).arg("--list"))?;
     for applet in applets.lines().map(str::trim).filter(|a| !a.is_empty()) {
-        if applet == "busybox" {
-            continue;
+        if applet != "busybox" {
+            symlink("busybox", staging.join("bin").join(applet))?;
         }
-        symlink("busybox", staging.join("bin").join(applet))?;
     }
-
     let dst = staging.join("bin/portwatch");
     fs::copy(agent, &dst).with_context(|| format!("copying {}", agent.display()))?;
     fs::set_permissions(&dst, fs::Permissions::from_mode(0o755))?;
+    Ok(())
+}
+
+fn build_initramfs(staging: &Path, initrd: &Path, agent: &Path) -> anyhow::Result<()> {
+    let t = Instant::now();
+    busybox_root(staging, agent, &[])?;
     for lib in needed_libs(agent)? {
         copy_into(staging, &lib, 0o755)?;
     }
