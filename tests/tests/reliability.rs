@@ -8,6 +8,7 @@ use std::{
     net::TcpListener,
     os::unix::fs::PermissionsExt as _,
     process::Stdio,
+    sync::{Mutex, MutexGuard},
     time::{Duration, Instant},
 };
 
@@ -15,6 +16,16 @@ use portwatch_tests::{
     Agent, Reap, Value, action, can_run_kernel_tests, poll, port, raw, read_json_lines,
     socket_inode, spawn_watch,
 };
+
+/// Every agent sees every listener on the host, so the tests that account for each event
+/// exactly (or fill a tiny disk) must not run while another test floods: they take this.
+static EXCLUSIVE: Mutex<()> = Mutex::new(());
+
+fn exclusive() -> MutexGuard<'static, ()> {
+    EXCLUSIVE
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 fn me() -> u32 {
     std::process::id()
@@ -106,6 +117,7 @@ fn tiny_ring_flood_generated_equals_captured_plus_lost_and_resync_repairs() {
     if !can_run_kernel_tests() {
         return;
     }
+    let _alone = exclusive();
     const N: usize = 20_000;
     const KEEP_EVERY: usize = 100;
     let mut agent = Agent::start(&[
@@ -204,6 +216,7 @@ fn stalled_output_drops_are_counted_and_memory_stays_bounded() {
     if !can_run_kernel_tests() {
         return;
     }
+    let _alone = exclusive();
     let mut child = spawn_watch(
         &["--no-snapshot", "--queue-events", "64"],
         Stdio::piped(),
@@ -326,6 +339,7 @@ fn full_disk_is_survived_counted_and_reported() {
     if !can_run_kernel_tests() {
         return;
     }
+    let _alone = exclusive();
     let dir = tempfile::tempdir().unwrap();
     let mnt = dir.path();
     let rc = std::process::Command::new("mount")
