@@ -209,8 +209,6 @@ pub fn record(data: &[u8]) {
 /// must be one line with no control characters (no terminal escapes), and so must the
 /// row of `portwatch snapshot`'s table.
 pub fn emit(data: &[u8]) {
-    use std::sync::Arc;
-
     use portwatch::{
         emit::{Format, Output, SinkSpec},
         event,
@@ -254,28 +252,28 @@ pub fn emit(data: &[u8]) {
             type_: "ipv4",
         }),
         server: Some(event::Server {
-            ip: "0.0.0.0".into(),
+            ip: std::net::Ipv4Addr::UNSPECIFIED.into(),
             port: 8080,
         }),
-        process: Some(Arc::new(process)),
-        user: Some(event::Named {
+        process: Some(event::shared(process)),
+        user: Some(event::shared(event::Named {
             id: "1000".into(),
             name: Some(user.clone()),
-        }),
+        })),
         group: None,
         container: container.container_id.map(|id| {
-            Arc::new(event::Container {
+            event::shared(event::Container {
                 id,
                 runtime: container.container_runtime,
             })
         }),
         rule: None,
-        host: Arc::new(event::Host {
+        host: event::shared(event::Host {
             name: "host".into(),
             id: None,
             boot: None,
         }),
-        agent: Arc::new(event::Agent {
+        agent: event::shared(event::Agent {
             type_: "portwatch",
             name: "portwatch",
             version: "0.0.0",
@@ -284,11 +282,11 @@ pub fn emit(data: &[u8]) {
             version: event::ECS_VERSION,
         },
         portwatch: event::Portwatch {
-            systemd: Some(Arc::new(event::Systemd {
+            systemd: Some(event::shared(event::Systemd {
                 unit: Some(unit.clone()),
                 slice: None,
             })),
-            cgroup: Some(Arc::new(event::Cgroup {
+            cgroup: Some(event::shared(event::Cgroup {
                 id: Some(1),
                 path: Some(cgroup.clone()),
             })),

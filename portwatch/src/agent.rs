@@ -22,7 +22,7 @@ use crate::{
     enrich::{Enricher, Owner},
     event::{
         Agent, Boot, ECS_VERSION, Ecs, Event, EventMeta, Host, Lost, Named, Network, Portwatch,
-        Rule, Server, Socket,
+        Rule, Server, Shared, Socket, shared,
     },
     probes::{self, KernelStats},
     procfs,
@@ -87,15 +87,15 @@ struct Listener {
     addr: std::net::IpAddr,
     port: u16,
     socket: Socket,
-    user: Option<Named>,
-    group: Option<Named>,
+    user: Option<Shared<Named>>,
+    group: Option<Shared<Named>>,
 }
 
 struct Open {
     ktime_ns: Option<u64>,
     owner: Owner,
-    user: Option<Named>,
-    group: Option<Named>,
+    user: Option<Shared<Named>>,
+    group: Option<Shared<Named>>,
     /// What the end event needs when it has to be made up by a resync (the end itself
     /// was lost): the socket and, to know whether a scan covered it, its namespace.
     transport: Transport,
@@ -141,8 +141,8 @@ const LOSS_REPORTS_MAX: usize = 32;
 pub struct Pipeline {
     enricher: Enricher,
     output: Output,
-    host: Arc<Host>,
-    agent: Arc<Agent>,
+    host: Shared<Host>,
+    agent: Shared<Agent>,
     host_netns: Option<u64>,
     /// The agent's own sockets (self-check, sinks, metrics) are never reported. /proc
     /// names the agent `proc_pid`; the kernel names it by its pid in the initial pid
@@ -169,8 +169,8 @@ pub struct Pipeline {
     pub hooks: Option<probes::Hooks>,
 }
 
-fn host_info(boot_id: &str, machine_id: Option<String>) -> Arc<Host> {
-    Arc::new(Host {
+fn host_info(boot_id: &str, machine_id: Option<String>) -> Shared<Host> {
+    shared(Host {
         name: procfs::hostname(),
         id: machine_id,
         boot: (!boot_id.is_empty()).then(|| Boot {
@@ -188,7 +188,7 @@ impl Pipeline {
             enricher: Enricher::new(cgroup_root, machine_id.as_deref().unwrap_or(""), &boot_id),
             output,
             host: host_info(&boot_id, machine_id),
-            agent: Arc::new(Agent {
+            agent: shared(Agent {
                 type_: "portwatch",
                 name: "portwatch",
                 version: env!("CARGO_PKG_VERSION"),
@@ -344,10 +344,7 @@ impl Pipeline {
             transport: transport.as_str(),
             type_: if addr.is_ipv4() { "ipv4" } else { "ipv6" },
         });
-        ev.server = Some(Server {
-            ip: addr.to_string(),
-            port,
-        });
+        ev.server = Some(Server { ip: addr, port });
         ev.process = owner.process.clone();
         ev.user = user;
         ev.group = group;
@@ -637,7 +634,7 @@ impl Pipeline {
         f: &snapshot::Found,
         wall_ns: i128,
         owners: &mut HashMap<Vec<u32>, Owner>,
-    ) -> (Event, Owner, Option<Named>) {
+    ) -> (Event, Owner, Option<Shared<Named>>) {
         let owner = match owners.get(&f.owners) {
             Some(o) => o.clone(),
             None => {
@@ -743,7 +740,7 @@ impl Pipeline {
                 type_: if key.addr.is_ipv4() { "ipv4" } else { "ipv6" },
             });
             ev.server = Some(Server {
-                ip: key.addr.to_string(),
+                ip: key.addr,
                 port: key.port,
             });
             ev.portwatch.folded = Some(n);

@@ -782,10 +782,10 @@ fn text_line(out: &mut String, ev: &Event, color: bool) {
         let _ = write!(out, " {on}{}{off}", level.level.to_uppercase());
     }
     if let (Some(n), Some(s)) = (&ev.network, &ev.server) {
-        let ip = if s.ip.contains(':') {
+        let ip = if s.ip.is_ipv6() {
             format!("[{}]", s.ip)
         } else {
-            s.ip.clone()
+            s.ip.to_string()
         };
         let _ = write!(out, " {} {}:{}", n.transport, ip, s.port);
     }

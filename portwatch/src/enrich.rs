@@ -6,10 +6,10 @@
 //! Caches are bounded: [`PROC_CACHE_MAX`] processes and [`CGROUP_CACHE_MAX`] cgroups;
 //! when one is full it is cleared (refilling costs a few /proc reads per process).
 
-use std::{collections::HashMap, path::PathBuf, sync::Arc};
+use std::{collections::HashMap, path::PathBuf};
 
 use crate::{
-    event::{Cgroup, Container, Named, Parent, Process, Systemd},
+    event::{Cgroup, Container, Named, Parent, Process, Shared, Systemd, shared},
     procfs::{self, CgroupInfo, CgroupResolver, Users},
     ring::Record,
     sys::{Clocks, rfc3339},
@@ -17,23 +17,43 @@ use crate::{
 
 pub const PROC_CACHE_MAX: usize = 8192;
 pub const CGROUP_CACHE_MAX: usize = 4096;
+/// Distinct uids (and gids) kept with their shared objects; past it the cache restarts.
+const NAMES_CACHE_MAX: usize = 4096;
+
+/// The shared object for `id` named `name`: the cached one while its name still holds.
+fn named(cache: &mut HashMap<u32, Shared<Named>>, id: u32, name: Option<String>) -> Shared<Named> {
+    if let Some(n) = cache.get(&id)
+        && n.name == name
+    {
+        return n.clone();
+    }
+    if cache.len() >= NAMES_CACHE_MAX {
+        cache.clear();
+    }
+    let n = shared(Named {
+        id: id.to_string(),
+        name,
+    });
+    cache.insert(id, n.clone());
+    n
+}
 
 /// Everything known about the owner of a socket, shared between the events of its life.
 #[derive(Clone, Debug, Default)]
 pub struct Owner {
-    pub process: Option<Arc<Process>>,
-    pub container: Option<Arc<Container>>,
-    pub systemd: Option<Arc<Systemd>>,
-    pub cgroup: Option<Arc<Cgroup>>,
+    pub process: Option<Shared<Process>>,
+    pub container: Option<Shared<Container>>,
+    pub systemd: Option<Shared<Systemd>>,
+    pub cgroup: Option<Shared<Cgroup>>,
     pub attribution: &'static str,
     pub kernel: bool,
 }
 
 #[derive(Clone, Debug, Default)]
 struct CgroupParts {
-    container: Option<Arc<Container>>,
-    systemd: Option<Arc<Systemd>>,
-    cgroup: Option<Arc<Cgroup>>,
+    container: Option<Shared<Container>>,
+    systemd: Option<Shared<Systemd>>,
+    cgroup: Option<Shared<Cgroup>>,
 }
 
 struct CachedProc {
@@ -47,6 +67,9 @@ pub struct Enricher {
     cgroups: HashMap<u64, CgroupParts>,
     resolver: CgroupResolver,
     users: Users,
+    /// uid/gid -> the shared `user`/`group` object, reused while the name is unchanged.
+    user_cache: HashMap<u32, Shared<Named>>,
+    group_cache: HashMap<u32, Shared<Named>>,
     ns_per_tick: u64,
     id_seed: u64,
     pub clocks: Clocks,
@@ -60,6 +83,8 @@ impl Enricher {
             cgroups: HashMap::new(),
             resolver: CgroupResolver::new(cgroup_root),
             users: Users::new(),
+            user_cache: HashMap::new(),
+            group_cache: HashMap::new(),
             ns_per_tick: 1_000_000_000 / ticks,
             id_seed: fnv1a(FNV_OFFSET, format!("{machine_id}/{boot_id}").as_bytes()),
             clocks: Clocks::now(),
@@ -71,18 +96,14 @@ impl Enricher {
         (self.procs.len(), self.cgroups.len())
     }
 
-    pub fn user(&mut self, uid: u32) -> Named {
-        Named {
-            id: uid.to_string(),
-            name: self.users.user_name(uid),
-        }
+    pub fn user(&mut self, uid: u32) -> Shared<Named> {
+        let name = self.users.user_name(uid);
+        named(&mut self.user_cache, uid, name)
     }
 
-    pub fn group(&mut self, gid: u32) -> Named {
-        Named {
-            id: gid.to_string(),
-            name: self.users.group_name(gid),
-        }
+    pub fn group(&mut self, gid: u32) -> Shared<Named> {
+        let name = self.users.group_name(gid);
+        named(&mut self.group_cache, gid, name)
     }
 
     /// `process.entity_id`: stable for one process across agent restarts and distinct
@@ -119,7 +140,7 @@ impl Enricher {
                     p.start = Some(rfc3339(self.clocks.wall_from_boottime(ns)));
                 }
                 let owner = Owner {
-                    process: Some(Arc::new(p)),
+                    process: Some(shared(p)),
                     container: cg.container,
                     systemd: cg.systemd,
                     cgroup: cg.cgroup,
@@ -155,7 +176,7 @@ impl Enricher {
                     ..Process::default()
                 };
                 Owner {
-                    process: Some(Arc::new(p)),
+                    process: Some(shared(p)),
                     container: cg.container,
                     systemd: cg.systemd,
                     cgroup: cg.cgroup,
@@ -191,7 +212,7 @@ impl Enricher {
             .map(|path| self.cgroup_from_path(None, path));
         let cg = cg.unwrap_or_default();
         Owner {
-            process: Some(Arc::new(p)),
+            process: Some(shared(p)),
             container: cg.container,
             systemd: cg.systemd,
             cgroup: cg.cgroup,
@@ -222,7 +243,7 @@ impl Enricher {
         let Some(path) = self.resolver.path(id) else {
             // Not resolvable (yet): report the id alone, and do not cache the miss.
             return CgroupParts {
-                cgroup: Some(Arc::new(Cgroup {
+                cgroup: Some(shared(Cgroup {
                     id: Some(id),
                     path: None,
                 })),
@@ -247,18 +268,18 @@ impl Enricher {
         } = procfs::parse_cgroup_path(&path);
         CgroupParts {
             container: container_id.map(|id| {
-                Arc::new(Container {
+                shared(Container {
                     id,
                     runtime: container_runtime,
                 })
             }),
             systemd: (systemd_unit.is_some() || systemd_slice.is_some()).then(|| {
-                Arc::new(Systemd {
+                shared(Systemd {
                     unit: systemd_unit,
                     slice: systemd_slice,
                 })
             }),
-            cgroup: Some(Arc::new(Cgroup {
+            cgroup: Some(shared(Cgroup {
                 id,
                 path: Some(path),
             })),

@@ -3,9 +3,60 @@
 //! Documents are built from typed structs (no `serde_json::Value` per event): at full
 //! listener churn this runs a couple of hundred thousand times a second.
 
-use std::sync::Arc;
+use std::{
+    net::IpAddr,
+    ops::Deref,
+    sync::{Arc, OnceLock},
+};
 
-use serde::Serialize;
+use serde::{Serialize, Serializer};
+use serde_json::value::RawValue;
+
+/// A part of many events (host, agent, process, container, user...): shared between
+/// them, and rendered to JSON once, the first time one of them is written, instead of
+/// once per event. At full listener churn, escaping the same keys and strings for every
+/// event was the writer's largest cost (perf: `format_escaped_str`).
+pub type Shared<T> = Arc<Rendered<T>>;
+
+pub fn shared<T>(value: T) -> Shared<T> {
+    Arc::new(Rendered {
+        value,
+        json: OnceLock::new(),
+    })
+}
+
+/// A value and its JSON, made on first use. Read-only: a change means a new value.
+pub struct Rendered<T> {
+    value: T,
+    json: OnceLock<Option<Box<RawValue>>>,
+}
+
+impl<T> Deref for Rendered<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.value
+    }
+}
+
+impl<T: std::fmt::Debug> std::fmt::Debug for Rendered<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.value.fmt(f)
+    }
+}
+
+impl<T: Serialize> Serialize for Rendered<T> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        // Any serde_json serializer (writer or `to_value`) takes the raw JSON as is.
+        match self
+            .json
+            .get_or_init(|| serde_json::value::to_raw_value(&self.value).ok())
+        {
+            Some(raw) => raw.serialize(s),
+            None => self.value.serialize(s),
+        }
+    }
+}
 
 /// ECS version the field names follow.
 pub const ECS_VERSION: &str = "8.11.0";
@@ -24,17 +75,17 @@ pub struct Event {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server: Option<Server>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub process: Option<Arc<Process>>,
+    pub process: Option<Shared<Process>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub user: Option<Named>,
+    pub user: Option<Shared<Named>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub group: Option<Named>,
+    pub group: Option<Shared<Named>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub container: Option<Arc<Container>>,
+    pub container: Option<Shared<Container>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rule: Option<Rule>,
-    pub host: Arc<Host>,
-    pub agent: Arc<Agent>,
+    pub host: Shared<Host>,
+    pub agent: Shared<Agent>,
     pub ecs: Ecs,
     pub portwatch: Portwatch,
 }
@@ -73,7 +124,7 @@ pub struct Network {
 
 #[derive(Serialize, Debug, Clone)]
 pub struct Server {
-    pub ip: String,
+    pub ip: IpAddr,
     pub port: u16,
 }
 
@@ -158,9 +209,9 @@ pub struct Portwatch {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub socket: Option<Socket>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub systemd: Option<Arc<Systemd>>,
+    pub systemd: Option<Shared<Systemd>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub cgroup: Option<Arc<Cgroup>>,
+    pub cgroup: Option<Shared<Cgroup>>,
     /// Where the process fields came from: `proc` (read from /proc and matched to the
     /// kernel's start time), `kernel` (the process was gone or its pid reused: only what
     /// the kernel captured), `snapshot`, or `kernel-socket` (no process owns it).
@@ -244,4 +295,30 @@ pub struct Lost {
     /// `forward:...`); the other sinks may have written those events.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sink: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rendered_once_writes_what_the_value_writes() {
+        let p = Process {
+            pid: 7,
+            name: Some("a \"quoted\"\nname".into()),
+            args: Some(vec!["x".into(), "\u{1b}[31m".into()]),
+            ..Process::default()
+        };
+        let plain = serde_json::to_string(&p).unwrap();
+        let s = shared(p.clone());
+        // Twice: the first renders and keeps, the second reuses.
+        assert_eq!(serde_json::to_string(&s).unwrap(), plain);
+        assert_eq!(serde_json::to_string(&s).unwrap(), plain);
+        // Into a Value too (the OCSF renderer's path).
+        assert_eq!(
+            serde_json::to_value(&s).unwrap(),
+            serde_json::to_value(&p).unwrap()
+        );
+        assert_eq!(s.pid, 7, "fields read through");
+    }
 }

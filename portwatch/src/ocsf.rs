@@ -181,7 +181,7 @@ struct Doc<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     connection_info: Option<ConnectionInfo>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    dst_endpoint: Option<Endpoint<'a>>,
+    dst_endpoint: Option<Endpoint>,
     /// Application Lifecycle: the application the event is about (portwatch itself).
     #[serde(skip_serializing_if = "Option::is_none")]
     app: Option<Product<'a>>,
@@ -313,8 +313,8 @@ struct ConnectionInfo {
 }
 
 #[derive(Serialize, Clone, Copy)]
-struct Endpoint<'a> {
-    ip: &'a str,
+struct Endpoint {
+    ip: std::net::IpAddr,
     port: u16,
 }
 
@@ -349,7 +349,7 @@ struct Evidence<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     connection_info: Option<ConnectionInfo>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    dst_endpoint: Option<Endpoint<'a>>,
+    dst_endpoint: Option<Endpoint>,
 }
 
 #[derive(Serialize)]
@@ -481,7 +481,7 @@ fn document(ev: &Event) -> Doc<'_> {
         direction: "Inbound",
     });
     let dst_endpoint = ev.server.as_ref().map(|s| Endpoint {
-        ip: &s.ip,
+        ip: s.ip,
         port: s.port,
     });
     let alert = pw.alert.as_ref();
@@ -569,8 +569,8 @@ fn document(ev: &Event) -> Doc<'_> {
             process: args.map(|args| UnmappedProcess { args }),
             portwatch: Rest {
                 socket: pw.socket.as_ref(),
-                systemd: pw.systemd.as_deref(),
-                cgroup: pw.cgroup.as_deref(),
+                systemd: pw.systemd.as_deref().map(|v| &**v),
+                cgroup: pw.cgroup.as_deref().map(|v| &**v),
                 attribution: pw.attribution,
                 exposure: pw.exposure.as_ref(),
                 risk: pw.risk.as_ref(),
@@ -736,7 +736,7 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
 
 #[cfg(test)]
 mod tests {
-    use std::{net::IpAddr, sync::Arc};
+    use std::net::IpAddr;
 
     use serde_json::{Value, json};
 
@@ -745,7 +745,7 @@ mod tests {
         classify::Policy,
         event::{
             Agent, Boot, Container as EcsContainer, ECS_VERSION, Ecs, EventMeta, Host, Log, Named,
-            Network, Parent, Portwatch, Process as EcsProcess, Rule, Server,
+            Network, Parent, Portwatch, Process as EcsProcess, Rule, Server, Shared, shared,
         },
         risk::Assessor,
         sys,
@@ -805,8 +805,8 @@ mod tests {
         "portwatch.alert.reference", // remediation.references
     ];
 
-    fn host() -> Arc<Host> {
-        Arc::new(Host {
+    fn host() -> Shared<Host> {
+        shared(Host {
             name: "vm".into(),
             id: Some("3d1219c7c4c5404aaa1f6d2a48adfda4".into()),
             boot: Some(Boot {
@@ -847,7 +847,7 @@ mod tests {
             container: None,
             rule: None,
             host: host(),
-            agent: Arc::new(Agent {
+            agent: shared(Agent {
                 type_: "portwatch",
                 name: "portwatch",
                 version: env!("CARGO_PKG_VERSION"),
@@ -859,8 +859,8 @@ mod tests {
         }
     }
 
-    fn python() -> Arc<EcsProcess> {
-        Arc::new(EcsProcess {
+    fn python() -> Shared<EcsProcess> {
+        shared(EcsProcess {
             pid: 10849,
             name: Some("python3".into()),
             parent: Some(Parent { pid: 10843 }),
@@ -884,20 +884,17 @@ mod tests {
             transport,
             type_: if addr.is_ipv4() { "ipv4" } else { "ipv6" },
         });
-        ev.server = Some(Server {
-            ip: addr.to_string(),
-            port,
-        });
+        ev.server = Some(Server { ip: addr, port });
         ev.process = Some(python());
-        ev.user = Some(Named {
+        ev.user = Some(shared(Named {
             id: "0".into(),
             name: Some("root".into()),
-        });
-        ev.group = Some(Named {
+        }));
+        ev.group = Some(shared(Named {
             id: "0".into(),
             name: Some("root".into()),
-        });
-        ev.portwatch.cgroup = Some(Arc::new(Cgroup {
+        }));
+        ev.portwatch.cgroup = Some(shared(Cgroup {
             id: Some(1),
             path: Some("/".into()),
         }));
@@ -1017,11 +1014,11 @@ mod tests {
     #[test]
     fn listen_started_is_network_activity_listen() {
         let mut ev = listener("listen-started", "tcp", "127.0.0.1", 8080);
-        ev.container = Some(Arc::new(EcsContainer {
+        ev.container = Some(shared(EcsContainer {
             id: "4f66ad9a0b2e".into(),
             runtime: Some("docker"),
         }));
-        ev.portwatch.systemd = Some(Arc::new(Systemd {
+        ev.portwatch.systemd = Some(shared(Systemd {
             unit: Some("web.service".into()),
             slice: Some("system.slice".into()),
         }));
@@ -1193,7 +1190,7 @@ mod tests {
             type_: "ipv4",
         });
         ev.server = Some(Server {
-            ip: "0.0.0.0".into(),
+            ip: std::net::Ipv4Addr::UNSPECIFIED.into(),
             port: 11211,
         });
         ev.portwatch.folded = Some(3);
@@ -1298,17 +1295,17 @@ mod tests {
         let cmd = "sh -c 'printf \"\\n{\\\"class_uid\\\":0}\\n\"'\n\u{85}";
         let exe = "/tmp/a\nb/\u{1b}]0;pwned\u{7}";
         let mut ev = listener("listen-started", "tcp", "0.0.0.0", 4444);
-        ev.process = Some(Arc::new(EcsProcess {
+        ev.process = Some(shared(EcsProcess {
             name: Some(name.into()),
             command_line: Some(cmd.into()),
             executable: Some(exe.into()),
             args: Some(vec![name.into(), "\n".into()]),
             ..(*python()).clone()
         }));
-        ev.user = Some(Named {
+        ev.user = Some(shared(Named {
             id: "1000".into(),
             name: Some("\n\"user\"".into()),
-        });
+        }));
         let v = render_value(&ev);
         let p = &v["actor"]["process"];
         assert_eq!(p["name"], name);

@@ -107,7 +107,7 @@ pub fn render_table(events: &[(Event, Option<Event>)], color: bool) -> String {
             out
         };
         let (proto, addr) = match (&e.network, &e.server) {
-            (Some(n), Some(s)) if s.ip.contains(':') => {
+            (Some(n), Some(s)) if s.ip.is_ipv6() => {
                 (n.transport.to_owned(), format!("[{}]:{}", s.ip, s.port))
             }
             (Some(n), Some(s)) => (n.transport.to_owned(), format!("{}:{}", s.ip, s.port)),

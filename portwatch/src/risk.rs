@@ -118,7 +118,7 @@ impl Assessor {
             "udp" => Transport::Udp,
             _ => Transport::Tcp,
         };
-        let addr: IpAddr = server.ip.parse().ok()?;
+        let addr: IpAddr = server.ip;
         let port = server.port;
         let socket = ev.portwatch.socket.as_ref();
         let v6only = socket.and_then(|s| s.v6only);

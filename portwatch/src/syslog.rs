@@ -47,7 +47,7 @@ pub fn header(ev: &Event, out: &mut Vec<u8>) {
         param(&mut h, "transport", n.transport);
     }
     if let Some(s) = &ev.server {
-        param(&mut h, "ip", &s.ip);
+        param(&mut h, "ip", &s.ip.to_string());
         param(&mut h, "port", &s.port.to_string());
     }
     if let Some(p) = &ev.process {

@@ -8,6 +8,15 @@ use std::{
 
 use portwatch_tests::{Agent, Value, action, can_run_kernel_tests, is};
 
+/// Three tests bind 0.0.0.0:11211 (memcached's port); they take turns.
+static MEMCACHED_PORT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn memcached_port() -> std::sync::MutexGuard<'static, ()> {
+    MEMCACHED_PORT
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn me() -> u32 {
     std::process::id()
 }
@@ -39,6 +48,7 @@ fn wildcard_memcached_tcp_and_udp_are_alerts_with_remediation() {
     if !can_run_kernel_tests() {
         return;
     }
+    let _port = memcached_port();
     let mut agent = Agent::start(&["--no-snapshot", "--lang", "en"]);
     let tcp = TcpListener::bind("0.0.0.0:11211").expect("11211/tcp must be free for this test");
     let udp = UdpSocket::bind("0.0.0.0:11211").expect("11211/udp must be free for this test");
@@ -138,6 +148,7 @@ fn allow_rule_silences_and_deny_rule_raises() {
     if !can_run_kernel_tests() {
         return;
     }
+    let _port = memcached_port();
     let exe = std::fs::read_link("/proc/self/exe").unwrap();
     let rules = rules_file(&format!(
         "[[allow]]\nname = \"test-allow\"\nport = 11211\nexecutable = \"{}\"\n\n\
@@ -168,6 +179,7 @@ fn restart_loop_alerts_once_and_counts_the_rest() {
     if !can_run_kernel_tests() {
         return;
     }
+    let _port = memcached_port();
     let mut agent = Agent::start(&["--no-snapshot"]);
     const RESTARTS: usize = 5;
     for _ in 0..RESTARTS {
