@@ -280,6 +280,7 @@ struct Live {
 
 fn spawn_reader(mut out: ChildStdout, live: Arc<Live>) -> JoinHandle<Collected> {
     thread::spawn(move || {
+        util::reader_priority();
         let mut sc = Scanner::new();
         let mut col = Collected::default();
         let mut split = LineSplitter { buf: Vec::new() };

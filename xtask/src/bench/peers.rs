@@ -82,6 +82,7 @@ pub fn run_bpftrace(
     let attached = Arc::new(AtomicBool::new(false));
     let att = attached.clone();
     let reader = thread::spawn(move || {
+        util::reader_priority();
         let mut out = BtOut {
             caps: HashMap::new(),
             lat: Vec::new(),

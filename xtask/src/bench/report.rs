@@ -422,7 +422,10 @@ pub fn markdown(cfg: &Config, meta: &serde_json::Value, rep: &Report) -> String 
          per-round ratios to the same round's run without any observer. Captured: listens \
          (TCP) or binds (UDP) of the generator's processes that the tool reported, matched \
          as a multiset on {{pid, port}} (bpftrace UDP: per pid; ss: distinct ports), summed \
-         over rounds. Latency read: time the bench read the line − the event's kernel time; \
+         over rounds. Lost: what the tool itself reported lost (portwatch: the sum of its \
+         `events-lost` counts, in kernel records or events, so one lost listener counts \
+         twice: its start and its end). Latency read: time the bench read the line (its \
+         reader runs at nice -5, as the agent does) − the event's kernel time; \
          created: `event.created` − `@timestamp`. CPU: utime+stime of the observer process \
          during the load, % of one core; per 1k events reported. \"vs none per CPU\": the \
          same ratio for ops per CPU-second of the generator's workers (the per-operation \

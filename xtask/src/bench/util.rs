@@ -14,6 +14,17 @@ fn clock_ns(clock: libc::clockid_t) -> i64 {
     ts.tv_sec * 1_000_000_000 + ts.tv_nsec
 }
 
+/// Run the calling thread at nice -5, the priority the agent gives itself by default: the
+/// bench's readers of the tools' output must not be starved by the load generators, or
+/// their own scheduling delay would be counted as the tool's latency.
+pub fn reader_priority() {
+    // SAFETY: plain syscalls on the calling thread.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, -5);
+    }
+}
+
 pub fn realtime_ns() -> i64 {
     clock_ns(libc::CLOCK_REALTIME)
 }
