@@ -327,6 +327,13 @@ pub fn emit(data: &[u8]) {
                 assert_eq!(v["portwatch"]["systemd"]["unit"], unit.as_str());
                 assert_eq!(v["portwatch"]["cgroup"]["path"], cgroup.as_str());
                 assert_eq!(v["user"]["name"], user.as_str());
+                // The hand-written JSON writer is byte for byte what serde writes (the
+                // writer numbered this sink's first event 1, as `ev` is).
+                assert_eq!(
+                    String::from_utf8_lossy(body),
+                    String::from_utf8_lossy(&serde_json::to_vec(&ev).expect("serialising")),
+                    "portwatch::json differs from serde"
+                );
             }
             Format::Ocsf => {
                 let v: serde_json::Value =

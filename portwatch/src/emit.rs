@@ -729,7 +729,7 @@ impl Writer {
     /// The event's body in `format`, appended to `buf`.
     fn body(&mut self, format: Format, ev: &Event) -> bool {
         match format {
-            Format::Json => serde_json::to_writer(&mut self.buf, ev).is_ok(),
+            Format::Json => crate::json::write_event(&mut self.buf, ev).is_ok(),
             Format::Ocsf => crate::ocsf::render(ev, &mut self.buf).is_ok(),
             Format::Text => {
                 self.line.clear();
