@@ -1,7 +1,7 @@
 //! Host preconditions the agent sets up or checks itself: privileges, tracefs, memlock,
 //! and the clocks used to turn kernel timestamps into wall-clock time.
 
-use std::{fs, io, path::Path};
+use std::{cell::Cell, fs, io, path::Path};
 
 use anyhow::{Context as _, bail};
 
@@ -164,34 +164,72 @@ impl Clocks {
 
 /// RFC 3339 UTC with nanoseconds, e.g. `2026-11-26T23:05:59.123456789Z`.
 pub fn rfc3339(wall_ns: i128) -> String {
-    let secs = wall_ns.div_euclid(1_000_000_000) as i64;
-    let nanos = wall_ns.rem_euclid(1_000_000_000) as u32;
-    let days = secs.div_euclid(86_400);
-    let sod = secs.rem_euclid(86_400);
-    let (y, m, d) = civil_from_days(days);
-    let (h, min, s) = (sod / 3600, sod / 60 % 60, sod % 60);
-    if !(0..=9999).contains(&y) {
-        return format!("{y:04}-{m:02}-{d:02}T{h:02}:{min:02}:{s:02}.{nanos:09}Z");
+    // Two per event on the hot path: `format!` took a fifth of the agent's CPU at full
+    // listener churn (perf). The date and time of day change once a second, so they are
+    // kept per thread; the nanoseconds are written digit by digit.
+    thread_local! {
+        static SECOND: Cell<(i64, Option<[u8; 19]>)> = const { Cell::new((i64::MIN, None)) };
     }
-    // Two per event on the hot path: written digit by digit, as `format!` took a fifth
-    // of the agent's CPU at full listener churn (perf).
-    let mut b = *b"0000-00-00T00:00:00.000000000Z";
-    let mut put = |at: usize, width: usize, mut v: u64| {
-        for i in (at..at + width).rev() {
-            b[i] = b'0' + (v % 10) as u8;
-            v /= 10;
-        }
+    let Ok(ns) = i64::try_from(wall_ns) else {
+        return rfc3339_slow(wall_ns);
     };
-    put(0, 4, y as u64);
-    put(5, 2, u64::from(m));
-    put(8, 2, u64::from(d));
-    put(11, 2, h as u64);
-    put(14, 2, min as u64);
-    put(17, 2, s as u64);
-    put(20, 9, u64::from(nanos));
+    let secs = ns.div_euclid(1_000_000_000);
+    let prefix = SECOND.with(|c| match c.get() {
+        (s, p) if s == secs => p,
+        _ => {
+            let p = second_prefix(secs);
+            c.set((secs, p));
+            p
+        }
+    });
+    let Some(prefix) = prefix else {
+        return rfc3339_slow(wall_ns);
+    };
+    let mut b = *b"0000-00-00T00:00:00.000000000Z";
+    b[..19].copy_from_slice(&prefix);
+    put_digits(&mut b[20..29], ns.rem_euclid(1_000_000_000) as u64);
     std::str::from_utf8(&b)
         .map(str::to_owned)
         .unwrap_or_default()
+}
+
+/// `YYYY-MM-DDTHH:MM:SS` of a second since the epoch; `None` outside years 0-9999.
+fn second_prefix(secs: i64) -> Option<[u8; 19]> {
+    let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
+    if !(0..=9999).contains(&y) {
+        return None;
+    }
+    let sod = secs.rem_euclid(86_400);
+    let mut b = *b"0000-00-00T00:00:00";
+    put_digits(&mut b[0..4], y as u64);
+    put_digits(&mut b[5..7], u64::from(m));
+    put_digits(&mut b[8..10], u64::from(d));
+    put_digits(&mut b[11..13], (sod / 3600) as u64);
+    put_digits(&mut b[14..16], (sod / 60 % 60) as u64);
+    put_digits(&mut b[17..19], (sod % 60) as u64);
+    Some(b)
+}
+
+/// `v` in decimal, right-aligned and zero-padded to fill `out`.
+fn put_digits(out: &mut [u8], mut v: u64) {
+    for c in out.iter_mut().rev() {
+        *c = b'0' + (v % 10) as u8;
+        v /= 10;
+    }
+}
+
+/// Any instant, years past 9999 and before 0 included.
+fn rfc3339_slow(wall_ns: i128) -> String {
+    let secs = wall_ns.div_euclid(1_000_000_000) as i64;
+    let nanos = wall_ns.rem_euclid(1_000_000_000);
+    let sod = secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{nanos:09}Z",
+        sod / 3600,
+        sod / 60 % 60,
+        sod % 60
+    )
 }
 
 /// Howard Hinnant's days-to-civil algorithm (proleptic Gregorian, days since 1970-01-01).
@@ -324,18 +362,7 @@ mod tests {
 
     #[test]
     fn rfc3339_digit_writer_matches_format() {
-        let slow = |wall_ns: i128| {
-            let secs = wall_ns.div_euclid(1_000_000_000) as i64;
-            let nanos = wall_ns.rem_euclid(1_000_000_000);
-            let sod = secs.rem_euclid(86_400);
-            let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
-            format!(
-                "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{nanos:09}Z",
-                sod / 3600,
-                sod / 60 % 60,
-                sod % 60
-            )
-        };
+        let slow = rfc3339_slow;
         // A spread of instants from 1970 to past 9999 (the format! fallback) and before.
         let mut t: i128 = 1;
         while t < 300_000_000_000_000_000_000 {
@@ -343,6 +370,17 @@ mod tests {
                 assert_eq!(rfc3339(v), slow(v), "{v}");
             }
             t = t * 3 / 2 + 987_654_321_987;
+        }
+        // Within one second (the cached date and time), and across its edges.
+        let base: i128 = 1_795_734_359_000_000_000;
+        for v in [
+            base - 1,
+            base,
+            base + 1,
+            base + 999_999_999,
+            base + 1_000_000_000,
+        ] {
+            assert_eq!(rfc3339(v), slow(v), "{v}");
         }
     }
 
