@@ -163,7 +163,9 @@ fn try_listen_state(ctx: &TracePointContext) -> Result<u32, u32> {
 
     // LISTEN -> CLOSE of a socket whose listen was never confirmed: the port allocation
     // failed and the kernel is undoing it inside the same listen(). Not a listener.
-    if newstate == TCP_CLOSE && PENDING.remove(sock).is_ok() {
+    // Looked up first: a lookup takes no lock, a delete locks the bucket even to find
+    // nothing, and nothing is the usual answer (every real listener's close).
+    if newstate == TCP_CLOSE && PENDING.get_ptr(sock).is_some() && PENDING.remove(sock).is_ok() {
         count(stat::LISTEN_FAILED);
         return Ok(0);
     }
