@@ -323,6 +323,14 @@ fn run_kernel(
             }
         }
     }
+    // Retried probes pass silently otherwise: say so, with what the guest knew.
+    for note in console
+        .text
+        .lines()
+        .filter(|l| l.contains("=== PORTWATCH NOTE "))
+    {
+        eprintln!("  kernel {}: {}", spec.label, vm::truncate(note, 300));
+    }
     if results.iter().any(|r| !r.ok()) {
         eprintln!(
             "--- kernel {} console (last 60 lines; all in {}) ---",
@@ -429,14 +437,24 @@ mount -t tmpfs tmpfs /run
 ip link set lo up
 hostname portwatch-vm
 echo "=== PORTWATCH FACT kernel $(uname -r) ==="
-for set in {sets}; do
-    /bin/portwatch watch --format json --no-snapshot --hooks $set > /tmp/probe.json 2> /tmp/probe.err &
+probe() {{
+    /bin/portwatch watch --format json --no-snapshot --hooks $1 > /tmp/probe.json 2> /tmp/probe.err &
     pid=$!
     i=0
     while [ $i -lt 900 ] && ! grep -q '"sensor-started"' /tmp/probe.json; do
         kill -0 $pid 2>/dev/null || break
         i=$((i + 1)); sleep 0.1
     done
+}}
+for set in {sets}; do
+    probe $set
+    # An agent that died without a word (seen once on 6.12: "Killed") is not a verdict
+    # on the kernel: say what is known, and try once more.
+    if ! grep -q '"sensor-started"' /tmp/probe.json && ! grep -v '^portwatch: info' /tmp/probe.err | grep -q .; then
+        wait $pid; rc=$?
+        echo "=== PORTWATCH NOTE $set: the agent exited with status $rc and no error after $i polls; retrying; kernel log: $(dmesg | tail -n 5 | tr '\n' ' ' | head -c 600) ==="
+        probe $set
+    fi
     if grep -q '"sensor-started"' /tmp/probe.json; then
         via=$(grep -o '"via":"[^"]*"' /tmp/probe.json | head -1 | cut -d'"' -f4)
         kill -TERM $pid; wait $pid
