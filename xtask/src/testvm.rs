@@ -448,11 +448,18 @@ probe() {{
 }}
 for set in {sets}; do
     probe $set
-    # An agent that died without a word (seen once on 6.12: "Killed") is not a verdict
-    # on the kernel: say what is known, and try once more.
+    # An agent that neither started nor said why (seen twice after the stable set's
+    # tests: on 6.12 it ended "Killed" by the timeout, on 6.1 it was still running) is
+    # not a verdict on the kernel: say what is known (where it is stuck, what it
+    # logged, the kernel log), stop it, and try once more.
     if ! grep -q '"sensor-started"' /tmp/probe.json && ! grep -v '^portwatch: info' /tmp/probe.err | grep -q .; then
+        state="exited"
+        if kill -0 $pid 2>/dev/null; then
+            state="still running after $i polls: $(cut -d' ' -f3 /proc/$pid/stat) in $(cat /proc/$pid/wchan); stack $(cat /proc/$pid/stack 2>/dev/null | head -n 8 | tr '\n' ' ')"
+            kill -KILL $pid
+        fi
         wait $pid; rc=$?
-        echo "=== PORTWATCH NOTE $set: the agent exited with status $rc and no error after $i polls; retrying; kernel log: $(dmesg | tail -n 5 | tr '\n' ' ' | head -c 600) ==="
+        echo "=== PORTWATCH NOTE $set: no sensor-started and no error ($state, status $rc); retrying; agent log: $(tail -n 3 /tmp/probe.err | tr '\n' ' ' | head -c 400); kernel log: $(dmesg | tail -n 5 | tr '\n' ' ' | head -c 600) ==="
         probe $set
     fi
     if grep -q '"sensor-started"' /tmp/probe.json; then
@@ -460,8 +467,10 @@ for set in {sets}; do
         kill -TERM $pid; wait $pid
         echo "{SET_MARK}$set ok $via ==="
     else
-        kill -KILL $pid 2>/dev/null; wait $pid
-        echo "{SET_MARK}$set unsupported $(grep -v '^portwatch: info' /tmp/probe.err | tr '\n' ' ' | head -c 600) ==="
+        kill -KILL $pid 2>/dev/null; wait $pid; rc=$?
+        why=$(grep -v '^portwatch: info' /tmp/probe.err | tr '\n' ' ' | head -c 600)
+        [ -n "$why" ] || why="no sensor-started and no error after $i polls (status $rc)"
+        echo "{SET_MARK}$set unsupported $why ==="
         continue
     fi
     bins="{bins}"
