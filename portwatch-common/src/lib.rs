@@ -110,6 +110,9 @@ pub const FLAG_V6ONLY: u32 = 1 << 5;
 /// or a client socket the kernel bound implicitly): no address, and the agent keeps it
 /// only for a socket it knows (from its startup snapshot).
 pub const FLAG_UNTRACKED: u32 = 1 << 6;
+/// The kernel judged the record important (a port in `RISKY_PORTS`, or an address that
+/// is not loopback) and put it in the `URGENT` ring, which bulk churn cannot fill.
+pub const FLAG_URGENT: u32 = 1 << 7;
 
 pub const SOCKET_RECORD_SIZE: usize = core::mem::size_of::<SocketRecord>();
 const _: () = assert!(core::mem::size_of::<Header>() == 24);
@@ -128,8 +131,94 @@ pub mod stat {
     pub const BOUND_FULL: u32 = 3;
     /// Kernel struct reads that failed (fields reported as unknown).
     pub const READ_FAILED: u32 = 4;
-    pub const COUNT: u32 = 5;
+    /// `URGENT` ring reservations that failed (important events lost in the kernel).
+    pub const URGENT_FULL: u32 = 5;
+    /// Starts over budget that could not be folded (`FOLDS` full): sent one by one
+    /// instead, so nothing is lost, but the flood was not contained.
+    pub const FOLD_FULL: u32 = 6;
+    /// Ends of folded listeners whose fold entry was already gone (nothing to count into).
+    pub const FOLD_END_ORPHAN: u32 = 7;
+    pub const COUNT: u32 = 8;
 }
+
+/// Entries in the `RISKY_PORTS` bitmap (`u64` words): one bit per port.
+pub const RISKY_WORDS: u32 = 1024;
+/// Words of a fold's port bitmap: one bit per port, 8 KiB.
+pub const FOLD_PORT_WORDS: usize = 1024;
+
+/// Where a folded listener's address lies (part of [`FoldKey`]).
+pub const SCOPE_LOOPBACK: u16 = 0;
+pub const SCOPE_WILDCARD: u16 = 1;
+/// Any other address; the fold keeps the first one seen as its sample.
+pub const SCOPE_ADDRESS: u16 = 2;
+
+/// A process over its budget has its further starts counted here instead of sent, per
+/// (process, transport, address scope). `start_boottime_ns` tells a reused tgid apart.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FoldKey {
+    pub tgid: u32,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub protocol: u16,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    /// `SCOPE_*`.
+    pub scope: u16,
+    pub _pad: [u8; 6],
+    pub start_boottime_ns: u64,
+}
+
+/// The counts of one fold. The kernel only adds (atomically) and sets bits; the agent
+/// reads cumulative values and reports the differences, so no update is ever lost to a
+/// read-and-reset race. The attribution fields are those of the first folded start.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Fold {
+    /// Starts folded.
+    pub started: u64,
+    /// Ends of folded listeners.
+    pub ended: u64,
+    /// `bpf_ktime_get_ns()` of the first and the latest folded start.
+    pub first_ns: u64,
+    pub last_ns: u64,
+    pub uid_gid: u64,
+    pub cgroup_id: u64,
+    pub netns_ino: u32,
+    pub ppid: u32,
+    /// `FOLD_BY_*`: which budget made the process fold (bits accumulate).
+    pub reason: u32,
+    pub flags: u32,
+    /// Sample address (the first folded start's).
+    pub addr: [u8; 16],
+    pub comm: [u8; COMM_LEN],
+    /// Bit `p` set: port `p` was folded at least once.
+    pub ports: [u64; FOLD_PORT_WORDS],
+}
+
+/// The process's own budget was spent.
+pub const FOLD_BY_PROCESS: u32 = 1 << 0;
+/// The budget shared by all processes of its user was spent.
+pub const FOLD_BY_USER: u32 = 1 << 1;
+
+/// A budget (per process in `PROC_BUDGET`, per user in `USER_BUDGET`) and, per process,
+/// its exact totals: every start of the process is exactly one of sent, folded or lost.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Budget {
+    /// `start_boottime_ns` of the process (0 for a user): a reused tgid starts afresh.
+    pub start_boottime_ns: u64,
+    /// Start of the current one-second window, and the starts counted in it.
+    pub window_ns: u64,
+    pub in_window: u64,
+    pub sent: u64,
+    pub folded: u64,
+    pub lost: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<FoldKey>() == 24);
+const _: () =
+    assert!(core::mem::size_of::<Fold>() == 8 * 6 + 4 * 4 + 16 + 16 + 8 * FOLD_PORT_WORDS);
+const _: () = assert!(core::mem::size_of::<Budget>() == 48);
 
 /// Field offsets in kernel structs, read from the running kernel's BTF by the agent and
 /// set as load-time globals. A value of `u32::MAX` means "not found": the program
@@ -223,4 +312,8 @@ const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 23 * 4);
 mod user {
     // SAFETY: plain old data, every bit pattern is valid, no padding (asserted above).
     unsafe impl aya::Pod for super::KernelOffsets {}
+    // SAFETY: as above (sizes asserted at the top level).
+    unsafe impl aya::Pod for super::FoldKey {}
+    unsafe impl aya::Pod for super::Fold {}
+    unsafe impl aya::Pod for super::Budget {}
 }

@@ -22,7 +22,11 @@ use aya_ebpf::{
 };
 use portwatch_common::{AF_INET, IPPROTO_TCP, IPPROTO_UDP, Kind, TCP_LISTEN, stat};
 
-use crate::{OFFSETS, build, count, kthread_flag, read_kernel, submit, udp_bound, udp_released};
+use crate::{
+    OFFSETS, build, count,
+    deliver::{deliver_end, deliver_start, end_folded},
+    kthread_flag, read_kernel, udp_bound, udp_released,
+};
 
 /// `listen()` calls in flight that may move a socket into LISTEN, keyed by thread
 /// (`pid_tgid`): the `struct sock` the call started with. A `listen()` on a socket that
@@ -203,7 +207,7 @@ fn listen_returned(ret: i32) {
     let port = read_kernel::<u16>(sk, off.sock_num).unwrap_or(0);
     let addr = local_addr(sk, family, off.inet_saddr);
     let now = unsafe { bpf_ktime_get_ns() };
-    submit(&build(
+    let mut rec = build(
         Kind::ListenStarted,
         now,
         pid_tgid,
@@ -213,7 +217,8 @@ fn listen_returned(ret: i32) {
         port,
         &addr,
         kthread_flag(),
-    ));
+    );
+    deliver_start(&mut rec, sk);
 }
 
 /// `inet_csk_listen_stop()`: a listener's close (`tcp_close()`), `shutdown()`
@@ -227,11 +232,14 @@ fn listen_stopped(sk: u64) {
     if read_kernel::<u16>(sk, off.sock_protocol) != Some(IPPROTO_TCP) {
         return;
     }
+    if end_folded(sk) {
+        return;
+    }
     let family = family_of(sk);
     let port = read_kernel::<u16>(sk, off.inet_sport).map_or(0, u16::from_be);
     let addr = local_addr(sk, family, off.inet_saddr);
     let now = unsafe { bpf_ktime_get_ns() };
-    submit(&build(
+    deliver_end(&mut build(
         Kind::ListenStopped,
         now,
         bpf_get_current_pid_tgid(),

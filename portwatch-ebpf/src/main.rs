@@ -16,7 +16,14 @@
 //! the kernel allows it; the agent picks one set at start.
 #![no_std]
 #![no_main]
+// Atomic adds and ors on map values: core has no atomic RMW for a target without CAS.
+#![cfg_attr(
+    target_arch = "bpf",
+    expect(internal_features, reason = "core::intrinsics atomics")
+)]
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
 
+mod deliver;
 mod direct;
 
 use core::ptr::read_volatile;
@@ -34,6 +41,7 @@ use aya_ebpf::{
     programs::{SockContext, SockOpsContext, TracePointContext},
 };
 use aya_log_ebpf::warn;
+use deliver::{deliver_end, deliver_start, end_folded};
 use portwatch_common::{
     AF_INET, AF_INET6, FLAG_INODE, FLAG_KTHREAD, FLAG_NETNS, FLAG_PPID, FLAG_START, FLAG_UNTRACKED,
     FLAG_V6ONLY, Header, IPPROTO_TCP, IPPROTO_UDP, KernelOffsets, Kind, SocketRecord, TCP_CLOSE,
@@ -169,8 +177,11 @@ fn try_listen_state(ctx: &TracePointContext) -> Result<u32, u32> {
         count(stat::LISTEN_FAILED);
         return Ok(0);
     }
+    if end_folded(sock) {
+        return Ok(0);
+    }
     let port: u16 = tp_field(ctx, TP_SPORT);
-    submit(&build(
+    deliver_end(&mut build(
         Kind::ListenStopped,
         now,
         pid_tgid,
@@ -206,7 +217,7 @@ pub fn listen_sockops(ctx: SockOpsContext) -> u32 {
     let mut rec = unsafe { *parked };
     let _ = PENDING.remove(sock);
     rec.port = port;
-    submit(&rec);
+    deliver_start(&mut rec, sock);
     1
 }
 
@@ -273,6 +284,9 @@ fn udp_released(sock: u64, family: u16) {
     let now = unsafe { bpf_ktime_get_ns() };
     // sock_release may not read the address fields, so they come from the bind.
     let Some(b) = (unsafe { BOUND.get(sock) }).copied() else {
+        if end_folded(sock) {
+            return;
+        }
         // Not seen bound. If it holds a port it may be a listener found by the agent's
         // startup snapshot, whose end must not go missing; the agent drops the rest.
         let Some(port) = read_kernel::<u16>(sock, OFFSETS.load().sock_num) else {
@@ -288,7 +302,7 @@ fn udp_released(sock: u64, family: u16) {
             } else if let Some(a) = read_kernel::<[u8; 16]>(sock, off.sock_v6_rcv_saddr) {
                 addr = a;
             }
-            let rec = build(
+            let mut rec = build(
                 Kind::UdpReleased,
                 now,
                 bpf_get_current_pid_tgid(),
@@ -299,12 +313,12 @@ fn udp_released(sock: u64, family: u16) {
                 &addr,
                 FLAG_UNTRACKED,
             );
-            submit(&rec);
+            deliver_end(&mut rec);
         }
         return;
     };
     let _ = BOUND.remove(sock);
-    submit(&build(
+    deliver_end(&mut build(
         Kind::UdpReleased,
         now,
         bpf_get_current_pid_tgid(),
@@ -319,17 +333,8 @@ fn udp_released(sock: u64, family: u16) {
 
 #[inline(always)]
 fn udp_bound(sock: u64, family: u16, port: u16, addr: [u8; 16]) {
-    let b = Bound {
-        family,
-        port,
-        _pad: [0; 4],
-        addr,
-    };
-    if BOUND.insert(sock, b, 0).is_err() {
-        count(stat::BOUND_FULL);
-    }
     let now = unsafe { bpf_ktime_get_ns() };
-    submit(&build(
+    let mut rec = build(
         Kind::UdpBound,
         now,
         bpf_get_current_pid_tgid(),
@@ -339,7 +344,19 @@ fn udp_bound(sock: u64, family: u16, port: u16, addr: [u8; 16]) {
         port,
         &addr,
         0,
-    ));
+    );
+    if deliver_start(&mut rec, sock) {
+        return; // folded: its release is found in FOLDED_SOCKS
+    }
+    let b = Bound {
+        family,
+        port,
+        _pad: [0; 4],
+        addr,
+    };
+    if BOUND.insert(sock, b, 0).is_err() {
+        count(stat::BOUND_FULL);
+    }
 }
 
 /// The full record of a socket event, captured in the current task's context.
@@ -421,12 +438,13 @@ fn build(
     }
 }
 
-/// Put a record in the ring, counting it when there is no room.
+/// Put a record in the bulk ring, counting it when there is no room. Returns whether it
+/// was delivered.
 #[inline(always)]
-fn submit(rec: &SocketRecord) {
+fn submit(rec: &SocketRecord) -> bool {
     let Some(mut entry) = EVENTS.reserve::<SocketRecord>(0) else {
         count(stat::RING_FULL);
-        return;
+        return false;
     };
     entry.write(*rec);
     // Commit first (an atomic exchange: a full barrier), then look at the flag. The agent
@@ -440,6 +458,7 @@ fn submit(rec: &SocketRecord) {
         // A discarded slot is skipped by the reader; it exists to carry the wake-up.
         nudge.discard(BPF_RB_FORCE_WAKEUP as u64);
     }
+    true
 }
 
 /// `FLAG_KTHREAD` when the current task is a kernel thread (no process owns the socket).

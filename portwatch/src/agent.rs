@@ -31,6 +31,13 @@ use crate::{
     snapshot, sys,
 };
 
+/// Default budget: starts per second one process may report one by one before the
+/// kernel folds the rest (`--fold-above`). A service starting up opens a handful of
+/// listeners, a busy reverse proxy with SO_REUSEPORT a few per worker; 1,000 a second
+/// is far above any of them and far below what one process can churn (~250,000/s
+/// here), and the urgent ring holds almost 2 s of a whole user's default budget.
+pub const FOLD_ABOVE: u32 = 1000;
+
 /// Open listeners tracked to pair a start with its end. Beyond this many, new starts are
 /// not tracked (their end carries no duration) and the shortfall is reported as
 /// `events-lost` with reason `untracked`.
@@ -81,6 +88,9 @@ pub struct WatchOptions {
     pub allow_degraded: bool,
     /// Which hook set: auto, stable or direct.
     pub hooks: probes::HooksChoice,
+    /// Per-process and per-user budgets before the kernel folds (0: never).
+    pub fold_above: u32,
+    pub fold_user_above: u32,
 }
 
 /// The socket half of a listener event.
@@ -169,6 +179,10 @@ pub struct Pipeline {
     metrics: Option<Arc<crate::metrics::Metrics>>,
     /// The hook set in use, for the `sensor-started` event.
     pub hooks: Option<probes::Hooks>,
+    /// What was reported of the kernel's folds.
+    folds: crate::folds::Folds,
+    /// Ports the kernel treats as important (one bit each), as loaded into RISKY_PORTS.
+    important_ports: Vec<u64>,
 }
 
 fn host_info(boot_id: &str, machine_id: Option<String>) -> Shared<Host> {
@@ -186,6 +200,8 @@ impl Pipeline {
         let boot_id = procfs::boot_id().unwrap_or_default();
         let machine_id = procfs::machine_id().ok();
         let host_netns = snapshot::own_netns().ok();
+        let assessor = Assessor::new(policy.rules, policy.lang, host_netns);
+        let important_ports = assessor.important_ports();
         Pipeline {
             enricher: Enricher::new(cgroup_root, machine_id.as_deref().unwrap_or(""), &boot_id),
             output,
@@ -202,7 +218,9 @@ impl Pipeline {
             own_seen: Vec::new(),
             open: HashMap::new(),
             startup: Startup::default(),
-            assessor: Assessor::new(policy.rules, policy.lang, host_netns),
+            assessor,
+            folds: crate::folds::Folds::default(),
+            important_ports,
             kernel_seen: KernelStats::default(),
             lost_total: 0,
             decode_errors: 0,
@@ -270,10 +288,37 @@ impl Pipeline {
     /// Classify a new listener's event, write it, then its alert right behind it.
     fn write_assessed(&mut self, mut ev: Event) {
         let alert = self.assessor.assess(&mut ev);
+        if alert.is_some() {
+            // An alert and its listener travel together, ahead of bulk churn.
+            ev.portwatch.urgent = true;
+        }
         self.write(ev);
-        if let Some(alert) = alert {
+        if let Some(mut alert) = alert {
+            alert.portwatch.urgent = true;
             self.write(alert);
         }
+    }
+
+    /// The kernel's rule for the urgent lane (portwatch-ebpf/src/deliver.rs), for events
+    /// made here (the snapshot): a port the catalogue or the rules call risky, or an
+    /// address that is not loopback.
+    fn important(&self, addr: std::net::IpAddr, port: u16) -> bool {
+        let loopback = match addr {
+            std::net::IpAddr::V4(a) => a.is_loopback(),
+            std::net::IpAddr::V6(a) => {
+                a.is_loopback() || a.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+            }
+        };
+        !loopback
+            || self
+                .important_ports
+                .get(usize::from(port) / 64)
+                .is_some_and(|w| w & (1 << (port % 64)) != 0)
+    }
+
+    /// The important-port bitmap for the kernel (RISKY_PORTS), from the rules in force.
+    pub fn important_ports(&self) -> &[u64] {
+        &self.important_ports
     }
 
     /// Count into `metrics` from now on.
@@ -355,6 +400,7 @@ impl Pipeline {
         ev.portwatch.cgroup = owner.cgroup.clone();
         ev.portwatch.attribution = Some(owner.attribution);
         ev.portwatch.socket = Some(socket);
+        ev.portwatch.urgent = self.important(addr, port);
         ev
     }
 
@@ -417,7 +463,8 @@ impl Pipeline {
                     user: user.clone(),
                     group: group.clone(),
                 };
-                let ev = self.listener_event(action, wall, l, &owner);
+                let mut ev = self.listener_event(action, wall, l, &owner);
+                ev.portwatch.urgent |= r.urgent;
                 self.write_assessed(ev);
                 if self.open.len() < OPEN_MAX {
                     self.open.insert(
@@ -478,6 +525,7 @@ impl Pipeline {
                     group,
                 };
                 let mut ev = self.listener_event(action, wall, l, &owner);
+                ev.portwatch.urgent |= r.urgent;
                 ev.event.duration = duration;
                 self.write(ev);
             }
@@ -763,7 +811,11 @@ impl Pipeline {
         if let Some(s) = stats {
             let ring = s.ring_full - self.kernel_seen.ring_full;
             if ring > 0 {
-                self.lost(ring, "ring-buffer-full");
+                self.lost_lane(ring, "ring-buffer-full", None, "bulk");
+            }
+            let urgent = s.urgent_full - self.kernel_seen.urgent_full;
+            if urgent > 0 {
+                self.lost_lane(urgent, "ring-buffer-full", None, "urgent");
             }
             let untracked = (s.pending_full - self.kernel_seen.pending_full)
                 + (s.bound_full - self.kernel_seen.bound_full);
@@ -771,7 +823,7 @@ impl Pipeline {
                 self.lost(untracked, "kernel-map-full");
             }
             // Starts or ends went missing: the open-listener table may be wrong.
-            self.resync_wanted |= ring > 0 || untracked > 0;
+            self.resync_wanted |= ring > 0 || urgent > 0 || untracked > 0;
             self.kernel_seen = s;
         }
         if self.decode_errors > 0 {
@@ -787,13 +839,208 @@ impl Pipeline {
         for sink in &out.sinks {
             let n = sink.queue_dropped.swap(0, Ordering::Relaxed);
             if n > 0 {
-                self.lost_in(n, "output-queue-full", Some(&sink.name));
+                self.lost_lane(n, "output-queue-full", Some(&sink.name), "bulk");
+            }
+            let n = sink.urgent_dropped.swap(0, Ordering::Relaxed);
+            if n > 0 {
+                self.lost_lane(n, "output-queue-full", Some(&sink.name), "urgent");
             }
             let n = sink.write_lost.swap(0, Ordering::Relaxed);
             if n > 0 {
                 self.lost_in(n, "output-error", Some(&sink.name));
             }
         }
+    }
+
+    /// `listeners-folded` for every kernel fold that grew (at most once a tick), or went
+    /// quiet or lost its process (the final one); then delete the folds of processes that
+    /// are gone. Each report is attributed like a listener event, and every risky port in
+    /// the fold's set is classified like a listener, so its alert is raised.
+    pub fn report_folds(&mut self, maps: &mut probes::FoldMaps, last: bool) {
+        let kernel: Vec<(portwatch_common::FoldKey, portwatch_common::Fold)> =
+            maps.folds.iter().filter_map(Result::ok).collect();
+        if kernel.is_empty() {
+            return;
+        }
+        let refs: Vec<_> = kernel.iter().map(|(k, f)| (*k, f)).collect();
+        let enricher = &self.enricher;
+        let (reports, delete) = self.folds.reports(&refs, Instant::now(), last, |k| {
+            enricher.alive(k.tgid, k.start_boottime_ns)
+        });
+        for r in &reports {
+            let Some((_, fold)) = kernel.iter().find(|(k, _)| *k == r.key) else {
+                continue;
+            };
+            let budget = maps
+                .budgets
+                .get(&r.key.tgid, 0)
+                .ok()
+                .filter(|b| b.start_boottime_ns == r.key.start_boottime_ns);
+            self.fold_event(r, fold, budget);
+        }
+        for k in &delete {
+            let _ = maps.folds.remove(k);
+        }
+    }
+
+    fn fold_event(
+        &mut self,
+        r: &crate::folds::Report,
+        fold: &portwatch_common::Fold,
+        budget: Option<portwatch_common::Budget>,
+    ) {
+        use portwatch_common::{AF_INET, FLAG_KTHREAD, FLAG_NETNS, FLAG_PPID, IPPROTO_UDP};
+        let key = r.key;
+        let transport = if key.protocol == IPPROTO_UDP {
+            Transport::Udp
+        } else {
+            Transport::Tcp
+        };
+        let addr = if key.family == AF_INET {
+            std::net::IpAddr::from([fold.addr[0], fold.addr[1], fold.addr[2], fold.addr[3]])
+        } else {
+            std::net::IpAddr::from(fold.addr)
+        };
+        let comm_len = fold
+            .comm
+            .iter()
+            .position(|b| *b == 0)
+            .unwrap_or(fold.comm.len());
+        // What the kernel captured at the first folded start: attribution as for a record.
+        let rec = Record {
+            kind: if transport == Transport::Tcp {
+                Kind::ListenStarted
+            } else {
+                Kind::UdpBound
+            },
+            ktime_ns: fold.first_ns,
+            pid: key.tgid,
+            tid: key.tgid,
+            uid: fold.uid_gid as u32,
+            gid: (fold.uid_gid >> 32) as u32,
+            cgroup_id: fold.cgroup_id,
+            sock_key: 0,
+            inode: None,
+            start_boottime_ns: (key.start_boottime_ns != 0).then_some(key.start_boottime_ns),
+            netns: (fold.flags & FLAG_NETNS != 0).then_some(fold.netns_ino),
+            ppid: (fold.flags & FLAG_PPID != 0).then_some(fold.ppid),
+            kthread: fold.flags & FLAG_KTHREAD != 0,
+            v6only: false,
+            untracked: false,
+            urgent: true,
+            transport,
+            addr,
+            port: 0,
+            comm: fold.comm[..comm_len].to_vec(),
+        };
+        let owner = self.enricher.owner_for_record(&rec);
+        let user = Some(self.enricher.user(rec.uid));
+        let group = Some(self.enricher.group(rec.gid));
+        let (ports, port_count) = crate::folds::ranges(&fold.ports);
+        let clocks = &self.enricher.clocks;
+        let info = crate::event::FoldInfo {
+            started: r.started,
+            ended: r.ended,
+            started_total: r.started_total,
+            ended_total: r.ended_total,
+            ports,
+            port_count,
+            scope: crate::folds::scope_name(key.scope),
+            first: sys::rfc3339(clocks.wall_from_ktime(fold.first_ns)),
+            last: sys::rfc3339(clocks.wall_from_ktime(fold.last_ns)),
+            budget: crate::folds::budget_names(fold.reason),
+            final_: r.final_,
+            process_sent: budget.map_or(0, |b| b.sent),
+            process_folded: budget.map_or(0, |b| b.folded),
+            process_lost: budget.map_or(0, |b| b.lost),
+        };
+        let wall = self.enricher.clocks.wall_from_ktime(fold.last_ns);
+        let socket = Socket {
+            netns: rec.netns.map(u64::from),
+            host_netns: rec
+                .netns
+                .zip(self.host_netns)
+                .map(|(a, b)| u64::from(a) == b),
+            kernel: rec.kthread,
+            ..Socket::default()
+        };
+        let process_name = owner
+            .process
+            .as_ref()
+            .and_then(|p| p.name.clone())
+            .unwrap_or_default();
+        // Every risky port inside the fold is classified as a listener of its own.
+        let mut alerts = Vec::new();
+        for port in crate::folds::ports(&fold.ports) {
+            if !self.important_ports_has(port) {
+                continue;
+            }
+            let l = Listener {
+                transport,
+                addr,
+                port,
+                socket: socket.clone(),
+                user: user.clone(),
+                group: group.clone(),
+            };
+            let mut probe = self.listener_event(
+                if transport == Transport::Tcp {
+                    "listen-started"
+                } else {
+                    "udp-bound"
+                },
+                wall,
+                l,
+                &owner,
+            );
+            if let Some(mut alert) = self.assessor.assess(&mut probe) {
+                alert.portwatch.urgent = true;
+                alert.portwatch.fold = Some(info.clone());
+                alerts.push(alert);
+            }
+        }
+        let l = Listener {
+            transport,
+            addr,
+            port: 0,
+            socket,
+            user,
+            group,
+        };
+        let mut ev = self.listener_event("listeners-folded", wall, l, &owner);
+        ev.server = None;
+        ev.event.category = &["network"];
+        ev.event.type_ = &["info"];
+        ev.message = Some(format!(
+            "{} {} {} by {} folded ({} ended; ports {}){}",
+            r.started,
+            transport.as_str(),
+            if transport == Transport::Tcp {
+                "listeners"
+            } else {
+                "binds"
+            },
+            if process_name.is_empty() {
+                format!("pid {}", key.tgid)
+            } else {
+                format!("{process_name} (pid {})", key.tgid)
+            },
+            r.ended,
+            info.ports,
+            if r.final_ { "; final" } else { "" }
+        ));
+        ev.portwatch.fold = Some(info);
+        ev.portwatch.urgent = true;
+        self.write(ev);
+        for a in alerts {
+            self.write(a);
+        }
+    }
+
+    fn important_ports_has(&self, port: u16) -> bool {
+        self.important_ports
+            .get(usize::from(port) / 64)
+            .is_some_and(|w| w & (1 << (port % 64)) != 0)
     }
 
     /// Whether a resync is due (a loss since the last one); clears the request.
@@ -853,6 +1100,7 @@ impl Pipeline {
         match crate::classify::load_rules(&path) {
             Ok(policy) => {
                 self.assessor.set_policy(Some(policy));
+                self.important_ports = self.assessor.important_ports();
                 log::info!("rules reloaded from {}", path.display());
                 let mut ev = self.base(wall, "state", "rules-reloaded");
                 ev.message = Some(format!("rules reloaded from {}", path.display()));
@@ -875,6 +1123,26 @@ impl Pipeline {
     /// An `events-lost` event; `sink` names the output that lost them, for output losses
     /// (the other sinks may have written those events).
     fn lost_in(&mut self, count: u64, reason: &'static str, sink: Option<&str>) {
+        self.lost_event(count, reason, sink, None);
+    }
+
+    fn lost_lane(
+        &mut self,
+        count: u64,
+        reason: &'static str,
+        sink: Option<&str>,
+        lane: &'static str,
+    ) {
+        self.lost_event(count, reason, sink, Some(lane));
+    }
+
+    fn lost_event(
+        &mut self,
+        count: u64,
+        reason: &'static str,
+        sink: Option<&str>,
+        lane: Option<&'static str>,
+    ) {
         self.lost_total += count;
         if let Some(m) = &self.metrics {
             m.lost(reason, count);
@@ -883,8 +1151,9 @@ impl Pipeline {
         let mut ev = self.base(now, "metric", "events-lost");
         ev.log = Some(crate::event::Log { level: "warning" });
         let at = sink.map(|s| format!(" at {s}")).unwrap_or_default();
+        let lane_text = lane.map(|l| format!(", {l} lane")).unwrap_or_default();
         ev.message = Some(format!(
-            "{count} events lost{at} ({reason}); {} since start",
+            "{count} events lost{at} ({reason}{lane_text}); {} since start",
             self.lost_total
         ));
         ev.portwatch.lost = Some(Lost {
@@ -892,7 +1161,9 @@ impl Pipeline {
             total: self.lost_total,
             reason,
             sink: sink.map(str::to_owned),
+            lane,
         });
+        ev.portwatch.urgent = true;
         self.write(ev);
     }
 }
@@ -913,7 +1184,15 @@ const RESYNC_MIN_GAP: Duration = Duration::from_secs(10);
 /// batch goes to the writers at the top of the event loop, or when it is full: waking a
 /// writer thread per small drain cost more CPU than the events themselves (the writer
 /// shares a core with the event loop on a busy 2-core machine).
-fn drain(ring: &mut RingBuf<MapData>, pipeline: &mut Pipeline) -> usize {
+fn drain(
+    ring: &mut RingBuf<MapData>,
+    urgent: &mut RingBuf<MapData>,
+    pipeline: &mut Pipeline,
+) -> usize {
+    // Important records first, all of them: budgets keep them few.
+    while let Some(item) = urgent.next() {
+        pipeline.handle(&item);
+    }
     let mut n = 0;
     while n < BATCH_MAX {
         let Some(item) = ring.next() else { break };
@@ -927,8 +1206,13 @@ fn drain(ring: &mut RingBuf<MapData>, pipeline: &mut Pipeline) -> usize {
 /// POLL_QUIET. Returns true when records are still waiting (a full batch, or the POLL_MAX
 /// budget ran out while they kept coming), so the caller yields to the other event-loop
 /// branches. Each nap hands what was drained to the writers first.
-fn drain_for(ring: &mut RingBuf<MapData>, pipeline: &mut Pipeline, busy: bool) -> bool {
-    if drain(ring, pipeline) == BATCH_MAX {
+fn drain_for(
+    ring: &mut RingBuf<MapData>,
+    urgent: &mut RingBuf<MapData>,
+    pipeline: &mut Pipeline,
+    busy: bool,
+) -> bool {
+    if drain(ring, urgent, pipeline) == BATCH_MAX {
         return true;
     }
     if !busy {
@@ -937,7 +1221,7 @@ fn drain_for(ring: &mut RingBuf<MapData>, pipeline: &mut Pipeline, busy: bool) -
     let start = Instant::now();
     let mut quiet_since = start;
     loop {
-        match drain(ring, pipeline) {
+        match drain(ring, urgent, pipeline) {
             BATCH_MAX => return true,
             0 => {}
             _ => quiet_since = Instant::now(),
@@ -952,6 +1236,12 @@ fn drain_for(ring: &mut RingBuf<MapData>, pipeline: &mut Pipeline, busy: bool) -
         pipeline.flush_output();
         std::thread::sleep(NAP);
     }
+}
+
+/// The two ring buffers: bulk records, and important ones (drained first).
+struct Rings {
+    bulk: RingBuf<MapData>,
+    urgent: RingBuf<MapData>,
 }
 
 /// What the event loop needs besides the pipeline.
@@ -975,6 +1265,8 @@ pub async fn watch(opts: WatchOptions) -> anyhow::Result<()> {
     let sensor = probes::load(&probes::Options {
         ring_bytes: opts.ring_bytes,
         hooks: opts.hooks,
+        fold_above: opts.fold_above,
+        fold_user_above: opts.fold_user_above,
     })?;
     // Loaded and attached: what is left needs only /proc and namespaces. Done before any
     // other thread exists, so every thread runs with the reduced set.
@@ -982,6 +1274,8 @@ pub async fn watch(opts: WatchOptions) -> anyhow::Result<()> {
     let probes::Sensor {
         ebpf,
         ring,
+        urgent,
+        mut folds,
         stats: sensor_stats,
         sleep_flag,
         logger,
@@ -999,6 +1293,7 @@ pub async fn watch(opts: WatchOptions) -> anyhow::Result<()> {
     } = opts;
     let mut pipeline = Pipeline::new(output, cgroup_root.clone(), policy);
     pipeline.hooks = Some(hooks);
+    folds.set_risky(pipeline.important_ports())?;
     pipeline.output.start()?;
     if let Some(listener) = metrics_listener {
         let m = Arc::new(crate::metrics::Metrics::new());
@@ -1017,7 +1312,8 @@ pub async fn watch(opts: WatchOptions) -> anyhow::Result<()> {
     };
     let result = run(
         &mut pipeline,
-        ring,
+        Rings { bulk: ring, urgent },
+        &mut folds,
         &sensor_stats,
         sleep_flag,
         logger,
@@ -1027,6 +1323,7 @@ pub async fn watch(opts: WatchOptions) -> anyhow::Result<()> {
     // Final loss report, even after an error in the loop.
     let kernel = sensor_stats.read().ok();
     log::info!("kernel-side counters at exit: {kernel:?}");
+    pipeline.report_folds(&mut folds, true);
     pipeline.tick(kernel, true);
     drop(ebpf); // detaches every program (bpf_link fds close)
     let flushed = pipeline.finish_output();
@@ -1077,6 +1374,7 @@ impl SelfCheck {
 /// hooks that delivered nothing (empty: all good).
 async fn self_check(
     ring: &mut RingBuf<MapData>,
+    urgent: &mut RingBuf<MapData>,
     pipeline: &mut Pipeline,
 ) -> anyhow::Result<Vec<String>> {
     let check = SelfCheck::open()?;
@@ -1086,7 +1384,7 @@ async fn self_check(
     let t0 = Instant::now();
     let (mut tcp_ok, mut udp_ok) = (false, false);
     while t0.elapsed() < SELF_CHECK_TIMEOUT {
-        drain(ring, pipeline);
+        drain(ring, urgent, pipeline);
         (tcp_ok, udp_ok) = pipeline.own_seen(tcp_ino, udp_ino);
         if tcp_ok && udp_ok {
             break;
@@ -1132,7 +1430,8 @@ fn spawn_scan() -> tokio::sync::oneshot::Receiver<(std::io::Result<Vec<snapshot:
 
 async fn run(
     pipeline: &mut Pipeline,
-    ring: RingBuf<MapData>,
+    rings: Rings,
+    folds: &mut probes::FoldMaps,
     stats: &probes::StatsReader,
     mut sleep_flag: probes::SleepFlag,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
@@ -1143,8 +1442,11 @@ async fn run(
     // the first wait, and pick up whatever arrived before the ring was registered.
     // SAFETY: the ring buffer and the logger own their map fds and never close or
     // replace them while registered; both live until the AsyncFd is dropped.
-    let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+    let mut ring = unsafe { AsyncFd::register_with_interest(rings.bulk, Interest::READABLE) }
         .map_err(|e| anyhow::anyhow!("registering the ring buffer with the event loop: {e}"))?;
+    // SAFETY: as above.
+    let mut urgent = unsafe { AsyncFd::register_with_interest(rings.urgent, Interest::READABLE) }
+        .map_err(|e| anyhow::anyhow!("registering the urgent ring buffer: {e}"))?;
     let mut logger = match logger {
         Some(l) => Some(
             unsafe { AsyncFd::register_with_interest(l, Interest::READABLE) }
@@ -1168,10 +1470,10 @@ async fn run(
     }
     // (The flag stays up while draining here: at worst a spare wake-up.)
     sleep_flag.going_to_sleep()?;
-    drain(ring.get_mut(), pipeline);
+    drain(ring.get_mut(), urgent.get_mut(), pipeline);
 
     // Prove the hooks deliver before claiming to watch.
-    let degraded = self_check(ring.get_mut(), pipeline).await?;
+    let degraded = self_check(ring.get_mut(), urgent.get_mut(), pipeline).await?;
     if !degraded.is_empty() && !config.allow_degraded {
         anyhow::bail!(
             "self-check failed: {}; the kernel accepted the hooks but they deliver nothing \
@@ -1208,6 +1510,14 @@ async fn run(
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = out.closed_notify.notified() => break,
+            guard = urgent.readable_mut() => {
+                let mut guard = guard.context("waiting on the urgent ring buffer")?;
+                drain(ring.get_mut(), guard.get_inner_mut(), pipeline);
+                guard.clear_ready();
+                // A record committed after the drain re-arms readiness on its own
+                // (default wake-up): nothing is left behind.
+                drain(ring.get_mut(), guard.get_inner_mut(), pipeline);
+            }
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("waiting on the ring buffer")?;
                 sleep_flag.awake()?;
@@ -1215,11 +1525,11 @@ async fn run(
                 // instead of blocking, so the kernel side need not wake us per record.
                 let busy = last_wake.elapsed() < BUSY_GAP;
                 last_wake = Instant::now();
-                if drain_for(guard.get_inner_mut(), pipeline, busy) {
+                if drain_for(guard.get_inner_mut(), urgent.get_mut(), pipeline, busy) {
                     continue; // more is waiting: stay ready, let signals and timers in
                 }
                 sleep_flag.going_to_sleep()?;
-                if drain(guard.get_inner_mut(), pipeline) == 0 {
+                if drain(guard.get_inner_mut(), urgent.get_mut(), pipeline) == 0 {
                     guard.clear_ready();
                 } else {
                     sleep_flag.awake()?;
@@ -1242,6 +1552,9 @@ async fn run(
             _ = sighup.recv() => {
                 out.reopen.fetch_add(1, Ordering::Relaxed);
                 pipeline.reload_rules();
+                if let Err(e) = folds.set_risky(pipeline.important_ports()) {
+                    log::error!("{e:#}");
+                }
             }
             guard = async {
                 match logger.as_mut() {
@@ -1257,6 +1570,7 @@ async fn run(
                 pipeline.health(&attached, &degraded);
             }
             _ = tick.tick() => {
+                pipeline.report_folds(folds, false);
                 pipeline.tick(stats.read().ok(), false);
                 pipeline.update_gauges(attached.len(), degraded.len());
                 // After a loss the open-listener table may be wrong: re-read /proc (no
@@ -1273,7 +1587,6 @@ async fn run(
         }
     }
     // Whatever the kernel wrote before we stopped still goes out.
-    let ring = ring.get_mut();
-    while drain(ring, pipeline) == BATCH_MAX {}
+    while drain(ring.get_mut(), urgent.get_mut(), pipeline) == BATCH_MAX {}
     Ok(())
 }

@@ -72,6 +72,15 @@ pub enum Command {
         /// counted) [default: 16384].
         #[arg(long, value_parser = parse_queue_events)]
         queue_events: Option<usize>,
+        /// Listens/binds per second one process may report one by one; above it the kernel
+        /// folds the rest into `listeners-folded` events (exact counts and ports; 0:
+        /// never fold) [default: 1000].
+        #[arg(long, value_name = "N")]
+        fold_above: Option<u32>,
+        /// The same budget for all processes of one user together (0: none)
+        /// [default: 4 x --fold-above].
+        #[arg(long, value_name = "N")]
+        fold_user_above: Option<u32>,
         /// Seconds between `sensor-health` events (0: none) [default: 60].
         #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(0..=86_400))]
         health_interval: Option<u64>,

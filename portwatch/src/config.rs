@@ -10,6 +10,8 @@
 //! health_interval = 60            # seconds, 0: none
 //! ring_bytes = 1048576
 //! priority_boost = 5
+//! fold_above = 1000               # per process and second, 0: never fold
+//! fold_user_above = 4000          # per user and second, 0: no user budget
 //!
 //! [[sink]]
 //! type = "file"
@@ -42,6 +44,8 @@ pub struct Config {
     pub health_interval: Option<u64>,
     pub ring_bytes: Option<u32>,
     pub priority_boost: Option<u8>,
+    pub fold_above: Option<u32>,
+    pub fold_user_above: Option<u32>,
     pub metrics: Option<String>,
     #[serde(default, rename = "sink")]
     pub sinks: Vec<SinkEntry>,

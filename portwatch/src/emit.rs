@@ -1,6 +1,7 @@
 //! Sinks: one JSON document per line for machines, one readable line for people.
 
 use std::{
+    collections::VecDeque,
     fmt::Write as _,
     fs::{File, OpenOptions},
     io::{self, IsTerminal, Write},
@@ -129,8 +130,10 @@ impl std::fmt::Display for SinkSpec {
 #[derive(Default)]
 pub struct SinkShared {
     pub name: String,
-    /// Events dropped because this sink's queue was full, not yet reported as lost.
+    /// Bulk events dropped because this sink's queue was full, not yet reported as lost.
     pub queue_dropped: AtomicU64,
+    /// Urgent events dropped because even the urgent reserve was full (not yet reported).
+    pub urgent_dropped: AtomicU64,
     /// Events that a failed write took with it, not yet reported as lost.
     pub write_lost: AtomicU64,
     /// Failed writes since start.
@@ -290,17 +293,12 @@ impl Output {
             } else {
                 batch.clone().unwrap_or_default()
             };
-            let depth = sink.depth.load(Ordering::Relaxed);
-            let room = if self.block {
-                mine.len()
-            } else {
-                self.capacity.saturating_sub(depth)
-            };
-            if mine.len() > room {
-                let dropped = (mine.len() - room) as u64;
-                mine.truncate(room);
+            if !self.block {
+                let depth = sink.depth.load(Ordering::Relaxed);
+                let (bulk, urgent) = admit(&mut mine, depth, self.capacity);
                 if !self.shared.closed.load(Ordering::Relaxed) {
-                    sink.queue_dropped.fetch_add(dropped, Ordering::Relaxed);
+                    sink.queue_dropped.fetch_add(bulk, Ordering::Relaxed);
+                    sink.urgent_dropped.fetch_add(urgent, Ordering::Relaxed);
                 }
             }
             if mine.is_empty() {
@@ -353,6 +351,36 @@ impl Drop for Output {
         let _ = self.finish();
     }
 }
+
+/// Keep what fits of `batch` in a queue holding `depth` of `capacity` events, in order;
+/// returns the (bulk, urgent) events dropped. Bulk events may fill the queue only to
+/// BULK_SHARE of its bound: the rest is a reserve for urgent events (important
+/// listeners, alerts, folds, loss reports), so a destination slower than a flood of bulk
+/// churn still gets every important event, and loses bulk ones first.
+fn admit(batch: &mut Vec<Arc<Event>>, depth: usize, capacity: usize) -> (u64, u64) {
+    let bulk_cap = capacity - capacity / BULK_RESERVE_DIV;
+    let mut used = depth;
+    let (mut bulk, mut urgent) = (0u64, 0u64);
+    batch.retain(|ev| {
+        let fits = if ev.portwatch.urgent {
+            used < capacity
+        } else {
+            used < bulk_cap
+        };
+        if fits {
+            used += 1;
+        } else if ev.portwatch.urgent {
+            urgent += 1;
+        } else {
+            bulk += 1;
+        }
+        fits
+    });
+    (bulk, urgent)
+}
+
+/// A quarter of each queue is kept for urgent events.
+const BULK_RESERVE_DIV: usize = 4;
 
 /// The connection (or file) of one sink.
 enum Conn {
@@ -539,22 +567,40 @@ struct Writer {
 
 impl Writer {
     fn run(mut self, rx: Receiver<Vec<Arc<Event>>>) {
-        // Block for the first batch, then take whatever else is queued (up to about
-        // WRITE_BATCH events): one write per round, and nothing waits in a buffer for a
-        // later event.
-        while let Ok(first) = rx.recv() {
+        // Everything handed over is taken at once into two lanes; each write takes up to
+        // WRITE_BATCH events, urgent ones first, so an important event never waits
+        // behind a backlog of bulk churn on a slow destination. Within a lane the order
+        // is kept (a listener's end always follows its start: both are in one lane).
+        let mut urgent: VecDeque<Arc<Event>> = VecDeque::new();
+        let mut bulk: VecDeque<Arc<Event>> = VecDeque::new();
+        let take = |batch: Vec<Arc<Event>>, urgent: &mut VecDeque<_>, bulk: &mut VecDeque<_>| {
+            for ev in batch {
+                if ev.portwatch.urgent {
+                    urgent.push_back(ev);
+                } else {
+                    bulk.push_back(ev);
+                }
+            }
+        };
+        loop {
+            if urgent.is_empty() && bulk.is_empty() {
+                match rx.recv() {
+                    Ok(batch) => take(batch, &mut urgent, &mut bulk),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(batch) = rx.try_recv() {
+                take(batch, &mut urgent, &mut bulk);
+            }
             self.buf.clear();
             self.ends.clear();
-            let mut n = first.len();
-            for ev in first {
-                self.render(ev);
-            }
+            let mut n = 0;
             while n < WRITE_BATCH {
-                let Ok(more) = rx.try_recv() else { break };
-                n += more.len();
-                for ev in more {
-                    self.render(ev);
-                }
+                let Some(ev) = urgent.pop_front().or_else(|| bulk.pop_front()) else {
+                    break;
+                };
+                self.render(ev);
+                n += 1;
             }
             self.sink.depth.fetch_sub(n, Ordering::Relaxed);
             match self.write_batch() {

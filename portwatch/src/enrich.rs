@@ -116,6 +116,14 @@ impl Enricher {
         format!("{h:016x}")
     }
 
+    /// Whether the process `pid` that started at `start_boottime_ns` (0: unknown) still
+    /// runs (the pid may name a newer process).
+    pub fn alive(&self, pid: u32, start_boottime_ns: u64) -> bool {
+        procfs::read_stat(pid).is_ok_and(|st| {
+            start_boottime_ns == 0 || st.start_ticks == start_boottime_ns / self.ns_per_tick
+        })
+    }
+
     /// Owner of a live record.
     pub fn owner_for_record(&mut self, r: &Record) -> Owner {
         let start_ticks = r.start_boottime_ns.map(|ns| ns / self.ns_per_tick);

@@ -239,6 +239,46 @@ pub struct Portwatch {
     /// On `sensor-started`: the hook set in use and why.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hooks: Option<crate::probes::Hooks>,
+    /// On `listeners-folded`: what the kernel counted instead of sending.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fold: Option<FoldInfo>,
+    /// Not written: the event travels in the urgent lane of the output queues (an
+    /// important listener, an alert, a fold, a loss report), ahead of bulk churn.
+    #[serde(skip)]
+    pub urgent: bool,
+}
+
+/// `portwatch.fold` on `listeners-folded`: starts a process made above its budget,
+/// counted exactly in the kernel instead of sent one by one.
+#[derive(Serialize, Debug, Clone)]
+pub struct FoldInfo {
+    /// Starts (listens or binds) folded since the previous report of this fold.
+    pub started: u64,
+    /// Ends of folded listeners since the previous report.
+    pub ended: u64,
+    /// Since the fold began.
+    pub started_total: u64,
+    pub ended_total: u64,
+    /// Every port folded so far, as ranges (`"1024-1030,11211"`).
+    pub ports: String,
+    /// How many distinct ports that is.
+    pub port_count: u32,
+    /// `loopback`, `wildcard` or `address` (then `server.ip` is the first address seen).
+    pub scope: &'static str,
+    /// First and latest folded start.
+    pub first: String,
+    pub last: String,
+    /// Which budgets were spent: `process`, `user`.
+    pub budget: Vec<&'static str>,
+    /// The process stopped (or stopped churning): no more reports for this fold unless
+    /// it churns again.
+    #[serde(rename = "final")]
+    pub final_: bool,
+    /// The process's exact totals: starts sent one by one, folded, lost in the kernel.
+    /// sent + folded + lost = every start the process made while the agent ran.
+    pub process_sent: u64,
+    pub process_folded: u64,
+    pub process_lost: u64,
 }
 
 #[derive(Serialize, Debug, Default, Clone)]
@@ -295,6 +335,9 @@ pub struct Lost {
     /// `forward:...`); the other sinks may have written those events.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sink: Option<String>,
+    /// Which lane lost them: `urgent` (important events) or `bulk`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lane: Option<&'static str>,
 }
 
 #[cfg(test)]

@@ -112,6 +112,7 @@ fn portwatch(out: &mut Vec<u8>, p: &Portwatch) -> serde_json::Result<()> {
     }
     sep.field(out, b"\"stats\":", p.stats.as_ref())?;
     sep.field(out, b"\"hooks\":", p.hooks.as_ref())?;
+    sep.field(out, b"\"fold\":", p.fold.as_ref())?;
     sep.end(out);
     Ok(())
 }
@@ -388,6 +389,7 @@ mod tests {
                     total: 9,
                     reason: "output-queue-full",
                     sink: Some("file:/var/log/x".into()),
+                    lane: Some("urgent"),
                 }),
                 resync: true,
                 folded: Some(4),
@@ -399,6 +401,23 @@ mod tests {
                     programs: vec!["listen_state"],
                     attached: vec!["tracepoint/sock/inet_sock_set_state".into()],
                 }),
+                fold: Some(crate::event::FoldInfo {
+                    started: 5,
+                    ended: 4,
+                    started_total: 10,
+                    ended_total: 9,
+                    ports: "1024-1030,11211".into(),
+                    port_count: 8,
+                    scope: "wildcard",
+                    first: "2026-11-28T07:00:00.000000000Z".into(),
+                    last: hostile.into(),
+                    budget: vec!["process", "user"],
+                    final_: true,
+                    process_sent: 1000,
+                    process_folded: 10,
+                    process_lost: 0,
+                }),
+                urgent: true,
             },
         }
     }

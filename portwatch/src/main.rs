@@ -142,6 +142,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             hooks,
             priority_boost,
             queue_events,
+            fold_above,
+            fold_user_above,
             health_interval,
             allow_degraded,
             policy,
@@ -174,6 +176,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
             );
             let health_interval = health_interval.or(file.health_interval).unwrap_or(60);
+            let fold_above = fold_above
+                .or(file.fold_above)
+                .unwrap_or(portwatch::agent::FOLD_ABOVE);
+            let fold_user_above = fold_user_above
+                .or(file.fold_user_above)
+                .unwrap_or(fold_above.saturating_mul(4));
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -190,6 +198,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .then(|| std::time::Duration::from_secs(health_interval)),
                 allow_degraded,
                 hooks,
+                fold_above,
+                fold_user_above,
                 policy,
             }))?;
             Ok(ExitCode::SUCCESS)

@@ -1262,13 +1262,14 @@ mod tests {
             total: 12,
             reason: "ring-buffer-full",
             sink: None,
+            lane: Some("bulk"),
         });
         let v = render_value(&lost);
         assert_base(&v, &lost, 6008, 6, 1);
         assert_eq!(v["severity_id"], 3);
         assert_eq!(
             v["unmapped"]["portwatch"]["lost"],
-            json!({"count": 12, "total": 12, "reason": "ring-buffer-full"})
+            json!({"count": 12, "total": 12, "reason": "ring-buffer-full", "lane": "bulk"})
         );
         assert_nothing_dropped(&lost, &v);
 

@@ -124,6 +124,9 @@ pub struct Hooks {
 pub struct Sensor {
     pub ebpf: Ebpf,
     pub ring: RingBuf<MapData>,
+    /// Important records (see portwatch-ebpf/src/deliver.rs): drained first.
+    pub urgent: RingBuf<MapData>,
+    pub folds: FoldMaps,
     pub stats: StatsReader,
     pub sleep_flag: SleepFlag,
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
@@ -136,6 +139,41 @@ pub struct Options {
     /// Ring buffer size in bytes (power of two, multiple of the page size).
     pub ring_bytes: u32,
     pub hooks: HooksChoice,
+    /// Starts per second a process may send one by one before the kernel folds the rest
+    /// (0 = never), and the same for all processes of one user.
+    pub fold_above: u32,
+    pub fold_user_above: u32,
+}
+
+/// Size of the urgent ring. Important records are few: budgets bound them per process
+/// and per user (at the default 1,000/s, 256 KiB holds ~1,800 records: almost 2 s of a
+/// user's whole budget).
+pub const URGENT_RING_BYTES: u32 = 1 << 18;
+
+/// The kernel maps behind priority and folding.
+pub struct FoldMaps {
+    /// Per (process, transport, scope): what was folded.
+    pub folds: aya::maps::HashMap<MapData, portwatch_common::FoldKey, portwatch_common::Fold>,
+    /// Per tgid: budget and exact totals (sent, folded, lost).
+    pub budgets: aya::maps::HashMap<MapData, u32, portwatch_common::Budget>,
+    /// The ports the kernel treats as important.
+    pub risky: Array<MapData, u64>,
+}
+
+impl FoldMaps {
+    /// Load the important-port bitmap (one bit per port, `RISKY_WORDS` words).
+    pub fn set_risky(&mut self, words: &[u64]) -> anyhow::Result<()> {
+        for (i, w) in words
+            .iter()
+            .enumerate()
+            .take(portwatch_common::RISKY_WORDS as usize)
+        {
+            self.risky
+                .set(i as u32, *w, 0)
+                .context("filling RISKY_PORTS")?;
+        }
+        Ok(())
+    }
 }
 
 pub fn load(opts: &Options) -> anyhow::Result<Sensor> {
@@ -188,7 +226,10 @@ pub fn load(opts: &Options) -> anyhow::Result<Sensor> {
 
     let mut ebpf = loader
         .override_global("OFFSETS", &offsets, true)
+        .override_global("FOLD_ABOVE", &opts.fold_above, true)
+        .override_global("FOLD_USER_ABOVE", &opts.fold_user_above, true)
         .map_max_entries("EVENTS", opts.ring_bytes)
+        .map_max_entries("URGENT", URGENT_RING_BYTES)
         .load(OBJECT)
         .map_err(|e| {
             anyhow!(
@@ -215,6 +256,18 @@ pub fn load(opts: &Options) -> anyhow::Result<Sensor> {
     );
 
     let ring = RingBuf::try_from(ebpf.take_map("EVENTS").context("EVENTS map missing")?)?;
+    let urgent = RingBuf::try_from(ebpf.take_map("URGENT").context("URGENT map missing")?)?;
+    let folds = FoldMaps {
+        folds: aya::maps::HashMap::try_from(ebpf.take_map("FOLDS").context("FOLDS map missing")?)?,
+        budgets: aya::maps::HashMap::try_from(
+            ebpf.take_map("PROC_BUDGET")
+                .context("PROC_BUDGET map missing")?,
+        )?,
+        risky: Array::try_from(
+            ebpf.take_map("RISKY_PORTS")
+                .context("RISKY_PORTS map missing")?,
+        )?,
+    };
     let stats = StatsReader(PerCpuArray::try_from(
         ebpf.take_map("STATS").context("STATS map missing")?,
     )?);
@@ -229,6 +282,8 @@ pub fn load(opts: &Options) -> anyhow::Result<Sensor> {
     Ok(Sensor {
         ebpf,
         ring,
+        urgent,
+        folds,
         stats,
         sleep_flag,
         logger,
@@ -526,6 +581,9 @@ pub struct KernelStats {
     pub pending_full: u64,
     pub bound_full: u64,
     pub read_failed: u64,
+    pub urgent_full: u64,
+    pub fold_full: u64,
+    pub fold_end_orphan: u64,
 }
 
 /// The agent's half of the wake-up handshake (`AGENT_SLEEPING` in the programs): the
@@ -570,6 +628,9 @@ impl StatsReader {
             pending_full: sum(stat::PENDING_FULL)?,
             bound_full: sum(stat::BOUND_FULL)?,
             read_failed: sum(stat::READ_FAILED)?,
+            urgent_full: sum(stat::URGENT_FULL)?,
+            fold_full: sum(stat::FOLD_FULL)?,
+            fold_end_orphan: sum(stat::FOLD_END_ORPHAN)?,
         })
     }
 }

@@ -7,7 +7,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use portwatch_common::{
     AF_INET, AF_INET6, FLAG_INODE, FLAG_KTHREAD, FLAG_NETNS, FLAG_PPID, FLAG_START, FLAG_UNTRACKED,
-    FLAG_V6ONLY, Header, IPPROTO_TCP, IPPROTO_UDP, Kind, SOCKET_RECORD_SIZE, SocketRecord,
+    FLAG_URGENT, FLAG_V6ONLY, Header, IPPROTO_TCP, IPPROTO_UDP, Kind, SOCKET_RECORD_SIZE,
+    SocketRecord,
 };
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -59,6 +60,8 @@ pub struct Record {
     pub v6only: bool,
     /// A UDP release whose bind the kernel side did not see (see FLAG_UNTRACKED).
     pub untracked: bool,
+    /// The kernel judged it important and sent it in the urgent ring.
+    pub urgent: bool,
     pub transport: Transport,
     pub addr: IpAddr,
     pub port: u16,
@@ -110,6 +113,7 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
         kthread: has(FLAG_KTHREAD),
         v6only: has(FLAG_V6ONLY),
         untracked: has(FLAG_UNTRACKED),
+        urgent: has(FLAG_URGENT),
         transport,
         addr,
         port: r.port,

@@ -81,6 +81,11 @@ impl Assessor {
         }
     }
 
+    /// Ports the kernel must treat as important (bitmap, one bit per port).
+    pub fn important_ports(&self) -> Vec<u64> {
+        self.classifier.important_ports()
+    }
+
     /// Replace the site rules (SIGHUP reload); the catalogue stays.
     pub fn set_policy(&mut self, policy: Option<Policy>) {
         self.classifier = Classifier::new(policy);

@@ -261,6 +261,24 @@ impl Classifier {
         }
     }
 
+    /// Every port that a catalogue / `[[risky]]` entry or a port-constrained deny rule
+    /// names, on either transport, one bit per port: what the kernel programs send in
+    /// their urgent lane even on loopback.
+    pub fn important_ports(&self) -> Vec<u64> {
+        let mut bits = vec![0u64; PORTS / 64];
+        for t in 0..2 {
+            for (port, i) in self.index[t].iter().enumerate() {
+                if *i != NO_ENTRY {
+                    bits[port / 64] |= 1 << (port % 64);
+                }
+            }
+            for (w, d) in bits.iter_mut().zip(self.deny_ports[t].iter()) {
+                *w |= d;
+            }
+        }
+        bits
+    }
+
     /// The catalogue / `[[risky]]` entry for a (transport, port), if any.
     pub fn lookup(&self, transport: Transport, port: u16) -> Option<&RiskEntry> {
         let i = self.index[transport.index()][usize::from(port)];

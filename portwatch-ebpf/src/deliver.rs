@@ -1,0 +1,334 @@
+//! Where each record goes: the `URGENT` ring, the bulk `EVENTS` ring, or a fold.
+//!
+//! A local user can churn sockets faster than any reader drains a ring. Two rules keep
+//! that from hiding the listener the sensor exists for:
+//! - **Priority.** A record is important when its port is in `RISKY_PORTS` (the
+//!   catalogue and the site rules, filled by the agent) or its address is not loopback
+//!   (wildcard included). Important records travel in `URGENT`, which the agent drains
+//!   first; loopback churn can only fill `EVENTS`.
+//! - **Budgets.** Each process, and each user, may send `FOLD_ABOVE` (per user
+//!   `FOLD_USER_ABOVE`) starts per second one by one. Above that, further starts are
+//!   folded: counted exactly in `FOLDS` (count, port bitmap, first and last time) and
+//!   reported by the agent as `listeners-folded`, at most once a second per process. A
+//!   process already over its own budget does not spend its user's, so the other
+//!   processes of a flooding user keep theirs.
+//!
+//! Ends follow their start: the end of a folded start is folded too (`FOLDED_SOCKS`).
+
+use aya_ebpf::{
+    Global,
+    bindings::BPF_NOEXIST,
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, RingBuf},
+};
+use portwatch_common::{
+    AF_INET, Budget, FLAG_URGENT, FOLD_BY_PROCESS, FOLD_BY_USER, FOLD_PORT_WORDS, Fold, FoldKey,
+    RISKY_WORDS, SCOPE_ADDRESS, SCOPE_LOOPBACK, SCOPE_WILDCARD, SocketRecord, stat,
+};
+
+use crate::{count, submit};
+
+/// Important records; sized by the agent (`--urgent-ring-bytes`).
+#[map]
+pub static URGENT: RingBuf = RingBuf::with_byte_size(1 << 18, 0);
+
+/// One bit per port the agent calls risky (catalogue plus the rules' deny/risky lists).
+#[map]
+static RISKY_PORTS: Array<u64> = Array::with_max_entries(RISKY_WORDS, 0);
+
+#[map]
+static PROC_BUDGET: LruHashMap<u32, Budget> = LruHashMap::with_max_entries(16384, 0);
+
+#[map]
+static USER_BUDGET: LruHashMap<u32, Budget> = LruHashMap::with_max_entries(4096, 0);
+
+/// Folds being counted (8 KiB each, preallocated: 4 MiB). The agent deletes a fold once
+/// its process is gone and its last counts are reported.
+#[map]
+static FOLDS: HashMap<FoldKey, Fold> = HashMap::with_max_entries(512, 0);
+
+/// An all-zero `Fold`, the value a new fold is inserted with: 8 KiB does not fit on the
+/// 512-byte BPF stack.
+#[map]
+static FOLD_ZERO: Array<Fold> = Array::with_max_entries(1, 0);
+
+/// Sockets whose start was folded, so their end is folded into the same fold.
+#[map]
+static FOLDED_SOCKS: LruHashMap<u64, FoldKey> = LruHashMap::with_max_entries(65536, 0);
+
+/// Starts per second one process may send one by one; 0 = never fold.
+#[unsafe(no_mangle)]
+static FOLD_ABOVE: Global<u32> = Global::new(0);
+
+/// Starts per second all processes of one user may send one by one (0 = no user budget).
+#[unsafe(no_mangle)]
+static FOLD_USER_ABOVE: Global<u32> = Global::new(0);
+
+const SECOND_NS: u64 = 1_000_000_000;
+
+/// The address as four words (network byte order kept), read without loops: the
+/// verifier must see every access bounded.
+#[inline(always)]
+fn words(a: &[u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+    ]
+}
+
+#[inline(always)]
+fn is_loopback(family: u16, addr: &[u8; 16]) -> bool {
+    if family == AF_INET {
+        return addr[0] == 127;
+    }
+    // ::1, or ::ffff:127.x.x.x (a v4-mapped loopback).
+    let w = words(addr);
+    w[0] == 0
+        && w[1] == 0
+        && ((w[2] == 0 && w[3] == u32::from_ne_bytes([0, 0, 0, 1]))
+            || (w[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff]) && addr[12] == 127))
+}
+
+#[inline(always)]
+fn is_wildcard(family: u16, addr: &[u8; 16]) -> bool {
+    let w = words(addr);
+    if family == AF_INET {
+        return w[0] == 0;
+    }
+    w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == 0
+}
+
+#[inline(always)]
+fn risky_port(port: u16) -> bool {
+    RISKY_PORTS
+        .get((port >> 6) as u32)
+        .is_some_and(|w| w & (1u64 << (port & 63)) != 0)
+}
+
+/// Whether a record must not share fate with bulk churn.
+#[inline(always)]
+fn important(rec: &SocketRecord) -> bool {
+    risky_port(rec.port) || !is_loopback(rec.family, &rec.addr)
+}
+
+/// Put a record in its lane, counting it when there is no room. Returns whether it was
+/// delivered.
+#[inline(always)]
+fn send(rec: &mut SocketRecord) -> bool {
+    if important(rec) {
+        rec.flags |= FLAG_URGENT;
+        let Some(mut entry) = URGENT.reserve::<SocketRecord>(0) else {
+            count(stat::URGENT_FULL);
+            return false;
+        };
+        entry.write(*rec);
+        // Default wake-up: important records are few (budgets) and wanted at once.
+        entry.submit(0);
+        true
+    } else {
+        submit(rec)
+    }
+}
+
+/// `*p += n` atomically. The result is unused, so this is BPF_ADD without fetch, which
+/// every kernel with ring buffers has.
+#[inline(always)]
+fn add(p: *mut u64, n: u64) {
+    // SAFETY: `p` points into a map value, valid for the program's run.
+    #[cfg(target_arch = "bpf")]
+    unsafe {
+        use core::intrinsics::{AtomicOrdering, atomic_xadd};
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, n);
+    }
+    // Host builds (clippy) only type-check this crate.
+    #[cfg(not(target_arch = "bpf"))]
+    unsafe {
+        *p += n
+    };
+}
+
+/// `*p |= bits` atomically: BPF_OR without fetch (kernel >= 5.12).
+#[inline(always)]
+fn or(p: *mut u64, bits: u64) {
+    // SAFETY: as `add`.
+    #[cfg(target_arch = "bpf")]
+    unsafe {
+        use core::intrinsics::{AtomicOrdering, atomic_or};
+        atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(p, bits);
+    }
+    #[cfg(not(target_arch = "bpf"))]
+    unsafe {
+        *p |= bits
+    };
+}
+
+/// Count one start against a budget; true when the budget for this second is spent.
+/// The window fields are updated without atomics: two CPUs racing may miscount a start
+/// or two in the budget (never in the totals, which are atomic).
+#[inline(always)]
+fn spend(b: *mut Budget, now: u64, limit: u32) -> bool {
+    unsafe {
+        if now.wrapping_sub((*b).window_ns) >= SECOND_NS {
+            (*b).window_ns = now;
+            (*b).in_window = 0;
+        }
+        (*b).in_window += 1;
+        (*b).in_window > limit as u64
+    }
+}
+
+/// The process's budget entry, (re)made for this process when missing or left by an
+/// earlier owner of the same tgid.
+#[inline(always)]
+fn proc_budget(tgid: u32, start: u64, now: u64) -> Option<*mut Budget> {
+    if let Some(b) = PROC_BUDGET.get_ptr_mut(tgid)
+        && unsafe { (*b).start_boottime_ns } == start
+    {
+        return Some(b);
+    }
+    let fresh = Budget {
+        start_boottime_ns: start,
+        window_ns: now,
+        ..Budget::default()
+    };
+    let _ = PROC_BUDGET.insert(tgid, fresh, 0);
+    PROC_BUDGET.get_ptr_mut(tgid)
+}
+
+/// A start (listen or bind) the kernel is about to report: send it, or fold it when its
+/// process or user is over budget. `sock` is the `struct sock` address, remembered so
+/// the end of a folded start is folded too. Returns true when the start was folded.
+#[inline(always)]
+pub fn deliver_start(rec: &mut SocketRecord, sock: u64) -> bool {
+    let tgid = (rec.header.pid_tgid >> 32) as u32;
+    let now = rec.header.ktime_ns;
+    let budget = proc_budget(tgid, rec.start_boottime_ns, now);
+    let limit = FOLD_ABOVE.load();
+    if limit != 0 {
+        let mut reason = 0;
+        if budget.is_some_and(|b| spend(b, now, limit)) {
+            reason = FOLD_BY_PROCESS;
+        } else {
+            let user_limit = FOLD_USER_ABOVE.load();
+            let uid = rec.uid_gid as u32;
+            if user_limit != 0 {
+                let ub = match USER_BUDGET.get_ptr_mut(uid) {
+                    Some(b) => Some(b),
+                    None => {
+                        let fresh = Budget {
+                            window_ns: now,
+                            ..Budget::default()
+                        };
+                        let _ = USER_BUDGET.insert(uid, fresh, 0);
+                        USER_BUDGET.get_ptr_mut(uid)
+                    }
+                };
+                if ub.is_some_and(|b| spend(b, now, user_limit)) {
+                    reason = FOLD_BY_USER;
+                }
+            }
+        }
+        if reason != 0 && fold(rec, sock, reason) {
+            if let Some(b) = budget {
+                add(unsafe { &raw mut (*b).folded }, 1);
+            }
+            return true;
+        }
+    }
+    let sent = send(rec);
+    if let Some(b) = budget {
+        if sent {
+            add(unsafe { &raw mut (*b).sent }, 1);
+        } else {
+            add(unsafe { &raw mut (*b).lost }, 1);
+        }
+    }
+    false
+}
+
+/// An end (close or release) of a start that was sent: same lane rule.
+#[inline(always)]
+pub fn deliver_end(rec: &mut SocketRecord) {
+    send(rec);
+}
+
+/// Whether the socket's start was folded; if so its end is counted into the same fold
+/// and must not be sent.
+#[inline(always)]
+pub fn end_folded(sock: u64) -> bool {
+    let Some(k) = (unsafe { FOLDED_SOCKS.get(sock) }).copied() else {
+        return false;
+    };
+    let _ = FOLDED_SOCKS.remove(sock);
+    match FOLDS.get_ptr_mut(k) {
+        Some(f) => add(unsafe { &raw mut (*f).ended }, 1),
+        None => count(stat::FOLD_END_ORPHAN),
+    }
+    true
+}
+
+/// Count a start into its fold. False when it cannot be folded (the fold map is full):
+/// the caller then sends it, so nothing is lost.
+#[inline(always)]
+fn fold(rec: &SocketRecord, sock: u64, reason: u32) -> bool {
+    let scope = if is_loopback(rec.family, &rec.addr) {
+        SCOPE_LOOPBACK
+    } else if is_wildcard(rec.family, &rec.addr) {
+        SCOPE_WILDCARD
+    } else {
+        SCOPE_ADDRESS
+    };
+    let key = FoldKey {
+        tgid: (rec.header.pid_tgid >> 32) as u32,
+        protocol: rec.protocol,
+        family: rec.family,
+        scope,
+        _pad: [0; 6],
+        start_boottime_ns: rec.start_boottime_ns,
+    };
+    let f = match FOLDS.get_ptr_mut(key) {
+        Some(f) => f,
+        None => {
+            let Some(zero) = FOLD_ZERO.get_ptr(0) else {
+                return false;
+            };
+            // Another CPU may insert the same key first: NOEXIST fails then, and the
+            // lookup below finds theirs.
+            #[expect(
+                clippy::needless_borrows_for_generic_args,
+                reason = "a reference into the zero map: 8 KiB must never be copied to the stack"
+            )]
+            let _ = FOLDS.insert(key, unsafe { &*zero }, BPF_NOEXIST as u64);
+            let Some(f) = FOLDS.get_ptr_mut(key) else {
+                count(stat::FOLD_FULL);
+                return false;
+            };
+            unsafe {
+                if (*f).first_ns == 0 {
+                    (*f).first_ns = rec.header.ktime_ns;
+                    (*f).uid_gid = rec.uid_gid;
+                    (*f).cgroup_id = rec.cgroup_id;
+                    (*f).netns_ino = rec.netns_ino;
+                    (*f).ppid = rec.ppid;
+                    (*f).flags = rec.flags;
+                    (*f).addr = rec.addr;
+                    (*f).comm = rec.comm;
+                }
+            }
+            f
+        }
+    };
+    let word = ((rec.port >> 6) as usize) & (FOLD_PORT_WORDS - 1);
+    let bit = 1u64 << (rec.port & 63);
+    unsafe {
+        (*f).reason |= reason;
+        (*f).last_ns = rec.header.ktime_ns;
+    }
+    // Two CPUs folding ports of one process at once must not lose each other's bits.
+    or(unsafe { &raw mut (*f).ports[word] }, bit);
+    add(unsafe { &raw mut (*f).started }, 1);
+    let _ = FOLDED_SOCKS.insert(sock, key, 0);
+    true
+}
