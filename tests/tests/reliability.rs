@@ -120,8 +120,11 @@ fn tiny_ring_flood_generated_equals_captured_plus_lost_and_resync_repairs() {
     let _alone = exclusive();
     const N: usize = 20_000;
     const KEEP_EVERY: usize = 100;
+    // Folding off: this test measures the ring's loss accounting, one record at a time.
     let mut agent = Agent::start(&[
         "--no-snapshot",
+        "--fold-above",
+        "0",
         "--ring-bytes",
         "4096",
         "--priority-boost",
@@ -218,7 +221,8 @@ fn stalled_output_drops_are_counted_and_memory_stays_bounded() {
     }
     let _alone = exclusive();
     let mut child = spawn_watch(
-        &["--no-snapshot", "--queue-events", "64"],
+        // Folding off: every listener must reach the (stalled) queue.
+        &["--no-snapshot", "--fold-above", "0", "--queue-events", "64"],
         Stdio::piped(),
         Stdio::null(),
     );
@@ -359,7 +363,7 @@ fn full_disk_is_survived_counted_and_reported() {
     let file_s = file.to_str().unwrap();
     let stderr_file = tempfile::NamedTempFile::new().unwrap();
     let mut child = spawn_watch(
-        &["--no-snapshot", "--output", file_s],
+        &["--no-snapshot", "--fold-above", "0", "--output", file_s],
         Stdio::null(),
         Stdio::from(stderr_file.reopen().unwrap()),
     );

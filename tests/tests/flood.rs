@@ -1,0 +1,367 @@
+//! Flood-proof detection, tried as an attacker would: two processes of an unprivileged
+//! user churn sockets as fast as they can while a third process opens risky listeners
+//! on 0.0.0.0:11211 for 50 ms each. Every risky listener must be reported and alerted
+//! on, and every start of each flooder must be accounted for exactly: sent one by one,
+//! folded into `listeners-folded`, or reported lost.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    io::{BufRead as _, BufReader},
+    net::TcpListener,
+    path::PathBuf,
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use portwatch_tests::{Reap, Value, action, can_run_kernel_tests, pid, port, read_json_lines};
+
+const K: usize = 20;
+const RISKY: u16 = 11211;
+const FLOOD_SECS: f64 = 4.0;
+
+fn flooder_bin() -> PathBuf {
+    let agent = portwatch_tests::agent_binary();
+    agent.parent().expect("target dir").join("pw-flood")
+}
+
+/// A throwaway unprivileged user for the flooders.
+fn flood_uid() -> u32 {
+    let name = "pw-flood";
+    let id = || {
+        Command::new("id")
+            .args(["-u", name])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+    };
+    if let Some(uid) = id() {
+        return uid;
+    }
+    let st = Command::new("useradd")
+        .args([
+            "--system",
+            "--no-create-home",
+            "--shell",
+            "/usr/sbin/nologin",
+            name,
+        ])
+        .status()
+        .expect("running useradd");
+    assert!(st.success(), "useradd {name} failed");
+    id().expect("uid of the new user")
+}
+
+struct Flood {
+    pid: u32,
+    count: u64,
+    ports: BTreeSet<u16>,
+}
+
+fn parse_ranges(s: &str) -> BTreeSet<u16> {
+    let mut out = BTreeSet::new();
+    for part in s.split(',').filter(|p| !p.is_empty()) {
+        let (lo, hi) = part.split_once('-').unwrap_or((part, part));
+        let (lo, hi): (u16, u16) = (lo.parse().expect("port"), hi.parse().expect("port"));
+        out.extend(lo..=hi);
+    }
+    out
+}
+
+/// Start the two flooders; returns their handles.
+fn start_flooders(transport: &str, scope: &str, uid: u32) -> Vec<std::process::Child> {
+    (0..2)
+        .map(|_| {
+            Command::new(flooder_bin())
+                .args([transport, scope, &FLOOD_SECS.to_string(), &uid.to_string()])
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap_or_else(|e| panic!("starting {}: {e}", flooder_bin().display()))
+        })
+        .collect()
+}
+
+fn finish_flooders(children: Vec<std::process::Child>) -> Vec<Flood> {
+    children
+        .into_iter()
+        .map(|c| {
+            let out = c.wait_with_output().expect("flooder");
+            assert!(out.status.success(), "flooder failed: {}", out.status);
+            let text = String::from_utf8_lossy(&out.stdout);
+            let mut lines = text.lines();
+            let head = lines.next().expect("pid count line");
+            let (p, n) = head.split_once(' ').expect("pid count");
+            Flood {
+                pid: p.parse().expect("pid"),
+                count: n.parse().expect("count"),
+                ports: parse_ranges(lines.next().unwrap_or("")),
+            }
+        })
+        .collect()
+}
+
+/// The risky listeners: K times 0.0.0.0:11211 for 50 ms, 100 ms apart, from this process.
+fn open_risky_listeners() -> Vec<Instant> {
+    let mut opened = Vec::new();
+    for _ in 0..K {
+        let l = TcpListener::bind(("0.0.0.0", RISKY)).expect("binding 0.0.0.0:11211");
+        opened.push(Instant::now());
+        thread::sleep(Duration::from_millis(50));
+        drop(l);
+        thread::sleep(Duration::from_millis(100));
+    }
+    opened
+}
+
+/// Check the whole stream: K risky listeners and their alerts, exact flood accounting.
+fn check(events: &[Value], floods: &[Flood], transport: &str, scope_important: bool) {
+    let me = std::process::id() as u64;
+    let started_action = if transport == "tcp" {
+        "listen-started"
+    } else {
+        "udp-bound"
+    };
+    let stopped_action = if transport == "tcp" {
+        "listen-stopped"
+    } else {
+        "udp-released"
+    };
+    let risky: Vec<&Value> = events
+        .iter()
+        .filter(|e| action(e) == "listen-started" && pid(e) == me && port(e) == u64::from(RISKY))
+        .collect();
+    assert_eq!(risky.len(), K, "every risky listener reported");
+    assert!(
+        risky
+            .iter()
+            .all(|e| e["portwatch"]["risk"]["rule"] == "memcached"),
+        "classified as memcached"
+    );
+    let alerts = events
+        .iter()
+        .filter(|e| action(e) == "risky-listener" && pid(e) == me && port(e) == u64::from(RISKY))
+        .count() as u64;
+    let repeats: u64 = events
+        .iter()
+        .filter(|e| action(e) == "risky-listener-repeated" && port(e) == u64::from(RISKY))
+        .map(|e| e["portwatch"]["folded"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(alerts >= 1, "the alert was raised");
+    assert_eq!(alerts + repeats, K as u64, "alerts plus folded repeats");
+
+    for f in floods {
+        let p = u64::from(f.pid);
+        let mine = |a: &str| {
+            events
+                .iter()
+                .filter(|e| action(e) == a && pid(e) == p)
+                .collect::<Vec<_>>()
+        };
+        let sent = mine(started_action);
+        let ended = mine(stopped_action).len() as u64;
+        let folds = mine("listeners-folded");
+        let folded: u64 = folds
+            .iter()
+            .map(|e| e["portwatch"]["fold"]["started"].as_u64().unwrap())
+            .sum();
+        let folded_ends: u64 = folds
+            .iter()
+            .map(|e| e["portwatch"]["fold"]["ended"].as_u64().unwrap())
+            .sum();
+        let last = folds
+            .last()
+            .unwrap_or_else(|| panic!("flooder {p} ({} starts) was never folded", f.count));
+        let fold = &last["portwatch"]["fold"];
+        assert_eq!(fold["final"], true, "the last fold report is final: {fold}");
+        let lost = fold["process_lost"].as_u64().unwrap();
+        eprintln!(
+            "flooder {p}: generated {}, sent {}, folded {folded}, lost {lost}; ends sent {ended}, folded {folded_ends}",
+            f.count,
+            sent.len()
+        );
+        assert_eq!(
+            sent.len() as u64 + folded + lost,
+            f.count,
+            "flooder {p}: sent + folded + lost = generated"
+        );
+        assert_eq!(
+            fold["process_sent"].as_u64(),
+            Some(sent.len() as u64),
+            "kernel's sent count"
+        );
+        assert_eq!(
+            fold["process_folded"].as_u64(),
+            Some(folded),
+            "kernel's folded count"
+        );
+        assert_eq!(lost, 0, "nothing lost under the budget");
+        assert_eq!(
+            ended + folded_ends,
+            f.count,
+            "flooder {p}: every end accounted for"
+        );
+        // The exact port set: ports sent one by one plus the fold's set.
+        let mut seen: BTreeSet<u16> = sent.iter().map(|e| port(e) as u16).collect();
+        for e in &folds {
+            seen.extend(parse_ranges(
+                e["portwatch"]["fold"]["ports"].as_str().unwrap(),
+            ));
+        }
+        assert_eq!(
+            seen, f.ports,
+            "flooder {p}: the reported ports are exactly its ports"
+        );
+        let scope = fold["scope"].as_str().unwrap();
+        assert_eq!(
+            scope,
+            if scope_important {
+                "wildcard"
+            } else {
+                "loopback"
+            }
+        );
+        assert!(last["user"]["id"].as_str().is_some(), "attributed: {last}");
+    }
+}
+
+/// Run one variant with the agent writing to a file.
+fn variant(transport: &str, scope: &str) {
+    if !can_run_kernel_tests() {
+        return;
+    }
+    let uid = flood_uid();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("events.json");
+    let out_s = out.to_str().unwrap().to_owned();
+    let mut agent = portwatch_tests::spawn_watch(
+        &["--output", &out_s, "--no-snapshot"],
+        Stdio::null(),
+        Stdio::inherit(),
+    );
+    let _reap = Reap(agent.id());
+    portwatch_tests::poll(Duration::from_secs(30), || {
+        read_json_lines(&out)
+            .iter()
+            .any(|e| action(e) == "sensor-started")
+            .then_some(())
+    })
+    .expect("agent started");
+    let flooders = start_flooders(transport, scope, uid);
+    thread::sleep(Duration::from_millis(500));
+    open_risky_listeners();
+    let floods = finish_flooders(flooders);
+    // The final fold report comes once a flooder is gone (next tick, within ~2 s).
+    let pids: Vec<u64> = floods.iter().map(|f| u64::from(f.pid)).collect();
+    portwatch_tests::poll(Duration::from_secs(15), || {
+        let evs = read_json_lines(&out);
+        pids.iter()
+            .all(|p| {
+                evs.iter().any(|e| {
+                    action(e) == "listeners-folded"
+                        && pid(e) == *p
+                        && e["portwatch"]["fold"]["final"] == true
+                })
+            })
+            .then_some(())
+    })
+    .expect("final fold reports");
+    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    assert!(agent.wait().expect("agent").success());
+    let events = read_json_lines(&out);
+    check(&events, &floods, transport, scope == "wildcard");
+}
+
+#[test]
+fn tcp_flood_on_loopback_hides_no_risky_listener() {
+    variant("tcp", "loopback");
+}
+
+#[test]
+fn udp_flood_on_loopback_hides_no_risky_listener() {
+    variant("udp", "loopback");
+}
+
+#[test]
+fn wildcard_flood_is_folded_and_hides_no_risky_listener() {
+    variant("tcp", "wildcard");
+}
+
+/// The agent's stdout goes through a pipe read slower than the flood's bulk output:
+/// bulk events are dropped (and counted), urgent ones never.
+#[test]
+fn slow_pipe_keeps_every_risky_listener() {
+    if !can_run_kernel_tests() {
+        return;
+    }
+    let uid = flood_uid();
+    let mut agent = portwatch_tests::spawn_watch(
+        &["--no-snapshot", "--queue-events", "2048"],
+        Stdio::piped(),
+        Stdio::inherit(),
+    );
+    let _reap = Reap(agent.id());
+    let stdout = agent.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel::<Value>();
+    let reader = thread::spawn(move || {
+        // About 1,000 lines a second: slower than the flooders' 4,000 bulk lines.
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let v: Value = serde_json::from_str(&line).expect("JSON line");
+            if tx.send(v).is_err() {
+                break;
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+    });
+    let mut events = Vec::new();
+    loop {
+        let v = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("sensor-started");
+        let started = action(&v) == "sensor-started";
+        events.push(v);
+        if started {
+            break;
+        }
+    }
+    let flooders = start_flooders("tcp", "loopback", uid);
+    thread::sleep(Duration::from_millis(500));
+    open_risky_listeners();
+    let _floods = finish_flooders(flooders);
+    thread::sleep(Duration::from_secs(3));
+    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    // The agent drains its queue into the pipe before it exits.
+    while let Ok(v) = rx.recv_timeout(Duration::from_secs(20)) {
+        events.push(v);
+    }
+    assert!(agent.wait().expect("agent").success());
+    let _ = reader.join();
+    let me = std::process::id() as u64;
+    let risky = events
+        .iter()
+        .filter(|e| action(e) == "listen-started" && pid(e) == me && port(e) == u64::from(RISKY))
+        .count();
+    assert_eq!(risky, K, "every risky listener reached the slow pipe");
+    assert!(
+        events
+            .iter()
+            .any(|e| action(e) == "risky-listener" && port(e) == u64::from(RISKY)),
+        "the alert reached the slow pipe"
+    );
+    let lost: HashMap<String, u64> =
+        events
+            .iter()
+            .filter(|e| action(e) == "events-lost")
+            .fold(HashMap::new(), |mut m, e| {
+                let l = &e["portwatch"]["lost"];
+                *m.entry(l["lane"].as_str().unwrap_or("-").to_owned())
+                    .or_default() += l["count"].as_u64().unwrap_or(0);
+                m
+            });
+    eprintln!(
+        "slow pipe: {} events read, lost by lane {lost:?}",
+        events.len()
+    );
+    assert_eq!(lost.get("urgent"), None, "no urgent event lost");
+}
