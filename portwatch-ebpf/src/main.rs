@@ -25,6 +25,7 @@
 
 mod deliver;
 mod direct;
+mod floor;
 
 use core::ptr::read_volatile;
 

@@ -46,6 +46,15 @@ pub const STABLE_PROGRAMS: [&str; 5] = [
     "udp_release",
 ];
 
+/// The floor set: do-nothing programs at the stable set's hooks (the bench's floor run).
+pub const FLOOR_PROGRAMS: [&str; 5] = [
+    "floor_state",
+    "floor_sockops",
+    "floor_bind4",
+    "floor_bind6",
+    "floor_release",
+];
+
 /// Programs of the direct set with fentry/fexit: (program, kernel function, is fexit).
 /// Attached in this order: the end hooks before the start hooks, so that no listener
 /// is reported started without its end being watched.
@@ -69,7 +78,12 @@ const KPROBE_HOOKS: [(&str, &[&str], bool); 6] = [
 ];
 
 /// Names of every program in the object, as the kernel reports them.
-pub const PROGRAMS: [&str; 17] = [
+pub const PROGRAMS: [&str; 22] = [
+    "floor_state",
+    "floor_sockops",
+    "floor_bind4",
+    "floor_bind6",
+    "floor_release",
     "listen_state",
     "listen_sockops",
     "udp_bind4",
@@ -101,6 +115,10 @@ pub enum HooksChoice {
     /// The direct set with kprobes even where fentry works (to test that fallback).
     #[value(hide = true)]
     DirectKprobe,
+    /// Do-nothing programs at the stable set's hooks: reports nothing (the self-check
+    /// fails: use --allow-degraded). For the benchmark's floor run.
+    #[value(hide = true)]
+    Floor,
 }
 
 /// Which hooks are attached, and why: reported in the `sensor-started` event.
@@ -192,7 +210,7 @@ pub fn load(opts: &Options) -> anyhow::Result<Sensor> {
         // aya's (needed to load the real ones) costs ~8 MiB of peak memory, not worth
         // paying on kernels that refuse fentry anyway.
         let probe = match opts.hooks {
-            HooksChoice::Stable | HooksChoice::DirectKprobe => None,
+            HooksChoice::Stable | HooksChoice::DirectKprobe | HooksChoice::Floor => None,
             _ => Some(match kernel_btf.func_id(FENTRY_HOOKS[0].1) {
                 Some(id) => fentry_loads(id),
                 None => Err(format!(
@@ -305,6 +323,16 @@ fn choose_and_attach(
 ) -> anyhow::Result<Hooks> {
     if choice == HooksChoice::Stable {
         return attach_stable(ebpf, cgroup_root, "asked for with --hooks stable".into());
+    }
+    if choice == HooksChoice::Floor {
+        let mut hooks = attach_cgroup_tracepoint_set(
+            ebpf,
+            cgroup_root,
+            &FLOOR_PROGRAMS,
+            "asked for with --hooks floor: do-nothing programs, nothing is reported".into(),
+        )?;
+        hooks.set = "floor";
+        return Ok(hooks);
     }
     let direct = match btf::missing_direct(offsets) {
         m if !m.is_empty() => Err(format!("this kernel's BTF lacks {}", m.join(", "))),
@@ -497,23 +525,35 @@ fn unload<'a>(ebpf: &mut Ebpf, names: impl Iterator<Item = &'a str>) {
 
 /// The tracepoint + cgroup set.
 fn attach_stable(ebpf: &mut Ebpf, cgroup_root: &Path, reason: String) -> anyhow::Result<Hooks> {
+    attach_cgroup_tracepoint_set(ebpf, cgroup_root, &STABLE_PROGRAMS, reason)
+}
+
+/// Attach `names` (state tracepoint, sock_ops, post_bind4, post_bind6, sock_release:
+/// the stable set's order) to their hooks.
+fn attach_cgroup_tracepoint_set(
+    ebpf: &mut Ebpf,
+    cgroup_root: &Path,
+    names: &[&'static str; 5],
+    reason: String,
+) -> anyhow::Result<Hooks> {
+    let [state, sockops, bind4, bind6, release] = *names;
     let cgroup = File::open(cgroup_root)
         .with_context(|| format!("opening cgroup2 root {}", cgroup_root.display()))?;
     let prog: &mut SockOps = ebpf
-        .program_mut("listen_sockops")
-        .ok_or_else(|| anyhow!("program listen_sockops missing from the embedded object"))?
+        .program_mut(sockops)
+        .ok_or_else(|| anyhow!("program {sockops} missing from the embedded object"))?
         .try_into()?;
     prog.load()
-        .map_err(|e| anyhow!("the kernel refused program listen_sockops: {e}"))?;
+        .map_err(|e| anyhow!("the kernel refused program {sockops}: {e}"))?;
     prog.attach(&cgroup, CgroupAttachMode::Single)
         .map_err(|e| {
             anyhow!(
-                "attaching listen_sockops to {} failed: {}; the kernel needs CONFIG_CGROUP_BPF=y",
+                "attaching {sockops} to {} failed: {}; the kernel needs CONFIG_CGROUP_BPF=y",
                 cgroup_root.display(),
                 error_chain(&e)
             )
         })?;
-    for name in ["udp_bind4", "udp_bind6", "udp_release"] {
+    for name in [bind4, bind6, release] {
         let prog: &mut CgroupSock = ebpf
             .program_mut(name)
             .ok_or_else(|| anyhow!("program {name} missing from the embedded object"))?
@@ -534,12 +574,12 @@ fn attach_stable(ebpf: &mut Ebpf, cgroup_root: &Path, reason: String) -> anyhow:
     }
     // The state tracepoint goes last: a LISTEN it parks must always be followed by the
     // sock_ops confirmation, or its close would be mistaken for a failed listen().
-    attach_tracepoint(ebpf, "listen_state", "sock", "inet_sock_set_state")?;
+    attach_tracepoint(ebpf, state, "sock", "inet_sock_set_state")?;
     Ok(Hooks {
         set: "stable",
         via: "tracepoint+cgroup",
         reason,
-        programs: STABLE_PROGRAMS.to_vec(),
+        programs: names.to_vec(),
         attached: vec![
             "tracepoint/sock/inet_sock_set_state".into(),
             "cgroup/sock_ops".into(),
