@@ -21,8 +21,7 @@ const RISKY: u16 = 11211;
 const FLOOD_SECS: f64 = 4.0;
 
 fn flooder_bin() -> PathBuf {
-    let agent = portwatch_tests::agent_binary();
-    agent.parent().expect("target dir").join("pw-flood")
+    PathBuf::from(env!("CARGO_BIN_EXE_pw-flood"))
 }
 
 /// A throwaway unprivileged user for the flooders.

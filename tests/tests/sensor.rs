@@ -357,3 +357,93 @@ fn accepted_connections_do_not_end_the_listener() {
         is(e, "listen-stopped", me(), p)
     });
 }
+
+/// Above its budget a process's starts are folded in the kernel, and every start and end
+/// is still accounted for exactly: here with a budget of 50 a second, so that the test is
+/// quick on every kernel of the matrix (and under emulation), with whichever hook set
+/// the agent runs (the direct set folds through the same code).
+fn fold_accounts_for_every_start(udp: bool) {
+    if !can_run_kernel_tests() {
+        return;
+    }
+    let mut agent = Agent::start(&["--no-snapshot", "--fold-above", "50"]);
+    const N: usize = 400;
+    let mut ports = std::collections::BTreeSet::new();
+    for _ in 0..N {
+        let p = if udp {
+            let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.local_addr().unwrap().port()
+        } else {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        ports.insert(p);
+    }
+    let (start, stop) = if udp {
+        ("udp-bound", "udp-released")
+    } else {
+        ("listen-started", "listen-stopped")
+    };
+    // Every start is either sent or in a fold; the final fold report (this process has
+    // stopped churning) carries the kernel's totals for the process.
+    let mine = |e: &Value| e["process"]["pid"] == me();
+    agent.expect("a final listeners-folded", |e| {
+        action(e) == "listeners-folded"
+            && mine(e)
+            && e["portwatch"]["fold"]["final"] == true
+            && e["portwatch"]["fold"]["process_sent"].as_u64().unwrap_or(0)
+                + e["portwatch"]["fold"]["process_folded"]
+                    .as_u64()
+                    .unwrap_or(0)
+                >= N as u64
+    });
+    let (status, events) = agent.stop();
+    assert!(status.success());
+    let count = |a: &str| events.iter().filter(|e| action(e) == a && mine(e)).count() as u64;
+    let folds: Vec<&Value> = events
+        .iter()
+        .filter(|e| action(e) == "listeners-folded" && mine(e))
+        .collect();
+    let folded: u64 = folds
+        .iter()
+        .map(|e| e["portwatch"]["fold"]["started"].as_u64().unwrap())
+        .sum();
+    let folded_ends: u64 = folds
+        .iter()
+        .map(|e| e["portwatch"]["fold"]["ended"].as_u64().unwrap())
+        .sum();
+    let (sent, ended) = (count(start), count(stop));
+    println!(
+        "fold: {N} starts: {sent} sent, {folded} folded; ends {ended} sent, {folded_ends} folded"
+    );
+    assert!(folded > 0, "nothing was folded");
+    assert_eq!(sent + folded, N as u64, "sent + folded = generated");
+    assert_eq!(ended + folded_ends, N as u64, "every end accounted for");
+    let last = &folds.last().unwrap()["portwatch"]["fold"];
+    assert_eq!(last["process_sent"].as_u64(), Some(sent), "{last}");
+    assert_eq!(last["process_folded"].as_u64(), Some(folded), "{last}");
+    assert_eq!(last["process_lost"].as_u64(), Some(0), "{last}");
+    assert_eq!(last["scope"], "loopback");
+    let mut seen: std::collections::BTreeSet<u16> = events
+        .iter()
+        .filter(|e| action(e) == start && mine(e))
+        .map(|e| e["server"]["port"].as_u64().unwrap() as u16)
+        .collect();
+    for f in &folds {
+        for part in f["portwatch"]["fold"]["ports"].as_str().unwrap().split(',') {
+            let (lo, hi) = part.split_once('-').unwrap_or((part, part));
+            seen.extend(lo.parse::<u16>().unwrap()..=hi.parse::<u16>().unwrap());
+        }
+    }
+    assert_eq!(seen, ports, "the reported ports are exactly the ports used");
+}
+
+#[test]
+fn tcp_starts_above_the_budget_are_folded_and_counted_exactly() {
+    fold_accounts_for_every_start(false);
+}
+
+#[test]
+fn udp_binds_above_the_budget_are_folded_and_counted_exactly() {
+    fold_accounts_for_every_start(true);
+}
