@@ -52,9 +52,11 @@ static FOLDS: HashMap<FoldKey, Fold> = HashMap::with_max_entries(512, 0);
 #[map]
 static FOLD_ZERO: Array<Fold> = Array::with_max_entries(1, 0);
 
-/// Sockets whose start was folded, so their end is folded into the same fold.
+/// Sockets whose start was folded, so their end is folded into the same fold. A plain
+/// hash (an LRU insert cost more per folded start); when it is full, starts are sent
+/// one by one instead of folded (counted in FOLD_FULL).
 #[map]
-static FOLDED_SOCKS: LruHashMap<u64, FoldKey> = LruHashMap::with_max_entries(65536, 0);
+static FOLDED_SOCKS: HashMap<u64, FoldKey> = HashMap::with_max_entries(65536, 0);
 
 /// Starts per second one process may send one by one; 0 = never fold.
 #[unsafe(no_mangle)]
@@ -320,6 +322,11 @@ fn fold(rec: &SocketRecord, sock: u64, reason: u32) -> bool {
             f
         }
     };
+    // Remembered first: a start whose end could not be folded too is sent instead.
+    if FOLDED_SOCKS.insert(sock, key, 0).is_err() {
+        count(stat::FOLD_FULL);
+        return false;
+    }
     let word = ((rec.port >> 6) as usize) & (FOLD_PORT_WORDS - 1);
     let bit = 1u64 << (rec.port & 63);
     unsafe {
@@ -329,6 +336,5 @@ fn fold(rec: &SocketRecord, sock: u64, reason: u32) -> bool {
     // Two CPUs folding ports of one process at once must not lose each other's bits.
     or(unsafe { &raw mut (*f).ports[word] }, bit);
     add(unsafe { &raw mut (*f).started }, 1);
-    let _ = FOLDED_SOCKS.insert(sock, key, 0);
     true
 }
