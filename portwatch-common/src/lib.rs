@@ -113,6 +113,8 @@ pub const FLAG_UNTRACKED: u32 = 1 << 6;
 /// The kernel judged the record important (a port in `RISKY_PORTS`, or an address that
 /// is not loopback) and put it in the `URGENT` ring, which bulk churn cannot fill.
 pub const FLAG_URGENT: u32 = 1 << 7;
+/// Kernel-internal, never sent: a parked listen whose budget was charged when it began.
+pub const FLAG_CHARGED: u32 = 1 << 8;
 
 pub const SOCKET_RECORD_SIZE: usize = core::mem::size_of::<SocketRecord>();
 const _: () = assert!(core::mem::size_of::<Header>() == 24);

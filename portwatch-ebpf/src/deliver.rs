@@ -18,12 +18,13 @@
 use aya_ebpf::{
     Global,
     bindings::BPF_NOEXIST,
+    helpers::{bpf_get_current_cgroup_id, bpf_get_current_comm},
     macros::map,
     maps::{Array, HashMap, LruHashMap, RingBuf},
 };
 use portwatch_common::{
-    AF_INET, Budget, FLAG_URGENT, FOLD_BY_PROCESS, FOLD_BY_USER, FOLD_PORT_WORDS, Fold, FoldKey,
-    RISKY_WORDS, SCOPE_ADDRESS, SCOPE_LOOPBACK, SCOPE_WILDCARD, SocketRecord, stat,
+    AF_INET, Budget, FLAG_CHARGED, FLAG_URGENT, FOLD_BY_PROCESS, FOLD_BY_USER, FOLD_PORT_WORDS,
+    Fold, FoldKey, RISKY_WORDS, SCOPE_ADDRESS, SCOPE_LOOPBACK, SCOPE_WILDCARD, SocketRecord, stat,
 };
 
 use crate::{count, submit};
@@ -199,54 +200,148 @@ fn proc_budget(tgid: u32, start: u64, now: u64) -> Option<*mut Budget> {
     PROC_BUDGET.get_ptr_mut(tgid)
 }
 
-/// A start (listen or bind) the kernel is about to report: send it, or fold it when its
-/// process or user is over budget. `sock` is the `struct sock` address, remembered so
-/// the end of a folded start is folded too. Returns true when the start was folded.
-#[inline(always)]
-pub fn deliver_start(rec: &mut SocketRecord, sock: u64) -> bool {
-    let tgid = (rec.header.pid_tgid >> 32) as u32;
-    let now = rec.header.ktime_ns;
-    let budget = proc_budget(tgid, rec.start_boottime_ns, now);
-    let limit = FOLD_ABOVE.load();
-    if limit != 0 {
-        let mut reason = 0;
-        if budget.is_some_and(|b| spend(b, now, limit)) {
-            reason = FOLD_BY_PROCESS;
-        } else {
-            let user_limit = FOLD_USER_ABOVE.load();
-            let uid = rec.uid_gid as u32;
-            if user_limit != 0 {
-                let ub = match USER_BUDGET.get_ptr_mut(uid) {
-                    Some(b) => Some(b),
-                    None => {
-                        let fresh = Budget {
-                            window_ns: now,
-                            ..Budget::default()
-                        };
-                        let _ = USER_BUDGET.insert(uid, fresh, 0);
-                        USER_BUDGET.get_ptr_mut(uid)
-                    }
-                };
-                if ub.is_some_and(|b| spend(b, now, user_limit)) {
-                    reason = FOLD_BY_USER;
-                }
-            }
-        }
-        if reason != 0 && fold(rec, sock, reason) {
-            if let Some(b) = budget {
-                add(unsafe { &raw mut (*b).folded }, 1);
-            }
-            return true;
+/// What deciding about a start needs: known before any kernel struct is read, but for
+/// the task's start time (two reads), so a folded start costs no attribution reads.
+#[derive(Clone, Copy)]
+pub struct Start {
+    pub pid_tgid: u64,
+    pub uid_gid: u64,
+    pub start_boottime_ns: u64,
+    pub now: u64,
+    pub family: u16,
+    pub protocol: u16,
+    pub port: u16,
+    pub addr: [u8; 16],
+}
+
+impl Start {
+    #[inline(always)]
+    fn of(rec: &SocketRecord) -> Start {
+        Start {
+            pid_tgid: rec.header.pid_tgid,
+            uid_gid: rec.uid_gid,
+            start_boottime_ns: rec.start_boottime_ns,
+            now: rec.header.ktime_ns,
+            family: rec.family,
+            protocol: rec.protocol,
+            port: rec.port,
+            addr: rec.addr,
         }
     }
+}
+
+/// What a new fold records about its process besides the [`Start`]: read only when a
+/// fold is created.
+pub struct FoldAttr {
+    pub netns_ino: u32,
+    pub ppid: u32,
+    /// `FLAG_NETNS` / `FLAG_PPID` for the fields read.
+    pub flags: u32,
+}
+
+/// The budgets' verdict on one start: the process's budget entry (for its totals) and
+/// why to fold (0: send).
+pub struct Decision {
+    budget: Option<*mut Budget>,
+    reason: u32,
+}
+
+/// Charge the start to its process's budget, and to its user's unless the process is
+/// already over its own: a process over budget must not spend the budget of the other
+/// processes of its user.
+#[inline(always)]
+pub fn decide(s: &Start) -> Decision {
+    let tgid = (s.pid_tgid >> 32) as u32;
+    let budget = proc_budget(tgid, s.start_boottime_ns, s.now);
+    let limit = FOLD_ABOVE.load();
+    if limit == 0 {
+        return Decision { budget, reason: 0 };
+    }
+    if budget.is_some_and(|b| spend(b, s.now, limit)) {
+        return Decision {
+            budget,
+            reason: FOLD_BY_PROCESS,
+        };
+    }
+    let user_limit = FOLD_USER_ABOVE.load();
+    if user_limit == 0 {
+        return Decision { budget, reason: 0 };
+    }
+    let uid = s.uid_gid as u32;
+    let ub = match USER_BUDGET.get_ptr_mut(uid) {
+        Some(b) => Some(b),
+        None => {
+            let fresh = Budget {
+                window_ns: s.now,
+                ..Budget::default()
+            };
+            let _ = USER_BUDGET.insert(uid, fresh, 0);
+            USER_BUDGET.get_ptr_mut(uid)
+        }
+    };
+    let reason = if ub.is_some_and(|b| spend(b, s.now, user_limit)) {
+        FOLD_BY_USER
+    } else {
+        0
+    };
+    Decision { budget, reason }
+}
+
+/// Fold the start when the decision says so. `attr` reads the rest of the attribution,
+/// called only when a new fold is created. False: send it (not over budget, or it could
+/// not be folded).
+#[inline(always)]
+pub fn try_fold(s: &Start, d: &Decision, sock: u64, attr: impl FnOnce() -> FoldAttr) -> bool {
+    if d.reason == 0 || !fold(s, sock, d.reason, attr) {
+        return false;
+    }
+    if let Some(b) = d.budget {
+        add(unsafe { &raw mut (*b).folded }, 1);
+    }
+    true
+}
+
+/// Send a start the budgets let through, counting it in its process's totals.
+#[inline(always)]
+pub fn send_start(rec: &mut SocketRecord, d: &Decision) {
     let sent = send(rec);
-    if let Some(b) = budget {
+    if let Some(b) = d.budget {
         if sent {
             add(unsafe { &raw mut (*b).sent }, 1);
         } else {
             add(unsafe { &raw mut (*b).lost }, 1);
         }
     }
+}
+
+/// A start (listen or bind) the kernel is about to report with its whole record: send
+/// it, or fold it when its process or user is over budget. `sock` is the `struct sock`
+/// address, remembered so the end of a folded start is folded too. A record marked
+/// FLAG_CHARGED was already charged (and not folded) when its listen began: it is sent.
+/// Returns true when the start was folded.
+#[inline(always)]
+pub fn deliver_start(rec: &mut SocketRecord, sock: u64) -> bool {
+    let s = Start::of(rec);
+    if rec.flags & FLAG_CHARGED != 0 {
+        rec.flags &= !FLAG_CHARGED;
+        let tgid = (s.pid_tgid >> 32) as u32;
+        let d = Decision {
+            budget: proc_budget(tgid, s.start_boottime_ns, s.now),
+            reason: 0,
+        };
+        send_start(rec, &d);
+        return false;
+    }
+    let d = decide(&s);
+    let attr = || FoldAttr {
+        netns_ino: rec.netns_ino,
+        ppid: rec.ppid,
+        flags: rec.flags,
+    };
+    if try_fold(&s, &d, sock, attr) {
+        return true;
+    }
+    send_start(rec, &d);
     false
 }
 
@@ -274,21 +369,21 @@ pub fn end_folded(sock: u64) -> bool {
 /// Count a start into its fold. False when it cannot be folded (the fold map is full):
 /// the caller then sends it, so nothing is lost.
 #[inline(always)]
-fn fold(rec: &SocketRecord, sock: u64, reason: u32) -> bool {
-    let scope = if is_loopback(rec.family, &rec.addr) {
+fn fold(s: &Start, sock: u64, reason: u32, attr: impl FnOnce() -> FoldAttr) -> bool {
+    let scope = if is_loopback(s.family, &s.addr) {
         SCOPE_LOOPBACK
-    } else if is_wildcard(rec.family, &rec.addr) {
+    } else if is_wildcard(s.family, &s.addr) {
         SCOPE_WILDCARD
     } else {
         SCOPE_ADDRESS
     };
     let key = FoldKey {
-        tgid: (rec.header.pid_tgid >> 32) as u32,
-        protocol: rec.protocol,
-        family: rec.family,
+        tgid: (s.pid_tgid >> 32) as u32,
+        protocol: s.protocol,
+        family: s.family,
         scope,
         _pad: [0; 6],
-        start_boottime_ns: rec.start_boottime_ns,
+        start_boottime_ns: s.start_boottime_ns,
     };
     let f = match FOLDS.get_ptr_mut(key) {
         Some(f) => f,
@@ -309,14 +404,15 @@ fn fold(rec: &SocketRecord, sock: u64, reason: u32) -> bool {
             };
             unsafe {
                 if (*f).first_ns == 0 {
-                    (*f).first_ns = rec.header.ktime_ns;
-                    (*f).uid_gid = rec.uid_gid;
-                    (*f).cgroup_id = rec.cgroup_id;
-                    (*f).netns_ino = rec.netns_ino;
-                    (*f).ppid = rec.ppid;
-                    (*f).flags = rec.flags;
-                    (*f).addr = rec.addr;
-                    (*f).comm = rec.comm;
+                    let a = attr();
+                    (*f).first_ns = s.now;
+                    (*f).uid_gid = s.uid_gid;
+                    (*f).cgroup_id = bpf_get_current_cgroup_id();
+                    (*f).netns_ino = a.netns_ino;
+                    (*f).ppid = a.ppid;
+                    (*f).flags = a.flags;
+                    (*f).addr = s.addr;
+                    (*f).comm = bpf_get_current_comm().unwrap_or([0; 16]);
                 }
             }
             f
@@ -327,11 +423,11 @@ fn fold(rec: &SocketRecord, sock: u64, reason: u32) -> bool {
         count(stat::FOLD_FULL);
         return false;
     }
-    let word = ((rec.port >> 6) as usize) & (FOLD_PORT_WORDS - 1);
-    let bit = 1u64 << (rec.port & 63);
+    let word = ((s.port >> 6) as usize) & (FOLD_PORT_WORDS - 1);
+    let bit = 1u64 << (s.port & 63);
     unsafe {
         (*f).reason |= reason;
-        (*f).last_ns = rec.header.ktime_ns;
+        (*f).last_ns = s.now;
     }
     // Two CPUs folding ports of one process at once must not lose each other's bits.
     or(unsafe { &raw mut (*f).ports[word] }, bit);

@@ -42,11 +42,13 @@ use aya_ebpf::{
     programs::{SockContext, SockOpsContext, TracePointContext},
 };
 use aya_log_ebpf::warn;
-use deliver::{deliver_end, deliver_start, end_folded};
+use deliver::{
+    FoldAttr, Start, decide, deliver_end, deliver_start, end_folded, send_start, try_fold,
+};
 use portwatch_common::{
-    AF_INET, AF_INET6, FLAG_INODE, FLAG_KTHREAD, FLAG_NETNS, FLAG_PPID, FLAG_START, FLAG_UNTRACKED,
-    FLAG_V6ONLY, Header, IPPROTO_TCP, IPPROTO_UDP, KernelOffsets, Kind, SocketRecord, TCP_CLOSE,
-    TCP_LISTEN, stat,
+    AF_INET, AF_INET6, FLAG_CHARGED, FLAG_INODE, FLAG_KTHREAD, FLAG_NETNS, FLAG_PPID, FLAG_START,
+    FLAG_UNTRACKED, FLAG_V6ONLY, Header, IPPROTO_TCP, IPPROTO_UDP, KernelOffsets, Kind,
+    SocketRecord, TCP_CLOSE, TCP_LISTEN, stat,
 };
 
 /// Ring buffer size in bytes; the agent may override it at load time.
@@ -149,6 +151,28 @@ fn try_listen_state(ctx: &TracePointContext) -> Result<u32, u32> {
         // Everything about the listener is captured now, in its own task's context; the
         // port of an unbound socket is filled in when the listen is confirmed.
         let port: u16 = tp_field(ctx, TP_SPORT);
+        let mut extra = kthread_flag();
+        if port != 0 && extra == 0 {
+            // Bound already (the usual case): decide on the budgets now, so a start of a
+            // process over budget is folded without any attribution read or parking.
+            // (A listen() that then fails, which a bound socket does only on a
+            // SO_REUSEPORT conflict, is counted in the fold as a start and an end.)
+            let s = Start {
+                pid_tgid,
+                uid_gid: bpf_get_current_uid_gid(),
+                start_boottime_ns: task_start().unwrap_or(0),
+                now,
+                family,
+                protocol: IPPROTO_TCP,
+                port,
+                addr,
+            };
+            let d = decide(&s);
+            if try_fold(&s, &d, sock, || fold_attr(sock)) {
+                return Ok(0);
+            }
+            extra |= FLAG_CHARGED;
+        }
         let rec = build(
             Kind::ListenStarted,
             now,
@@ -158,7 +182,7 @@ fn try_listen_state(ctx: &TracePointContext) -> Result<u32, u32> {
             IPPROTO_TCP,
             port,
             &addr,
-            kthread_flag(),
+            extra,
         );
         if PENDING.insert(sock, rec, 0).is_err() {
             count(stat::PENDING_FULL);
@@ -335,10 +359,26 @@ fn udp_released(sock: u64, family: u16) {
 #[inline(always)]
 fn udp_bound(sock: u64, family: u16, port: u16, addr: [u8; 16]) {
     let now = unsafe { bpf_ktime_get_ns() };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // Budgets first: a bind of a process over budget is folded without attribution reads.
+    let s = Start {
+        pid_tgid,
+        uid_gid: bpf_get_current_uid_gid(),
+        start_boottime_ns: task_start().unwrap_or(0),
+        now,
+        family,
+        protocol: IPPROTO_UDP,
+        port,
+        addr,
+    };
+    let d = decide(&s);
+    if try_fold(&s, &d, sock, || fold_attr(sock)) {
+        return; // folded: its release is found in FOLDED_SOCKS
+    }
     let mut rec = build(
         Kind::UdpBound,
         now,
-        bpf_get_current_pid_tgid(),
+        pid_tgid,
         sock,
         family,
         IPPROTO_UDP,
@@ -346,9 +386,7 @@ fn udp_bound(sock: u64, family: u16, port: u16, addr: [u8; 16]) {
         &addr,
         0,
     );
-    if deliver_start(&mut rec, sock) {
-        return; // folded: its release is found in FOLDED_SOCKS
-    }
+    send_start(&mut rec, &d);
     let b = Bound {
         family,
         port,
@@ -471,6 +509,31 @@ fn kthread_flag() -> u32 {
     } else {
         0
     }
+}
+
+/// The network namespace and parent of a folded start's process (for a new fold).
+#[inline(always)]
+fn fold_attr(sock: u64) -> FoldAttr {
+    let off = OFFSETS.load();
+    let netns = read_kernel::<u64>(sock, off.sock_net)
+        .filter(|n| *n != 0)
+        .and_then(|n| read_kernel::<u32>(n, off.net_inum));
+    let parent = read_kernel::<u64>(current_task(), off.task_real_parent).filter(|p| *p != 0);
+    let ppid = parent.and_then(|p| read_task_u32(p, off.task_tgid));
+    FoldAttr {
+        netns_ino: netns.unwrap_or(0),
+        ppid: ppid.unwrap_or(0),
+        flags: if netns.is_some() { FLAG_NETNS } else { 0 }
+            | if ppid.is_some() { FLAG_PPID } else { 0 },
+    }
+}
+
+/// `start_boottime` of the current thread group's leader (what `build` records).
+#[inline(always)]
+fn task_start() -> Option<u64> {
+    let off = OFFSETS.load();
+    let leader = read_kernel::<u64>(current_task(), off.task_group_leader).filter(|l| *l != 0);
+    leader.and_then(|l| read_kernel::<u64>(l, off.task_start_boottime))
 }
 
 #[inline(always)]
