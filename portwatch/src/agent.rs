@@ -1026,7 +1026,7 @@ impl Pipeline {
                 format!("{process_name} (pid {})", key.tgid)
             },
             r.ended,
-            info.ports,
+            short_ports(&info.ports, info.port_count),
             if r.final_ { "; final" } else { "" }
         ));
         ev.portwatch.fold = Some(info);
@@ -1166,6 +1166,31 @@ impl Pipeline {
         ev.portwatch.urgent = true;
         self.write(ev);
     }
+}
+
+/// A fold's port list for a one-line message: the first ranges, then how many more
+/// ports (the whole list is in `portwatch.fold.ports`).
+fn short_ports(ranges: &str, count: u32) -> String {
+    const SHOWN: usize = 8;
+    let parts: Vec<&str> = ranges.split(',').collect();
+    if parts.len() <= SHOWN {
+        return ranges.to_owned();
+    }
+    let shown = parts[..SHOWN].join(",");
+    let in_shown: u32 = parts[..SHOWN]
+        .iter()
+        .map(|p| match p.split_once('-') {
+            Some((lo, hi)) => {
+                let (lo, hi) = (
+                    lo.parse::<u32>().unwrap_or(0),
+                    hi.parse::<u32>().unwrap_or(0),
+                );
+                (hi + 1).saturating_sub(lo)
+            }
+            None => 1,
+        })
+        .sum();
+    format!("{shown},... {} more", count.saturating_sub(in_shown))
 }
 
 fn transport_of(t: snapshot::Transport) -> Transport {
@@ -1589,4 +1614,17 @@ async fn run(
     // Whatever the kernel wrote before we stopped still goes out.
     while drain(ring.get_mut(), urgent.get_mut(), pipeline) == BATCH_MAX {}
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::short_ports;
+
+    #[test]
+    fn fold_messages_show_the_first_ranges_and_count_the_rest() {
+        assert_eq!(short_ports("1-3,7", 4), "1-3,7");
+        let many = "1,3,5,7,9,11,13,15-20,30,40";
+        // Shown: 7 singles + 15-20 (6 ports) = 13 of 15.
+        assert_eq!(short_ports(many, 15), "1,3,5,7,9,11,13,15-20,... 2 more");
+    }
 }
