@@ -133,8 +133,8 @@ struct Startup {
 }
 
 /// Running totals for `sensor-health`.
-#[derive(Default)]
 struct Health {
+    started: Instant,
     records: u64,
     records_at_last: u64,
     last: Option<Instant>,
@@ -226,7 +226,14 @@ impl Pipeline {
             decode_errors: 0,
             untracked: 0,
             resync_wanted: false,
-            health: Health::default(),
+            health: Health {
+                started: Instant::now(),
+                records: 0,
+                records_at_last: 0,
+                last: None,
+                resyncs: 0,
+                last_trim: None,
+            },
             rules_path: policy.rules_path,
             metrics: None,
             hooks: None,
@@ -361,6 +368,28 @@ impl Pipeline {
         ev.portwatch.stats = Some(stats);
         ev.portwatch.hooks = self.hooks.clone();
         self.write(ev);
+    }
+
+    /// `sensor-stopped`, the last event of a clean stop, in every destination: why, uptime
+    /// and totals. Written even to a full queue (the writers drain it before exiting).
+    pub fn sensor_stopped(&mut self, why: &str) {
+        let out = self.output.shared().clone();
+        let stats = serde_json::json!({
+            "reason": why,
+            "uptime_s": self.health.started.elapsed().as_secs_f64(),
+            "records_received": self.health.records,
+            "events_written": out.sinks.iter().map(|s| s.written.load(Ordering::Relaxed)).max(),
+            "lost_total": self.lost_total,
+            "listeners_open": self.open.len(),
+            "resyncs": self.health.resyncs,
+        });
+        let now = self.enricher.clocks.wall_from_ktime(sys::monotonic_ns());
+        let mut ev = self.base(now, "state", "sensor-stopped");
+        ev.message = Some(format!("portwatch stopped ({why})"));
+        ev.portwatch.stats = Some(stats);
+        self.output.set_blocking();
+        self.write(ev);
+        self.output.flush();
     }
 
     /// A state event about the agent itself (`sensor-started`, `snapshot-complete`, ...).
@@ -1350,9 +1379,17 @@ pub async fn watch(opts: WatchOptions) -> anyhow::Result<()> {
     log::info!("kernel-side counters at exit: {kernel:?}");
     pipeline.report_folds(&mut folds, true);
     pipeline.tick(kernel, true);
+    // The stream's last line: a SIEM tells a stopped sensor from a dead or blinded one
+    // (a missing heartbeat without this event).
+    let why = match &result {
+        Ok(why) => why,
+        Err(e) if e.is::<Closed>() => "stdout-closed",
+        Err(_) => "error",
+    };
+    pipeline.sensor_stopped(why);
     drop(ebpf); // detaches every program (bpf_link fds close)
     let flushed = pipeline.finish_output();
-    match result.and(flushed) {
+    match result.map(|_| ()).and(flushed) {
         Err(e) if e.is::<Closed>() => Ok(()),
         other => other,
     }
@@ -1461,7 +1498,7 @@ async fn run(
     mut sleep_flag: probes::SleepFlag,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     config: RunConfig,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<&'static str> {
     let mut last_wake = Instant::now() - BUSY_GAP;
     // Records are submitted without a wake-up unless this flag is up: raise it before
     // the first wait, and pick up whatever arrived before the ring was registered.
@@ -1527,14 +1564,14 @@ async fn run(
     let mut scan_is_resync = false;
     let mut last_resync: Option<Instant> = None;
 
-    loop {
+    let why = loop {
         // Whatever the last branch wrote goes to the writers before waiting again.
         pipeline.flush_output();
         tokio::select! {
             biased;
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
-            _ = out.closed_notify.notified() => break,
+            _ = sigint.recv() => break "SIGINT",
+            _ = sigterm.recv() => break "SIGTERM",
+            _ = out.closed_notify.notified() => break "stdout-closed",
             guard = urgent.readable_mut() => {
                 let mut guard = guard.context("waiting on the urgent ring buffer")?;
                 drain(ring.get_mut(), guard.get_inner_mut(), pipeline);
@@ -1610,10 +1647,10 @@ async fn run(
                 }
             }
         }
-    }
+    };
     // Whatever the kernel wrote before we stopped still goes out.
     while drain(ring.get_mut(), urgent.get_mut(), pipeline) == BATCH_MAX {}
-    Ok(())
+    Ok(why)
 }
 
 #[cfg(test)]

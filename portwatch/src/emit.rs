@@ -318,6 +318,12 @@ impl Output {
         &self.shared
     }
 
+    /// From now on nothing is dropped for lack of room (the agent is stopping: its last
+    /// events must reach every destination that is still writing).
+    pub fn set_blocking(&mut self) {
+        self.block = true;
+    }
+
     /// Every destination's queue has room for `n` more events. The event loop is the
     /// only producer, so room seen here is room its next `n` sends will find.
     pub fn has_room(&self, n: usize) -> bool {

@@ -85,6 +85,7 @@ enum Class {
     FindingCreate,
     FindingUpdate,
     AppStart,
+    AppStop,
     AppReload,
     AppError,
     Base,
@@ -108,6 +109,7 @@ impl Class {
             "risky-listener" => Class::FindingCreate,
             "risky-listener-repeated" => Class::FindingUpdate,
             "sensor-started" => Class::AppStart,
+            "sensor-stopped" => Class::AppStop,
             "rules-reloaded" => Class::AppReload,
             "config-error" | "events-lost" => Class::AppError,
             // An action added later still renders, as a Base Event, rather than failing.
@@ -133,6 +135,7 @@ impl Class {
                 Class::FindingCreate => (FIND, 1, "Detection Finding: Create"),
                 Class::FindingUpdate => (FIND, 2, "Detection Finding: Update"),
                 Class::AppStart => (LIFE, 3, "Application Lifecycle: Start"),
+                Class::AppStop => (LIFE, 4, "Application Lifecycle: Stop"),
                 Class::AppReload => (LIFE, 99, "Application Lifecycle: Other"),
                 Class::AppError => (ERR, 1, "Application Error: General Error"),
                 Class::Base => (BASE, 99, "Base Event: Other"),
@@ -458,6 +461,7 @@ fn document(ev: &Event) -> Doc<'_> {
         Class::FindingCreate => "Create",
         Class::FindingUpdate => "Update",
         Class::AppStart => "Start",
+        Class::AppStop => "Stop",
         Class::AppReload => "Reload",
         Class::AppError => "General Error",
         // Other (99): the caption is the source's own name for it.
@@ -555,7 +559,8 @@ fn document(ev: &Event) -> Doc<'_> {
         actor: actor.filter(|_| !finding),
         connection_info: connection_info.filter(|_| !finding),
         dst_endpoint: dst_endpoint.filter(|_| !finding),
-        app: matches!(class, Class::AppStart | Class::AppReload).then_some(product),
+        app: matches!(class, Class::AppStart | Class::AppStop | Class::AppReload)
+            .then_some(product),
         finding_info,
         is_alert: finding.then_some(true),
         evidences: finding.then_some([Evidence {

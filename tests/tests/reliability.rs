@@ -656,3 +656,62 @@ fn hostile_process_names_and_command_lines_stay_one_safe_line() {
     let (status, _) = agent.stop();
     assert!(status.success());
 }
+
+/// A clean stop ends every destination's stream with `sensor-stopped` (why, uptime,
+/// totals), after the last listener event: a SIEM can tell a stopped sensor from a dead
+/// one. SIGTERM and SIGINT alike.
+#[test]
+fn clean_stop_ends_every_stream_with_sensor_stopped() {
+    if !can_run_kernel_tests() {
+        return;
+    }
+    for (sig, name) in [(libc::SIGTERM, "SIGTERM"), (libc::SIGINT, "SIGINT")] {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.json"), dir.path().join("b.json"));
+        let mut child = spawn_watch(
+            &[
+                "--no-snapshot",
+                "--output",
+                a.to_str().unwrap(),
+                "--output",
+                b.to_str().unwrap(),
+            ],
+            Stdio::null(),
+            Stdio::null(),
+        );
+        let _reap = Reap(child.id());
+        wait_started(&a);
+        let (fd, p) = listener();
+        poll(Duration::from_secs(10), || {
+            read_json_lines(&a)
+                .iter()
+                .any(|e| action(e) == "listen-started" && port(e) == u64::from(p))
+                .then_some(())
+        })
+        .expect("the listener reported");
+        unsafe { libc::kill(child.id() as i32, sig) };
+        assert!(child.wait().unwrap().success());
+        raw::close(fd);
+        for f in [&a, &b] {
+            let events = read_json_lines(f);
+            let last = events.last().expect("events");
+            assert_eq!(action(last), "sensor-stopped", "{name}: last line of {f:?}");
+            assert_eq!(last["event"]["kind"], "state");
+            assert_eq!(last["portwatch"]["stats"]["reason"], name);
+            assert!(last["portwatch"]["stats"]["uptime_s"].as_f64().unwrap() > 0.0);
+            assert!(
+                events
+                    .iter()
+                    .any(|e| action(e) == "listen-started" && port(e) == u64::from(p)),
+                "{name}: the listener is in {f:?}"
+            );
+            assert_eq!(
+                events
+                    .iter()
+                    .filter(|e| action(e) == "sensor-stopped")
+                    .count(),
+                1
+            );
+        }
+    }
+}
