@@ -775,6 +775,7 @@ impl Pipeline {
     /// Periodic work: follow the wall clock, report losses, end the startup grace.
     pub fn tick(&mut self, stats: Option<KernelStats>, last: bool) {
         self.enricher.clocks = sys::Clocks::now();
+        self.output.check_files();
         if self
             .health
             .last_trim
@@ -877,6 +878,10 @@ impl Pipeline {
             let n = sink.write_lost.swap(0, Ordering::Relaxed);
             if n > 0 {
                 self.lost_in(n, "output-error", Some(&sink.name));
+            }
+            let n = sink.deleted_lost.swap(0, Ordering::Relaxed);
+            if n > 0 {
+                self.lost_in(n, "output-file-deleted", Some(&sink.name));
             }
         }
     }

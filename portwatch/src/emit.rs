@@ -144,6 +144,21 @@ pub struct SinkShared {
     pub depth: AtomicUsize,
     /// A network sink currently has its connection (always true for the others).
     pub connected: AtomicBool,
+    /// File sinks: the path, and the inode of the file the writer has open.
+    pub path: Option<PathBuf>,
+    pub file_ino: AtomicU64,
+    /// Set when the file at `path` is no longer the one open (deleted or replaced): the
+    /// writer reopens the path before its next write.
+    pub reopen_one: AtomicBool,
+    /// Events written to a file after it was deleted (at most those since the previous
+    /// check found it in place), not yet reported as lost.
+    pub deleted_lost: AtomicU64,
+}
+
+/// Inode of a file, 0 if unknown.
+fn inode_of(f: &File) -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    f.metadata().map_or(0, |m| m.ino())
 }
 
 /// What the writers share with the event loop as a whole.
@@ -181,6 +196,8 @@ pub struct Output {
     block: bool,
     /// Each queue's bound.
     capacity: usize,
+    /// Per sink: events written when its file was last seen in place.
+    written_at_check: Vec<u64>,
 }
 
 impl Output {
@@ -212,9 +229,15 @@ impl Output {
                 }),
                 _ => Render::Lines(format),
             };
+            let (path, ino) = match (&conn, spec) {
+                (Conn::Stream { file, .. }, SinkSpec::File(p)) => (Some(p.clone()), inode_of(file)),
+                _ => (None, 0),
+            };
             let sink = Arc::new(SinkShared {
                 name: spec.to_string(),
                 connected: AtomicBool::new(conn.is_connected()),
+                path,
+                file_ino: AtomicU64::new(ino),
                 ..SinkShared::default()
             });
             shared.sinks.push(sink.clone());
@@ -244,6 +267,7 @@ impl Output {
             pending.push((writer, rx));
         }
         Ok(Output {
+            written_at_check: vec![0; queues.len()],
             queues,
             batch: Vec::with_capacity(HANDOFF_BATCH),
             shared,
@@ -316,6 +340,33 @@ impl Output {
 
     pub fn shared(&self) -> &Arc<OutputShared> {
         &self.shared
+    }
+
+    /// Notice output files that were deleted or replaced (not by SIGHUP rotation): ask the
+    /// writer to reopen the path, and count what was written since the file was last seen
+    /// in place as lost (`deleted_lost`). Called every second.
+    pub fn check_files(&mut self) {
+        use std::os::unix::fs::MetadataExt as _;
+        for (i, sink) in self.shared.sinks.iter().enumerate() {
+            let Some(path) = &sink.path else { continue };
+            let written = sink.written.load(Ordering::Relaxed);
+            let open = sink.file_ino.load(Ordering::Relaxed);
+            let here = std::fs::metadata(path).map_or(0, |m| m.ino());
+            if open == 0 || here == open || sink.reopen_one.load(Ordering::Relaxed) {
+                self.written_at_check[i] = written;
+                continue;
+            }
+            let lost = written.saturating_sub(self.written_at_check[i]);
+            self.written_at_check[i] = written;
+            if lost > 0 {
+                sink.deleted_lost.fetch_add(lost, Ordering::Relaxed);
+            }
+            log::warn!(
+                "{} was deleted or replaced: reopening it; {lost} events written since it was                  last seen are counted as lost",
+                path.display()
+            );
+            sink.reopen_one.store(true, Ordering::Relaxed);
+        }
     }
 
     /// From now on nothing is dropped for lack of room (the agent is stopping: its last
@@ -651,7 +702,8 @@ impl Writer {
 
     fn write_batch(&mut self) -> io::Result<()> {
         let generation = self.shared.reopen.load(Ordering::Relaxed);
-        let reopen = generation != self.reopened;
+        let reopen =
+            generation != self.reopened || self.sink.reopen_one.swap(false, Ordering::Relaxed);
         self.reopened = generation;
         match &mut self.conn {
             Conn::Stream {
@@ -665,6 +717,7 @@ impl Writer {
                     match open_append(p) {
                         Ok(f) => {
                             *regular = f.metadata().is_ok_and(|m| m.is_file());
+                            self.sink.file_ino.store(inode_of(&f), Ordering::Relaxed);
                             *file = f;
                             log::info!("reopened {}", p.display());
                         }

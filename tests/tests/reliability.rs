@@ -715,3 +715,64 @@ fn clean_stop_ends_every_stream_with_sensor_stopped() {
         }
     }
 }
+
+/// An output file deleted under the agent (not rotated with SIGHUP): within about a
+/// second the agent notices, writes to a new file at the same path, and that file says
+/// how many events went to the deleted one since it was last seen.
+#[test]
+fn deleted_output_file_is_reopened_and_the_gap_reported() {
+    if !can_run_kernel_tests() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("events.json");
+    let mut child = spawn_watch(
+        &["--no-snapshot", "--output", file.to_str().unwrap()],
+        Stdio::null(),
+        Stdio::null(),
+    );
+    let _reap = Reap(child.id());
+    wait_started(&file);
+    let seen = |p: u16| {
+        poll(Duration::from_secs(10), || {
+            read_json_lines(&file)
+                .iter()
+                .any(|e| action(e) == "listen-started" && port(e) == u64::from(p))
+                .then_some(())
+        })
+    };
+    let (a, pa) = listener();
+    seen(pa).expect("first listener before the delete");
+    std::fs::remove_file(&file).unwrap();
+    // Written to the deleted file (the agent has not noticed yet).
+    let (b, pb) = listener();
+    raw::close(b);
+    // The next check (every second) notices; the gap report recreates the file.
+    poll(Duration::from_secs(10), || file.exists().then_some(())).expect("file recreated");
+    let (c, pc) = listener();
+    seen(pc).expect("a listener after the reopen");
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    raw::close(a);
+    raw::close(c);
+    let events = read_json_lines(&file);
+    let lost: Vec<&Value> = events
+        .iter()
+        .filter(|e| {
+            action(e) == "events-lost" && e["portwatch"]["lost"]["reason"] == "output-file-deleted"
+        })
+        .collect();
+    assert_eq!(lost.len(), 1, "one gap report: {lost:?}");
+    let n = lost[0]["portwatch"]["lost"]["count"].as_u64().unwrap();
+    assert!(
+        n >= 2,
+        "at least the start and end of the listener made meanwhile: {n}"
+    );
+    assert!(
+        !events
+            .iter()
+            .any(|e| port(e) == u64::from(pb) && action(e) == "listen-started"),
+        "the listener made after the delete went to the deleted file"
+    );
+    assert_eq!(action(events.last().unwrap()), "sensor-stopped");
+}
