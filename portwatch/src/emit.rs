@@ -57,8 +57,10 @@ const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
 /// At shutdown, how long a disconnected sink may keep trying before its queue is lost.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
-/// Largest datagram sent to a UDP syslog receiver; longer messages are cut.
-const UDP_MAX: usize = 65_000;
+/// Largest syslog datagram sent (UDP or unix): a larger message is re-rendered with its
+/// long fields shortened (never cut: the JSON stays whole) and marked
+/// `portwatch.shrunk_from` with its original size.
+pub const DGRAM_MAX: usize = 65_000;
 
 /// Where a network sink sends: `unix:/path`, `udp:host:port` or `tcp:host:port`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -263,6 +265,7 @@ impl Output {
                 sink,
                 shared: shared.clone(),
                 last_error_log: None,
+                dgram_error: None,
             };
             pending.push((writer, rx));
         }
@@ -620,6 +623,8 @@ struct Writer {
     sink: Arc<SinkShared>,
     shared: Arc<OutputShared>,
     last_error_log: Option<Instant>,
+    /// The last error of a datagram batch that was partly sent.
+    dgram_error: Option<io::Error>,
 }
 
 impl Writer {
@@ -661,8 +666,25 @@ impl Writer {
             }
             self.sink.depth.fetch_sub(n, Ordering::Relaxed);
             match self.write_batch() {
-                Ok(()) => {
+                Ok(0) => {
                     self.sink.written.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                Ok(failed) => {
+                    // Datagrams: the others of the batch went out; exactly these did not.
+                    // Their sequence numbers stay used: the gaps are the reported loss.
+                    let failed = failed.min(n);
+                    self.sink
+                        .written
+                        .fetch_add((n - failed) as u64, Ordering::Relaxed);
+                    self.sink.write_errors.fetch_add(1, Ordering::Relaxed);
+                    self.sink
+                        .write_lost
+                        .fetch_add(failed as u64, Ordering::Relaxed);
+                    let e = self
+                        .dgram_error
+                        .take()
+                        .unwrap_or_else(|| io::Error::other("send failed"));
+                    self.log_error(&e, failed);
                 }
                 Err(e) if e.kind() == io::ErrorKind::BrokenPipe && self.is_stdout() => {
                     self.shared.closed.store(true, Ordering::Relaxed);
@@ -700,7 +722,9 @@ impl Writer {
         }
     }
 
-    fn write_batch(&mut self) -> io::Result<()> {
+    /// Write what was rendered. Ok(n): written, except `n` datagrams that could not be
+    /// sent (the rest of the batch was); Err: nothing of the batch was written.
+    fn write_batch(&mut self) -> io::Result<usize> {
         let generation = self.shared.reopen.load(Ordering::Relaxed);
         let reopen =
             generation != self.reopened || self.sink.reopen_one.swap(false, Ordering::Relaxed);
@@ -737,23 +761,31 @@ impl Writer {
                 if res.is_err() {
                     *broken_line = before.is_none_or(|len| file.set_len(len).is_err());
                 }
-                res
+                res.map(|()| 0)
             }
             Conn::UnixDgram { path, sock } => {
                 if sock.is_none() {
                     *sock = Some(connect_unix_dgram(path)?);
                 }
                 let s = sock.as_ref().expect("connected above");
-                let res = send_each(&self.buf, &self.ends, |m| s.send(m));
-                if res.is_err() {
-                    *sock = None; // the daemon restarted: reconnect next time
+                let (failed, err) = send_each(&self.buf, &self.ends, |m| s.send(m));
+                // A message too large is this message's problem; anything else means the
+                // daemon went away: reconnect next time.
+                if err
+                    .as_ref()
+                    .is_some_and(|e| e.raw_os_error() != Some(libc::EMSGSIZE))
+                {
+                    *sock = None;
                 }
                 self.sink.connected.store(sock.is_some(), Ordering::Relaxed);
-                res
+                self.dgram_error = err;
+                Ok(failed)
             }
-            Conn::Udp(s) => send_each(&self.buf, &self.ends, |m| {
-                s.send(&m[..m.len().min(UDP_MAX)])
-            }),
+            Conn::Udp(s) => {
+                let (failed, err) = send_each(&self.buf, &self.ends, |m| s.send(m));
+                self.dgram_error = err;
+                Ok(failed)
+            }
             Conn::Connected {
                 endpoint,
                 stream,
@@ -789,7 +821,7 @@ impl Writer {
                     *stream = None;
                     self.sink.connected.store(false, Ordering::Relaxed);
                 }
-                res
+                res.map(|()| 0)
             }
         }
     }
@@ -809,12 +841,17 @@ impl Writer {
             Render::Syslog { framing, inner } => {
                 // Header, then the body rendered after it; TCP frames need the length
                 // first, so the message is assembled aside.
-                self.msg.clear();
-                crate::syslog::header(&ev, &mut self.msg);
-                let body_at = self.buf.len();
-                let ok = self.body(inner, &ev);
-                self.msg.extend_from_slice(&self.buf[body_at..]);
-                self.buf.truncate(body_at);
+                let mut ok = self.syslog_message(inner, &ev);
+                if framing == Framing::Datagram && self.msg.len() > DGRAM_MAX {
+                    let from = self.msg.len() as u64;
+                    for level in 1..=2 {
+                        let small = shrink(&ev, level, from);
+                        ok = self.syslog_message(inner, &small);
+                        if self.msg.len() <= DGRAM_MAX {
+                            break;
+                        }
+                    }
+                }
                 if framing == Framing::OctetCounted {
                     let _ = write!(self.buf, "{} ", self.msg.len());
                 }
@@ -829,6 +866,17 @@ impl Writer {
             // half-written bytes are taken back so the stream stays one event per line.
             self.buf.truncate(mark);
         }
+    }
+
+    /// One syslog message (header and body) in `msg`.
+    fn syslog_message(&mut self, inner: Format, ev: &Event) -> bool {
+        self.msg.clear();
+        crate::syslog::header(ev, &mut self.msg);
+        let body_at = self.buf.len();
+        let ok = self.body(inner, ev);
+        self.msg.extend_from_slice(&self.buf[body_at..]);
+        self.buf.truncate(body_at);
+        ok
     }
 
     /// The event's body in `format`, appended to `buf`.
@@ -846,18 +894,66 @@ impl Writer {
     }
 }
 
-/// Send each message of `buf` (ending at `ends`) as its own datagram.
+/// A copy of `ev` small enough for a datagram: level 1 shortens the long free-text
+/// fields (command line, arguments, message, a fold's port list, stats); level 2 drops
+/// them. Marked with the original size.
+fn shrink(ev: &Event, level: u8, from: u64) -> Event {
+    const KEEP: usize = 1024;
+    let cut = |s: &str| -> String {
+        if s.len() <= KEEP {
+            return s.to_owned();
+        }
+        let mut end = KEEP;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{}...", &s[..end])
+    };
+    let mut ev = ev.clone();
+    if let Some(p) = &ev.process {
+        let mut p: crate::event::Process = (**p).clone();
+        if level >= 2 {
+            p.command_line = None;
+        } else {
+            p.command_line = p.command_line.as_deref().map(cut);
+        }
+        p.args = None;
+        ev.process = Some(crate::event::shared(p));
+    }
+    ev.message = ev.message.as_deref().map(cut);
+    if let Some(f) = &mut ev.portwatch.fold {
+        f.ports = if level >= 2 {
+            String::new()
+        } else {
+            cut(&f.ports)
+        };
+    }
+    if level >= 2 {
+        ev.portwatch.stats = None;
+        ev.portwatch.alert = None;
+    }
+    ev.portwatch.shrunk_from = Some(from);
+    ev
+}
+
+/// Send each message of `buf` (ending at `ends`) as its own datagram, carrying on past
+/// a failed one: returns how many failed, and the last error.
 fn send_each(
     buf: &[u8],
     ends: &[usize],
     send: impl Fn(&[u8]) -> io::Result<usize>,
-) -> io::Result<()> {
+) -> (usize, Option<io::Error>) {
     let mut start = 0;
+    let mut failed = 0;
+    let mut last = None;
     for &end in ends {
-        send(&buf[start..end])?;
+        if let Err(e) = send(&buf[start..end]) {
+            failed += 1;
+            last = Some(e);
+        }
         start = end;
     }
-    Ok(())
+    (failed, last)
 }
 
 /// Replace control characters (and other non-printables) with visible escapes, so a

@@ -242,6 +242,10 @@ pub struct Portwatch {
     /// On `listeners-folded`: what the kernel counted instead of sending.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fold: Option<FoldInfo>,
+    /// The event was too large for its destination (a syslog datagram) and was re-rendered
+    /// with long fields shortened: its size before.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shrunk_from: Option<u64>,
     /// Not written: the event travels in the urgent lane of the output queues (an
     /// important listener, an alert, a fold, a loss report), ahead of bulk churn.
     #[serde(skip)]

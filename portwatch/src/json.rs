@@ -113,6 +113,10 @@ fn portwatch(out: &mut Vec<u8>, p: &Portwatch) -> serde_json::Result<()> {
     sep.field(out, b"\"stats\":", p.stats.as_ref())?;
     sep.field(out, b"\"hooks\":", p.hooks.as_ref())?;
     sep.field(out, b"\"fold\":", p.fold.as_ref())?;
+    if let Some(n) = p.shrunk_from {
+        sep.key(out, b"\"shrunk_from\":");
+        uint(out, n);
+    }
     sep.end(out);
     Ok(())
 }
@@ -417,6 +421,7 @@ mod tests {
                     process_folded: 10,
                     process_lost: 0,
                 }),
+                shrunk_from: Some(700_000),
                 urgent: true,
             },
         }

@@ -427,3 +427,60 @@ fn ocsf_format_renders_listeners_as_network_activity_listen() {
     assert_eq!(ev["actor"]["process"]["pid"], me(), "{ev}");
     assert_eq!(ev["metadata"]["product"]["name"], "portwatch", "{ev}");
 }
+
+/// A process with a huge command line (three 65,000-byte arguments): over a syslog
+/// datagram destination its event still arrives, whole JSON, within one datagram, with
+/// the long fields shortened (`portwatch.shrunk_from`) rather than cut or dropped.
+#[test]
+fn oversized_events_fit_a_syslog_datagram_as_whole_json() {
+    if !can_run_kernel_tests() {
+        return;
+    }
+    let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    rx.set_read_timeout(Some(std::time::Duration::from_millis(200)))
+        .unwrap();
+    let target = format!("udp:127.0.0.1:{}", rx.local_addr().unwrap().port());
+    let mut agent = Agent::start(&["--no-snapshot", "--stdout", "--syslog", &target]);
+    let big = "\u{ff}".repeat(65_000);
+    let mut helper = std::process::Command::new(env!("CARGO_BIN_EXE_pw-listen"))
+        .args([&big, &big, &big])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(helper.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let port: u16 = line.trim().parse().unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let t = std::time::Instant::now();
+    let mut found = None;
+    while found.is_none() && t.elapsed() < std::time::Duration::from_secs(10) {
+        let Ok(n) = rx.recv(&mut buf) else { continue };
+        assert!(n <= 65_000, "a datagram of {n} bytes");
+        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+        let at = text.find('{').expect("JSON body after the syslog header");
+        let v: Value = serde_json::from_str(&text[at..]).expect("the body is whole JSON");
+        if v["event"]["action"] == "listen-started" && v["server"]["port"] == port {
+            found = Some(v);
+        }
+    }
+    drop(helper.stdin.take());
+    let _ = helper.wait();
+    let v = found.expect("the listener's event arrived over syslog udp");
+    let cmd = v["process"]["command_line"].as_str().unwrap_or("");
+    let full = v["portwatch"]["shrunk_from"].is_null();
+    assert!(
+        !full || cmd.len() < 65_000,
+        "not shrunk, yet its command line is {} bytes",
+        cmd.len()
+    );
+    if !full {
+        assert!(v["portwatch"]["shrunk_from"].as_u64().unwrap() > 65_000);
+    }
+    let (_, events) = agent.stop();
+    drop(events);
+}
