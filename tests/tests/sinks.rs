@@ -440,7 +440,7 @@ fn oversized_events_fit_a_syslog_datagram_as_whole_json() {
     rx.set_read_timeout(Some(std::time::Duration::from_millis(200)))
         .unwrap();
     let target = format!("udp:127.0.0.1:{}", rx.local_addr().unwrap().port());
-    let mut agent = Agent::start(&["--no-snapshot", "--stdout", "--syslog", &target]);
+    let agent = Agent::start(&["--no-snapshot", "--stdout", "--syslog", &target]);
     let big = "\u{ff}".repeat(65_000);
     let mut helper = std::process::Command::new(env!("CARGO_BIN_EXE_pw-listen"))
         .args([&big, &big, &big])
