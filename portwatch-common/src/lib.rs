@@ -14,6 +14,8 @@ pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 pub const IPPROTO_TCP: u16 = 6;
 pub const IPPROTO_UDP: u16 = 17;
+/// UDP-Lite (RFC 3828): datagram sockets on their own port space, bound like UDP.
+pub const IPPROTO_UDPLITE: u16 = 136;
 
 pub const COMM_LEN: usize = 16;
 
@@ -83,7 +85,7 @@ pub struct SocketRecord {
     pub flags: u32,
     /// `AF_INET` or `AF_INET6`.
     pub family: u16,
-    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    /// `IPPROTO_TCP`, `IPPROTO_UDP` or `IPPROTO_UDPLITE`.
     pub protocol: u16,
     /// Local port, host byte order.
     pub port: u16,

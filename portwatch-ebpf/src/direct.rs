@@ -20,7 +20,9 @@ use aya_ebpf::{
     maps::HashMap,
     programs::{FEntryContext, FExitContext, ProbeContext, RetProbeContext},
 };
-use portwatch_common::{AF_INET, IPPROTO_TCP, IPPROTO_UDP, Kind, TCP_LISTEN, stat};
+use portwatch_common::{
+    AF_INET, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_UDPLITE, Kind, TCP_LISTEN, stat,
+};
 
 use crate::{
     OFFSETS, build, count,
@@ -145,11 +147,13 @@ pub fn release_kp(ctx: ProbeContext) -> u32 {
 
 // --- shared by both flavours ---
 
-/// `struct socket` -> its `struct sock`, when it is an inet socket of `protocol`.
+/// `struct socket` -> its `struct sock`, when it is an inet socket of `protocol`
+/// (`IPPROTO_UDP` also takes UDP-Lite), with the socket's own protocol.
 #[inline(always)]
-fn inet_sock_of(socket: u64, protocol: u16) -> Option<u64> {
+fn inet_sock_of(socket: u64, protocol: u16) -> Option<(u64, u16)> {
     let sk = read_kernel::<u64>(socket, OFFSETS.load().socket_sk).filter(|s| *s != 0)?;
-    (read_kernel::<u16>(sk, OFFSETS.load().sock_protocol)? == protocol).then_some(sk)
+    let p = read_kernel::<u16>(sk, OFFSETS.load().sock_protocol)?;
+    (p == protocol || (protocol == IPPROTO_UDP && p == IPPROTO_UDPLITE)).then_some((sk, p))
 }
 
 #[inline(always)]
@@ -175,7 +179,7 @@ fn local_addr(sk: u64, family: u16, v4_offset: u32) -> [u8; 16] {
 
 #[inline(always)]
 fn listen_called(socket: u64) {
-    let Some(sk) = inet_sock_of(socket, IPPROTO_TCP) else {
+    let Some((sk, _)) = inet_sock_of(socket, IPPROTO_TCP) else {
         return;
     };
     if read_kernel::<u8>(sk, OFFSETS.load().sock_state) == Some(TCP_LISTEN as u8) {
@@ -256,20 +260,21 @@ fn listen_stopped(sk: u64) {
 /// for a port-0 bind), as the stable set's cgroup `post_bind4/6` sees it.
 #[inline(always)]
 fn bind_returned(socket: u64) {
-    let Some(sk) = inet_sock_of(socket, IPPROTO_UDP) else {
+    let Some((sk, protocol)) = inet_sock_of(socket, IPPROTO_UDP) else {
         return;
     };
     let off = OFFSETS.load();
     let family = family_of(sk);
     let port = read_kernel::<u16>(sk, off.sock_num).unwrap_or(0);
-    udp_bound(sk, family, port, local_addr(sk, family, off.sock_rcv_saddr));
+    let addr = local_addr(sk, family, off.sock_rcv_saddr);
+    udp_bound(sk, family, protocol, port, addr);
 }
 
 /// `inet_release()` entry, where the kernel runs cgroup `sock_release`: for sockets a
 /// process owns only (`!sk->sk_kern_sock`), as that hook.
 #[inline(always)]
 fn release_called(socket: u64) {
-    let Some(sk) = inet_sock_of(socket, IPPROTO_UDP) else {
+    let Some((sk, protocol)) = inet_sock_of(socket, IPPROTO_UDP) else {
         return;
     };
     let off = OFFSETS.load();
@@ -278,5 +283,5 @@ fn release_called(socket: u64) {
     {
         return;
     }
-    udp_released(sk, family_of(sk));
+    udp_released(sk, family_of(sk), protocol);
 }

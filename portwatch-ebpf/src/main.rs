@@ -47,8 +47,8 @@ use deliver::{
 };
 use portwatch_common::{
     AF_INET, AF_INET6, FLAG_CHARGED, FLAG_INODE, FLAG_KTHREAD, FLAG_NETNS, FLAG_PPID, FLAG_START,
-    FLAG_UNTRACKED, FLAG_V6ONLY, Header, IPPROTO_TCP, IPPROTO_UDP, KernelOffsets, Kind,
-    SocketRecord, TCP_CLOSE, TCP_LISTEN, stat,
+    FLAG_UNTRACKED, FLAG_V6ONLY, Header, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_UDPLITE, KernelOffsets,
+    Kind, SocketRecord, TCP_CLOSE, TCP_LISTEN, stat,
 };
 
 /// Ring buffer size in bytes; the agent may override it at load time.
@@ -258,10 +258,10 @@ pub fn udp_bind4(ctx: SockContext) -> i32 {
             read_volatile(&raw const (*sk).src_ip4),
         )
     };
-    if protocol == IPPROTO_UDP as u32 {
+    if is_udp(protocol) {
         let mut addr = [0u8; 16];
         addr[..4].copy_from_slice(&v4.to_ne_bytes());
-        udp_bound(sk as u64, AF_INET, port as u16, addr);
+        udp_bound(sk as u64, AF_INET, protocol as u16, port as u16, addr);
     }
     1
 }
@@ -281,13 +281,13 @@ pub fn udp_bind6(ctx: SockContext) -> i32 {
             ],
         )
     };
-    if protocol == IPPROTO_UDP as u32 {
+    if is_udp(protocol) {
         let mut addr = [0u8; 16];
         addr[..4].copy_from_slice(&v6[0].to_ne_bytes());
         addr[4..8].copy_from_slice(&v6[1].to_ne_bytes());
         addr[8..12].copy_from_slice(&v6[2].to_ne_bytes());
         addr[12..].copy_from_slice(&v6[3].to_ne_bytes());
-        udp_bound(sk as u64, AF_INET6, port as u16, addr);
+        udp_bound(sk as u64, AF_INET6, protocol as u16, port as u16, addr);
     }
     1
 }
@@ -295,17 +295,24 @@ pub fn udp_bind6(ctx: SockContext) -> i32 {
 #[cgroup_sock(sock_release)]
 pub fn udp_release(ctx: SockContext) -> i32 {
     let protocol = unsafe { read_volatile(&raw const (*ctx.sock).protocol) };
-    if protocol == IPPROTO_UDP as u32 {
+    if is_udp(protocol) {
         // The context pointer is the kernel's `struct sock` (`__cgroup_bpf_run_filter_sk()`).
         let family = unsafe { read_volatile(&raw const (*ctx.sock).family) } as u16;
-        udp_released(ctx.sock as u64, family);
+        udp_released(ctx.sock as u64, family, protocol as u16);
     }
     1
 }
 
+/// UDP or UDP-Lite (a datagram socket bound like UDP, on protocol 136's own ports: a local
+/// user must not hide a service by choosing it).
+#[inline(always)]
+fn is_udp(protocol: u32) -> bool {
+    protocol == IPPROTO_UDP as u32 || protocol == IPPROTO_UDPLITE as u32
+}
+
 /// A UDP socket is being released (`inet_release()`): report it if we saw it bound.
 #[inline(always)]
-fn udp_released(sock: u64, family: u16) {
+fn udp_released(sock: u64, family: u16, protocol: u16) {
     let now = unsafe { bpf_ktime_get_ns() };
     // sock_release may not read the address fields, so they come from the bind.
     let Some(b) = (unsafe { BOUND.get(sock) }).copied() else {
@@ -333,7 +340,7 @@ fn udp_released(sock: u64, family: u16) {
                 bpf_get_current_pid_tgid(),
                 sock,
                 family,
-                IPPROTO_UDP,
+                protocol,
                 port,
                 &addr,
                 FLAG_UNTRACKED,
@@ -349,7 +356,7 @@ fn udp_released(sock: u64, family: u16) {
         bpf_get_current_pid_tgid(),
         sock,
         b.family,
-        IPPROTO_UDP,
+        protocol,
         b.port,
         &b.addr,
         0,
@@ -357,7 +364,7 @@ fn udp_released(sock: u64, family: u16) {
 }
 
 #[inline(always)]
-fn udp_bound(sock: u64, family: u16, port: u16, addr: [u8; 16]) {
+fn udp_bound(sock: u64, family: u16, protocol: u16, port: u16, addr: [u8; 16]) {
     let now = unsafe { bpf_ktime_get_ns() };
     let pid_tgid = bpf_get_current_pid_tgid();
     // Budgets first: a bind of a process over budget is folded without attribution reads.
@@ -367,7 +374,7 @@ fn udp_bound(sock: u64, family: u16, port: u16, addr: [u8; 16]) {
         start_boottime_ns: task_start().unwrap_or(0),
         now,
         family,
-        protocol: IPPROTO_UDP,
+        protocol,
         port,
         addr,
     };
@@ -381,7 +388,7 @@ fn udp_bound(sock: u64, family: u16, port: u16, addr: [u8; 16]) {
         pid_tgid,
         sock,
         family,
-        IPPROTO_UDP,
+        protocol,
         port,
         &addr,
         0,

@@ -96,6 +96,8 @@ pub struct WatchOptions {
 /// The socket half of a listener event.
 struct Listener {
     transport: Transport,
+    /// UDP-Lite (handled as UDP, reported as `udplite`).
+    udplite: bool,
     addr: std::net::IpAddr,
     port: u16,
     socket: Socket,
@@ -111,6 +113,7 @@ struct Open {
     /// What the end event needs when it has to be made up by a resync (the end itself
     /// was lost): the socket and, to know whether a scan covered it, its namespace.
     transport: Transport,
+    udplite: bool,
     addr: std::net::IpAddr,
     port: u16,
     netns: Option<u64>,
@@ -409,6 +412,7 @@ impl Pipeline {
     ) -> Event {
         let Listener {
             transport,
+            udplite,
             addr,
             port,
             socket,
@@ -417,7 +421,11 @@ impl Pipeline {
         } = l;
         let mut ev = self.base(wall_ns, "event", action);
         ev.network = Some(Network {
-            transport: transport.as_str(),
+            transport: if udplite {
+                "udplite"
+            } else {
+                transport.as_str()
+            },
             type_: if addr.is_ipv4() { "ipv4" } else { "ipv6" },
         });
         ev.server = Some(Server { ip: addr, port });
@@ -486,6 +494,7 @@ impl Pipeline {
                 };
                 let l = Listener {
                     transport: r.transport,
+                    udplite: r.udplite,
                     addr: r.addr,
                     port: r.port,
                     socket,
@@ -504,6 +513,7 @@ impl Pipeline {
                             user,
                             group,
                             transport: r.transport,
+                            udplite: r.udplite,
                             addr: r.addr,
                             port: r.port,
                             netns: r.netns.map(u64::from),
@@ -547,6 +557,7 @@ impl Pipeline {
                 };
                 let l = Listener {
                     transport: r.transport,
+                    udplite: r.udplite,
                     addr: r.addr,
                     port: r.port,
                     socket,
@@ -623,6 +634,7 @@ impl Pipeline {
                         user,
                         group: None,
                         transport,
+                        udplite: f.socket.transport == snapshot::Transport::UdpLite,
                         addr,
                         port,
                         netns: Some(f.netns_ino),
@@ -663,6 +675,7 @@ impl Pipeline {
                 };
                 let l = Listener {
                     transport: o.transport,
+                    udplite: o.udplite,
                     addr: o.addr,
                     port: o.port,
                     socket,
@@ -743,6 +756,7 @@ impl Pipeline {
         };
         let l = Listener {
             transport,
+            udplite: f.socket.transport == snapshot::Transport::UdpLite,
             addr: f.socket.addr,
             port: f.socket.port,
             socket,
@@ -923,9 +937,12 @@ impl Pipeline {
         fold: &portwatch_common::Fold,
         budget: Option<portwatch_common::Budget>,
     ) {
-        use portwatch_common::{AF_INET, FLAG_KTHREAD, FLAG_NETNS, FLAG_PPID, IPPROTO_UDP};
+        use portwatch_common::{
+            AF_INET, FLAG_KTHREAD, FLAG_NETNS, FLAG_PPID, IPPROTO_UDP, IPPROTO_UDPLITE,
+        };
         let key = r.key;
-        let transport = if key.protocol == IPPROTO_UDP {
+        let udplite = key.protocol == IPPROTO_UDPLITE;
+        let transport = if key.protocol == IPPROTO_UDP || udplite {
             Transport::Udp
         } else {
             Transport::Tcp
@@ -962,6 +979,7 @@ impl Pipeline {
             v6only: false,
             untracked: false,
             urgent: true,
+            udplite,
             transport,
             addr,
             port: 0,
@@ -1011,6 +1029,7 @@ impl Pipeline {
             }
             let l = Listener {
                 transport,
+                udplite,
                 addr,
                 port,
                 socket: socket.clone(),
@@ -1035,6 +1054,7 @@ impl Pipeline {
         }
         let l = Listener {
             transport,
+            udplite,
             addr,
             port: 0,
             socket,
@@ -1230,7 +1250,7 @@ fn short_ports(ranges: &str, count: u32) -> String {
 fn transport_of(t: snapshot::Transport) -> Transport {
     match t {
         snapshot::Transport::Tcp => Transport::Tcp,
-        snapshot::Transport::Udp => Transport::Udp,
+        snapshot::Transport::Udp | snapshot::Transport::UdpLite => Transport::Udp,
     }
 }
 

@@ -478,6 +478,7 @@ fn document(ev: &Event) -> Doc<'_> {
         protocol_num: match n.transport {
             "tcp" => Some(6),
             "udp" => Some(17),
+            "udplite" => Some(136),
             _ => None,
         },
         protocol_ver_id: if n.type_ == "ipv6" { 6 } else { 4 },

@@ -7,8 +7,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use portwatch_common::{
     AF_INET, AF_INET6, FLAG_INODE, FLAG_KTHREAD, FLAG_NETNS, FLAG_PPID, FLAG_START, FLAG_UNTRACKED,
-    FLAG_URGENT, FLAG_V6ONLY, Header, IPPROTO_TCP, IPPROTO_UDP, Kind, SOCKET_RECORD_SIZE,
-    SocketRecord,
+    FLAG_URGENT, FLAG_V6ONLY, Header, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_UDPLITE, Kind,
+    SOCKET_RECORD_SIZE, SocketRecord,
 };
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -62,6 +62,8 @@ pub struct Record {
     pub untracked: bool,
     /// The kernel judged it important and sent it in the urgent ring.
     pub urgent: bool,
+    /// A UDP-Lite socket (protocol 136): handled as UDP, reported as `udplite`.
+    pub udplite: bool,
     pub transport: Transport,
     pub addr: IpAddr,
     pub port: u16,
@@ -92,7 +94,7 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
     };
     let transport = match r.protocol {
         IPPROTO_TCP => Transport::Tcp,
-        IPPROTO_UDP => Transport::Udp,
+        IPPROTO_UDP | IPPROTO_UDPLITE => Transport::Udp,
         p => return Err(DecodeError::UnknownProtocol(p)),
     };
     let has = |f: u32| r.flags & f != 0;
@@ -114,6 +116,7 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
         v6only: has(FLAG_V6ONLY),
         untracked: has(FLAG_UNTRACKED),
         urgent: has(FLAG_URGENT),
+        udplite: r.protocol == IPPROTO_UDPLITE,
         transport,
         addr,
         port: r.port,

@@ -120,7 +120,7 @@ impl Assessor {
     pub fn assess(&mut self, ev: &mut Event) -> Option<Event> {
         let (network, server) = (ev.network.as_ref()?, ev.server.as_ref()?);
         let transport = match network.transport {
-            "udp" => Transport::Udp,
+            "udp" | "udplite" => Transport::Udp,
             _ => Transport::Tcp,
         };
         let addr: IpAddr = server.ip;

@@ -21,6 +21,8 @@ pub enum Transport {
     Tcp,
     /// UDP (from /proc/net/udp and udp6).
     Udp,
+    /// UDP-Lite (from /proc/net/udplite and udplite6): bound like UDP, protocol 136.
+    UdpLite,
 }
 
 /// One socket line from `/proc/<pid>/net/{tcp,tcp6,udp,udp6}` that is a listener:
@@ -108,11 +110,13 @@ const COL_UID: usize = 7;
 const COL_INODE: usize = 9;
 
 /// The files read for each namespace: name, transport, IPv6.
-const NET_FILES: [(&str, Transport, bool); 4] = [
+const NET_FILES: [(&str, Transport, bool); 6] = [
     ("tcp", Transport::Tcp, false),
     ("tcp6", Transport::Tcp, true),
     ("udp", Transport::Udp, false),
     ("udp6", Transport::Udp, true),
+    ("udplite", Transport::UdpLite, false),
+    ("udplite6", Transport::UdpLite, true),
 ];
 
 enum LineError<'a> {
@@ -212,7 +216,7 @@ fn parse_line(
     let listening = match transport {
         Transport::Tcp => state == TCP_LISTEN,
         // Port 0 would be a socket that was never bound (nothing can reach it).
-        Transport::Udp => {
+        Transport::Udp | Transport::UdpLite => {
             state == TCP_CLOSE && port != 0 && remote_port == 0 && remote_addr.is_unspecified()
         }
     };
@@ -670,16 +674,19 @@ fn v6only_of(pid: u32, fd: i32) -> Option<bool> {
     }
 }
 
-type NetFiles = [Option<File>; 4];
+type NetFiles = [Option<File>; 6];
 
-/// Opens the 4 files under `dir`; only tcp6 and udp6 may be missing.
+/// Opens the files under `dir`; only the IPv6 ones and UDP-Lite's may be missing.
 fn open_net_files(dir: &str) -> io::Result<NetFiles> {
     let mut files: NetFiles = Default::default();
-    for (slot, (name, _, ipv6)) in files.iter_mut().zip(NET_FILES) {
+    for (slot, (name, transport, ipv6)) in files.iter_mut().zip(NET_FILES) {
         match File::open(format!("{dir}/{name}")) {
             Ok(file) => *slot = Some(file),
-            // With IPv6 disabled (ipv6.disable=1) the kernel creates no tcp6/udp6.
-            Err(e) if ipv6 && e.kind() == io::ErrorKind::NotFound => {}
+            // With IPv6 disabled (ipv6.disable=1) the kernel creates no tcp6/udp6; a
+            // kernel may be built without UDP-Lite.
+            Err(e)
+                if (ipv6 || transport == Transport::UdpLite)
+                    && e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
     }

@@ -447,3 +447,71 @@ fn tcp_starts_above_the_budget_are_folded_and_counted_exactly() {
 fn udp_binds_above_the_budget_are_folded_and_counted_exactly() {
     fold_accounts_for_every_start(true);
 }
+
+/// A UDP-Lite socket (protocol 136) bound to a risky port is a listener like any other:
+/// reported live (`network.transport: udplite`), alerted on, ended, and found by the
+/// startup snapshot (/proc/net/udplite) when it was bound before the agent.
+#[test]
+fn udplite_binds_are_reported_live_and_by_the_snapshot() {
+    if !can_run_kernel_tests() {
+        return;
+    }
+    const IPPROTO_UDPLITE: i32 = 136;
+    // SAFETY: probing socket(2) support; the fd is closed at once.
+    let probe = unsafe {
+        libc::socket(
+            libc::AF_INET,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            IPPROTO_UDPLITE,
+        )
+    };
+    if probe < 0 {
+        eprintln!("skipped: this kernel has no UDP-Lite (so no UDP-Lite listener can exist)");
+        return;
+    }
+    raw::close(probe);
+    let bind = |port: u16| -> (i32, u16) {
+        // SAFETY: plain socket syscalls on a fd this test owns.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_INET,
+                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+                IPPROTO_UDPLITE,
+            )
+        };
+        assert!(fd >= 0, "socket(AF_INET, SOCK_DGRAM, IPPROTO_UDPLITE)");
+        raw::set_reuseaddr(fd);
+        assert_eq!(raw::bind_v4(fd, [0, 0, 0, 0], port), 0, "bind");
+        (fd, raw::local_port(fd))
+    };
+    // Bound before the agent: the snapshot must find it. (CLOEXEC: a socket the agent
+    // inherited would be its own, and never reported.)
+    let (before, pb) = bind(0);
+    let mut agent = Agent::start(&[]);
+    let present = agent
+        .wait_for(Duration::from_secs(10), |e| {
+            action(e) == "listener-present" && e["server"]["port"] == pb
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "no listener-present for port {pb}: {:?}; /proc/net/udplite: {}",
+                agent.seen.iter().map(action).collect::<Vec<_>>(),
+                std::fs::read_to_string("/proc/net/udplite").unwrap_or_default()
+            )
+        });
+    assert_eq!(present["network"]["transport"], "udplite", "{present}");
+    let (fd, p) = bind(11211);
+    let started = agent.expect("udp-bound for the udplite socket", |e| {
+        is(e, "udp-bound", me(), p)
+    });
+    assert_eq!(started["network"]["transport"], "udplite", "{started}");
+    assert_eq!(started["server"]["ip"], "0.0.0.0");
+    agent.expect("its alert", |e| {
+        action(e) == "risky-listener" && e["server"]["port"] == p && e["process"]["pid"] == me()
+    });
+    raw::close(fd);
+    let ended = agent.expect("udp-released", |e| is(e, "udp-released", me(), p));
+    assert_eq!(ended["network"]["transport"], "udplite");
+    raw::close(before);
+    agent.stop();
+}
