@@ -62,9 +62,6 @@ pub struct VmArgs {
     /// Seconds one VM may run (boot, test, power-off) before it is killed.
     #[arg(long, default_value_t = 180)]
     pub timeout: u64,
-    /// Let apt remove conflicting packages while installing QEMU (it names them first).
-    #[arg(long)]
-    pub allow_removals: bool,
     /// Workspace root (default: $PORTWATCH_ROOT, else the directory above xtask).
     #[arg(long)]
     pub root: Option<PathBuf>,
@@ -175,7 +172,7 @@ pub fn run(args: &VmArgs) -> anyhow::Result<()> {
     let vm_dir = root.join("target/vm");
     fs::create_dir_all(&vm_dir).with_context(|| format!("creating {}", vm_dir.display()))?;
 
-    ensure_packages(args.allow_removals)?;
+    ensure_packages()?;
     let specs: Vec<&KernelSpec> = KERNELS
         .iter()
         .filter(|k| match args.kernel {
@@ -220,7 +217,7 @@ pub fn run(args: &VmArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub(crate) fn ensure_packages(allow_removals: bool) -> anyhow::Result<()> {
+pub(crate) fn ensure_packages() -> anyhow::Result<()> {
     let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
     if missing.is_empty() {
         step("vm packages: all present");
@@ -228,31 +225,71 @@ pub(crate) fn ensure_packages(allow_removals: bool) -> anyhow::Result<()> {
     }
     step(&format!("vm packages: installing {}", missing.join(" ")));
     run_ok(Command::new("apt-get").args(["update", "-q"]))?;
-    // Bookworm's qemu-system-x86 conflicts with a backported qemu-utils, which apt would
-    // silently remove: ask first (a dry run names what would go).
-    let sim = output_ok(
-        Command::new("apt-get")
-            .args(["install", "-s", "-q", "--no-install-recommends"])
-            .args(&missing),
-    )?;
+    let mut wanted: Vec<String> = missing.iter().map(|p| (*p).to_owned()).collect();
+    // This kind of machine ships a backported qemu-utils (10.0) without the backports
+    // source; Debian's qemu-system-x86 (7.2) depends on qemu-utils of its own version, so
+    // apt would remove the installed one. Install both at qemu-system-x86's version in
+    // one transaction instead: that downgrades qemu-img and removes nothing.
+    if missing.contains(&"qemu-system-x86") && installed("qemu-utils") {
+        let want = candidate("qemu-system-x86")?;
+        if installed_version("qemu-utils").as_deref() != Some(want.as_str()) {
+            step(&format!(
+                "vm packages: qemu-utils {} -> {want}, to match qemu-system-x86",
+                installed_version("qemu-utils").unwrap_or_default()
+            ));
+            wanted.push(format!("qemu-utils={want}"));
+        }
+    }
+    let install = |simulate: bool| {
+        let mut c = Command::new("apt-get");
+        c.args([
+            "install",
+            "-q",
+            "--no-install-recommends",
+            "--allow-downgrades",
+        ])
+        .arg(if simulate { "-s" } else { "-y" })
+        .args(&wanted)
+        .env("DEBIAN_FRONTEND", "noninteractive");
+        c
+    };
+    // A dry run names what would go: nothing may be removed.
+    let sim = output_ok(&mut install(true))?;
     let removals: Vec<&str> = sim
         .lines()
         .filter_map(|l| l.strip_prefix("Remv "))
         .filter_map(|l| l.split_whitespace().next())
         .collect();
-    if !removals.is_empty() && !allow_removals {
+    if !removals.is_empty() {
         bail!(
-            "installing {} would remove {}: rerun with --allow-removals, or install them yourself",
-            missing.join(" "),
+            "installing {} would remove {}; install the kernel matrix's packages by hand \
+             (see PLATFORM notes in the README) and rerun",
+            wanted.join(" "),
             removals.join(" ")
         );
     }
-    run_ok(
-        Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
+    run_ok(&mut install(false))
+}
+
+/// The version apt would install of `pkg`.
+fn candidate(pkg: &str) -> anyhow::Result<String> {
+    let out = output_ok(Command::new("apt-cache").args(["policy", pkg]))?;
+    out.lines()
+        .find_map(|l| l.trim().strip_prefix("Candidate: "))
+        .filter(|v| *v != "(none)")
+        .map(str::to_owned)
+        .with_context(|| format!("apt has no candidate version of {pkg}"))
+}
+
+/// The installed version of `pkg`, if it is installed.
+fn installed_version(pkg: &str) -> Option<String> {
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f=${Version}", pkg])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 /// Orders names like `linux-image-6.1.0-56-...` by their digit groups, so 56 > 9.
