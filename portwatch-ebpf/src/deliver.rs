@@ -18,7 +18,6 @@
 use aya_ebpf::{
     Global,
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_cgroup_id, bpf_get_current_comm},
     macros::map,
     maps::{Array, HashMap, LruHashMap, RingBuf},
 };
@@ -110,17 +109,20 @@ fn risky_port(port: u16) -> bool {
         .is_some_and(|w| w & (1u64 << (port & 63)) != 0)
 }
 
-/// Whether a record must not share fate with bulk churn.
+/// Whether a record must not share fate with bulk churn. Callers decide it before they
+/// build the record: the record's flags take many values (one per combination of fields
+/// read), and a branch after them multiplies the paths the verifier walks (6.1's gave
+/// up at a million instructions).
 #[inline(always)]
-fn important(rec: &SocketRecord) -> bool {
-    risky_port(rec.port) || !is_loopback(rec.family, &rec.addr)
+pub fn important(port: u16, family: u16, addr: &[u8; 16]) -> bool {
+    risky_port(port) || !is_loopback(family, addr)
 }
 
-/// Put a record in its lane, counting it when there is no room. Returns whether it was
-/// delivered.
+/// Put a record in its lane (`urgent`: see [`important`]), counting it when there is no
+/// room. Returns whether it was delivered.
 #[inline(always)]
-fn send(rec: &mut SocketRecord) -> bool {
-    if important(rec) {
+fn send(rec: &mut SocketRecord, urgent: bool) -> bool {
+    if urgent {
         rec.flags |= FLAG_URGENT;
         let Some(mut entry) = URGENT.reserve::<SocketRecord>(0) else {
             count(stat::URGENT_FULL);
@@ -237,6 +239,8 @@ pub struct FoldAttr {
     pub ppid: u32,
     /// `FLAG_NETNS` / `FLAG_PPID` for the fields read.
     pub flags: u32,
+    pub cgroup_id: u64,
+    pub comm: [u8; 16],
 }
 
 /// The budgets' verdict on one start: the process's budget entry (for its totals) and
@@ -303,8 +307,8 @@ pub fn try_fold(s: &Start, d: &Decision, sock: u64, attr: impl FnOnce() -> FoldA
 
 /// Send a start the budgets let through, counting it in its process's totals.
 #[inline(always)]
-pub fn send_start(rec: &mut SocketRecord, d: &Decision) {
-    let sent = send(rec);
+pub fn send_start(rec: &mut SocketRecord, d: &Decision, urgent: bool) {
+    let sent = send(rec, urgent);
     if let Some(b) = d.budget {
         if sent {
             add(unsafe { &raw mut (*b).sent }, 1);
@@ -322,6 +326,7 @@ pub fn send_start(rec: &mut SocketRecord, d: &Decision) {
 #[inline(always)]
 pub fn deliver_start(rec: &mut SocketRecord, sock: u64) -> bool {
     let s = Start::of(rec);
+    let urgent = important(s.port, s.family, &s.addr);
     if rec.flags & FLAG_CHARGED != 0 {
         rec.flags &= !FLAG_CHARGED;
         let tgid = (s.pid_tgid >> 32) as u32;
@@ -329,7 +334,7 @@ pub fn deliver_start(rec: &mut SocketRecord, sock: u64) -> bool {
             budget: proc_budget(tgid, s.start_boottime_ns, s.now),
             reason: 0,
         };
-        send_start(rec, &d);
+        send_start(rec, &d, urgent);
         return false;
     }
     let d = decide(&s);
@@ -337,18 +342,21 @@ pub fn deliver_start(rec: &mut SocketRecord, sock: u64) -> bool {
         netns_ino: rec.netns_ino,
         ppid: rec.ppid,
         flags: rec.flags,
+        cgroup_id: rec.cgroup_id,
+        comm: rec.comm,
     };
     if try_fold(&s, &d, sock, attr) {
         return true;
     }
-    send_start(rec, &d);
+    send_start(rec, &d, urgent);
     false
 }
 
-/// An end (close or release) of a start that was sent: same lane rule.
+/// An end (close or release) of a start that was sent: same lane rule (`urgent`, decided
+/// by the caller before building the record).
 #[inline(always)]
-pub fn deliver_end(rec: &mut SocketRecord) {
-    send(rec);
+pub fn deliver_end(rec: &mut SocketRecord, urgent: bool) {
+    send(rec, urgent);
 }
 
 /// Whether the socket's start was folded; if so its end is counted into the same fold
@@ -407,12 +415,12 @@ fn fold(s: &Start, sock: u64, reason: u32, attr: impl FnOnce() -> FoldAttr) -> b
                     let a = attr();
                     (*f).first_ns = s.now;
                     (*f).uid_gid = s.uid_gid;
-                    (*f).cgroup_id = bpf_get_current_cgroup_id();
+                    (*f).cgroup_id = a.cgroup_id;
                     (*f).netns_ino = a.netns_ino;
                     (*f).ppid = a.ppid;
                     (*f).flags = a.flags;
                     (*f).addr = s.addr;
-                    (*f).comm = bpf_get_current_comm().unwrap_or([0; 16]);
+                    (*f).comm = a.comm;
                 }
             }
             f

@@ -21,13 +21,13 @@ use aya_ebpf::{
     programs::{FEntryContext, FExitContext, ProbeContext, RetProbeContext},
 };
 use portwatch_common::{
-    AF_INET, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_UDPLITE, Kind, TCP_LISTEN, stat,
+    AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_UDPLITE, Kind, TCP_LISTEN, stat,
 };
 
 use crate::{
     OFFSETS, build, count,
-    deliver::{deliver_end, deliver_start, end_folded},
-    kthread_flag, read_kernel, udp_bound, udp_released,
+    deliver::{deliver_end, end_folded, important},
+    kthread_flag, read_kernel, report_start_built, udp_bound_direct, udp_released,
 };
 
 /// `listen()` calls in flight that may move a socket into LISTEN, keyed by thread
@@ -207,22 +207,34 @@ fn listen_returned(ret: i32) {
         return;
     }
     let off = OFFSETS.load();
-    let family = family_of(sk);
     let port = read_kernel::<u16>(sk, off.sock_num).unwrap_or(0);
-    let addr = local_addr(sk, family, off.inet_saddr);
-    let now = unsafe { bpf_ktime_get_ns() };
-    let mut rec = build(
-        Kind::ListenStarted,
-        now,
-        pid_tgid,
-        sk,
-        family,
-        IPPROTO_TCP,
-        port,
-        &addr,
-        kthread_flag(),
-    );
-    deliver_start(&mut rec, sk);
+    let kthread = kthread_flag();
+    // One call per family, each with the family constant: the verifier then prunes the
+    // other family's paths in each (one call with the family unknown walked both
+    // everywhere and hit 6.1's million-instruction limit).
+    if family_of(sk) == AF_INET {
+        let addr = local_addr(sk, AF_INET, off.inet_saddr);
+        report_start_built(
+            Kind::ListenStarted,
+            sk,
+            AF_INET,
+            IPPROTO_TCP,
+            port,
+            &addr,
+            kthread,
+        );
+    } else {
+        let addr = local_addr(sk, AF_INET6, off.inet_saddr);
+        report_start_built(
+            Kind::ListenStarted,
+            sk,
+            AF_INET6,
+            IPPROTO_TCP,
+            port,
+            &addr,
+            kthread,
+        );
+    }
 }
 
 /// `inet_csk_listen_stop()`: a listener's close (`tcp_close()`), `shutdown()`
@@ -243,7 +255,8 @@ fn listen_stopped(sk: u64) {
     let port = read_kernel::<u16>(sk, off.inet_sport).map_or(0, u16::from_be);
     let addr = local_addr(sk, family, off.inet_saddr);
     let now = unsafe { bpf_ktime_get_ns() };
-    deliver_end(&mut build(
+    let urgent = important(port, family, &addr);
+    let mut rec = build(
         Kind::ListenStopped,
         now,
         bpf_get_current_pid_tgid(),
@@ -253,7 +266,8 @@ fn listen_stopped(sk: u64) {
         port,
         &addr,
         0,
-    ));
+    );
+    deliver_end(&mut rec, urgent);
 }
 
 /// A `bind()` of an inet socket returned 0: for UDP, the port is reserved (the real one
@@ -264,10 +278,15 @@ fn bind_returned(socket: u64) {
         return;
     };
     let off = OFFSETS.load();
-    let family = family_of(sk);
     let port = read_kernel::<u16>(sk, off.sock_num).unwrap_or(0);
-    let addr = local_addr(sk, family, off.sock_rcv_saddr);
-    udp_bound(sk, family, protocol, port, addr);
+    // Family constant per call, as in `listen_returned`.
+    if family_of(sk) == AF_INET {
+        let addr = local_addr(sk, AF_INET, off.sock_rcv_saddr);
+        udp_bound_direct(sk, AF_INET, protocol, port, addr);
+    } else {
+        let addr = local_addr(sk, AF_INET6, off.sock_rcv_saddr);
+        udp_bound_direct(sk, AF_INET6, protocol, port, addr);
+    }
 }
 
 /// `inet_release()` entry, where the kernel runs cgroup `sock_release`: for sockets a

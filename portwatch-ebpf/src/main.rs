@@ -43,7 +43,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use deliver::{
-    FoldAttr, Start, decide, deliver_end, deliver_start, end_folded, send_start, try_fold,
+    FoldAttr, Start, decide, deliver_end, deliver_start, end_folded, important, send_start,
+    try_fold,
 };
 use portwatch_common::{
     AF_INET, AF_INET6, FLAG_CHARGED, FLAG_INODE, FLAG_KTHREAD, FLAG_NETNS, FLAG_PPID, FLAG_START,
@@ -206,7 +207,8 @@ fn try_listen_state(ctx: &TracePointContext) -> Result<u32, u32> {
         return Ok(0);
     }
     let port: u16 = tp_field(ctx, TP_SPORT);
-    deliver_end(&mut build(
+    let urgent = important(port, family, &addr);
+    let mut rec = build(
         Kind::ListenStopped,
         now,
         pid_tgid,
@@ -216,7 +218,8 @@ fn try_listen_state(ctx: &TracePointContext) -> Result<u32, u32> {
         port,
         &addr,
         0,
-    ));
+    );
+    deliver_end(&mut rec, urgent);
     Ok(0)
 }
 
@@ -334,6 +337,7 @@ fn udp_released(sock: u64, family: u16, protocol: u16) {
             } else if let Some(a) = read_kernel::<[u8; 16]>(sock, off.sock_v6_rcv_saddr) {
                 addr = a;
             }
+            let urgent = important(port, family, &addr);
             let mut rec = build(
                 Kind::UdpReleased,
                 now,
@@ -345,12 +349,13 @@ fn udp_released(sock: u64, family: u16, protocol: u16) {
                 &addr,
                 FLAG_UNTRACKED,
             );
-            deliver_end(&mut rec);
+            deliver_end(&mut rec, urgent);
         }
         return;
     };
     let _ = BOUND.remove(sock);
-    deliver_end(&mut build(
+    let urgent = important(b.port, b.family, &b.addr);
+    let mut rec = build(
         Kind::UdpReleased,
         now,
         bpf_get_current_pid_tgid(),
@@ -360,40 +365,15 @@ fn udp_released(sock: u64, family: u16, protocol: u16) {
         b.port,
         &b.addr,
         0,
-    ));
+    );
+    deliver_end(&mut rec, urgent);
 }
 
 #[inline(always)]
 fn udp_bound(sock: u64, family: u16, protocol: u16, port: u16, addr: [u8; 16]) {
-    let now = unsafe { bpf_ktime_get_ns() };
-    let pid_tgid = bpf_get_current_pid_tgid();
-    // Budgets first: a bind of a process over budget is folded without attribution reads.
-    let s = Start {
-        pid_tgid,
-        uid_gid: bpf_get_current_uid_gid(),
-        start_boottime_ns: task_start().unwrap_or(0),
-        now,
-        family,
-        protocol,
-        port,
-        addr,
-    };
-    let d = decide(&s);
-    if try_fold(&s, &d, sock, || fold_attr(sock)) {
+    if report_start(Kind::UdpBound, sock, family, protocol, port, &addr, 0) {
         return; // folded: its release is found in FOLDED_SOCKS
     }
-    let mut rec = build(
-        Kind::UdpBound,
-        now,
-        pid_tgid,
-        sock,
-        family,
-        protocol,
-        port,
-        &addr,
-        0,
-    );
-    send_start(&mut rec, &d);
     let b = Bound {
         family,
         port,
@@ -403,6 +383,94 @@ fn udp_bound(sock: u64, family: u16, protocol: u16, port: u16, addr: [u8; 16]) {
     if BOUND.insert(sock, b, 0).is_err() {
         count(stat::BOUND_FULL);
     }
+}
+
+/// Scratch space for the direct set's records (one per CPU).
+#[map]
+static SCRATCH: PerCpuArray<SocketRecord> = PerCpuArray::with_max_entries(1, 0);
+
+/// A start the direct set reports: the record is built first, into per-CPU map memory,
+/// and then delivered. Map memory is opaque to the verifier, so the many values the
+/// record's flags can take (one per combination of fields read) do not multiply the
+/// paths of the delivery that follows; built on the stack, the fexit on `inet_bind`
+/// went past 6.1's million-instruction limit. (The stable set decides on the budgets
+/// before building; its programs stay well within the limit.) True when folded.
+#[inline(always)]
+pub(crate) fn report_start_built(
+    kind: Kind,
+    sock: u64,
+    family: u16,
+    protocol: u16,
+    port: u16,
+    addr: &[u8; 16],
+    extra: u32,
+) -> bool {
+    let Some(rec) = SCRATCH.get_ptr_mut(0) else {
+        return false;
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: a per-CPU map value, ours for the program's run.
+    unsafe {
+        *rec = build(
+            kind, now, pid_tgid, sock, family, protocol, port, addr, extra,
+        );
+        deliver_start(&mut *rec, sock)
+    }
+}
+
+/// `udp_bound` for the direct set: the record built first (see `report_start_built`).
+#[inline(always)]
+pub(crate) fn udp_bound_direct(sock: u64, family: u16, protocol: u16, port: u16, addr: [u8; 16]) {
+    if report_start_built(Kind::UdpBound, sock, family, protocol, port, &addr, 0) {
+        return;
+    }
+    let b = Bound {
+        family,
+        port,
+        _pad: [0; 4],
+        addr,
+    };
+    if BOUND.insert(sock, b, 0).is_err() {
+        count(stat::BOUND_FULL);
+    }
+}
+
+/// A start whose port is known, in its task: the budgets first (a start over budget is
+/// folded without attribution reads), then the record, sent in its lane. True when it
+/// was folded.
+#[inline(always)]
+pub(crate) fn report_start(
+    kind: Kind,
+    sock: u64,
+    family: u16,
+    protocol: u16,
+    port: u16,
+    addr: &[u8; 16],
+    extra: u32,
+) -> bool {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let s = Start {
+        pid_tgid,
+        uid_gid: bpf_get_current_uid_gid(),
+        start_boottime_ns: task_start().unwrap_or(0),
+        now,
+        family,
+        protocol,
+        port,
+        addr: *addr,
+    };
+    let d = decide(&s);
+    if try_fold(&s, &d, sock, || fold_attr(sock)) {
+        return true;
+    }
+    let urgent = important(port, family, addr);
+    let mut rec = build(
+        kind, now, pid_tgid, sock, family, protocol, port, addr, extra,
+    );
+    send_start(&mut rec, &d, urgent);
+    false
 }
 
 /// The full record of a socket event, captured in the current task's context.
@@ -532,6 +600,8 @@ fn fold_attr(sock: u64) -> FoldAttr {
         ppid: ppid.unwrap_or(0),
         flags: if netns.is_some() { FLAG_NETNS } else { 0 }
             | if ppid.is_some() { FLAG_PPID } else { 0 },
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
     }
 }
 

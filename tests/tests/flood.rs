@@ -11,10 +11,19 @@ use std::{
     path::PathBuf,
     process::{Command, Stdio},
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use portwatch_tests::{Reap, Value, action, can_run_kernel_tests, pid, port, read_json_lines};
+
+#[test]
+fn rfc3339_parses_as_the_agent_writes_it() {
+    assert_eq!(rfc3339_ns("1970-01-01T00:00:01.5Z"), Some(1_500_000_000));
+    assert_eq!(
+        rfc3339_ns("2026-11-28T07:08:21.836392654Z"),
+        Some(1_795_849_701_836_392_654)
+    );
+}
 
 const K: usize = 20;
 const RISKY: u16 = 11211;
@@ -101,16 +110,69 @@ fn finish_flooders(children: Vec<std::process::Child>) -> Vec<Flood> {
 }
 
 /// The risky listeners: K times 0.0.0.0:11211 for 50 ms, 100 ms apart, from this process.
-fn open_risky_listeners() -> Vec<Instant> {
+/// Returns when each listen() returned (ns since the epoch).
+fn open_risky_listeners() -> Vec<i128> {
     let mut opened = Vec::new();
     for _ in 0..K {
         let l = TcpListener::bind(("0.0.0.0", RISKY)).expect("binding 0.0.0.0:11211");
-        opened.push(Instant::now());
+        opened.push(now_ns());
         thread::sleep(Duration::from_millis(50));
         drop(l);
         thread::sleep(Duration::from_millis(100));
     }
     opened
+}
+
+fn now_ns() -> i128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i128)
+}
+
+/// RFC 3339 with nanoseconds and `Z`, as the agent writes it, to ns since the epoch.
+fn rfc3339_ns(s: &str) -> Option<i128> {
+    let (date, time) = s.strip_suffix('Z')?.split_once('T')?;
+    let mut d = date.split('-').map(|x| x.parse::<i64>().ok());
+    let (y, m, dd) = (d.next()??, d.next()??, d.next()??);
+    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
+    let mut t = hms.split(':').map(|x| x.parse::<i64>().ok());
+    let (h, mi, se) = (t.next()??, t.next()??, t.next()??);
+    // Days from civil (Howard Hinnant's algorithm).
+    let y2 = if m <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + dd - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let frac_ns: i128 = format!("{frac:0<9}")[..9].parse().ok()?;
+    Some(((days * 86_400 + h * 3600 + mi * 60 + se) as i128) * 1_000_000_000 + frac_ns)
+}
+
+/// Detection latency of the risky listeners, for the log (tests never assert on speed):
+/// when the agent wrote each one's event (`event.created`) minus when its listen()
+/// returned.
+fn print_latency(events: &[Value], opened: &[i128], what: &str) {
+    let me = std::process::id() as u64;
+    let mut created: Vec<i128> = events
+        .iter()
+        .filter(|e| action(e) == "listen-started" && pid(e) == me && port(e) == u64::from(RISKY))
+        .filter_map(|e| rfc3339_ns(e["event"]["created"].as_str()?))
+        .collect();
+    created.sort_unstable();
+    let mut lat: Vec<i128> = opened
+        .iter()
+        .zip(&created)
+        .map(|(o, c)| (c - o).max(0))
+        .collect();
+    lat.sort_unstable();
+    if let (Some(p50), Some(p99)) = (lat.get(lat.len() / 2), lat.last()) {
+        eprintln!(
+            "{what}: {} risky listeners written {:.2} ms (p50) / {:.2} ms (max) after listen() returned",
+            lat.len(),
+            *p50 as f64 / 1e6,
+            *p99 as f64 / 1e6
+        );
+    }
 }
 
 /// Check the whole stream: K risky listeners and their alerts, exact flood accounting.
@@ -248,7 +310,7 @@ fn variant(transport: &str, scope: &str) {
     .expect("agent started");
     let flooders = start_flooders(transport, scope, uid);
     thread::sleep(Duration::from_millis(500));
-    open_risky_listeners();
+    let opened = open_risky_listeners();
     let floods = finish_flooders(flooders);
     // The final fold report comes once a flooder is gone (next tick, within ~2 s).
     let pids: Vec<u64> = floods.iter().map(|f| u64::from(f.pid)).collect();
@@ -268,6 +330,11 @@ fn variant(transport: &str, scope: &str) {
     unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
     assert!(agent.wait().expect("agent").success());
     let events = read_json_lines(&out);
+    print_latency(
+        &events,
+        &opened,
+        &format!("{transport} {scope} flood, to a file"),
+    );
     check(&events, &floods, transport, scope == "wildcard");
 }
 
@@ -326,7 +393,7 @@ fn slow_pipe_keeps_every_risky_listener() {
     }
     let flooders = start_flooders("tcp", "loopback", uid);
     thread::sleep(Duration::from_millis(500));
-    open_risky_listeners();
+    let opened = open_risky_listeners();
     let _floods = finish_flooders(flooders);
     thread::sleep(Duration::from_secs(3));
     unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
@@ -337,6 +404,11 @@ fn slow_pipe_keeps_every_risky_listener() {
     assert!(agent.wait().expect("agent").success());
     let _ = reader.join();
     let me = std::process::id() as u64;
+    print_latency(
+        &events,
+        &opened,
+        "tcp loopback flood, to a slow pipe (written)",
+    );
     let risky = events
         .iter()
         .filter(|e| action(e) == "listen-started" && pid(e) == me && port(e) == u64::from(RISKY))
