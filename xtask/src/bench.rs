@@ -82,7 +82,7 @@ pub struct BenchArgs {
     /// Only these workloads (comma-separated ids or prefixes, e.g. tcp-churn,paced).
     #[arg(long, value_delimiter = ',')]
     pub workloads: Vec<String>,
-    /// Only these tools (none, portwatch, bpftrace, ss).
+    /// Only these tools (none, portwatch, portwatch-nofold, floor, bpftrace, ss).
     #[arg(long, value_delimiter = ',')]
     pub tools: Vec<String>,
     /// Skip the pass with BPF run-time statistics on.
@@ -94,6 +94,10 @@ pub struct BenchArgs {
 enum Tool {
     None,
     Portwatch,
+    /// portwatch with folding off (`--fold-above 0`): every start sent one by one.
+    PortwatchNoFold,
+    /// Do-nothing programs at portwatch's hooks: what the hooks alone cost.
+    Floor,
     Bpftrace,
     Ss,
 }
@@ -103,6 +107,8 @@ impl Tool {
         match self {
             Tool::None => "none",
             Tool::Portwatch => "portwatch",
+            Tool::PortwatchNoFold => "portwatch-nofold",
+            Tool::Floor => "floor",
             Tool::Bpftrace => "bpftrace",
             Tool::Ss => "ss",
         }
@@ -128,7 +134,7 @@ struct Ctx {
     have_bpftrace: bool,
     have_ss: bool,
     /// Consecutive start failures per tool: after two the tool is skipped.
-    failures: [u32; 4],
+    failures: [u32; 6],
     seq: u32,
 }
 
@@ -188,7 +194,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         logs: cfg.out_dir.join("logs"),
         have_bpftrace: tool_works("bpftrace", "--version"),
         have_ss: tool_works("ss", "-V"),
-        failures: [0; 4],
+        failures: [0; 6],
         seq: 0,
         cfg,
     };
@@ -263,7 +269,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             Ok(guard) => {
                 for w in &workloads {
                     let w = w.with_secs(ctx.cfg.kernel_secs);
-                    for tool in [Tool::Portwatch, Tool::Bpftrace] {
+                    for tool in [Tool::Portwatch, Tool::PortwatchNoFold, Tool::Bpftrace] {
                         if !tools_for(&ctx, &w).contains(&tool) {
                             continue;
                         }
@@ -391,10 +397,22 @@ fn workloads(cfg: &Config) -> Vec<Workload> {
 }
 
 fn tools_for(ctx: &Ctx, w: &Workload) -> Vec<Tool> {
-    let mut t = vec![Tool::None, Tool::Portwatch, Tool::Bpftrace, Tool::Ss];
+    let mut t = vec![
+        Tool::None,
+        Tool::Portwatch,
+        Tool::PortwatchNoFold,
+        Tool::Floor,
+        Tool::Bpftrace,
+        Tool::Ss,
+    ];
     if w.kind == Kind::Paced {
-        // Fixed rate: nothing to compare throughput with; latency and capture only.
-        t.retain(|t| *t != Tool::None);
+        // Fixed rate: nothing to compare throughput with; latency and capture only (a
+        // paced stream is under any budget: folding changes nothing there).
+        t.retain(|t| !matches!(t, Tool::None | Tool::Floor | Tool::PortwatchNoFold));
+    }
+    if w.kind == Kind::TcpTraffic {
+        // Six listeners in all: folding changes nothing there.
+        t.retain(|t| *t != Tool::PortwatchNoFold);
     }
     if !ctx.have_bpftrace {
         t.retain(|t| *t != Tool::Bpftrace);
@@ -411,7 +429,7 @@ fn estimate_secs(cfg: &Config, ws: &[Workload]) -> f64 {
     let per_round: f64 = ws
         .iter()
         .map(|w| {
-            let n = if w.kind == Kind::Paced { 3.0 } else { 4.0 };
+            let n = if w.kind == Kind::Paced { 3.0 } else { 6.0 };
             n * (w.secs + 1.5)
         })
         .sum();
@@ -427,8 +445,10 @@ fn tool_index(t: Tool) -> usize {
     match t {
         Tool::None => 0,
         Tool::Portwatch => 1,
-        Tool::Bpftrace => 2,
-        Tool::Ss => 3,
+        Tool::PortwatchNoFold => 2,
+        Tool::Floor => 3,
+        Tool::Bpftrace => 4,
+        Tool::Ss => 5,
     }
 }
 
@@ -455,7 +475,12 @@ fn run_one(ctx: &mut Ctx, w: &Workload, tool: Tool, round: u32, kernel_stats: bo
     let res: anyhow::Result<()> = (|| {
         match tool {
             Tool::None => run.load = Some(do_load()?),
-            Tool::Portwatch => {
+            Tool::Portwatch | Tool::PortwatchNoFold | Tool::Floor => {
+                let extra: &[&str] = match tool {
+                    Tool::PortwatchNoFold => &["--fold-above", "0"],
+                    Tool::Floor => &["--hooks", "floor", "--allow-degraded"],
+                    _ => &[],
+                };
                 let o = agent::AgentOpts {
                     bin: &ctx.agent,
                     mode: ctx.cfg.args.output,
@@ -463,6 +488,8 @@ fn run_one(ctx: &mut Ctx, w: &Workload, tool: Tool, round: u32, kernel_stats: bo
                     events_file: ctx.cfg.out_dir.join("agent-events.jsonl"),
                     log_file: ctx.logs.join(format!("{tag}.stderr")),
                     kernel_stats,
+                    extra,
+                    name: tool.name(),
                 };
                 let (l, obs) = agent::run(&o, w.kind, do_load)?;
                 run.load = Some(l);

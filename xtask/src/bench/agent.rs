@@ -65,6 +65,8 @@ pub struct Collected {
     pub first_mismatch: Option<String>,
     /// A `sensor-started` line was seen.
     pub started: bool,
+    /// `listeners-folded` per pid: (starts, ends) folded.
+    pub folded: HashMap<u32, (u64, u64)>,
 }
 
 struct Scanner {
@@ -228,6 +230,17 @@ impl Scanner {
         if action == "sensor-started" {
             out.started = true;
         }
+        if action == "listeners-folded" {
+            // Rare (at most one a second per fold): parsed in full.
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) {
+                let f = &v["portwatch"]["fold"];
+                let e = out.folded.entry(pid).or_insert((0, 0));
+                e.0 += f["started"].as_u64().unwrap_or(0);
+                e.1 += f["ended"].as_u64().unwrap_or(0);
+            } else {
+                out.bad_lines += 1;
+            }
+        }
         if action == "events-lost" {
             *out.lost
                 .entry(reason.unwrap_or_else(|| "unknown".into()))
@@ -324,6 +337,10 @@ pub struct AgentOpts<'a> {
     pub events_file: PathBuf,
     pub log_file: PathBuf,
     pub kernel_stats: bool,
+    /// More `portwatch watch` arguments (`--fold-above 0`, `--hooks floor ...`).
+    pub extra: &'a [&'a str],
+    /// The row's name (`portwatch`, `portwatch-nofold`, `floor`).
+    pub name: &'static str,
 }
 
 /// Kills the child on drop unless it was waited for.
@@ -390,6 +407,7 @@ pub fn run(
 ) -> anyhow::Result<(Load, Observer)> {
     let mut cmd = Command::new(o.bin);
     cmd.args(["watch", "--format", "json", "--no-snapshot"]);
+    cmd.args(o.extra);
     if let Some(r) = o.ring_bytes {
         cmd.args(["--ring-bytes", &r.to_string()]);
     }
@@ -496,6 +514,12 @@ pub fn run(
     }
 
     let mut obs = score(&col, &load, kind, o.mode, &mut notes);
+    obs.tool = o.name.into();
+    if o.name == "floor" {
+        // Do-nothing programs: nothing to capture, only the cost of the hooks.
+        obs.capture = None;
+        obs.lost = None;
+    }
     obs.cpu_s = match (cpu0, cpu1) {
         (Some(a), Some(b)) => Some(b - a),
         _ => None,
@@ -548,6 +572,13 @@ fn score(
     let mut capture = match_capture(load, &cap, true);
     capture.stops_generated = Some(load.listens);
     capture.stops_captured = Some(stops);
+    let (folded, stops_folded) = col
+        .folded
+        .iter()
+        .filter(|(pid, _)| ours.contains(pid))
+        .fold((0, 0), |(a, b), (_, (s, e))| (a + s, b + e));
+    capture.folded = Some(folded);
+    capture.stops_folded = Some(stops_folded);
     if col.bad_lines > 0 {
         notes.push(format!("{} lines were not JSON", col.bad_lines));
     }
@@ -565,7 +596,7 @@ fn score(
         ));
     }
     let events = if read_lines {
-        capture.captured + stops
+        capture.captured + stops + folded + stops_folded
     } else {
         2 * load.listens
     };
@@ -599,6 +630,19 @@ mod tests {
         assert_eq!(f.0, "listen-started");
         assert_eq!((f.1, f.2), (4242, 43211));
         assert_eq!(f.4 - f.3, 50_000);
+    }
+
+    #[test]
+    fn folded_lines_count_per_pid() {
+        let l = r#"{"@timestamp":"2026-11-26T23:21:35Z","message":"m","event":{"kind":"event","action":"listeners-folded","created":"2026-11-26T23:21:35Z"},"network":{"transport":"tcp","type":"ipv4"},"process":{"pid":4242,"name":"loadgen"},"portwatch":{"fold":{"started":900,"ended":899,"ports":"1-3","final":false}}}"#;
+        let mut sc = Scanner::new();
+        let mut col = Collected::default();
+        let mut split = LineSplitter { buf: Vec::new() };
+        let text = format!("{l}\n{l}\n{LINE}\n");
+        split.feed(text.as_bytes(), 1, &mut sc, &mut col);
+        assert_eq!(col.folded.get(&4242), Some(&(1800, 1798)));
+        assert_eq!(col.recs.len(), 1, "a fold is not a listener record");
+        assert_eq!((col.bad_lines, col.mismatches), (0, 0));
     }
 
     #[test]

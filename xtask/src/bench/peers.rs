@@ -303,6 +303,8 @@ pub fn run_ss(
                 match_on: "port",
                 stops_generated: None,
                 stops_captured: None,
+                folded: None,
+                stops_folded: None,
             }),
             polls: Some(g.0),
             notes: vec![format!(

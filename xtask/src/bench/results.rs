@@ -23,6 +23,13 @@ pub struct Capture {
     pub stops_generated: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stops_captured: Option<u64>,
+    /// Starts (and ends) the agent folded into `listeners-folded` for the generator's
+    /// pids: counted exactly, not sent one by one. captured + folded = generated is
+    /// everything accounted for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub folded: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stops_folded: Option<u64>,
 }
 
 #[derive(Serialize, Clone, Debug, Default)]
@@ -116,5 +123,7 @@ pub fn match_capture(load: &Load, cap: &HashMap<(u32, u16), u64>, by_port: bool)
         match_on: if by_port { "pid+port" } else { "pid" },
         stops_generated: None,
         stops_captured: None,
+        folded: None,
+        stops_folded: None,
     }
 }
