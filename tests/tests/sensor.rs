@@ -515,3 +515,29 @@ fn udplite_binds_are_reported_live_and_by_the_snapshot() {
     raw::close(before);
     agent.stop();
 }
+
+/// A risky listener inside a fold still raises its alert: the fold's port set is
+/// classified like listeners of their own.
+#[test]
+fn a_risky_port_inside_a_fold_raises_its_alert() {
+    if !can_run_kernel_tests() {
+        return;
+    }
+    let mut agent = Agent::start(&["--no-snapshot", "--fold-above", "50"]);
+    // Spend the budget, then (within the same second) bind the risky port.
+    for _ in 0..100 {
+        drop(UdpSocket::bind("127.0.0.1:0").unwrap());
+    }
+    let risky = UdpSocket::bind("0.0.0.0:11211").unwrap();
+    let alert = agent.expect("the alert from the fold", |e| {
+        action(e) == "risky-listener" && e["server"]["port"] == 11211 && e["process"]["pid"] == me()
+    });
+    assert!(
+        alert["portwatch"]["fold"].is_object(),
+        "the alert came from a fold (the bind was over budget): {alert}"
+    );
+    assert_eq!(alert["portwatch"]["fold"]["scope"], "wildcard");
+    assert_eq!(alert["rule"]["id"], "memcached");
+    drop(risky);
+    agent.stop();
+}
