@@ -93,9 +93,12 @@ fn normalised(e: &Value) -> Value {
     e
 }
 
-/// Events one agent reported for the sockets in `inodes`, normalised, in order.
+/// The events of these sockets, normalised, in a fixed order: by socket, start before
+/// end. (The stream's own order is kept within a lane only: a destination writes urgent
+/// events, such as a wildcard listener's, ahead of bulk ones such as a loopback
+/// listener's, so two agents may interleave the lanes differently.)
 fn ours(events: &[Value], inodes: &[u64]) -> Vec<Value> {
-    events
+    let mut v: Vec<Value> = events
         .iter()
         .filter(|e| {
             e["portwatch"]["socket"]["inode"]
@@ -104,7 +107,14 @@ fn ours(events: &[Value], inodes: &[u64]) -> Vec<Value> {
         })
         .filter(|e| e["event"]["kind"] == "event")
         .map(normalised)
-        .collect()
+        .collect();
+    v.sort_by_key(|e| {
+        (
+            e["portwatch"]["socket"]["inode"].as_u64(),
+            e["event"]["type"][0] != "start",
+        )
+    });
+    v
 }
 
 /// The same activity seen by a stable-set agent and a direct-set agent at once: TCP
