@@ -2,9 +2,16 @@
 //!
 //! Each workload comes from `target/release/loadgen` (xtask/src/bin/loadgen.rs) and runs
 //! under every tool in turn within a round, the order rotating from round to round:
-//! no observer (`none`), portwatch, bpftrace on the same tracepoint, and `ss -Htuln`
-//! polled every 1 s and every 100 ms (both pollers in the same run). Figures are medians
-//! over rounds; throughput ratios pair each run with the same round's `none` run.
+//! no observer (`none`), portwatch, portwatch with folding off (`portwatch-nofold`),
+//! do-nothing programs at portwatch's hooks (`floor`), bpftrace on the same tracepoint,
+//! and `ss -Htuln` polled every 1 s and every 100 ms (both pollers in the same run).
+//! Figures are medians over rounds; throughput ratios pair each run with the same round's
+//! `none` run.
+//!
+//! `flood-evasion-tcp` and `-udp` (bench/flood.rs) flood on every core while the bench
+//! opens 20 short-lived listeners on 0.0.0.0:11211: are they reported, is the alert
+//! raised, how fast? Rows: portwatch to a file read like `tail -f`, portwatch to a slow
+//! pipe, bpftrace, ss every 100 ms.
 //!
 //! In-kernel cost per program run is measured in a separate, shorter pass with BPF
 //! run-time statistics on (they add two clock reads to every program run on the host,
@@ -19,6 +26,7 @@
 //! cargo xtask bench --quick          # smoke run: 1 round, 2 s runs (~2 min)
 //! cargo xtask bench --output null --ring-bytes 4194304
 //! cargo xtask bench --workloads tcp-churn,paced --tools none,portwatch --rounds 5
+//! cargo xtask bench --quick --workloads tcp-churn-1p,flood-evasion --no-kernel-cost
 //! ```
 //!
 //! `cargo xtask` is an unoptimised build; the bench re-executes itself from
@@ -26,6 +34,7 @@
 //! optimised, 10 µs not) is never the bottleneck it is measuring.
 
 mod agent;
+mod flood;
 mod load;
 mod peers;
 mod report;
@@ -53,7 +62,7 @@ use self::{
 pub enum OutputMode {
     /// Agent writes to a pipe the bench reads (read latency measurable).
     Stdout,
-    /// Agent appends to target/bench/agent-events.jsonl; parsed after each run.
+    /// Agent appends to a file in the bench's scratch directory; parsed after each run.
     File,
     /// Agent writes to /dev/null: its cost without a consumer; nothing to count.
     Null,
@@ -79,10 +88,12 @@ pub struct BenchArgs {
     /// Smoke run: 1 round, 2 s runs (paced included), 1 s kernel-cost pass.
     #[arg(long)]
     pub quick: bool,
-    /// Only these workloads (comma-separated ids or prefixes, e.g. tcp-churn,paced).
+    /// Only these workloads (comma-separated ids or prefixes, e.g. tcp-churn,paced,
+    /// flood-evasion).
     #[arg(long, value_delimiter = ',')]
     pub workloads: Vec<String>,
-    /// Only these tools (none, portwatch, portwatch-nofold, floor, bpftrace, ss).
+    /// Only these tools (none, portwatch, portwatch-nofold, floor, bpftrace, ss; in
+    /// flood-evasion: portwatch-file, portwatch-slow-pipe, bpftrace, ss).
     #[arg(long, value_delimiter = ',')]
     pub tools: Vec<String>,
     /// Skip the pass with BPF run-time statistics on.
@@ -100,6 +111,10 @@ enum Tool {
     Floor,
     Bpftrace,
     Ss,
+    /// flood-evasion: portwatch writing to a file the bench follows like `tail -f`.
+    PortwatchFile,
+    /// flood-evasion: portwatch writing to a pipe read at 1 ms a line.
+    PortwatchSlowPipe,
 }
 
 impl Tool {
@@ -111,6 +126,8 @@ impl Tool {
             Tool::Floor => "floor",
             Tool::Bpftrace => "bpftrace",
             Tool::Ss => "ss",
+            Tool::PortwatchFile => "portwatch-file",
+            Tool::PortwatchSlowPipe => "portwatch-slow-pipe",
         }
     }
 }
@@ -134,7 +151,7 @@ struct Ctx {
     have_bpftrace: bool,
     have_ss: bool,
     /// Consecutive start failures per tool: after two the tool is skipped.
-    failures: [u32; 6],
+    failures: [u32; 8],
     seq: u32,
 }
 
@@ -190,11 +207,14 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let mut ctx = Ctx {
         loadgen: root.join("target/release/loadgen"),
         agent: crate::agent_binary(),
-        tmp: cfg.out_dir.join("tmp"),
+        // Private scratch space (the agent's copy, ports, events file), outside target/:
+        // another bench, a `cargo clean` or a test run in the shared tree cannot pull it
+        // away mid-run.
+        tmp: std::env::temp_dir().join(format!("portwatch-bench-{}", std::process::id())),
         logs: cfg.out_dir.join("logs"),
         have_bpftrace: tool_works("bpftrace", "--version"),
         have_ss: tool_works("ss", "-V"),
-        failures: [0; 6],
+        failures: [0; 8],
         seq: 0,
         cfg,
     };
@@ -234,6 +254,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     if workloads.is_empty() {
         bail!("--workloads matched nothing");
     }
+    if workloads.iter().any(|w| w.kind.is_flood()) {
+        flood::check_port()?;
+    }
     let load_start = util::loadavg();
     let est = estimate_secs(&ctx.cfg, &workloads);
     step(&format!(
@@ -267,9 +290,16 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         ));
         match util::StatsGuard::enable() {
             Ok(guard) => {
-                for w in &workloads {
+                // Not flood-evasion: its figures are about the bench's own listeners.
+                for w in workloads.iter().filter(|w| !w.kind.is_flood()) {
                     let w = w.with_secs(ctx.cfg.kernel_secs);
-                    for tool in [Tool::Portwatch, Tool::PortwatchNoFold, Tool::Bpftrace] {
+                    // --quick: portwatch only, to stay within a few minutes.
+                    let tools: &[Tool] = if ctx.cfg.args.quick {
+                        &[Tool::Portwatch]
+                    } else {
+                        &[Tool::Portwatch, Tool::PortwatchNoFold, Tool::Bpftrace]
+                    };
+                    for &tool in tools {
                         if !tools_for(&ctx, &w).contains(&tool) {
                             continue;
                         }
@@ -391,20 +421,47 @@ fn workloads(cfg: &Config) -> Vec<Workload> {
             "loopback connect+accept+close (RST), one listener per process, {n} process(es)"
         ),
     });
+    for (kind, id, what) in [
+        (Kind::FloodTcp, "flood-evasion-tcp", "TCP churn"),
+        (Kind::FloodUdp, "flood-evasion-udp", "UDP churn"),
+    ] {
+        v.push(Workload {
+            id: id.into(),
+            kind,
+            procs: n,
+            secs: cfg.secs.max(flood::MIN_FLOOD_SECS),
+            rate: 0,
+            what: format!(
+                "{what} on every core ({n} processes) while the bench opens {} listeners \
+                 on 0.0.0.0:{}, 50 ms each, 100-200 ms apart",
+                flood::K,
+                flood::PORT
+            ),
+        });
+    }
     let filter = &cfg.args.workloads;
     v.retain(|w| filter.is_empty() || filter.iter().any(|f| w.id.starts_with(f.as_str())));
     v
 }
 
 fn tools_for(ctx: &Ctx, w: &Workload) -> Vec<Tool> {
-    let mut t = vec![
-        Tool::None,
-        Tool::Portwatch,
-        Tool::PortwatchNoFold,
-        Tool::Floor,
-        Tool::Bpftrace,
-        Tool::Ss,
-    ];
+    let mut t = if w.kind.is_flood() {
+        vec![
+            Tool::PortwatchFile,
+            Tool::PortwatchSlowPipe,
+            Tool::Bpftrace,
+            Tool::Ss,
+        ]
+    } else {
+        vec![
+            Tool::None,
+            Tool::Portwatch,
+            Tool::PortwatchNoFold,
+            Tool::Floor,
+            Tool::Bpftrace,
+            Tool::Ss,
+        ]
+    };
     if w.kind == Kind::Paced {
         // Fixed rate: nothing to compare throughput with; latency and capture only (a
         // paced stream is under any budget: folding changes nothing there).
@@ -429,14 +486,21 @@ fn estimate_secs(cfg: &Config, ws: &[Workload]) -> f64 {
     let per_round: f64 = ws
         .iter()
         .map(|w| {
-            let n = if w.kind == Kind::Paced { 3.0 } else { 6.0 };
-            n * (w.secs + 1.5)
+            // Tools, and seconds each beyond the load (the floor's self-check takes 3 s).
+            let (n, extra) = match w.kind {
+                Kind::Paced => (3.0, 1.5),
+                Kind::TcpTraffic => (5.0, 2.1),
+                k if k.is_flood() => (4.0, 2.5),
+                _ => (6.0, 2.0),
+            };
+            n * (w.secs + extra)
         })
         .sum();
     let kernel = if cfg.args.no_kernel_cost {
         0.0
     } else {
-        ws.len() as f64 * 2.0 * (cfg.kernel_secs + 2.0)
+        let tools = if cfg.args.quick { 1.0 } else { 3.0 };
+        ws.iter().filter(|w| !w.kind.is_flood()).count() as f64 * tools * (cfg.kernel_secs + 2.0)
     };
     per_round * f64::from(cfg.rounds) + kernel
 }
@@ -449,6 +513,8 @@ fn tool_index(t: Tool) -> usize {
         Tool::Floor => 3,
         Tool::Bpftrace => 4,
         Tool::Ss => 5,
+        Tool::PortwatchFile => 6,
+        Tool::PortwatchSlowPipe => 7,
     }
 }
 
@@ -472,7 +538,29 @@ fn run_one(ctx: &mut Ctx, w: &Workload, tool: Tool, round: u32, kernel_stats: bo
     let tag = format!("{:03}-{}-{}", ctx.seq, w.id.replace('/', "_"), tool.name());
     let (loadgen, tmp) = (ctx.loadgen.clone(), ctx.tmp.clone());
     let do_load = || load::run(&loadgen, &tmp, w);
+    let log_file = ctx.logs.join(format!("{tag}.stderr"));
+    let events_file = tmp.join("agent-events.jsonl");
+    let env = flood::Env {
+        loadgen: &loadgen,
+        tmp: &tmp,
+        agent: &ctx.agent,
+        log_file: &log_file,
+        events_file: &events_file,
+        ring_bytes: ctx.cfg.args.ring_bytes,
+    };
     let res: anyhow::Result<()> = (|| {
+        if w.kind.is_flood() {
+            let (l, obs) = match tool {
+                Tool::PortwatchFile => flood::run_portwatch(&env, w, tool.name(), false)?,
+                Tool::PortwatchSlowPipe => flood::run_portwatch(&env, w, tool.name(), true)?,
+                Tool::Bpftrace => flood::run_bpftrace(&env, w)?,
+                Tool::Ss => flood::run_ss(&env, w)?,
+                _ => bail!("{} has no flood-evasion row", tool.name()),
+            };
+            run.load = Some(l);
+            run.observers.push(obs);
+            return Ok(());
+        }
         match tool {
             Tool::None => run.load = Some(do_load()?),
             Tool::Portwatch | Tool::PortwatchNoFold | Tool::Floor => {
@@ -485,11 +573,12 @@ fn run_one(ctx: &mut Ctx, w: &Workload, tool: Tool, round: u32, kernel_stats: bo
                     bin: &ctx.agent,
                     mode: ctx.cfg.args.output,
                     ring_bytes: ctx.cfg.args.ring_bytes,
-                    events_file: ctx.cfg.out_dir.join("agent-events.jsonl"),
+                    events_file: events_file.clone(),
                     log_file: ctx.logs.join(format!("{tag}.stderr")),
                     kernel_stats,
                     extra,
                     name: tool.name(),
+                    reader: agent::Reader::Fast,
                 };
                 let (l, obs) = agent::run(&o, w.kind, do_load)?;
                 run.load = Some(l);
@@ -503,6 +592,9 @@ fn run_one(ctx: &mut Ctx, w: &Workload, tool: Tool, round: u32, kernel_stats: bo
                 let (l, obs) = peers::run_bpftrace(&o, w.kind, do_load)?;
                 run.load = Some(l);
                 run.observers.push(obs);
+            }
+            Tool::PortwatchFile | Tool::PortwatchSlowPipe => {
+                bail!("{} runs only in flood-evasion", tool.name())
             }
             Tool::Ss => {
                 let ivs = [Duration::from_secs(1), Duration::from_millis(100)];
@@ -525,6 +617,6 @@ fn run_one(ctx: &mut Ctx, w: &Workload, tool: Tool, round: u32, kernel_stats: bo
         }
     }
     // File mode: the agent appends, so every run starts from no file.
-    let _ = fs::remove_file(ctx.cfg.out_dir.join("agent-events.jsonl"));
+    let _ = fs::remove_file(ctx.tmp.join("agent-events.jsonl"));
     run
 }

@@ -10,7 +10,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     fs::{self, File},
-    io::Read as _,
+    io::{BufRead as _, BufReader, Read as _},
     path::{Path, PathBuf},
     process::{Child, ChildStdout, Command, Stdio},
     sync::{
@@ -28,7 +28,7 @@ use super::{
     OutputMode,
     load::{Kind, Load},
     results::{Observer, match_capture},
-    util::{self, pcts},
+    util::{self, ProgCost, pcts},
 };
 
 /// Below this many events, CPU per 1,000 events is tick noise (10 ms /proc resolution).
@@ -40,6 +40,8 @@ pub enum Action {
     ListenStopped,
     UdpBound,
     UdpReleased,
+    /// `risky-listener`: the alert raised for a listener (a copy of its start event).
+    RiskyListener,
     Other,
 }
 
@@ -65,8 +67,10 @@ pub struct Collected {
     pub first_mismatch: Option<String>,
     /// A `sensor-started` line was seen.
     pub started: bool,
-    /// `listeners-folded` per pid: (starts, ends) folded.
-    pub folded: HashMap<u32, (u64, u64)>,
+    /// `listeners-folded` per (pid, UDP?): (starts, ends) folded.
+    pub folded: HashMap<(u32, bool), (u64, u64)>,
+    /// `risky-listener-repeated` per server port: alerts folded into the last one sent.
+    pub alert_repeats: HashMap<u16, u64>,
 }
 
 struct Scanner {
@@ -78,6 +82,7 @@ struct Scanner {
     port: Finder<'static>,
     lost: Finder<'static>,
     reason: Finder<'static>,
+    lane: Finder<'static>,
     n: u64,
 }
 
@@ -105,11 +110,13 @@ fn action_of(s: &[u8]) -> Action {
         b"listen-stopped" => Action::ListenStopped,
         b"udp-bound" => Action::UdpBound,
         b"udp-released" => Action::UdpReleased,
+        b"risky-listener" => Action::RiskyListener,
         _ => Action::Other,
     }
 }
 
-/// Fields of one line: (action text, pid, port, @timestamp, created, lost count, reason).
+/// Fields of one line: (action text, pid, port, @timestamp, created, lost count,
+/// reason, with the lane in parentheses when the agent names one).
 type Fields = (String, u32, u16, i64, i64, Option<u64>, Option<String>);
 
 fn full_parse(line: &[u8]) -> Option<Fields> {
@@ -127,8 +134,29 @@ fn full_parse(line: &[u8]) -> Option<Fields> {
         v["portwatch"]["lost"]["count"].as_u64(),
         v["portwatch"]["lost"]["reason"]
             .as_str()
-            .map(str::to_string),
+            .map(|r| with_lane(r, v["portwatch"]["lost"]["lane"].as_str())),
     ))
+}
+
+/// `ring-buffer-full (urgent)`: the loss reason and, when given, the lane it was in.
+fn with_lane(reason: &str, lane: Option<&str>) -> String {
+    match lane {
+        Some(l) => format!("{reason} ({l})"),
+        None => reason.to_string(),
+    }
+}
+
+/// What a `listeners-folded` line says: (pid, UDP?, starts, ends) folded.
+fn fold_of(v: &serde_json::Value) -> (u32, bool, u64, u64) {
+    let f = &v["portwatch"]["fold"];
+    (
+        v["process"]["pid"].as_u64().unwrap_or(0) as u32,
+        v["network"]["transport"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("udp")),
+        f["started"].as_u64().unwrap_or(0),
+        f["ended"].as_u64().unwrap_or(0),
+    )
 }
 
 impl Scanner {
@@ -142,6 +170,7 @@ impl Scanner {
             port: Finder::new(b"\"port\":"),
             lost: Finder::new(b"\"lost\":{\"count\":"),
             reason: Finder::new(b"\"reason\":\""),
+            lane: Finder::new(b"\"lane\":\""),
             n: 0,
         }
     }
@@ -179,7 +208,11 @@ impl Scanner {
                     read_str(line, l + r + self.reason.needle().len())
                         .map(|s| String::from_utf8_lossy(s).into_owned())
                 });
-                (count, reason)
+                let lane = self.lane.find(&line[l..]).and_then(|r| {
+                    read_str(line, l + r + self.lane.needle().len())
+                        .map(|s| String::from_utf8_lossy(s).into_owned())
+                });
+                (count, reason.map(|r| with_lane(&r, lane.as_deref())))
             }
             None => (None, None),
         };
@@ -230,15 +263,36 @@ impl Scanner {
         if action == "sensor-started" {
             out.started = true;
         }
-        if action == "listeners-folded" {
-            // Rare (at most one a second per fold): parsed in full.
-            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) {
-                let f = &v["portwatch"]["fold"];
-                let e = out.folded.entry(pid).or_insert((0, 0));
-                e.0 += f["started"].as_u64().unwrap_or(0);
-                e.1 += f["ended"].as_u64().unwrap_or(0);
-            } else {
-                out.bad_lines += 1;
+        if action == "listeners-folded" || action == "risky-listener-repeated" {
+            // Rare (at most one a second per fold or alert key): always parsed in full, and
+            // the fast scan's pid and port checked against it, since the counts hang on them.
+            match serde_json::from_slice::<serde_json::Value>(line) {
+                Ok(v) if action == "listeners-folded" => {
+                    let (fpid, udp, started, ended) = fold_of(&v);
+                    out.checked += 1;
+                    if fpid != pid {
+                        out.mismatches += 1;
+                        if out.first_mismatch.is_none() {
+                            out.first_mismatch = Some(String::from_utf8_lossy(line).into_owned());
+                        }
+                    }
+                    let e = out.folded.entry((fpid, udp)).or_insert((0, 0));
+                    e.0 += started;
+                    e.1 += ended;
+                }
+                Ok(v) => {
+                    let p = v["server"]["port"].as_u64().unwrap_or(0) as u16;
+                    out.checked += 1;
+                    if p != port {
+                        out.mismatches += 1;
+                        if out.first_mismatch.is_none() {
+                            out.first_mismatch = Some(String::from_utf8_lossy(line).into_owned());
+                        }
+                    }
+                    *out.alert_repeats.entry(p).or_insert(0) +=
+                        v["portwatch"]["folded"].as_u64().unwrap_or(0);
+                }
+                Err(_) => out.bad_lines += 1,
             }
         }
         if action == "events-lost" {
@@ -285,10 +339,37 @@ impl LineSplitter {
     }
 }
 
+/// How the bench reads the agent's output while the load runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reader {
+    /// As fast as it can: the pipe live (stdout), or the file once the agent stopped.
+    Fast,
+    /// Stdout pipe read by a consumer slower than a flood, through a buffer of this many
+    /// bytes: it sleeps this long after each line while the load runs, then drains at full
+    /// speed so the run ends in bounded time.
+    Slow(Duration, usize),
+    /// File mode read live, as `tail -f` would: new bytes are polled for every millisecond
+    /// and each line is timestamped when it appears.
+    Tail,
+}
+
 #[derive(Default)]
 struct Live {
     lines: AtomicU64,
     started: AtomicBool,
+    /// The slow reader still sleeps after each line.
+    slow: AtomicBool,
+    /// The agent has exited: the tail reader stops at the end of the file.
+    done: AtomicBool,
+}
+
+impl Live {
+    fn update(&self, col: &Collected) {
+        if col.started && !self.started.load(Ordering::Relaxed) {
+            self.started.store(true, Ordering::Release);
+        }
+        self.lines.store(col.lines, Ordering::Relaxed);
+    }
 }
 
 fn spawn_reader(mut out: ChildStdout, live: Arc<Live>) -> JoinHandle<Collected> {
@@ -305,10 +386,71 @@ fn spawn_reader(mut out: ChildStdout, live: Arc<Live>) -> JoinHandle<Collected> 
             };
             let now = util::realtime_ns();
             split.feed(&buf[..n], now, &mut sc, &mut col);
-            if col.started && !live.started.load(Ordering::Relaxed) {
-                live.started.store(true, Ordering::Release);
+            live.update(&col);
+        }
+        col
+    })
+}
+
+/// A consumer that handles one line at a time and takes `per_line` over each (while
+/// `live.slow` holds): the pipe fills and the agent has to choose what to send first.
+fn spawn_slow_reader(
+    out: ChildStdout,
+    live: Arc<Live>,
+    per_line: Duration,
+    buf: usize,
+) -> JoinHandle<Collected> {
+    thread::spawn(move || {
+        util::reader_priority();
+        let mut sc = Scanner::new();
+        let mut col = Collected::default();
+        let mut r = BufReader::with_capacity(buf, out);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match r.read_until(b'\n', &mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
             }
-            live.lines.store(col.lines, Ordering::Relaxed);
+            let now = util::realtime_ns();
+            sc.line(line.strip_suffix(b"\n").unwrap_or(&line), now, &mut col);
+            live.update(&col);
+            if live.slow.load(Ordering::Relaxed) {
+                thread::sleep(per_line);
+            }
+        }
+        col
+    })
+}
+
+/// Follows the agent's output file like `tail -f` until the agent has exited and the end
+/// of the file is reached.
+fn spawn_tail(path: PathBuf, live: Arc<Live>) -> JoinHandle<Collected> {
+    thread::spawn(move || {
+        util::reader_priority();
+        let mut sc = Scanner::new();
+        let mut col = Collected::default();
+        let mut split = LineSplitter { buf: Vec::new() };
+        let mut buf = vec![0u8; 1 << 20];
+        let mut file = None;
+        loop {
+            // Read before looking at the end: what the agent wrote before it exited counts.
+            let done = live.done.load(Ordering::Acquire);
+            if file.is_none() {
+                file = File::open(&path).ok();
+            }
+            let n = file
+                .as_mut()
+                .map_or(0, |f: &mut File| f.read(&mut buf).unwrap_or(0));
+            if n > 0 {
+                split.feed(&buf[..n], util::realtime_ns(), &mut sc, &mut col);
+                live.update(&col);
+                continue;
+            }
+            if done {
+                break;
+            }
+            thread::sleep(Duration::from_millis(1));
         }
         col
     })
@@ -339,8 +481,29 @@ pub struct AgentOpts<'a> {
     pub kernel_stats: bool,
     /// More `portwatch watch` arguments (`--fold-above 0`, `--hooks floor ...`).
     pub extra: &'a [&'a str],
-    /// The row's name (`portwatch`, `portwatch-nofold`, `floor`).
+    /// The row's name (`portwatch`, `portwatch-nofold`, `floor`, ...).
     pub name: &'static str,
+    /// How the output is read while the load runs.
+    pub reader: Reader,
+}
+
+/// One agent run before scoring: what it wrote and what it cost.
+pub struct AgentRun {
+    pub load: Load,
+    pub col: Collected,
+    pub notes: Vec<String>,
+    pub cpu_s: Option<f64>,
+    pub peak_rss_kib: Option<u64>,
+    pub progs: Vec<ProgCost>,
+}
+
+/// Sets the flag on drop: a tail reader left behind by an early return stops too.
+struct SetOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
 }
 
 /// Kills the child on drop unless it was waited for.
@@ -405,6 +568,15 @@ pub fn run(
     kind: Kind,
     load: impl FnOnce() -> anyhow::Result<Load>,
 ) -> anyhow::Result<(Load, Observer)> {
+    let r = collect(o, load)?;
+    Ok(observe(o, kind, r))
+}
+
+/// Start the agent, run `load` once it is attached, stop it, and gather its output.
+pub fn collect(
+    o: &AgentOpts<'_>,
+    load: impl FnOnce() -> anyhow::Result<Load>,
+) -> anyhow::Result<AgentRun> {
     let mut cmd = Command::new(o.bin);
     cmd.args(["watch", "--format", "json", "--no-snapshot"]);
     cmd.args(o.extra);
@@ -434,7 +606,17 @@ pub fn run(
     let child = guard.0.as_mut().expect("child");
     let pid = child.id();
     let live = Arc::new(Live::default());
-    let reader = child.stdout.take().map(|s| spawn_reader(s, live.clone()));
+    let tail = o.mode == OutputMode::File && o.reader == Reader::Tail;
+    let reader = match (child.stdout.take(), o.reader) {
+        (Some(s), Reader::Slow(d, buf)) => {
+            live.slow.store(true, Ordering::Relaxed);
+            Some(spawn_slow_reader(s, live.clone(), d, buf))
+        }
+        (Some(s), _) => Some(spawn_reader(s, live.clone())),
+        (None, _) if tail => Some(spawn_tail(o.events_file.clone(), live.clone())),
+        (None, _) => None,
+    };
+    let _stop_tail = SetOnDrop(&live.done);
 
     // Attached? stdout/file: the sensor-started line. null: its bpf_link fds are there.
     let t = Instant::now();
@@ -449,6 +631,7 @@ pub fn run(
         }
         let ready = match o.mode {
             OutputMode::Stdout => live.started.load(Ordering::Acquire),
+            OutputMode::File if tail => live.started.load(Ordering::Acquire),
             OutputMode::File => fs::read(&o.events_file)
                 .is_ok_and(|b| memchr::memmem::find(&b, b"\"sensor-started\"").is_some()),
             OutputMode::Null => {
@@ -487,9 +670,12 @@ pub fn run(
     let before = util::prog_samples(&prog_ids);
     let cpu0 = util::cpu_seconds(pid);
 
-    let load = load()?;
+    let load = load();
+    // The slow consumer catches up at full speed once the load is over.
+    live.slow.store(false, Ordering::Relaxed);
+    let load = load?;
 
-    let lines = (o.mode == OutputMode::Stdout).then_some(&live.lines);
+    let lines = (o.mode == OutputMode::Stdout || tail).then_some(&live.lines);
     if !wait_idle(pid, lines, Duration::from_secs(30)) {
         notes.push("agent still busy 30 s after the load ended".into());
     }
@@ -497,7 +683,9 @@ pub fn run(
     let hwm = util::vm_hwm_kib(pid);
     let after = util::prog_samples(&prog_ids);
     let mut child = guard.0.take().expect("child");
-    let st = stop(&mut child, libc::SIGTERM, Duration::from_secs(20))?;
+    let st = stop(&mut child, libc::SIGTERM, Duration::from_secs(20));
+    live.done.store(true, Ordering::Release);
+    let st = st?;
     if !st.success() {
         notes.push(format!("portwatch exited with {st} after SIGTERM"));
     }
@@ -512,7 +700,29 @@ pub fn run(
     if !stderr_tail.is_empty() {
         notes.push(format!("stderr: {stderr_tail}"));
     }
+    Ok(AgentRun {
+        load,
+        col,
+        notes,
+        cpu_s: match (cpu0, cpu1) {
+            (Some(a), Some(b)) => Some(b - a),
+            _ => None,
+        },
+        peak_rss_kib: hwm,
+        progs: util::prog_costs(&before, &after),
+    })
+}
 
+/// Score an agent run against what `kind` of load generated.
+pub fn observe(o: &AgentOpts<'_>, kind: Kind, r: AgentRun) -> (Load, Observer) {
+    let AgentRun {
+        load,
+        col,
+        mut notes,
+        cpu_s,
+        peak_rss_kib,
+        progs,
+    } = r;
     let mut obs = score(&col, &load, kind, o.mode, &mut notes);
     obs.tool = o.name.into();
     if o.name == "floor" {
@@ -520,19 +730,16 @@ pub fn run(
         obs.capture = None;
         obs.lost = None;
     }
-    obs.cpu_s = match (cpu0, cpu1) {
-        (Some(a), Some(b)) => Some(b - a),
-        _ => None,
-    };
+    obs.cpu_s = cpu_s;
     obs.cpu_pct = obs.cpu_s.map(|c| 100.0 * c / load.elapsed_s.max(1e-3));
     obs.cpu_ms_per_1k_events = obs
         .cpu_s
         .filter(|_| obs.events_for_cpu >= MIN_EVENTS_FOR_CPU)
         .map(|c| c * 1e3 / (obs.events_for_cpu as f64 / 1e3));
-    obs.peak_rss_kib = hwm;
-    obs.progs = util::prog_costs(&before, &after);
+    obs.peak_rss_kib = peak_rss_kib;
+    obs.progs = progs;
     obs.notes = notes;
-    Ok((load, obs))
+    (load, obs)
 }
 
 fn score(
@@ -575,10 +782,17 @@ fn score(
     let (folded, stops_folded) = col
         .folded
         .iter()
-        .filter(|(pid, _)| ours.contains(pid))
+        .filter(|((pid, udp), _)| ours.contains(pid) && *udp == kind.is_udp())
         .fold((0, 0), |(a, b), (_, (s, e))| (a + s, b + e));
     capture.folded = Some(folded);
     capture.stops_folded = Some(stops_folded);
+    // captured + folded = generated: each start reported once, one way or the other.
+    if read_lines && capture.captured + folded > load.listens {
+        notes.push(format!(
+            "captured {} + folded {folded} exceed the {} generated",
+            capture.captured, load.listens
+        ));
+    }
     if col.bad_lines > 0 {
         notes.push(format!("{} lines were not JSON", col.bad_lines));
     }
@@ -640,8 +854,34 @@ mod tests {
         let mut split = LineSplitter { buf: Vec::new() };
         let text = format!("{l}\n{l}\n{LINE}\n");
         split.feed(text.as_bytes(), 1, &mut sc, &mut col);
-        assert_eq!(col.folded.get(&4242), Some(&(1800, 1798)));
+        assert_eq!(col.folded.get(&(4242, false)), Some(&(1800, 1798)));
+        assert!(col.checked >= 2, "every fold line is checked in full");
         assert_eq!(col.recs.len(), 1, "a fold is not a listener record");
+        assert_eq!((col.bad_lines, col.mismatches), (0, 0));
+    }
+
+    #[test]
+    fn alert_and_repeats() {
+        let alert = LINE.replace(
+            "\"action\":\"listen-started\"",
+            "\"action\":\"risky-listener\"",
+        );
+        let rep = r#"{"@timestamp":"2026-11-28T08:16:01.127888137Z","message":"2 more alerts","event":{"kind":"alert","action":"risky-listener-repeated","created":"2026-11-28T08:16:01.127888307Z"},"network":{"transport":"tcp","type":"ipv4"},"server":{"ip":"0.0.0.0","port":11211},"portwatch":{"folded":2}}"#;
+        let lost = r#"{"@timestamp":"2026-11-26T23:21:35Z","event":{"action":"events-lost"},"portwatch":{"lost":{"count":4,"total":4,"reason":"output-queue-full","sink":"stdout","lane":"bulk"}}}"#;
+        let mut sc = Scanner::new();
+        let mut col = Collected::default();
+        let mut split = LineSplitter { buf: Vec::new() };
+        let text = format!("{LINE}\n{alert}\n{rep}\n{rep}\n{lost}\n");
+        split.feed(text.as_bytes(), 1, &mut sc, &mut col);
+        assert_eq!(col.recs[1].action, Action::RiskyListener);
+        assert_eq!((col.recs[1].pid, col.recs[1].port), (4242, 43211));
+        assert_eq!(col.alert_repeats.get(&11211), Some(&4));
+        assert_eq!(col.lost.get("output-queue-full (bulk)"), Some(&4));
+        assert_eq!(
+            sc.fast(lost.as_bytes()),
+            full_parse(lost.as_bytes()),
+            "the lane is read the same both ways"
+        );
         assert_eq!((col.bad_lines, col.mismatches), (0, 0));
     }
 

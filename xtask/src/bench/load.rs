@@ -18,19 +18,26 @@ pub enum Kind {
     UdpChurn,
     Paced,
     TcpTraffic,
+    /// TCP churn on every core while the bench opens risky listeners (bench/flood.rs).
+    FloodTcp,
+    /// The same with UDP churn as the flood.
+    FloodUdp,
 }
 
 impl Kind {
     pub fn loadgen_cmd(self) -> &'static str {
         match self {
-            Kind::TcpChurn => "tcp-churn",
-            Kind::UdpChurn => "udp-churn",
+            Kind::TcpChurn | Kind::FloodTcp => "tcp-churn",
+            Kind::UdpChurn | Kind::FloodUdp => "udp-churn",
             Kind::Paced => "paced",
             Kind::TcpTraffic => "tcp-traffic",
         }
     }
     pub fn is_udp(self) -> bool {
-        self == Kind::UdpChurn
+        matches!(self, Kind::UdpChurn | Kind::FloodUdp)
+    }
+    pub fn is_flood(self) -> bool {
+        matches!(self, Kind::FloodTcp | Kind::FloodUdp)
     }
 }
 

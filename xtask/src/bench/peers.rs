@@ -28,7 +28,7 @@ use super::{
 /// The issue's one-liner: one line per listen, from the state-change tracepoint.
 pub const BT_TCP: &str = r#"tracepoint:sock:inet_sock_set_state /args->newstate == 10/ { printf("%d %d\n", pid, args->sport); }"#;
 /// Paced runs also print the kernel time, so the delivery latency can be read.
-const BT_TCP_TS: &str = r#"tracepoint:sock:inet_sock_set_state /args->newstate == 10/ { printf("%d %d %lld\n", pid, args->sport, nsecs); }"#;
+pub const BT_TCP_TS: &str = r#"tracepoint:sock:inet_sock_set_state /args->newstate == 10/ { printf("%d %d %lld\n", pid, args->sport, nsecs); }"#;
 /// UDP has no state change: successful bind() calls, per pid (no port in this record).
 const BT_UDP: &str =
     r#"tracepoint:syscalls:sys_exit_bind /args->ret == 0/ { printf("%d 0\n", pid); }"#;
@@ -216,7 +216,7 @@ pub fn run_bpftrace(
 }
 
 /// bpftrace reports perf buffer losses as "Lost N events".
-fn lost_count(l: &str) -> Option<u64> {
+pub fn lost_count(l: &str) -> Option<u64> {
     let rest = l.strip_prefix("Lost ")?;
     let (n, tail) = rest.split_once(' ')?;
     tail.starts_with("events").then(|| n.parse().ok()).flatten()

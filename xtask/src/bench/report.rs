@@ -58,6 +58,47 @@ pub struct Row {
     pub peak_rss_kib: Option<u64>,
     pub attach_verified: Option<bool>,
     pub notes: Vec<String>,
+    /// flood-evasion rows: the bench's risky listeners, summed over rounds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flood: Option<FloodAgg>,
+}
+
+/// What a tool saw of the bench's risky listeners, over all rounds.
+#[derive(Serialize, Clone, Debug, Default)]
+pub struct FloodAgg {
+    pub runs: usize,
+    /// Listeners opened (K a run) and, of those, reported.
+    pub opened: u64,
+    pub reported: u64,
+    pub stops_reported: Option<u64>,
+    /// `risky-listener` alerts, and runs with at least one.
+    pub alerts: Option<u64>,
+    pub runs_alerted: usize,
+    /// Alerts folded into `risky-listener-repeated`.
+    pub alert_repeats: Option<u64>,
+    /// Percentiles over every listener's report (every alert) of every round.
+    pub report_lat: Option<Pcts>,
+    pub alert_lat: Option<Pcts>,
+}
+
+fn flood_agg(obs: &[&Observer]) -> Option<FloodAgg> {
+    let f: Vec<_> = obs.iter().filter_map(|o| o.flood.as_ref()).collect();
+    if f.is_empty() {
+        return None;
+    }
+    let mut report: Vec<i64> = f.iter().flat_map(|x| x.report_lat_ns.clone()).collect();
+    let mut alert: Vec<i64> = f.iter().flat_map(|x| x.alert_lat_ns.clone()).collect();
+    Some(FloodAgg {
+        runs: f.len(),
+        opened: f.iter().map(|x| x.opened).sum(),
+        reported: f.iter().map(|x| x.reported).sum(),
+        stops_reported: sum_opt(f.iter().map(|x| x.stops_reported)),
+        alerts: sum_opt(f.iter().map(|x| x.alerts)),
+        runs_alerted: f.iter().filter(|x| x.alerts.is_some_and(|a| a > 0)).count(),
+        alert_repeats: sum_opt(f.iter().map(|x| x.alert_repeats)),
+        report_lat: util::pcts(&mut report),
+        alert_lat: util::pcts(&mut alert),
+    })
 }
 
 #[derive(Serialize, Clone, Debug)]
@@ -141,6 +182,8 @@ pub fn build(cfg: &Config, workloads: &[Workload], runs: &[Run], kruns: &[Run]) 
                 "portwatch",
                 "portwatch-nofold",
                 "floor",
+                "portwatch-file",
+                "portwatch-slow-pipe",
                 "bpftrace",
                 "ss",
             ]
@@ -235,6 +278,7 @@ pub fn build(cfg: &Config, workloads: &[Workload], runs: &[Run], kruns: &[Run]) 
             notes.sort();
             notes.dedup();
             row.notes = notes;
+            row.flood = flood_agg(&obs);
             rows.push(row);
         }
     }
@@ -272,6 +316,9 @@ fn targets(cfg: &Config, workloads: &[Workload], rows: &[Row]) -> Vec<Target> {
             .find(|r| r.workload == w && r.tool == "portwatch")
     };
     let n = cfg.cores;
+    for w in workloads.iter().filter(|w| w.kind.is_flood()) {
+        flood_targets(w, rows, &mut t);
+    }
     for w in workloads {
         let Some(r) = pw(&w.id) else { continue };
         let none_other = rows
@@ -394,6 +441,67 @@ fn targets(cfg: &Config, workloads: &[Workload], rows: &[Row]) -> Vec<Target> {
     t
 }
 
+/// Issue 13: the bench's risky listeners are all reported and alerted on, quickly,
+/// whatever the flood, by every portwatch row.
+fn flood_targets(w: &Workload, rows: &[Row], t: &mut Vec<Target>) {
+    for r in rows
+        .iter()
+        .filter(|r| r.workload == w.id && r.tool.starts_with("portwatch"))
+    {
+        let others_pct = r.other_cpu_pct;
+        let Some(f) = &r.flood else {
+            t.push(Target {
+                what: format!(
+                    "{} / {}: {} of {} risky listeners reported, alert raised",
+                    w.id,
+                    r.tool,
+                    super::flood::K,
+                    super::flood::K
+                ),
+                target: "K/K, alert".into(),
+                measured: "no successful run".into(),
+                met: None,
+                others_pct,
+            });
+            continue;
+        };
+        let k = (super::flood::K * f.runs) as u64;
+        t.push(Target {
+            what: format!(
+                "{} / {}: every risky listener reported, alert raised every run",
+                w.id, r.tool
+            ),
+            target: format!("{k}/{k}, {} of {} runs", f.runs, f.runs),
+            measured: format!(
+                "{}/{} (opened {}), alerts in {} of {} runs ({} + {} repeated)",
+                f.reported,
+                k,
+                f.opened,
+                f.runs_alerted,
+                f.runs,
+                f.alerts.unwrap_or(0),
+                f.alert_repeats.unwrap_or(0)
+            ),
+            met: Some(f.opened == k && f.reported == k && f.runs_alerted == f.runs),
+            others_pct,
+        });
+        for (what, lat) in [
+            ("alert (risky-listener) latency p99", &f.alert_lat),
+            ("report (listen-started) latency p99", &f.report_lat),
+        ] {
+            t.push(Target {
+                what: format!("{} / {}: {what}", w.id, r.tool),
+                target: "< 100 ms".into(),
+                measured: lat.map_or("n/a".into(), |l| {
+                    format!("{} ({} samples)", us(l.p99_us), l.n)
+                }),
+                met: lat.map(|l| l.p99_us < 100_000.0),
+                others_pct,
+            });
+        }
+    }
+}
+
 fn pct(x: f64) -> String {
     if (0.9995..1.0).contains(&x) {
         format!("{:.3} %", 100.0 * x)
@@ -482,13 +590,13 @@ pub fn markdown(cfg: &Config, meta: &serde_json::Value, rep: &Report) -> String 
     );
     let _ = writeln!(
         s,
-        "| workload | tool | ops/s | vs none | vs none per CPU | generated | captured | folded | lost | latency read p50 / p99 / p99.9 / max | created p50 / p99 / max | CPU | CPU ms / 1k ev | peak RSS | others |"
+        "| workload | tool | ops/s | vs none | vs none per CPU | generated | captured | folded | accounted | lost | latency read p50 / p99 / p99.9 / max | created p50 / p99 / max | CPU | CPU ms / 1k ev | peak RSS | others |"
     );
     let _ = writeln!(
         s,
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
     );
-    for r in &rep.rows {
+    for r in rep.rows.iter().filter(|r| r.flood.is_none()) {
         let tool = if r.runs_ok == 0 && !r.errors.is_empty() {
             format!("{} (failed)", r.tool)
         } else {
@@ -509,7 +617,7 @@ pub fn markdown(cfg: &Config, meta: &serde_json::Value, rep: &Report) -> String 
         };
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.workload,
             tool,
             opt(r.ops_per_sec, rate),
@@ -518,6 +626,7 @@ pub fn markdown(cfg: &Config, meta: &serde_json::Value, rep: &Report) -> String 
             opt(r.generated, |v| v.to_string()),
             captured,
             folded,
+            accounted(r),
             opt(r.lost, |v| v.to_string()),
             lat_cell(&r.lat_read),
             created,
@@ -534,6 +643,9 @@ pub fn markdown(cfg: &Config, meta: &serde_json::Value, rep: &Report) -> String 
             opt(r.other_cpu_pct, |v| format!("{v:.0} %")),
         );
     }
+
+    floor_section(&mut s, rep);
+    flood_section(&mut s, rep);
 
     if !rep.kernel.is_empty() {
         let _ = writeln!(
@@ -627,7 +739,11 @@ pub fn markdown(cfg: &Config, meta: &serde_json::Value, rep: &Report) -> String 
             ));
         }
         for n in &r.notes {
-            if !n.starts_with("distinct generated") && !n.starts_with("UDP: sys_exit_bind") {
+            // Explained once above (bpftrace/ss) or in the flood-evasion section (ss).
+            if !n.starts_with("distinct generated")
+                && !n.starts_with("UDP: sys_exit_bind")
+                && !n.starts_with("a listener counts as seen")
+            {
                 notes.push(format!("{} / {}: {}", r.workload, r.tool, one_line(n)));
             }
         }
@@ -640,8 +756,13 @@ pub fn markdown(cfg: &Config, meta: &serde_json::Value, rep: &Report) -> String 
          - ss: `ss -Htuln` every 1 s and every 100 ms, both in the same run (one throughput \
          figure for the pair); a listener counts as seen when its port shows up on 127.0.0.1.\n\
          - The load generator calls getsockname() once per cycle to record the port (same \
-         cost with and without an observer).",
-        super::peers::BT_TCP
+         cost with and without an observer).\n\
+         - flood-evasion: bpftrace runs `{}` with `-B none`, its lines matched to the bench's \
+         listeners by `nsecs`; portwatch's by `@timestamp`. The slow pipe's reader takes \
+         lines through a {} KiB buffer, so its own queue adds little to the pipe's 64 KiB.",
+        super::peers::BT_TCP,
+        super::peers::BT_TCP_TS,
+        super::flood::SLOW_BUF / 1024
     );
     let reader: Vec<f64> = rep
         .rows
@@ -663,6 +784,132 @@ pub fn markdown(cfg: &Config, meta: &serde_json::Value, rep: &Report) -> String 
         let _ = writeln!(s, "- {n}");
     }
     s
+}
+
+/// captured + folded, over generated: every start accounted for, one way or the other.
+fn accounted(r: &Row) -> String {
+    match (r.captured, r.generated) {
+        (Some(c), Some(g)) if g > 0 => {
+            let a = c + r.folded.unwrap_or(0);
+            format!("{a} ({})", pct(a as f64 / g as f64))
+        }
+        _ => "–".into(),
+    }
+}
+
+/// One line per churn workload: portwatch's throughput ratio against the floor's
+/// (do-nothing programs at the same hooks), which no sensor there can beat.
+fn floor_section(s: &mut String, rep: &Report) {
+    let ratio = |w: &str, t: &str| {
+        rep.rows
+            .iter()
+            .find(|r| r.workload == w && r.tool == t)
+            .and_then(|r| r.ratio_vs_none)
+    };
+    let mut lines = Vec::new();
+    for r in rep.rows.iter().filter(|r| {
+        r.tool == "floor"
+            && (r.workload.starts_with("tcp-churn") || r.workload.starts_with("udp-churn"))
+    }) {
+        let w = &r.workload;
+        let Some(fl) = r.ratio_vs_none else { continue };
+        let f = |v: Option<f64>| v.map_or("n/a".into(), |v| format!("{v:.3}"));
+        let pw = ratio(w, "portwatch");
+        let verdict = match pw {
+            Some(p) if p >= fl - 0.05 => "within 0.05 of the floor: met",
+            Some(_) => "more than 0.05 below the floor: **missed**",
+            None => "not measured",
+        };
+        lines.push(format!(
+            "- {w}: portwatch {} vs floor {fl:.3} ({}; target within 0.05 of the floor: {verdict}); \
+             folding off {}",
+            f(pw),
+            pw.map_or("n/a".into(), |p| format!("{:+.3}", p - fl)),
+            f(ratio(w, "portwatch-nofold")),
+        ));
+    }
+    if lines.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\n## Against the floor\n\nThroughput with / without an observer. The floor run \
+         attaches do-nothing programs at the same five hooks (`--hooks floor`): what the hooks \
+         alone cost, so no sensor there can do better.\n"
+    );
+    for l in lines {
+        let _ = writeln!(s, "{l}");
+    }
+}
+
+fn lat3(l: &Option<Pcts>) -> String {
+    opt(l.as_ref(), |l| {
+        format!("{} / {} / {}", us(l.p50_us), us(l.p99_us), us(l.max_us))
+    })
+}
+
+/// The flood-evasion table: the bench's risky listeners under a flood.
+fn flood_section(s: &mut String, rep: &Report) {
+    let rows: Vec<&Row> = rep.rows.iter().filter(|r| r.flood.is_some()).collect();
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\n## Flood evasion\n\nThe load generator churns on every core while the bench opens \
+         {k} TCP listeners on 0.0.0.0:{p} (memcached), 50 ms each, 100-200 ms apart. \
+         Reported: portwatch `listen-started` from the bench's pid for port {p}; bpftrace a \
+         pid+port line; ss: seen by a poll. Alert: `risky-listener` for port {p} (+ the \
+         count folded into `risky-listener-repeated`). Latency: the line's arrival at its \
+         reader (file: followed every 1 ms; slow pipe: 1 ms a line while the flood runs) − \
+         when listen() returned; ss: the end of the first poll that showed it. Flood \
+         accounted: the flood's own starts, captured + folded over generated.\n",
+        k = super::flood::K,
+        p = super::flood::PORT
+    );
+    let _ = writeln!(
+        s,
+        "| workload | tool | flood ops/s | reported | ends reported | alert raised | report latency p50 / p99 / max | alert latency p50 / p99 / max | flood accounted | lost | CPU |"
+    );
+    let _ = writeln!(s, "|---|---|--:|--:|--:|---|--:|--:|--:|--:|--:|");
+    for r in rows {
+        let Some(f) = &r.flood else { continue };
+        let tool = if r.runs_ok == 0 && !r.errors.is_empty() {
+            format!("{} (failed)", r.tool)
+        } else {
+            r.tool.clone()
+        };
+        let alert = match f.alerts {
+            Some(a) => format!(
+                "{} ({} runs of {}; {a} + {} repeated)",
+                if f.runs_alerted == f.runs {
+                    "yes"
+                } else {
+                    "**no**"
+                },
+                f.runs_alerted,
+                f.runs,
+                f.alert_repeats.unwrap_or(0)
+            ),
+            None => "–".into(),
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {}/{} | {} | {} | {} | {} | {} | {} | {} |",
+            r.workload,
+            tool,
+            opt(r.ops_per_sec, rate),
+            f.reported,
+            f.opened,
+            opt(f.stops_reported, |v| format!("{v}/{}", f.opened)),
+            alert,
+            lat3(&f.report_lat),
+            lat3(&f.alert_lat),
+            accounted(r),
+            opt(r.lost, |v| v.to_string()),
+            opt(r.cpu_pct, |v| format!("{v:.0} %")),
+        );
+    }
 }
 
 fn one_line(s: &str) -> String {
@@ -716,6 +963,23 @@ pub fn progress_line(r: &Run) -> String {
             if let Some(n) = p.ns_per_run {
                 let _ = write!(s, " {} {n:.0} ns", p.name);
             }
+        }
+        if let Some(f) = &o.flood {
+            let _ = write!(
+                s,
+                " [port {}: {}/{}",
+                super::flood::PORT,
+                f.reported,
+                f.opened
+            );
+            if let Some(a) = f.alerts {
+                let _ = write!(s, " alerts {a}+{}", f.alert_repeats.unwrap_or(0));
+            }
+            let mut l = f.report_lat_ns.clone();
+            if let Some(p) = util::pcts(&mut l) {
+                let _ = write!(s, " report p99 {}", us(p.p99_us));
+            }
+            s.push(']');
         }
     }
     if let Some(e) = &r.error {

@@ -66,13 +66,17 @@ pub struct Observer {
     pub polls: Option<u64>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
+    /// flood-evasion runs: the bench's own risky listeners, and what the tool saw of them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flood: Option<super::flood::FloodObs>,
 }
 
 #[derive(Serialize, Clone, Debug)]
 pub struct Run {
     pub round: u32,
     pub workload: String,
-    /// `none`, `portwatch`, `bpftrace`, `ss`.
+    /// `none`, `portwatch`, `portwatch-nofold`, `floor`, `bpftrace`, `ss` (flood-evasion:
+    /// `portwatch-file`, `portwatch-slow-pipe`, `bpftrace`, `ss`).
     pub tool: String,
     /// BPF run-time statistics were on (a separate pass: they slow every program).
     pub kernel_stats: bool,
