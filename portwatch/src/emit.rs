@@ -47,6 +47,12 @@ pub struct Closed;
 pub const QUEUE_EVENTS: usize = 16_384;
 /// Events rendered into one write(2) (a round may exceed it by one handed-over batch).
 const WRITE_BATCH: usize = 1024;
+/// Most bytes per write: ~30 events. Under a reader slower than the stream, what is in
+/// the write plus what sits in the pipe is what an urgent event waits behind.
+const WRITE_BYTES: usize = 16 * 1024;
+/// Pipe size asked for on a stdout that is a pipe: events wait in the agent's queue,
+/// where urgent ones go first, rather than in a kernel FIFO that knows no priority.
+const STDOUT_PIPE_BYTES: i32 = 16 * 1024;
 /// Events handed to the writers at once, at most (the event loop flushes after each
 /// drained batch anyway).
 const HANDOFF_BATCH: usize = 512;
@@ -155,6 +161,24 @@ pub struct SinkShared {
     /// Events written to a file after it was deleted (at most those since the previous
     /// check found it in place), not yet reported as lost.
     pub deleted_lost: AtomicU64,
+}
+
+/// When `fd` is a pipe larger than STDOUT_PIPE_BYTES, shrink it to that (best effort: a
+/// pipe we may not resize stays as it is).
+fn shrink_pipe(fd: &std::os::fd::OwnedFd) {
+    use std::os::fd::AsRawFd as _;
+    let raw = fd.as_raw_fd();
+    // SAFETY: fstat and fcntl on an fd we own; failures are ignored.
+    unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::fstat(raw, &mut st) != 0 || st.st_mode & libc::S_IFMT != libc::S_IFIFO {
+            return;
+        }
+        let size = libc::fcntl(raw, libc::F_GETPIPE_SZ);
+        if size > STDOUT_PIPE_BYTES {
+            libc::fcntl(raw, libc::F_SETPIPE_SZ, STDOUT_PIPE_BYTES);
+        }
+    }
 }
 
 /// Inode of a file, 0 if unknown.
@@ -492,6 +516,7 @@ impl Conn {
                     .as_fd()
                     .try_clone_to_owned()
                     .context("duplicating stdout")?;
+                shrink_pipe(&fd);
                 let file = File::from(fd);
                 let regular = file.metadata().is_ok_and(|m| m.is_file());
                 Conn::Stream {
@@ -657,7 +682,9 @@ impl Writer {
             self.buf.clear();
             self.ends.clear();
             let mut n = 0;
-            while n < WRITE_BATCH {
+            // Bounded in bytes too: an urgent event that arrives while a write blocks on
+            // a slow reader waits for this much at most.
+            while n < WRITE_BATCH && self.buf.len() < WRITE_BYTES {
                 let Some(ev) = urgent.pop_front().or_else(|| bulk.pop_front()) else {
                     break;
                 };
