@@ -298,7 +298,9 @@ pub fn emit(data: &[u8]) {
     let table = portwatch::report::render_table(&[(ev.clone(), None)], false);
     assert_eq!(table.lines().count(), 3, "{table:?}");
     assert!(
-        !table.chars().any(|c| c.is_control() && c != '\n'),
+        !table
+            .chars()
+            .any(|c| (c.is_control() && c != '\n') || portwatch::emit::is_invisible_format(c)),
         "the table has control characters: {table:?}"
     );
 
@@ -343,8 +345,10 @@ pub fn emit(data: &[u8]) {
             Format::Text => {
                 let line = std::str::from_utf8(body).expect("a text line is UTF-8");
                 assert!(
-                    !line.chars().any(char::is_control),
-                    "a text line has no control characters: {line:?}"
+                    !line
+                        .chars()
+                        .any(|c| c.is_control() || portwatch::emit::is_invisible_format(c)),
+                    "a text line has no control or bidi/zero-width characters: {line:?}"
                 );
             }
         }
