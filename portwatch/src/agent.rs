@@ -353,6 +353,7 @@ impl Pipeline {
         ev.container = owner.container.clone();
         ev.portwatch.systemd = owner.systemd.clone();
         ev.portwatch.cgroup = owner.cgroup.clone();
+        ev.portwatch.process = owner.argv_cut.clone();
         ev.portwatch.attribution = Some(owner.attribution);
         ev.portwatch.socket = Some(socket);
         ev

@@ -212,6 +212,10 @@ pub struct Portwatch {
     pub systemd: Option<Shared<Systemd>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<Shared<Cgroup>>,
+    /// Present when `process.command_line`/`process.args` were cut to fit
+    /// [`crate::procfs::ARGV_EVENT_BUDGET`]: what the whole command line was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub process: Option<Shared<ArgvCut>>,
     /// Where the process fields came from: `proc` (read from /proc and matched to the
     /// kernel's start time), `kernel` (the process was gone or its pid reused: only what
     /// the kernel captured), `snapshot`, or `kernel-socket` (no process owns it).
@@ -270,6 +274,17 @@ pub struct Systemd {
     pub unit: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub slice: Option<String>,
+}
+
+/// `portwatch.process`: the command line was longer than an event carries.
+#[derive(Serialize, Debug, Clone, PartialEq, Eq)]
+pub struct ArgvCut {
+    /// Always true (the object is only present when something was cut).
+    pub truncated: bool,
+    /// Bytes of the whole raw command line (`/proc/<pid>/cmdline`, NULs included).
+    pub original_length: u64,
+    /// Arguments in the whole command line.
+    pub original_args_count: u64,
 }
 
 #[derive(Serialize, Debug, Clone)]

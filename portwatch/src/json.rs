@@ -95,6 +95,7 @@ fn portwatch(out: &mut Vec<u8>, p: &Portwatch) -> serde_json::Result<()> {
     }
     sep.field(out, b"\"systemd\":", p.systemd.as_deref())?;
     sep.field(out, b"\"cgroup\":", p.cgroup.as_deref())?;
+    sep.field(out, b"\"process\":", p.process.as_deref())?;
     if let Some(a) = p.attribution {
         sep.key(out, b"\"attribution\":");
         string(out, a);
@@ -271,7 +272,7 @@ mod tests {
     use crate::{
         classify::Lang,
         event::{
-            Agent, Boot, Cgroup, Container, ECS_VERSION, Ecs, Host, Log, Lost, Named, Network,
+            Agent, ArgvCut, Boot, Cgroup, Container, ECS_VERSION, Ecs, Host, Log, Lost, Named, Network,
             Parent, Process, Rule, Server, Systemd, shared,
         },
         probes::Hooks,
@@ -378,6 +379,11 @@ mod tests {
                 cgroup: Some(shared(Cgroup {
                     id: Some(1),
                     path: Some(hostile.into()),
+                })),
+                process: Some(shared(ArgvCut {
+                    truncated: true,
+                    original_length: 65_009,
+                    original_args_count: 2,
                 })),
                 attribution: Some("proc"),
                 exposure: None,

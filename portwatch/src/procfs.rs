@@ -261,6 +261,109 @@ pub fn read_cmdline(pid: u32) -> io::Result<Vec<String>> {
     Ok(parse_cmdline(&raw))
 }
 
+/// Bytes of `process.command_line` and `process.args` together that an event carries
+/// at most: half for each. A process chooses its own arguments, and before this cap one
+/// 65,000-byte argument of 0xFF bytes (escaped to 4 bytes each) made every event of it
+/// 650 KB and the agent's caches grow by as much per process.
+pub const ARGV_EVENT_BUDGET: usize = 4096;
+
+/// Raw bytes of `/proc/<pid>/cmdline` read past the budget only to count them.
+const CMDLINE_COUNT_LIMIT: u64 = 16 << 20;
+
+/// A command line cut to fit [`ARGV_EVENT_BUDGET`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CappedArgv {
+    /// Arguments, their lengths summing to at most half the budget; the one that
+    /// crosses it is cut (at a character boundary), the rest are dropped.
+    pub args: Vec<String>,
+    /// The arguments joined by spaces, cut to half the budget.
+    pub command_line: String,
+    /// Something was cut or dropped.
+    pub truncated: bool,
+    /// Bytes of the whole raw `/proc/<pid>/cmdline` (NULs included).
+    pub original_len: u64,
+    /// Arguments in the whole command line.
+    pub original_args: u64,
+}
+
+/// `s` cut to at most `max` bytes, at a character boundary.
+fn cut(s: &mut String, max: usize) -> bool {
+    if s.len() <= max {
+        return false;
+    }
+    let mut at = max;
+    while !s.is_char_boundary(at) {
+        at -= 1;
+    }
+    s.truncate(at);
+    true
+}
+
+/// Caps a command line whose first bytes are `kept` (at least [`ARGV_EVENT_BUDGET`] of
+/// them when there are that many) and whose whole raw length is `original_len` bytes
+/// with `original_nuls` NUL bytes, the last of them a NUL if `ends_in_nul`. `None` for
+/// an empty command line (kernel threads, zombies).
+pub fn cap_argv(
+    kept: &[u8],
+    original_len: u64,
+    original_nuls: u64,
+    ends_in_nul: bool,
+) -> Option<CappedArgv> {
+    let args = parse_cmdline(kept);
+    if args.is_empty() {
+        return None;
+    }
+    let half = ARGV_EVENT_BUDGET / 2;
+    let whole = original_len <= kept.len() as u64;
+    // The final NUL terminates the last argument; a setproctitle'd line may have none.
+    let original_args = original_nuls + u64::from(!ends_in_nul);
+    let mut truncated = !whole;
+    let mut command_line = args.join(" ");
+    truncated |= cut(&mut command_line, half);
+    let mut kept_args = Vec::new();
+    let mut used = 0usize;
+    for mut a in args {
+        if used >= half {
+            truncated = true;
+            break;
+        }
+        truncated |= cut(&mut a, half - used);
+        used += a.len();
+        kept_args.push(a);
+    }
+    Some(CappedArgv {
+        args: kept_args,
+        command_line,
+        truncated,
+        original_len,
+        original_args,
+    })
+}
+
+/// The command line of `pid` cut for an event (see [`cap_argv`]): only the first
+/// [`ARGV_EVENT_BUDGET`] bytes are kept in memory, the rest is only counted.
+pub fn read_cmdline_capped(pid: u32) -> io::Result<Option<CappedArgv>> {
+    let mut f = fs::File::open(proc_file(pid, "cmdline"))?;
+    let mut kept = Vec::with_capacity(ARGV_EVENT_BUDGET);
+    let mut buf = [0u8; 16 * 1024];
+    let (mut total, mut nuls, mut last) = (0u64, 0u64, 0u8);
+    while total < CMDLINE_COUNT_LIMIT {
+        let n = match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let chunk = &buf[..n];
+        let room = ARGV_EVENT_BUDGET.saturating_sub(kept.len());
+        kept.extend_from_slice(&chunk[..room.min(n)]);
+        total += n as u64;
+        nuls += chunk.iter().filter(|&&b| b == 0).count() as u64;
+        last = chunk[n - 1];
+    }
+    Ok(cap_argv(&kept, total, nuls, last == 0))
+}
+
 /// Picks the cgroup path out of the text of `/proc/<pid>/cgroup`.
 ///
 /// The cgroup v2 line (`0::/path`) wins whenever it says more than `/`: it is the
@@ -501,7 +604,9 @@ pub fn parse_cgroup_path(path: &str) -> CgroupInfo {
 /// cgroup v2 id (what bpf_get_current_cgroup_id() returns: the inode number of the cgroup's
 /// directory in the cgroup2 mount) -> path relative to the mount ("/system.slice/x.service").
 ///
-/// The cache holds at most [`CgroupResolver::DEFAULT_CAPACITY`] (4096) entries. It is
+/// The cache holds at most [`CgroupResolver::DEFAULT_CAPACITY`] (4096) entries and
+/// [`CgroupResolver::MAX_PATH_BYTES`] bytes of paths (a user can make deep trees of
+/// 255-byte names in a delegated subtree, so entries alone do not bound memory). It is
 /// filled by walking the cgroup2 tree on a miss, at most once per second (misses inside
 /// that window return `None` without walking). Each walk *replaces* the cache with what it
 /// saw, which both drops deleted cgroups and is the "clear on overflow": a tree larger
@@ -529,6 +634,8 @@ impl CgroupResolver {
     pub const DEFAULT_WALK_INTERVAL: Duration = Duration::from_secs(1);
     /// Directories one walk visits at most, so a runaway tree costs bounded time.
     pub const MAX_WALK_DIRS: usize = 65_536;
+    /// Bytes of cached paths at most (the wanted one is let in past it).
+    pub const MAX_PATH_BYTES: usize = 1 << 20;
 
     /// A resolver for the cgroup2 filesystem mounted at `mount` (see [`cgroup2_mount`]).
     pub fn new(mount: PathBuf) -> Self {
@@ -573,6 +680,7 @@ impl CgroupResolver {
         };
         let dev = root.dev();
         cache.insert(root.ino(), "/".to_owned());
+        let mut bytes = 1usize;
 
         // Depth-first with an explicit stack: cgroup trees can be deep, and recursion
         // depth would be up to whoever creates cgroups.
@@ -604,7 +712,11 @@ impl CgroupResolver {
                 let name = entry.file_name();
                 let child = format!("{rel}/{}", String::from_utf8_lossy(name.as_bytes()));
                 let ino = meta.ino();
-                if ino == wanted || cache.len() < self.capacity {
+                if ino == wanted
+                    || (cache.len() < self.capacity
+                        && bytes + child.len() <= Self::MAX_PATH_BYTES)
+                {
+                    bytes += child.len();
                     cache.insert(ino, child.clone());
                 }
                 stack.push((full, child));
@@ -1007,6 +1119,48 @@ mod tests {
         assert_eq!(escape_bytes(b"a\xffb\xc3"), "a\\xffb\\xc3");
         assert_eq!(escape_bytes(b"new\nline\x1b[31m"), "new\nline\x1b[31m");
         assert_eq!(parse_cmdline(b"x\0\xfe\0"), ["x", "\\xfe"]);
+    }
+
+    #[test]
+    fn argv_is_capped_for_events() {
+        // Ordinary: nothing cut.
+        let raw = b"/bin/sh\0-c\0echo hi\0";
+        let c = cap_argv(raw, raw.len() as u64, 3, true).unwrap();
+        assert_eq!(c.args, ["/bin/sh", "-c", "echo hi"]);
+        assert_eq!(c.command_line, "/bin/sh -c echo hi");
+        assert!(!c.truncated);
+        assert_eq!((c.original_len, c.original_args), (raw.len() as u64, 3));
+        // setproctitle: no NUL at all, one argument.
+        let c = cap_argv(b"nginx: worker", 13, 0, false).unwrap();
+        assert_eq!((c.original_args, c.truncated), (1, false));
+        assert_eq!(cap_argv(b"", 0, 0, false), None);
+
+        // The hostile case: one 65,000-byte argument of 0xFF (each escaped to 4 bytes).
+        let mut raw = b"python3\0".to_vec();
+        raw.extend(std::iter::repeat_n(0xFF, 65_000));
+        raw.push(0);
+        let total = raw.len() as u64;
+        let c = cap_argv(&raw[..ARGV_EVENT_BUDGET], total, 2, true).unwrap();
+        assert!(c.truncated);
+        assert_eq!((c.original_len, c.original_args), (total, 2));
+        let args_bytes: usize = c.args.iter().map(String::len).sum();
+        assert!(args_bytes <= ARGV_EVENT_BUDGET / 2, "{args_bytes}");
+        assert!(c.command_line.len() <= ARGV_EVENT_BUDGET / 2);
+        assert!(args_bytes + c.command_line.len() <= ARGV_EVENT_BUDGET);
+        assert_eq!(c.args[0], "python3");
+        assert!(c.args[1].starts_with("\\xff\\xff"));
+
+        // Cuts fall on character boundaries, never inside a multi-byte character.
+        let long = "é".repeat(3000);
+        let c = cap_argv(long.as_bytes(), long.len() as u64, 0, false).unwrap();
+        assert!(c.truncated);
+        assert!(c.command_line.chars().all(|ch| ch == 'é'));
+        // Many small arguments: the ones past the budget are dropped.
+        let many: Vec<u8> = (0..2000).flat_map(|_| *b"ab\0").collect();
+        let c = cap_argv(&many, many.len() as u64, 2000, true).unwrap();
+        assert!(c.truncated);
+        assert_eq!(c.original_args, 2000);
+        assert!(c.args.len() < 2000);
     }
 
     #[test]
