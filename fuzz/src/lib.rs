@@ -285,6 +285,7 @@ pub fn emit(data: &[u8]) {
             systemd: Some(event::shared(event::Systemd {
                 unit: Some(unit.clone()),
                 slice: None,
+                user_manager: Some(1000),
             })),
             cgroup: Some(event::shared(event::Cgroup {
                 id: Some(1),

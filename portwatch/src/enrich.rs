@@ -82,9 +82,10 @@ impl Owner {
                 + p.start.as_ref().map_or(0, String::len)
                 + 64
         });
-        let c = self.cgroup.as_ref().map_or(0, |c| {
-            c.path.as_ref().map_or(0, String::len)
-        });
+        let c = self
+            .cgroup
+            .as_ref()
+            .map_or(0, |c| c.path.as_ref().map_or(0, String::len));
         let u = self.systemd.as_ref().map_or(0, |s| {
             s.unit.as_ref().map_or(0, String::len) + s.slice.as_ref().map_or(0, String::len)
         });
@@ -94,9 +95,10 @@ impl Owner {
 
 impl CgroupParts {
     fn bytes(&self) -> usize {
-        let c = self.cgroup.as_ref().map_or(0, |c| {
-            c.path.as_ref().map_or(0, String::len)
-        });
+        let c = self
+            .cgroup
+            .as_ref()
+            .map_or(0, |c| c.path.as_ref().map_or(0, String::len));
         let u = self.systemd.as_ref().map_or(0, |s| {
             s.unit.as_ref().map_or(0, String::len) + s.slice.as_ref().map_or(0, String::len)
         });
@@ -329,6 +331,10 @@ impl Enricher {
         start_ticks: u64,
     ) -> (Process, Option<Shared<ArgvCut>>) {
         let exe = procfs::read_exe(pid).ok();
+        // The file /proc/<pid>/exe points at, even when deleted or in another mount ns.
+        let executable_owner = std::fs::metadata(format!("/proc/{pid}/exe"))
+            .ok()
+            .map(|m| std::os::unix::fs::MetadataExt::uid(&m));
         let argv = procfs::read_cmdline_capped(pid).ok().flatten();
         let cut = argv.as_ref().filter(|a| a.truncated).map(|a| {
             shared(ArgvCut {
@@ -347,6 +353,7 @@ impl Enricher {
             args,
             start: None,
             entity_id: Some(self.entity_id(pid, start_ticks)),
+            executable_owner,
         };
         (p, cut)
     }
@@ -381,6 +388,7 @@ impl Enricher {
         let CgroupInfo {
             systemd_unit,
             systemd_slice,
+            user_manager,
             container_id,
             container_runtime,
             ..
@@ -396,6 +404,7 @@ impl Enricher {
                 shared(Systemd {
                     unit: systemd_unit,
                     slice: systemd_slice,
+                    user_manager,
                 })
             }),
             cgroup: Some(shared(Cgroup {

@@ -145,6 +145,10 @@ pub struct Process {
     pub start: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub entity_id: Option<String>,
+    /// Owner (uid) of the executable file, for `[[allow]]` rules by process name; not
+    /// written (ECS has no field for it, and the event names the executable).
+    #[serde(skip)]
+    pub executable_owner: Option<u32>,
 }
 
 #[derive(Serialize, Debug, Clone)]
@@ -274,6 +278,11 @@ pub struct Systemd {
     pub unit: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub slice: Option<String>,
+    /// Set when `unit` is run by a user's manager (`user@N.service`): the uid N. Such a
+    /// unit's name is whatever user N chose; the system manager's unit of that name is
+    /// another unit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_manager: Option<u32>,
 }
 
 /// `portwatch.process`: the command line was longer than an event carries.

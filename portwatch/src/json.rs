@@ -272,8 +272,8 @@ mod tests {
     use crate::{
         classify::Lang,
         event::{
-            Agent, ArgvCut, Boot, Cgroup, Container, ECS_VERSION, Ecs, Host, Log, Lost, Named, Network,
-            Parent, Process, Rule, Server, Systemd, shared,
+            Agent, ArgvCut, Boot, Cgroup, Container, ECS_VERSION, Ecs, Host, Log, Lost, Named,
+            Network, Parent, Process, Rule, Server, Systemd, shared,
         },
         probes::Hooks,
         risk::Assessor,
@@ -327,6 +327,7 @@ mod tests {
                 args: Some(vec![hostile.into(), "-p".into()]),
                 start: Some("2026-11-27T01:09:40.358453171Z".into()),
                 entity_id: Some("7b72bf9fd06433c9".into()),
+                executable_owner: Some(0),
             })),
             user: Some(shared(Named {
                 id: "0".into(),
@@ -375,6 +376,7 @@ mod tests {
                 systemd: Some(shared(Systemd {
                     unit: Some("memcached.service".into()),
                     slice: Some("system.slice".into()),
+                    user_manager: Some(1000),
                 })),
                 cgroup: Some(shared(Cgroup {
                     id: Some(1),

@@ -878,6 +878,7 @@ mod tests {
             ]),
             start: Some("2026-11-27T01:09:40.358453171Z".into()),
             entity_id: Some("7b72bf9fd06433c9".into()),
+            executable_owner: Some(0),
         })
     }
 
@@ -1026,6 +1027,7 @@ mod tests {
         ev.portwatch.systemd = Some(shared(Systemd {
             unit: Some("web.service".into()),
             slice: Some("system.slice".into()),
+            user_manager: Some(1000),
         }));
         ev.portwatch.process = Some(shared(crate::event::ArgvCut {
             truncated: true,
