@@ -887,7 +887,9 @@ mod tests {
             s,
             "a\\u{202e}b\\u{200b}c\\u{2066}d\\u{2069}e\\u{feff}f\\u{2028}g\\u{2029}h\\u{2060}i\\u{200d}j"
         );
-        for c in ['\u{202A}', '\u{202B}', '\u{202C}', '\u{202D}', '\u{2067}', '\u{2068}', '\u{200C}'] {
+        for c in [
+            '\u{202A}', '\u{202B}', '\u{202C}', '\u{202D}', '\u{2067}', '\u{2068}', '\u{200C}',
+        ] {
             let mut s = String::new();
             sanitize(&mut s, &c.to_string());
             assert!(!s.contains(c), "{c:?} escaped");

@@ -18,7 +18,7 @@ use crate::{
         Remediation, Severity, Transport, exposure, remediation,
     },
     event::{Event, Log, Rule},
-    ring,
+    procfs, ring, snapshot,
 };
 
 /// How long the address list of a network namespace is reused before it is read again.
@@ -134,7 +134,9 @@ impl Assessor {
         // Shared handles, not copies of their strings: this runs for every new listener.
         let systemd = ev.portwatch.systemd.clone();
         let container = ev.container.clone();
-        let listener = Listener {
+        let user = ev.user.clone();
+        let inode = socket.and_then(|s| s.inode);
+        let mut listener = Listener {
             transport,
             addr,
             port,
@@ -144,6 +146,12 @@ impl Assessor {
             systemd_unit: systemd.as_ref().and_then(|s| s.unit.as_deref()),
             container_id: container.as_ref().map(|c| c.id.as_str()),
             pid,
+            uid: user.as_ref().and_then(|u| u.id.parse().ok()),
+            user_name: user.as_ref().and_then(|u| u.name.as_deref()),
+            user_manager: systemd.as_ref().and_then(|s| s.user_manager),
+            executable_owner: process.as_ref().and_then(|p| p.executable_owner),
+            holders: None,
+            socket_unit: None,
         };
         let verdict = self.classifier.classify(&listener, &exposure);
         ev.portwatch.exposure = Some(exposure);
@@ -168,6 +176,15 @@ impl Assessor {
             Some(FoldDecision::Emit { repeats }) => repeats,
             None => 0,
         };
+        // Who holds the socket now, not who listened: the listener may have forked and
+        // exited, or be gone, and `kill` of its pid would hit whoever has it now.
+        let holders = inode.and_then(snapshot::holders_of);
+        listener.holders = holders.as_deref();
+        // pid 1 holds it: socket activation; name the .socket unit when a unit file says.
+        let socket_unit = (pid == Some(1))
+            .then(|| procfs::find_socket_unit(port, transport == Transport::Udp))
+            .flatten();
+        listener.socket_unit = socket_unit.as_deref();
         let fix = remediation::remediation(&listener, &verdict, self.lang);
         let mut alert = ev.clone();
         alert.event.kind = "alert";
