@@ -231,6 +231,7 @@ pub fn emit(data: &[u8]) {
         args: Some(args.clone()),
         start: None,
         entity_id: Some("0123456789abcdef".into()),
+        executable_owner: None,
     };
     let ev = event::Event {
         timestamp: "2026-11-27T01:09:40.451005964Z".into(),
@@ -418,7 +419,15 @@ fn assert_shell_safe(cmd: &str) {
     // The templates' own operators (iptables' negation is a word of its own, socket
     // activation's `systemctl list-sockets | grep`) and the placeholders a person
     // replaces.
-    for ok in ["&&", " | ", " ! ", "<PID>", "<socket-unit>"] {
+    for ok in [
+        "&&",
+        " | ",
+        " ! ",
+        "<PID>",
+        "<socket-unit>",
+        "<service-unit>",
+        "<unit>",
+    ] {
         bare = bare.replace(ok, " ");
     }
     assert!(
