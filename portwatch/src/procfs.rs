@@ -560,7 +560,7 @@ fn container_component(
             && let Some(name) = stem.strip_prefix("machine-")
         {
             let name = name.replace("\\x2d", "-");
-            return machine_name(&name).then(|| (Some("systemd-nspawn"), name));
+            return machine_name(&name).then_some((Some("systemd-nspawn"), name));
         }
         return None;
     }
@@ -1696,9 +1696,9 @@ mod tests {
             format!("{user}/docker/{ID}"),
             format!("{user}/machine.slice/machine-web.scope"),
             format!("{user}/kubepods/pod0123abcd-0123-4567-89ab-0123456789ab/{ID}"),
-            format!("/system.slice/foo.service/lxc.payload.web"),
+            "/system.slice/foo.service/lxc.payload.web".to_owned(),
             format!("/system.slice/foo.service/docker-{ID}.scope"),
-            format!("/x/lxc.payload.web"),
+            "/x/lxc.payload.web".to_owned(),
             format!("/x/docker/{ID}"),
         ] {
             let i = p(&fake);

@@ -537,9 +537,10 @@ fn hostile_arguments_bound_memory_and_lines() {
     let text = std::fs::read_to_string(&out).unwrap();
     let longest = text.lines().map(str::len).max().unwrap_or(0);
     let events = read_json_lines(&out);
+    let uid = user.uid.to_string();
     let ours: Vec<&Value> = events
         .iter()
-        .filter(|e| action(e) == "udp-bound" && e["user"]["id"] == user.uid.to_string())
+        .filter(|e| action(e) == "udp-bound" && e["user"]["id"].as_str() == Some(&uid))
         .collect();
     let cut = ours
         .iter()

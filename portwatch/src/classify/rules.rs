@@ -28,6 +28,8 @@
 //! [[allow]]                    # silence matching alerts
 //! port = 11211
 //! process = "memcached"
+//! executable = "/usr/bin/memcached"
+//! user = "memcache"
 //! scope = ["private"]
 //!
 //! [[deny]]                     # always alert, even on loopback and off-catalogue
