@@ -579,7 +579,7 @@ mod tests {
         let w = p.warnings();
         assert_eq!(w.len(), 1, "{w:?}");
         assert!(
-            w[0].starts_with("rules.toml:1: [[allow]] rules.toml:1 matches on the process name"),
+            w[0].starts_with("rules.toml:1: [[allow]] matches on the process name"),
             "{}",
             w[0]
         );

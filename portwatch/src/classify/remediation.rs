@@ -457,7 +457,15 @@ fn holder_steps(
         for pid in named {
             commands.push(format!("systemctl status -- {pid}"));
         }
-        commands.push(format!("kill {list}"));
+        // pid 1 holding it too (socket activation handed it on): never "kill 1".
+        let killable: Vec<String> = named
+            .iter()
+            .filter(|&&p| p != 1)
+            .map(u32::to_string)
+            .collect();
+        if !killable.is_empty() {
+            commands.push(format!("kill {}", killable.join(" ")));
+        }
         if en {
             format!(
                 "Processes holding the socket when this alert was made: {list} ({listened}); check with ss, find their unit, and stop them if they are not needed{usual_note}"
@@ -839,6 +847,15 @@ mod tests {
             ]
         );
         assert!(!r.commands().any(|c| c.contains("4242")));
+        // pid 1 among the holders is never killed.
+        let with_init = [1, 4300];
+        l.holders = Some(&with_init);
+        let r = run(&c, &l, &["203.0.113.5"], Lang::En);
+        assert!(r.commands().any(|c| c == "kill 4300"));
+        assert!(
+            !r.commands()
+                .any(|c| c.starts_with("kill") && c.split(' ').any(|w| w == "1"))
+        );
         // Looked, found nobody (the process is gone): no kill.
         l.holders = Some(&[]);
         let r = run(&c, &l, &["203.0.113.5"], Lang::En);

@@ -135,10 +135,15 @@ impl Policy {
             .iter()
             .filter(|r| r.trusts_user_chosen_name())
             .map(|r| {
+                let at = format!("{}:{}", self.origin, r.line);
+                let name = if r.label == at {
+                    String::new()
+                } else {
+                    format!(" {:?}", r.label)
+                };
                 format!(
-                    "{}:{}: [[allow]] {} matches on the process name, which any local user can \
-                     give a process; pin the owner with `executable` and `user` (or `uid`)",
-                    self.origin, r.line, r.label
+                    "{at}: [[allow]]{name} matches on the process name, which any local user \
+                     can give a process; pin the owner with `executable` and `user` (or `uid`)"
                 )
             })
             .collect()
