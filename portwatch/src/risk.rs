@@ -247,21 +247,6 @@ impl Assessor {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn holder_scans_are_rate_limited() {
-        let mut budget = (Instant::now(), 0);
-        let allowed = (0..100).filter(|_| may_scan_holders(&mut budget)).count();
-        assert_eq!(allowed, HOLDER_SCANS_PER_SEC as usize);
-        // A new second, a new budget.
-        budget.0 -= Duration::from_secs(2);
-        assert!(may_scan_holders(&mut budget));
-    }
-}
-
 /// Whether another holder scan fits in this second's budget `(second start, count)`,
 /// counting it.
 fn may_scan_holders(budget: &mut (Instant, u32)) -> bool {
@@ -279,5 +264,20 @@ pub fn transport(t: ring::Transport) -> Transport {
     match t {
         ring::Transport::Tcp => Transport::Tcp,
         ring::Transport::Udp => Transport::Udp,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holder_scans_are_rate_limited() {
+        let mut budget = (Instant::now(), 0);
+        let allowed = (0..100).filter(|_| may_scan_holders(&mut budget)).count();
+        assert_eq!(allowed, HOLDER_SCANS_PER_SEC as usize);
+        // A new second, a new budget.
+        budget.0 -= Duration::from_secs(2);
+        assert!(may_scan_holders(&mut budget));
     }
 }

@@ -13,7 +13,7 @@ use std::{
 };
 
 use portwatch_tests::{
-    Agent, DEADLINE, Reap, Value, action, can_run_kernel_tests, poll, read_json_lines, spawn_watch,
+    Agent, DEADLINE, Reap, Value, action, can_run_kernel_tests, poll, spawn_watch,
 };
 
 /// A login user (uid >= 1000, no home, no shell) that exists for one test.
@@ -519,33 +519,51 @@ fn hostile_arguments_bound_memory_and_lines() {
         pids.push(c.id());
         c.wait().expect("hostile process");
     }
-    // Every bind is in the file once the last one's release is.
+    // Every bind is in the file once the last one's release is. The file is read as it
+    // grows, line by line: whatever else runs on the host lands in it too, and a test
+    // that re-read it whole would be the thing that runs out of memory.
     let last = *pids.last().unwrap();
-    poll(DEADLINE * 3, || {
-        std::fs::read(&out).ok().filter(|t| {
-            t.split(|&b| b == b'\n').any(|l| {
-                let l = String::from_utf8_lossy(l);
-                l.contains("\"udp-released\"") && l.contains(&format!("\"pid\":{last},"))
-            })
-        })
-    })
-    .expect("the last process's udp-released");
+    let uid = user.uid.to_string();
+    let (mut longest, mut ours, mut cut_events) = (0usize, Vec::<Value>::new(), 0usize);
+    let mut reader = BufReader::new(std::fs::File::open(&out).expect("output file"));
+    let mut line = Vec::new();
+    let mut scan = |until_released: bool| -> bool {
+        loop {
+            match reader.read_until(b'\n', &mut line) {
+                Ok(0) | Err(_) => return false,
+                Ok(_) => {}
+            }
+            if line.last() != Some(&b'\n') {
+                // A line still being written: the rest is appended next time.
+                return false;
+            }
+            // A whole line: taken out, so the buffer starts empty for the next one.
+            let line = std::mem::take(&mut line);
+            longest = longest.max(line.len() - 1);
+            let l = String::from_utf8_lossy(&line);
+            if l.contains("\"udp-bound\"") && l.contains(&format!("\"id\":\"{uid}\"")) {
+                let e: Value = serde_json::from_str(&l).expect("a JSON line");
+                if e["portwatch"]["process"]["truncated"] == true {
+                    cut_events += 1;
+                }
+                if e["user"]["id"].as_str() == Some(&uid) {
+                    ours.push(e);
+                }
+            }
+            if until_released
+                && l.contains("\"udp-released\"")
+                && l.contains(&format!("\"pid\":{last},"))
+            {
+                return true;
+            }
+        }
+    };
+    poll(DEADLINE * 3, || scan(true).then_some(())).expect("the last process's udp-released");
     let hwm = vm_hwm_kib(agent_pid);
     unsafe { libc::kill(agent_pid as i32, libc::SIGTERM) };
     child.wait().expect("agent exit");
-
-    let text = std::fs::read_to_string(&out).unwrap();
-    let longest = text.lines().map(str::len).max().unwrap_or(0);
-    let events = read_json_lines(&out);
-    let uid = user.uid.to_string();
-    let ours: Vec<&Value> = events
-        .iter()
-        .filter(|e| action(e) == "udp-bound" && e["user"]["id"].as_str() == Some(&uid))
-        .collect();
-    let cut = ours
-        .iter()
-        .filter(|e| e["portwatch"]["process"]["truncated"] == true)
-        .count();
+    scan(false);
+    let cut = cut_events;
     eprintln!(
         "{} hostile processes: agent VmHWM {start_hwm} KiB at start, {hwm} KiB after; \
          longest line {longest} bytes; {} udp-bound events, {cut} with a cut command line",
