@@ -231,6 +231,7 @@ pub fn emit(data: &[u8]) {
         args: Some(args.clone()),
         start: None,
         entity_id: Some("0123456789abcdef".into()),
+        executable_owner: None,
     };
     let ev = event::Event {
         timestamp: "2026-11-27T01:09:40.451005964Z".into(),
@@ -285,6 +286,7 @@ pub fn emit(data: &[u8]) {
             systemd: Some(event::shared(event::Systemd {
                 unit: Some(unit.clone()),
                 slice: None,
+                user_manager: Some(1000),
             })),
             cgroup: Some(event::shared(event::Cgroup {
                 id: Some(1),
@@ -298,7 +300,9 @@ pub fn emit(data: &[u8]) {
     let table = portwatch::report::render_table(&[(ev.clone(), None)], false);
     assert_eq!(table.lines().count(), 3, "{table:?}");
     assert!(
-        !table.chars().any(|c| c.is_control() && c != '\n'),
+        !table
+            .chars()
+            .any(|c| (c.is_control() && c != '\n') || portwatch::emit::is_invisible_format(c)),
         "the table has control characters: {table:?}"
     );
 
@@ -343,8 +347,10 @@ pub fn emit(data: &[u8]) {
             Format::Text => {
                 let line = std::str::from_utf8(body).expect("a text line is UTF-8");
                 assert!(
-                    !line.chars().any(char::is_control),
-                    "a text line has no control characters: {line:?}"
+                    !line
+                        .chars()
+                        .any(|c| c.is_control() || portwatch::emit::is_invisible_format(c)),
+                    "a text line has no control or bidi/zero-width characters: {line:?}"
                 );
             }
         }
@@ -413,7 +419,15 @@ fn assert_shell_safe(cmd: &str) {
     // The templates' own operators (iptables' negation is a word of its own, socket
     // activation's `systemctl list-sockets | grep`) and the placeholders a person
     // replaces.
-    for ok in ["&&", " | ", " ! ", "<PID>", "<socket-unit>"] {
+    for ok in [
+        "&&",
+        " | ",
+        " ! ",
+        "<PID>",
+        "<socket-unit>",
+        "<service-unit>",
+        "<unit>",
+    ] {
         bare = bare.replace(ok, " ");
     }
     assert!(

@@ -435,6 +435,7 @@ impl Pipeline {
         ev.container = owner.container.clone();
         ev.portwatch.systemd = owner.systemd.clone();
         ev.portwatch.cgroup = owner.cgroup.clone();
+        ev.portwatch.process = owner.argv_cut.clone();
         ev.portwatch.attribution = Some(owner.attribution);
         ev.portwatch.socket = Some(socket);
         ev.portwatch.urgent = self.important(addr, port);

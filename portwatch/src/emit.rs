@@ -984,15 +984,37 @@ fn send_each(
 }
 
 /// Replace control characters (and other non-printables) with visible escapes, so a
-/// process named "\x1b[2J" cannot drive the reader's terminal.
+/// process named "\x1b[2J" cannot drive the reader's terminal. Characters that are not
+/// controls to Rust but still rearrange or hide what a person reads are escaped as
+/// `\u{XXXX}` too: bidirectional overrides and isolates (a name with U+202E shows
+/// reversed, "Trojan Source"), zero-width characters (two names that look the same), and
+/// the Unicode line and paragraph separators (a second, forged line).
 pub fn sanitize(out: &mut String, s: &str) {
     for c in s.chars() {
         if c.is_control() {
             let _ = write!(out, "\\x{:02x}", c as u32);
+        } else if is_invisible_format(c) {
+            let _ = write!(out, "\\u{{{:04x}}}", c as u32);
         } else {
             out.push(c);
         }
     }
+}
+
+/// Bidi embeddings/overrides (U+202A-202E) and isolates (U+2066-2069), zero-width
+/// space/non-joiner/joiner (U+200B-200D), word joiner (U+2060), BOM (U+FEFF), and the
+/// line/paragraph separators (U+2028, U+2029).
+pub fn is_invisible_format(c: char) -> bool {
+    matches!(
+        c,
+        '\u{202A}'..='\u{202E}'
+            | '\u{2066}'..='\u{2069}'
+            | '\u{200B}'..='\u{200D}'
+            | '\u{2060}'
+            | '\u{FEFF}'
+            | '\u{2028}'
+            | '\u{2029}'
+    )
 }
 
 fn text_line(out: &mut String, ev: &Event, color: bool) {
@@ -1080,6 +1102,30 @@ mod tests {
         sanitize(&mut s, "evil\x1b[2J\x07name\n");
         assert_eq!(s, "evil\\x1b[2J\\x07name\\x0a");
         assert!(!s.chars().any(char::is_control));
+    }
+
+    #[test]
+    fn bidi_and_zero_width_characters_are_shown_not_obeyed() {
+        let mut s = String::new();
+        sanitize(
+            &mut s,
+            "a\u{202E}b\u{200B}c\u{2066}d\u{2069}e\u{FEFF}f\u{2028}g\u{2029}h\u{2060}i\u{200D}j",
+        );
+        assert_eq!(
+            s,
+            "a\\u{202e}b\\u{200b}c\\u{2066}d\\u{2069}e\\u{feff}f\\u{2028}g\\u{2029}h\\u{2060}i\\u{200d}j"
+        );
+        for c in [
+            '\u{202A}', '\u{202B}', '\u{202C}', '\u{202D}', '\u{2067}', '\u{2068}', '\u{200C}',
+        ] {
+            let mut s = String::new();
+            sanitize(&mut s, &c.to_string());
+            assert!(!s.contains(c), "{c:?} escaped");
+        }
+        // Ordinary non-ASCII text stays readable.
+        let mut s = String::new();
+        sanitize(&mut s, "サーバー é");
+        assert_eq!(s, "サーバー é");
     }
 
     #[test]

@@ -3,13 +3,22 @@
 //! and the cgroup path, but only after checking that the pid still names the same task
 //! (same start time), so pid reuse can never attribute a listener to the wrong program.
 //!
-//! Caches are bounded: [`PROC_CACHE_MAX`] processes and [`CGROUP_CACHE_MAX`] cgroups;
-//! when one is full it is cleared (refilling costs a few /proc reads per process).
+//! Caches are bounded by entries and by bytes: [`PROC_CACHE_MAX`] processes in
+//! [`PROC_CACHE_BYTES`], [`CGROUP_CACHE_MAX`] cgroups in [`CGROUP_CACHE_BYTES`]; when
+//! one is full it is cleared (refilling costs a few /proc reads per process). What a
+//! process puts in an entry is bounded too: its command line is cut to
+//! [`procfs::ARGV_EVENT_BUDGET`]. Processes that have exited are dropped from the cache
+//! (checked at most every [`PRUNE_INTERVAL`]): the end of a listener reuses the owner
+//! the agent kept with the open listener, not this cache.
 
-use std::{collections::HashMap, path::PathBuf};
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use crate::{
-    event::{Cgroup, Container, Named, Parent, Process, Shared, Systemd, shared},
+    event::{ArgvCut, Cgroup, Container, Named, Parent, Process, Shared, Systemd, shared},
     procfs::{self, CgroupInfo, CgroupResolver, Users},
     ring::Record,
     sys::{Clocks, rfc3339},
@@ -17,6 +26,14 @@ use crate::{
 
 pub const PROC_CACHE_MAX: usize = 8192;
 pub const CGROUP_CACHE_MAX: usize = 4096;
+/// Estimated bytes of cached processes at most (strings and their rendered JSON).
+pub const PROC_CACHE_BYTES: usize = 8 << 20;
+/// Estimated bytes of cached cgroups at most.
+pub const CGROUP_CACHE_BYTES: usize = 2 << 20;
+/// Shortest time between two sweeps of the process cache for exited processes.
+pub const PRUNE_INTERVAL: Duration = Duration::from_secs(1);
+/// Bookkeeping bytes counted per cache entry on top of its strings.
+const ENTRY_OVERHEAD: usize = 256;
 /// Distinct uids (and gids) kept with their shared objects; past it the cache restarts.
 const NAMES_CACHE_MAX: usize = 4096;
 
@@ -47,6 +64,47 @@ pub struct Owner {
     pub cgroup: Option<Shared<Cgroup>>,
     pub attribution: &'static str,
     pub kernel: bool,
+    /// Set when the command line was cut for the event (`portwatch.process`).
+    pub argv_cut: Option<Shared<ArgvCut>>,
+}
+
+impl Owner {
+    /// Estimated memory the owner holds: its strings, counted twice because each
+    /// shared part also keeps its rendered JSON once written.
+    fn bytes(&self) -> usize {
+        let p = self.process.as_ref().map_or(0, |p| {
+            p.name.as_ref().map_or(0, String::len)
+                + p.executable.as_ref().map_or(0, String::len)
+                + p.command_line.as_ref().map_or(0, String::len)
+                + p.args
+                    .as_ref()
+                    .map_or(0, |a| a.iter().map(|s| s.len() + 24).sum())
+                + p.start.as_ref().map_or(0, String::len)
+                + 64
+        });
+        let c = self
+            .cgroup
+            .as_ref()
+            .map_or(0, |c| c.path.as_ref().map_or(0, String::len));
+        let u = self.systemd.as_ref().map_or(0, |s| {
+            s.unit.as_ref().map_or(0, String::len) + s.slice.as_ref().map_or(0, String::len)
+        });
+        2 * (p + c + u) + ENTRY_OVERHEAD
+    }
+}
+
+impl CgroupParts {
+    fn bytes(&self) -> usize {
+        let c = self
+            .cgroup
+            .as_ref()
+            .map_or(0, |c| c.path.as_ref().map_or(0, String::len));
+        let u = self.systemd.as_ref().map_or(0, |s| {
+            s.unit.as_ref().map_or(0, String::len) + s.slice.as_ref().map_or(0, String::len)
+        });
+        let k = self.container.as_ref().map_or(0, |k| k.id.len());
+        2 * (c + u + k) + ENTRY_OVERHEAD
+    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -58,13 +116,17 @@ struct CgroupParts {
 
 struct CachedProc {
     start_ticks: u64,
+    bytes: usize,
     thread_comm: Vec<u8>,
     owner: Owner,
 }
 
 pub struct Enricher {
     procs: HashMap<u32, CachedProc>,
+    procs_bytes: usize,
+    last_prune: Instant,
     cgroups: HashMap<u64, CgroupParts>,
+    cgroups_bytes: usize,
     resolver: CgroupResolver,
     users: Users,
     /// uid/gid -> the shared `user`/`group` object, reused while the name is unchanged.
@@ -80,7 +142,10 @@ impl Enricher {
         let ticks = procfs::clock_ticks_per_sec().max(1);
         Enricher {
             procs: HashMap::new(),
+            procs_bytes: 0,
+            last_prune: Instant::now(),
             cgroups: HashMap::new(),
+            cgroups_bytes: 0,
             resolver: CgroupResolver::new(cgroup_root),
             users: Users::new(),
             user_cache: HashMap::new(),
@@ -94,6 +159,50 @@ impl Enricher {
     /// Entries in the process and the cgroup cache now (`portwatch_cache_entries`).
     pub fn cache_sizes(&self) -> (usize, usize) {
         (self.procs.len(), self.cgroups.len())
+    }
+
+    /// Estimated bytes held by the process and the cgroup cache.
+    pub fn cache_bytes(&self) -> (usize, usize) {
+        (self.procs_bytes, self.cgroups_bytes)
+    }
+
+    /// Keeps `owner` for `pid`, within the cache's entry and byte bounds; first drops
+    /// processes that have exited, at most once per [`PRUNE_INTERVAL`].
+    fn cache_proc(&mut self, pid: u32, start_ticks: u64, thread_comm: Vec<u8>, owner: Owner) {
+        if self.last_prune.elapsed() >= PRUNE_INTERVAL {
+            self.last_prune = Instant::now();
+            self.prune_exited(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
+        }
+        let bytes = owner.bytes() + thread_comm.len();
+        if self.procs.len() >= PROC_CACHE_MAX || self.procs_bytes + bytes > PROC_CACHE_BYTES {
+            self.procs.clear();
+            self.procs_bytes = 0;
+        }
+        if let Some(old) = self.procs.insert(
+            pid,
+            CachedProc {
+                start_ticks,
+                bytes,
+                thread_comm,
+                owner,
+            },
+        ) {
+            self.procs_bytes -= old.bytes;
+        }
+        self.procs_bytes += bytes;
+    }
+
+    /// Drops cached processes for which `alive(pid)` is false.
+    fn prune_exited(&mut self, alive: impl Fn(u32) -> bool) {
+        let mut freed = 0;
+        self.procs.retain(|&pid, c| {
+            let keep = alive(pid);
+            if !keep {
+                freed += c.bytes;
+            }
+            keep
+        });
+        self.procs_bytes -= freed;
     }
 
     pub fn user(&mut self, uid: u32) -> Shared<Named> {
@@ -139,7 +248,7 @@ impl Enricher {
             .filter(|st| start_ticks.is_none_or(|t| t == st.start_ticks));
         match from_proc {
             Some(st) => {
-                let mut p = self.read_process(r.pid, st.comm, st.ppid, st.start_ticks);
+                let (mut p, argv_cut) = self.read_process(r.pid, st.comm, st.ppid, st.start_ticks);
                 // The kernel's parent is the one at listen time; /proc's may be a reaper.
                 if let Some(ppid) = r.ppid {
                     p.parent = Some(Parent { pid: ppid });
@@ -154,19 +263,10 @@ impl Enricher {
                     cgroup: cg.cgroup,
                     attribution: if r.kthread { "kernel-thread" } else { "proc" },
                     kernel: r.kthread,
+                    argv_cut,
                 };
                 if let Some(start_ticks) = start_ticks {
-                    if self.procs.len() >= PROC_CACHE_MAX {
-                        self.procs.clear();
-                    }
-                    self.procs.insert(
-                        r.pid,
-                        CachedProc {
-                            start_ticks,
-                            thread_comm: r.comm.clone(),
-                            owner: owner.clone(),
-                        },
-                    );
+                    self.cache_proc(r.pid, start_ticks, r.comm.clone(), owner.clone());
                 }
                 owner
             }
@@ -190,6 +290,7 @@ impl Enricher {
                     cgroup: cg.cgroup,
                     attribution: if r.kthread { "kernel-thread" } else { "kernel" },
                     kernel: r.kthread,
+                    argv_cut: None,
                 }
             }
         }
@@ -210,7 +311,7 @@ impl Enricher {
                 ..Owner::default()
             };
         };
-        let mut p = self.read_process(pid, st.comm, st.ppid, st.start_ticks);
+        let (mut p, argv_cut) = self.read_process(pid, st.comm, st.ppid, st.start_ticks);
         p.start = Some(rfc3339(
             self.clocks
                 .wall_from_boottime(st.start_ticks * self.ns_per_tick),
@@ -226,22 +327,43 @@ impl Enricher {
             cgroup: cg.cgroup,
             attribution: "proc",
             kernel: false,
+            argv_cut,
         }
     }
 
-    fn read_process(&mut self, pid: u32, comm: String, ppid: u32, start_ticks: u64) -> Process {
+    fn read_process(
+        &mut self,
+        pid: u32,
+        comm: String,
+        ppid: u32,
+        start_ticks: u64,
+    ) -> (Process, Option<Shared<ArgvCut>>) {
         let exe = procfs::read_exe(pid).ok();
-        let args = procfs::read_cmdline(pid).ok().filter(|a| !a.is_empty());
-        Process {
+        // The file /proc/<pid>/exe points at, even when deleted or in another mount ns.
+        let executable_owner = std::fs::metadata(format!("/proc/{pid}/exe"))
+            .ok()
+            .map(|m| std::os::unix::fs::MetadataExt::uid(&m));
+        let argv = procfs::read_cmdline_capped(pid).ok().flatten();
+        let cut = argv.as_ref().filter(|a| a.truncated).map(|a| {
+            shared(ArgvCut {
+                truncated: true,
+                original_length: a.original_len,
+                original_args_count: a.original_args,
+            })
+        });
+        let (command_line, args) = argv.map(|a| (a.command_line, a.args)).unzip();
+        let p = Process {
             pid,
             name: Some(comm),
             parent: Some(Parent { pid: ppid }),
             executable: exe,
-            command_line: args.as_ref().map(|a| a.join(" ")),
+            command_line,
             args,
             start: None,
             entity_id: Some(self.entity_id(pid, start_ticks)),
-        }
+            executable_owner,
+        };
+        (p, cut)
     }
 
     fn cgroup_by_id(&mut self, id: u64) -> CgroupParts {
@@ -259,9 +381,13 @@ impl Enricher {
             };
         };
         let parts = self.cgroup_from_path(Some(id), path);
-        if self.cgroups.len() >= CGROUP_CACHE_MAX {
+        let bytes = parts.bytes();
+        if self.cgroups.len() >= CGROUP_CACHE_MAX || self.cgroups_bytes + bytes > CGROUP_CACHE_BYTES
+        {
             self.cgroups.clear();
+            self.cgroups_bytes = 0;
         }
+        self.cgroups_bytes += bytes;
         self.cgroups.insert(id, parts.clone());
         parts
     }
@@ -270,6 +396,7 @@ impl Enricher {
         let CgroupInfo {
             systemd_unit,
             systemd_slice,
+            user_manager,
             container_id,
             container_runtime,
             ..
@@ -285,6 +412,7 @@ impl Enricher {
                 shared(Systemd {
                     unit: systemd_unit,
                     slice: systemd_slice,
+                    user_manager,
                 })
             }),
             cgroup: Some(shared(Cgroup {
@@ -303,4 +431,43 @@ fn fnv1a(mut h: u64, bytes: &[u8]) -> u64 {
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn owner_with_args(n: usize) -> Owner {
+        Owner {
+            process: Some(shared(Process {
+                pid: 1,
+                command_line: Some("x".repeat(n)),
+                args: Some(vec!["x".repeat(n)]),
+                ..Process::default()
+            })),
+            ..Owner::default()
+        }
+    }
+
+    #[test]
+    fn process_cache_is_bounded_by_bytes_and_drops_exited() {
+        let mut e = Enricher::new(PathBuf::from("/nonexistent"), "m", "b");
+        // Entries of ~8 KiB estimated each: far fewer than PROC_CACHE_MAX fit.
+        for pid in 0..4000 {
+            e.cache_proc(pid, 1, b"comm".to_vec(), owner_with_args(2048));
+            assert!(e.procs_bytes <= PROC_CACHE_BYTES, "{}", e.procs_bytes);
+        }
+        let sum: usize = e.procs.values().map(|c| c.bytes).sum();
+        assert_eq!(sum, e.procs_bytes, "the byte count follows the entries");
+        // Replacing an entry does not count it twice.
+        let before = e.procs_bytes;
+        let pid = *e.procs.keys().next().unwrap();
+        e.cache_proc(pid, 2, b"comm".to_vec(), owner_with_args(2048));
+        assert_eq!(e.procs_bytes, before);
+        // Exited processes go.
+        e.prune_exited(|pid| pid % 2 == 0);
+        assert!(e.procs.keys().all(|p| p % 2 == 0));
+        let sum: usize = e.procs.values().map(|c| c.bytes).sum();
+        assert_eq!(sum, e.procs_bytes);
+    }
 }

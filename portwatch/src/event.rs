@@ -145,6 +145,10 @@ pub struct Process {
     pub start: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub entity_id: Option<String>,
+    /// Owner (uid) of the executable file, for `[[allow]]` rules by process name; not
+    /// written (ECS has no field for it, and the event names the executable).
+    #[serde(skip)]
+    pub executable_owner: Option<u32>,
 }
 
 #[derive(Serialize, Debug, Clone)]
@@ -212,6 +216,10 @@ pub struct Portwatch {
     pub systemd: Option<Shared<Systemd>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<Shared<Cgroup>>,
+    /// Present when `process.command_line`/`process.args` were cut to fit
+    /// [`crate::procfs::ARGV_EVENT_BUDGET`]: what the whole command line was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub process: Option<Shared<ArgvCut>>,
     /// Where the process fields came from: `proc` (read from /proc and matched to the
     /// kernel's start time), `kernel` (the process was gone or its pid reused: only what
     /// the kernel captured), `snapshot`, or `kernel-socket` (no process owns it).
@@ -314,6 +322,22 @@ pub struct Systemd {
     pub unit: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub slice: Option<String>,
+    /// Set when `unit` is run by a user's manager (`user@N.service`): the uid N. Such a
+    /// unit's name is whatever user N chose; the system manager's unit of that name is
+    /// another unit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_manager: Option<u32>,
+}
+
+/// `portwatch.process`: the command line was longer than an event carries.
+#[derive(Serialize, Debug, Clone, PartialEq, Eq)]
+pub struct ArgvCut {
+    /// Always true (the object is only present when something was cut).
+    pub truncated: bool,
+    /// Bytes of the whole raw command line (`/proc/<pid>/cmdline`, NULs included).
+    pub original_length: u64,
+    /// Arguments in the whole command line.
+    pub original_args_count: u64,
 }
 
 #[derive(Serialize, Debug, Clone)]

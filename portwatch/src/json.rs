@@ -95,6 +95,7 @@ fn portwatch(out: &mut Vec<u8>, p: &Portwatch) -> serde_json::Result<()> {
     }
     sep.field(out, b"\"systemd\":", p.systemd.as_deref())?;
     sep.field(out, b"\"cgroup\":", p.cgroup.as_deref())?;
+    sep.field(out, b"\"process\":", p.process.as_deref())?;
     if let Some(a) = p.attribution {
         sep.key(out, b"\"attribution\":");
         string(out, a);
@@ -276,8 +277,8 @@ mod tests {
     use crate::{
         classify::Lang,
         event::{
-            Agent, Boot, Cgroup, Container, ECS_VERSION, Ecs, Host, Log, Lost, Named, Network,
-            Parent, Process, Rule, Server, Systemd, shared,
+            Agent, ArgvCut, Boot, Cgroup, Container, ECS_VERSION, Ecs, Host, Log, Lost, Named,
+            Network, Parent, Process, Rule, Server, Systemd, shared,
         },
         probes::Hooks,
         risk::Assessor,
@@ -331,6 +332,7 @@ mod tests {
                 args: Some(vec![hostile.into(), "-p".into()]),
                 start: Some("2026-11-27T01:09:40.358453171Z".into()),
                 entity_id: Some("7b72bf9fd06433c9".into()),
+                executable_owner: Some(0),
             })),
             user: Some(shared(Named {
                 id: "0".into(),
@@ -379,10 +381,16 @@ mod tests {
                 systemd: Some(shared(Systemd {
                     unit: Some("memcached.service".into()),
                     slice: Some("system.slice".into()),
+                    user_manager: Some(1000),
                 })),
                 cgroup: Some(shared(Cgroup {
                     id: Some(1),
                     path: Some(hostile.into()),
+                })),
+                process: Some(shared(ArgvCut {
+                    truncated: true,
+                    original_length: 65_009,
+                    original_args_count: 2,
                 })),
                 attribution: Some("proc"),
                 exposure: None,

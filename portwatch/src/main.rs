@@ -217,6 +217,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             command: RulesCommand::Check { file },
         } => {
             let policy = classify::load_rules(&file)?;
+            for w in policy.warnings() {
+                eprintln!("portwatch: warning: {w}");
+            }
             println!(
                 "{}: ok ({} risky ports, {} allow, {} deny, {} severity overrides)",
                 file.display(),

@@ -61,7 +61,7 @@ use serde::Serialize;
 
 use crate::{
     classify::{Lang, Step},
-    event::{Cgroup, Event, Lost, Socket, Systemd},
+    event::{ArgvCut, Cgroup, Event, Lost, Socket, Systemd},
     risk::Risk,
 };
 
@@ -404,6 +404,9 @@ struct Rest<'a> {
     systemd: Option<&'a Systemd>,
     #[serde(skip_serializing_if = "Option::is_none")]
     cgroup: Option<&'a Cgroup>,
+    /// The command line was cut (OCSF `cmd_line` has no truncation attribute).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    process: Option<&'a ArgvCut>,
     #[serde(skip_serializing_if = "Option::is_none")]
     attribution: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -425,6 +428,7 @@ impl Rest<'_> {
         self.socket.is_none()
             && self.systemd.is_none()
             && self.cgroup.is_none()
+            && self.process.is_none()
             && self.attribution.is_none()
             && self.exposure.is_none()
             && self.risk.is_none()
@@ -577,6 +581,7 @@ fn document(ev: &Event) -> Doc<'_> {
                 socket: pw.socket.as_ref(),
                 systemd: pw.systemd.as_deref().map(|v| &**v),
                 cgroup: pw.cgroup.as_deref().map(|v| &**v),
+                process: pw.process.as_deref().map(|v| &**v),
                 attribution: pw.attribution,
                 exposure: pw.exposure.as_ref(),
                 risk: pw.risk.as_ref(),
@@ -879,6 +884,7 @@ mod tests {
             ]),
             start: Some("2026-11-27T01:09:40.358453171Z".into()),
             entity_id: Some("7b72bf9fd06433c9".into()),
+            executable_owner: Some(0),
         })
     }
 
@@ -1027,6 +1033,12 @@ mod tests {
         ev.portwatch.systemd = Some(shared(Systemd {
             unit: Some("web.service".into()),
             slice: Some("system.slice".into()),
+            user_manager: Some(1000),
+        }));
+        ev.portwatch.process = Some(shared(crate::event::ArgvCut {
+            truncated: true,
+            original_length: 65_009,
+            original_args_count: 2,
         }));
         // Classified as the agent does: loopback-only, so exposure and risk, no alert.
         let alert = Assessor::new(None, Lang::En, None).assess(&mut ev);
@@ -1060,6 +1072,10 @@ mod tests {
         assert_eq!(u["portwatch"]["socket"]["inode"], 297_522_928);
         assert_eq!(u["portwatch"]["socket"]["netns"], 4_026_531_833_u64);
         assert_eq!(u["portwatch"]["systemd"]["unit"], "web.service");
+        assert_eq!(
+            u["portwatch"]["process"],
+            json!({"truncated": true, "original_length": 65_009, "original_args_count": 2})
+        );
         assert_eq!(u["portwatch"]["attribution"], "proc");
         assert_eq!(u["portwatch"]["exposure"]["scope"], "loopback");
         assert_eq!(u["portwatch"]["risk"]["outcome"], "loopback-only");

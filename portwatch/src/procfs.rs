@@ -261,6 +261,109 @@ pub fn read_cmdline(pid: u32) -> io::Result<Vec<String>> {
     Ok(parse_cmdline(&raw))
 }
 
+/// Bytes of `process.command_line` and `process.args` together that an event carries
+/// at most: half for each. A process chooses its own arguments, and before this cap one
+/// 65,000-byte argument of 0xFF bytes (escaped to 4 bytes each) made every event of it
+/// 650 KB and the agent's caches grow by as much per process.
+pub const ARGV_EVENT_BUDGET: usize = 4096;
+
+/// Raw bytes of `/proc/<pid>/cmdline` read past the budget only to count them.
+const CMDLINE_COUNT_LIMIT: u64 = 16 << 20;
+
+/// A command line cut to fit [`ARGV_EVENT_BUDGET`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CappedArgv {
+    /// Arguments, their lengths summing to at most half the budget; the one that
+    /// crosses it is cut (at a character boundary), the rest are dropped.
+    pub args: Vec<String>,
+    /// The arguments joined by spaces, cut to half the budget.
+    pub command_line: String,
+    /// Something was cut or dropped.
+    pub truncated: bool,
+    /// Bytes of the whole raw `/proc/<pid>/cmdline` (NULs included).
+    pub original_len: u64,
+    /// Arguments in the whole command line.
+    pub original_args: u64,
+}
+
+/// `s` cut to at most `max` bytes, at a character boundary.
+fn cut(s: &mut String, max: usize) -> bool {
+    if s.len() <= max {
+        return false;
+    }
+    let mut at = max;
+    while !s.is_char_boundary(at) {
+        at -= 1;
+    }
+    s.truncate(at);
+    true
+}
+
+/// Caps a command line whose first bytes are `kept` (at least [`ARGV_EVENT_BUDGET`] of
+/// them when there are that many) and whose whole raw length is `original_len` bytes
+/// with `original_nuls` NUL bytes, the last of them a NUL if `ends_in_nul`. `None` for
+/// an empty command line (kernel threads, zombies).
+pub fn cap_argv(
+    kept: &[u8],
+    original_len: u64,
+    original_nuls: u64,
+    ends_in_nul: bool,
+) -> Option<CappedArgv> {
+    let args = parse_cmdline(kept);
+    if args.is_empty() {
+        return None;
+    }
+    let half = ARGV_EVENT_BUDGET / 2;
+    let whole = original_len <= kept.len() as u64;
+    // The final NUL terminates the last argument; a setproctitle'd line may have none.
+    let original_args = original_nuls + u64::from(!ends_in_nul);
+    let mut truncated = !whole;
+    let mut command_line = args.join(" ");
+    truncated |= cut(&mut command_line, half);
+    let mut kept_args = Vec::new();
+    let mut used = 0usize;
+    for mut a in args {
+        if used >= half {
+            truncated = true;
+            break;
+        }
+        truncated |= cut(&mut a, half - used);
+        used += a.len();
+        kept_args.push(a);
+    }
+    Some(CappedArgv {
+        args: kept_args,
+        command_line,
+        truncated,
+        original_len,
+        original_args,
+    })
+}
+
+/// The command line of `pid` cut for an event (see [`cap_argv`]): only the first
+/// [`ARGV_EVENT_BUDGET`] bytes are kept in memory, the rest is only counted.
+pub fn read_cmdline_capped(pid: u32) -> io::Result<Option<CappedArgv>> {
+    let mut f = fs::File::open(proc_file(pid, "cmdline"))?;
+    let mut kept = Vec::with_capacity(ARGV_EVENT_BUDGET);
+    let mut buf = [0u8; 16 * 1024];
+    let (mut total, mut nuls, mut last) = (0u64, 0u64, 0u8);
+    while total < CMDLINE_COUNT_LIMIT {
+        let n = match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let chunk = &buf[..n];
+        let room = ARGV_EVENT_BUDGET.saturating_sub(kept.len());
+        kept.extend_from_slice(&chunk[..room.min(n)]);
+        total += n as u64;
+        nuls += chunk.iter().filter(|&&b| b == 0).count() as u64;
+        last = chunk[n - 1];
+    }
+    Ok(cap_argv(&kept, total, nuls, last == 0))
+}
+
 /// Picks the cgroup path out of the text of `/proc/<pid>/cgroup`.
 ///
 /// The cgroup v2 line (`0::/path`) wins whenever it says more than `/`: it is the
@@ -313,31 +416,39 @@ pub fn read_cgroup(pid: u32) -> io::Result<String> {
 
 /// What a cgroup path says about who owns a process.
 ///
-/// `systemd_unit` is the innermost unit-shaped component (`.service`, `.scope`,
-/// `.socket`, `.mount`, `.swap`), whichever systemd manages it: for
-/// `user@1000.service/app.slice/foo.service` it is `foo.service` (a user unit), and for
-/// a container running systemd it is the unit inside the container. A container's own
-/// scope (`docker-<id>.scope`, `cri-containerd-<id>.scope`, `libpod-<id>.scope`) *is*
-/// reported as the unit: it is a real systemd unit that `systemctl status/stop` act on,
-/// and `container_id` tells a reader it is a container rather than a service.
+/// Only the part of the tree that the system manager (or a root-run container runtime)
+/// makes is believed. Below a unit the tree belongs to whoever runs in that unit: a
+/// service with `Delegate=yes`, a container's own init, or, under `user@N.service`, user
+/// N's manager, where user N can `mkdir` any name (`.../user@1000.service/app.slice/
+/// ssh.service` is what `systemd-run --user --unit=ssh` makes). So:
 ///
-/// The container fields come from the *outermost* container shape in the path: that is
-/// the container the host's runtime knows (docker-in-docker or kind nodes nest other
-/// runtimes whose ids mean nothing on the host). `pod_uid` is only taken from outside
-/// that container, so every container field describes the same container.
+/// - `systemd_unit` is the *outermost* unit-shaped component (`.service`, `.scope`,
+///   `.socket`, `.mount`, `.swap`): the one the system manager runs. Under
+///   `user@N.service` it is the first unit below it, and `user_manager` is `Some(N)`:
+///   user N's manager runs it, and a `systemctl stop` of that name on the system manager
+///   would act on a different, system unit.
+/// - Container fields come only from a runtime's own shape at a place the runtime
+///   creates (see [`container_component`]): never below a unit, so never inside a user's
+///   delegated subtree, and never from inside another container (docker-in-docker and
+///   kind nodes nest runtimes whose ids mean nothing on the host). A container's own
+///   scope (`docker-<id>.scope`, ...) is reported as the unit; units inside the
+///   container are its own manager's, not the host's, and are not reported.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CgroupInfo {
-    /// Innermost systemd unit, e.g. "memcached.service", "session-3.scope",
-    /// `docker-<id>.scope`.
+    /// The unit that owns the process, e.g. "memcached.service", "session-3.scope",
+    /// `docker-<id>.scope`; a user unit when `user_manager` is set.
     pub systemd_unit: Option<String>,
-    /// Innermost slice, e.g. "system.slice", "user-1000.slice".
+    /// Innermost slice above the unit, e.g. "system.slice", "user-1000.slice" (or under
+    /// a user manager, the user's "app.slice").
     pub systemd_slice: Option<String>,
+    /// The uid N of `user@N.service` whose manager runs `systemd_unit`.
+    pub user_manager: Option<u32>,
     /// Container id: 64 lowercase hex for docker, containerd, cri-o and podman; the
-    /// container name for lxc.
+    /// container name for lxc and systemd-nspawn.
     pub container_id: Option<String>,
-    /// One of "docker", "containerd", "cri-o", "podman", "lxc"; `None` when the shape
-    /// does not say (kubelet's cgroupfs layout `/kubepods/.../pod<uid>/<id>` is shared by
-    /// containerd and dockershim).
+    /// One of "docker", "containerd", "cri-o", "podman", "lxc", "systemd-nspawn";
+    /// `None` when the shape does not say (kubelet's cgroupfs layout
+    /// `/kubepods/.../pod<uid>/<id>` is shared by containerd and dockershim).
     pub container_runtime: Option<&'static str>,
     /// Kubernetes pod uid, dashed ("1a2b3c4d-5e6f-..."; systemd slices spell the dashes
     /// as '_'), or the 32-hex uid of a static pod.
@@ -399,6 +510,24 @@ fn pod_component(parts: &[&str], i: usize) -> Option<String> {
     pod_uid(comp.strip_prefix("pod")?)
 }
 
+/// A container or machine name as LXC, Incus and machined accept them: 1-64 of ASCII
+/// letters, digits, '-', '_' and '.', not starting with '.' or '-'.
+fn machine_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && !name.starts_with(['.', '-'])
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+/// `N` of a `user@N.service` component: the unit of user N's manager.
+fn user_manager_uid(comp: &str) -> Option<u32> {
+    let n = comp.strip_prefix("user@")?.strip_suffix(".service")?;
+    (!n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| n.parse().ok())
+        .flatten()
+}
+
 /// The container a component names, if it has one of the known shapes.
 /// `pod_at` is the index of the kubelet pod component, if one was seen.
 fn container_component(
@@ -424,6 +553,15 @@ fn container_component(
                 return Some((Some(runtime), id));
             }
         }
+        // systemd-nspawn (and machined's other guests): /machine.slice/machine-<name>.scope,
+        // with '-' in the name escaped as "\x2d".
+        if i == 1
+            && prev == Some("machine.slice")
+            && let Some(name) = stem.strip_prefix("machine-")
+        {
+            let name = name.replace("\\x2d", "-");
+            return machine_name(&name).then_some((Some("systemd-nspawn"), name));
+        }
         return None;
     }
     // cgroupfs drivers of cri-o ("crio-<id>") and podman ("libpod-<id>" under
@@ -433,8 +571,11 @@ fn container_component(
             return Some((Some(runtime), id));
         }
     }
+    // podman's cgroupfs driver keeps "libpod-<id>" under /libpod_parent; cri-o's under
+    // the kubelet's pod directory (both handled above by prefix and hex shape).
     // docker's cgroupfs driver: /docker/<64hex>
-    if prev == Some("docker")
+    if i == 1
+        && prev == Some("docker")
         && let Some(id) = hex64(comp)
     {
         return Some((Some("docker"), id));
@@ -449,11 +590,12 @@ fn container_component(
     // the monitor process, not the container. The name is the only id here that is not
     // hex: one with control characters is not taken for a name, so it can never carry a
     // terminal escape into a text line (found by the `emit` fuzz target).
-    let lxc_name = |name: &str| {
-        (!name.is_empty() && !name.chars().any(char::is_control))
-            .then(|| (Some("lxc"), name.to_owned()))
-    };
-    if let Some(name) = comp.strip_prefix("lxc.payload.") {
+    // Names are checked against what LXC/Incus accept (hostname-like, and '_' for
+    // Incus projects), so a control character or anything exotic is never taken.
+    let lxc_name = |name: &str| machine_name(name).then(|| (Some("lxc"), name.to_owned()));
+    if i == 0
+        && let Some(name) = comp.strip_prefix("lxc.payload.")
+    {
         return lxc_name(name);
     }
     if i == 1 && prev == Some("lxc") {
@@ -464,7 +606,7 @@ fn container_component(
 
 /// Reads systemd and container ownership out of a cgroup path (either `/proc/<pid>/cgroup`'s
 /// or [`CgroupResolver`]'s). Unknown shapes give empty fields, never a guessed id; see
-/// [`CgroupInfo`] for which component wins when several match.
+/// [`CgroupInfo`] for which parts of the path are believed.
 pub fn parse_cgroup_path(path: &str) -> CgroupInfo {
     let mut info = CgroupInfo::default();
     let parts: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();
@@ -472,12 +614,6 @@ pub fn parse_cgroup_path(path: &str) -> CgroupInfo {
     for (i, comp) in parts.iter().enumerate() {
         if is_slice(comp) {
             info.systemd_slice = Some((*comp).to_owned());
-        }
-        if is_unit(comp) {
-            info.systemd_unit = Some((*comp).to_owned());
-        }
-        if info.container_id.is_some() {
-            continue;
         }
         if info.pod_uid.is_none()
             && let Some(uid) = pod_component(&parts, i)
@@ -489,9 +625,101 @@ pub fn parse_cgroup_path(path: &str) -> CgroupInfo {
         if let Some((runtime, id)) = container_component(&parts, i, pod_at) {
             info.container_runtime = runtime;
             info.container_id = Some(id);
+            // Below here is the container's own tree.
+            if is_unit(comp) {
+                info.systemd_unit = Some((*comp).to_owned());
+            }
+            break;
         }
+        if !is_unit(comp) {
+            continue;
+        }
+        // The outermost unit: the system manager's. Below it, the unit's own tree.
+        info.systemd_unit = Some((*comp).to_owned());
+        if let Some(uid) = user_manager_uid(comp) {
+            // user@N.service delegates its subtree to user N's manager: the first unit
+            // there is a user unit (whatever name user N gave it).
+            for inner in &parts[i + 1..] {
+                if is_slice(inner) {
+                    info.systemd_slice = Some((*inner).to_owned());
+                } else if is_unit(inner) {
+                    info.systemd_unit = Some((*inner).to_owned());
+                    info.user_manager = Some(uid);
+                    break;
+                }
+            }
+        }
+        break;
     }
     info
+}
+
+// ---------------------------------------------------------------------------------------
+// socket units
+// ---------------------------------------------------------------------------------------
+
+/// Where systemd reads unit files, most precedent first (systemd.unit(5)).
+const UNIT_DIRS: [&str; 6] = [
+    "/etc/systemd/system",
+    "/run/systemd/transient",
+    "/run/systemd/system",
+    "/usr/local/lib/systemd/system",
+    "/usr/lib/systemd/system",
+    "/lib/systemd/system",
+];
+
+/// Whether the text of a `.socket` unit file listens on `port`: `ListenStream=` for TCP,
+/// `ListenDatagram=` for UDP, with a value `PORT`, `ADDR:PORT` or `[ADDR]:PORT`.
+pub fn socket_unit_listens(text: &str, port: u16, udp: bool) -> bool {
+    let key = if udp {
+        "ListenDatagram"
+    } else {
+        "ListenStream"
+    };
+    text.lines().any(|line| {
+        let Some((k, v)) = line.trim().split_once('=') else {
+            return false;
+        };
+        if k.trim() != key {
+            return false;
+        }
+        let v = v.trim();
+        if v.starts_with('/') || v.starts_with('@') || v.starts_with("vsock:") {
+            return false;
+        }
+        let p = v.rsplit_once(':').map_or(v, |(_, p)| p);
+        p.parse::<u16>() == Ok(port)
+    })
+}
+
+/// The `.socket` unit whose file listens on `port` (for a socket pid 1 holds), from the
+/// unit files; the first in systemd's precedence order, and an earlier directory's file
+/// hides a later one of the same name. Drop-ins are not read.
+pub fn find_socket_unit(port: u16, udp: bool) -> Option<String> {
+    let mut seen = std::collections::HashSet::new();
+    for dir in UNIT_DIRS {
+        let Ok(entries) = fs::read_dir(dir) else {
+            continue;
+        };
+        let mut names: Vec<String> = entries
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| n.ends_with(".socket"))
+            .collect();
+        names.sort();
+        for name in names {
+            if !seen.insert(name.clone()) {
+                continue;
+            }
+            let Ok(text) = read_capped(&Path::new(dir).join(&name), 64 * 1024) else {
+                continue;
+            };
+            if socket_unit_listens(&String::from_utf8_lossy(&text), port, udp) {
+                return Some(name);
+            }
+        }
+    }
+    None
 }
 
 // ---------------------------------------------------------------------------------------
@@ -501,7 +729,9 @@ pub fn parse_cgroup_path(path: &str) -> CgroupInfo {
 /// cgroup v2 id (what bpf_get_current_cgroup_id() returns: the inode number of the cgroup's
 /// directory in the cgroup2 mount) -> path relative to the mount ("/system.slice/x.service").
 ///
-/// The cache holds at most [`CgroupResolver::DEFAULT_CAPACITY`] (4096) entries. It is
+/// The cache holds at most [`CgroupResolver::DEFAULT_CAPACITY`] (4096) entries and
+/// [`CgroupResolver::MAX_PATH_BYTES`] bytes of paths (a user can make deep trees of
+/// 255-byte names in a delegated subtree, so entries alone do not bound memory). It is
 /// filled by walking the cgroup2 tree on a miss, at most once per second (misses inside
 /// that window return `None` without walking). Each walk *replaces* the cache with what it
 /// saw, which both drops deleted cgroups and is the "clear on overflow": a tree larger
@@ -529,6 +759,8 @@ impl CgroupResolver {
     pub const DEFAULT_WALK_INTERVAL: Duration = Duration::from_secs(1);
     /// Directories one walk visits at most, so a runaway tree costs bounded time.
     pub const MAX_WALK_DIRS: usize = 65_536;
+    /// Bytes of cached paths at most (the wanted one is let in past it).
+    pub const MAX_PATH_BYTES: usize = 1 << 20;
 
     /// A resolver for the cgroup2 filesystem mounted at `mount` (see [`cgroup2_mount`]).
     pub fn new(mount: PathBuf) -> Self {
@@ -573,6 +805,7 @@ impl CgroupResolver {
         };
         let dev = root.dev();
         cache.insert(root.ino(), "/".to_owned());
+        let mut bytes = 1usize;
 
         // Depth-first with an explicit stack: cgroup trees can be deep, and recursion
         // depth would be up to whoever creates cgroups.
@@ -604,7 +837,10 @@ impl CgroupResolver {
                 let name = entry.file_name();
                 let child = format!("{rel}/{}", String::from_utf8_lossy(name.as_bytes()));
                 let ino = meta.ino();
-                if ino == wanted || cache.len() < self.capacity {
+                if ino == wanted
+                    || (cache.len() < self.capacity && bytes + child.len() <= Self::MAX_PATH_BYTES)
+                {
+                    bytes += child.len();
                     cache.insert(ino, child.clone());
                 }
                 stack.push((full, child));
@@ -1010,6 +1246,48 @@ mod tests {
     }
 
     #[test]
+    fn argv_is_capped_for_events() {
+        // Ordinary: nothing cut.
+        let raw = b"/bin/sh\0-c\0echo hi\0";
+        let c = cap_argv(raw, raw.len() as u64, 3, true).unwrap();
+        assert_eq!(c.args, ["/bin/sh", "-c", "echo hi"]);
+        assert_eq!(c.command_line, "/bin/sh -c echo hi");
+        assert!(!c.truncated);
+        assert_eq!((c.original_len, c.original_args), (raw.len() as u64, 3));
+        // setproctitle: no NUL at all, one argument.
+        let c = cap_argv(b"nginx: worker", 13, 0, false).unwrap();
+        assert_eq!((c.original_args, c.truncated), (1, false));
+        assert_eq!(cap_argv(b"", 0, 0, false), None);
+
+        // The hostile case: one 65,000-byte argument of 0xFF (each escaped to 4 bytes).
+        let mut raw = b"python3\0".to_vec();
+        raw.extend(std::iter::repeat_n(0xFF, 65_000));
+        raw.push(0);
+        let total = raw.len() as u64;
+        let c = cap_argv(&raw[..ARGV_EVENT_BUDGET], total, 2, true).unwrap();
+        assert!(c.truncated);
+        assert_eq!((c.original_len, c.original_args), (total, 2));
+        let args_bytes: usize = c.args.iter().map(String::len).sum();
+        assert!(args_bytes <= ARGV_EVENT_BUDGET / 2, "{args_bytes}");
+        assert!(c.command_line.len() <= ARGV_EVENT_BUDGET / 2);
+        assert!(args_bytes + c.command_line.len() <= ARGV_EVENT_BUDGET);
+        assert_eq!(c.args[0], "python3");
+        assert!(c.args[1].starts_with("\\xff\\xff"));
+
+        // Cuts fall on character boundaries, never inside a multi-byte character.
+        let long = "é".repeat(3000);
+        let c = cap_argv(long.as_bytes(), long.len() as u64, 0, false).unwrap();
+        assert!(c.truncated);
+        assert!(c.command_line.chars().all(|ch| ch == 'é'));
+        // Many small arguments: the ones past the budget are dropped.
+        let many: Vec<u8> = (0..2000).flat_map(|_| *b"ab\0").collect();
+        let c = cap_argv(&many, many.len() as u64, 2000, true).unwrap();
+        assert!(c.truncated);
+        assert_eq!(c.original_args, 2000);
+        assert!(c.args.len() < 2000);
+    }
+
+    #[test]
     fn cmdline_split() {
         assert_eq!(parse_cmdline(b""), Vec::<String>::new());
         assert_eq!(parse_cmdline(b"\0"), vec![""]);
@@ -1110,13 +1388,25 @@ mod tests {
             p("/user.slice/user-1000.slice/session-3.scope"),
             info(Some("session-3.scope"), Some("user-1000.slice"))
         );
+        // Units under user@N.service are user N's manager's, not the system's.
         assert_eq!(
             p("/user.slice/user-1000.slice/user@1000.service/app.slice/foo.service"),
-            info(Some("foo.service"), Some("app.slice"))
+            CgroupInfo {
+                user_manager: Some(1000),
+                ..info(Some("foo.service"), Some("app.slice"))
+            }
         );
         assert_eq!(
             p("/user.slice/user-1000.slice/user@1000.service/init.scope"),
-            info(Some("init.scope"), Some("user-1000.slice"))
+            CgroupInfo {
+                user_manager: Some(1000),
+                ..info(Some("init.scope"), Some("user-1000.slice"))
+            }
+        );
+        // The manager itself, with nothing below: a system unit.
+        assert_eq!(
+            p("/user.slice/user-1000.slice/user@1000.service"),
+            info(Some("user@1000.service"), Some("user-1000.slice"))
         );
         assert_eq!(p("/init.scope"), info(Some("init.scope"), None));
         assert_eq!(p("/system.slice"), info(None, Some("system.slice")));
@@ -1189,20 +1479,15 @@ mod tests {
             p(&format!("/docker/{ID}/")),
             container(None, None, Some("docker"), ID, None)
         );
-        // Sub-cgroups of the container, including a systemd running inside it.
+        // Sub-cgroups of the container, including a systemd running inside it: its
+        // units are the container's manager's, never taken for the host's.
         assert_eq!(
             p(&format!("/docker/{ID}/init.scope")),
-            container(Some("init.scope"), None, Some("docker"), ID, None)
+            container(None, None, Some("docker"), ID, None)
         );
         assert_eq!(
             p(&format!("/system.slice/{scope}/system.slice/nginx.service")),
-            container(
-                Some("nginx.service"),
-                Some("system.slice"),
-                Some("docker"),
-                ID,
-                None
-            )
+            container(Some(&scope), Some("system.slice"), Some("docker"), ID, None)
         );
         // Docker in docker: the outer (host-known) container wins.
         let inner = "f".repeat(64);
@@ -1365,11 +1650,16 @@ mod tests {
                 None
             )
         );
+        // Rootless podman lives in user 1000's delegated tree, where user 1000 can make
+        // a "libpod-<hex>.scope" of any name: a user unit, not a container id.
         assert_eq!(
             p(&format!(
                 "/user.slice/user-1000.slice/user@1000.service/user.slice/{scope}"
             )),
-            container(Some(&scope), Some("user.slice"), Some("podman"), ID, None)
+            CgroupInfo {
+                user_manager: Some(1000),
+                ..info(Some(&scope), Some("user.slice"))
+            }
         );
         let conmon = format!("libpod-conmon-{ID}.scope");
         assert_eq!(
@@ -1384,6 +1674,77 @@ mod tests {
             p(&format!("/libpod_parent/libpod-conmon-{ID}")),
             CgroupInfo::default()
         );
+    }
+
+    #[test]
+    fn cgroup_names_a_user_makes_are_not_system_units_or_containers() {
+        let p = parse_cgroup_path;
+        let user = "/user.slice/user-1000.slice/user@1000.service";
+        // systemd-run --user --unit=ssh: a user unit called ssh.service.
+        let ssh = p(&format!("{user}/app.slice/ssh.service"));
+        assert_eq!(ssh.systemd_unit.as_deref(), Some("ssh.service"));
+        assert_eq!(ssh.user_manager, Some(1000));
+        // Deeper names under the user's unit do not replace it.
+        let deep = p(&format!("{user}/app.slice/a.service/redis-server.service"));
+        assert_eq!(deep.systemd_unit.as_deref(), Some("a.service"));
+        assert_eq!(deep.user_manager, Some(1000));
+        // Container shapes a user made: no container.
+        for fake in [
+            format!("{user}/lxc.payload.web"),
+            format!("{user}/app.slice/lxc.payload.web"),
+            format!("{user}/docker-{ID}.scope"),
+            format!("{user}/docker/{ID}"),
+            format!("{user}/machine.slice/machine-web.scope"),
+            format!("{user}/kubepods/pod0123abcd-0123-4567-89ab-0123456789ab/{ID}"),
+            "/system.slice/foo.service/lxc.payload.web".to_owned(),
+            format!("/system.slice/foo.service/docker-{ID}.scope"),
+            "/x/lxc.payload.web".to_owned(),
+            format!("/x/docker/{ID}"),
+        ] {
+            let i = p(&fake);
+            assert_eq!(i.container_id, None, "{fake}");
+            assert_eq!(i.container_runtime, None, "{fake}");
+        }
+        // Below a system service (Delegate=yes): the service owns the process.
+        let delegated = p("/system.slice/app.service/payload/ssh.service");
+        assert_eq!(delegated.systemd_unit.as_deref(), Some("app.service"));
+        assert_eq!(delegated.user_manager, None);
+        // "user@" that is not a uid is just a system unit name.
+        assert_eq!(
+            p("/system.slice/user@x.service/a.service").user_manager,
+            None
+        );
+        // systemd-nspawn, under machined's own slice, with its name escaping.
+        let m = p("/machine.slice/machine-web\\x2d1.scope/payload/system.slice/x.service");
+        assert_eq!(m.container_id.as_deref(), Some("web-1"));
+        assert_eq!(m.container_runtime, Some("systemd-nspawn"));
+        assert_eq!(m.systemd_unit.as_deref(), Some("machine-web\\x2d1.scope"));
+        assert_eq!(p("/machine.slice/machine-a\x1b.scope").container_id, None);
+        // LXC names in LXC's own format only.
+        assert_eq!(
+            p("/lxc.payload.web_1.x").container_id.as_deref(),
+            Some("web_1.x")
+        );
+        assert_eq!(p("/lxc.payload.-x").container_id, None);
+        assert_eq!(p("/lxc.payload.a b").container_id, None);
+        assert_eq!(
+            p(&format!("/lxc.payload.{}", "a".repeat(65))).container_id,
+            None
+        );
+    }
+
+    #[test]
+    fn socket_unit_files() {
+        let rpcbind = "[Socket]\nListenStream=/run/rpcbind.sock\nListenStream=0.0.0.0:111\n\
+                       ListenDatagram=0.0.0.0:111\nListenStream=[::]:111\n";
+        assert!(socket_unit_listens(rpcbind, 111, false));
+        assert!(socket_unit_listens(rpcbind, 111, true));
+        assert!(!socket_unit_listens(rpcbind, 11, false));
+        assert!(socket_unit_listens(" ListenStream = 22 \n", 22, false));
+        assert!(!socket_unit_listens("ListenStream=22\n", 22, true));
+        assert!(!socket_unit_listens("ListenStream=/run/22\n", 22, false));
+        assert!(!socket_unit_listens("ListenStream=vsock:2:22\n", 22, false));
+        assert!(!socket_unit_listens("# ListenStream=22\n", 22, false));
     }
 
     #[test]
@@ -1404,17 +1765,11 @@ mod tests {
         );
         assert_eq!(
             p("/lxc.payload.web1/system.slice/nginx.service"),
-            container(
-                Some("nginx.service"),
-                Some("system.slice"),
-                Some("lxc"),
-                "web1",
-                None
-            )
+            container(None, None, Some("lxc"), "web1", None)
         );
         assert_eq!(
             p("/lxc/web1/init.scope"),
-            container(Some("init.scope"), None, Some("lxc"), "web1", None)
+            container(None, None, Some("lxc"), "web1", None)
         );
         assert_eq!(p("/lxc.monitor.web1"), CgroupInfo::default());
         assert_eq!(p("/lxc.payload."), CgroupInfo::default());

@@ -18,7 +18,7 @@ use crate::{
         Remediation, Severity, Transport, exposure, remediation,
     },
     event::{Event, Log, Rule},
-    ring,
+    procfs, ring, snapshot,
 };
 
 /// How long the address list of a network namespace is reused before it is read again.
@@ -57,7 +57,15 @@ pub struct Assessor {
     ifaces: HashMap<u64, (Instant, Option<Addrs>)>,
     host_netns: Option<u64>,
     pub folded: u64,
+    /// Scans of /proc for a socket's holders in the current second: (second start, count).
+    holder_scans: (Instant, u32),
 }
+
+/// Scans of every `/proc/<pid>/fd` for an alert's holders per second at most. Each costs
+/// a readlink per open fd on the host, and a user who can make many distinct alerts
+/// (copies of a binary on catalogued ports) must not make the agent do that unbounded;
+/// past it an alert names no holder, so it has no `kill` step, only `ss`.
+const HOLDER_SCANS_PER_SEC: u32 = 20;
 
 /// ECS `event.severity` (0-100) and `log.level` for a severity.
 pub fn ecs_severity(s: Severity) -> (u8, &'static str) {
@@ -78,6 +86,7 @@ impl Assessor {
             ifaces: HashMap::new(),
             host_netns,
             folded: 0,
+            holder_scans: (Instant::now(), 0),
         }
     }
 
@@ -139,7 +148,9 @@ impl Assessor {
         // Shared handles, not copies of their strings: this runs for every new listener.
         let systemd = ev.portwatch.systemd.clone();
         let container = ev.container.clone();
-        let listener = Listener {
+        let user = ev.user.clone();
+        let inode = socket.and_then(|s| s.inode);
+        let mut listener = Listener {
             transport,
             addr,
             port,
@@ -149,6 +160,12 @@ impl Assessor {
             systemd_unit: systemd.as_ref().and_then(|s| s.unit.as_deref()),
             container_id: container.as_ref().map(|c| c.id.as_str()),
             pid,
+            uid: user.as_ref().and_then(|u| u.id.parse().ok()),
+            user_name: user.as_ref().and_then(|u| u.name.as_deref()),
+            user_manager: systemd.as_ref().and_then(|s| s.user_manager),
+            executable_owner: process.as_ref().and_then(|p| p.executable_owner),
+            holders: None,
+            socket_unit: None,
         };
         let verdict = self.classifier.classify(&listener, &exposure);
         ev.portwatch.exposure = Some(exposure);
@@ -173,6 +190,16 @@ impl Assessor {
             Some(FoldDecision::Emit { repeats }) => repeats,
             None => 0,
         };
+        // Who holds the socket now, not who listened: the listener may have forked and
+        // exited, or be gone, and `kill` of its pid would hit whoever has it now.
+        let may_scan = inode.is_some() && may_scan_holders(&mut self.holder_scans);
+        let holders = inode.filter(|_| may_scan).and_then(snapshot::holders_of);
+        listener.holders = holders.as_deref();
+        // pid 1 holds it: socket activation; name the .socket unit when a unit file says.
+        let socket_unit = (pid == Some(1))
+            .then(|| procfs::find_socket_unit(port, transport == Transport::Udp))
+            .flatten();
+        listener.socket_unit = socket_unit.as_deref();
         let fix = remediation::remediation(&listener, &verdict, self.lang);
         let mut alert = ev.clone();
         alert.event.kind = "alert";
@@ -225,10 +252,37 @@ impl Assessor {
     }
 }
 
+/// Whether another holder scan fits in this second's budget `(second start, count)`,
+/// counting it.
+fn may_scan_holders(budget: &mut (Instant, u32)) -> bool {
+    let (start, n) = budget;
+    if start.elapsed() >= Duration::from_secs(1) {
+        *start = Instant::now();
+        *n = 0;
+    }
+    *n += 1;
+    *n <= HOLDER_SCANS_PER_SEC
+}
+
 /// Same transport type on both sides of the classifier boundary.
 pub fn transport(t: ring::Transport) -> Transport {
     match t {
         ring::Transport::Tcp => Transport::Tcp,
         ring::Transport::Udp => Transport::Udp,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holder_scans_are_rate_limited() {
+        let mut budget = (Instant::now(), 0);
+        let allowed = (0..100).filter(|_| may_scan_holders(&mut budget)).count();
+        assert_eq!(allowed, HOLDER_SCANS_PER_SEC as usize);
+        // A new second, a new budget.
+        budget.0 -= Duration::from_secs(2);
+        assert!(may_scan_holders(&mut budget));
     }
 }

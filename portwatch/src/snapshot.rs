@@ -360,6 +360,15 @@ pub fn socket_owners() -> HashMap<u64, Vec<u32>> {
     }
 }
 
+/// Pids holding socket `inode` now, ascending (empty: nobody, or nobody we may see);
+/// `None` when /proc cannot be listed.
+pub fn holders_of(inode: u64) -> Option<Vec<u32>> {
+    let pids = list_pids().ok()?;
+    let wanted = HashSet::from([inode]);
+    let mut owners = collect_owners(&pids, Some(&wanted));
+    Some(owners.pids.remove(&inode).unwrap_or_default())
+}
+
 /// One listener of the host: the namespace it lives in and the processes holding it.
 #[derive(Clone, Debug)]
 pub struct Found {

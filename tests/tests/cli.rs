@@ -396,3 +396,36 @@ fn missing_subcommand_shows_the_usage() {
     let (code, stderr) = run(&[OsString::from("--version")]);
     assert_eq!((code, stderr.as_str()), (0, ""));
 }
+
+/// `rules check` accepts an allow rule by process name alone but warns that any local
+/// user can take that name (issue 14, finding 1), and is quiet once the rule pins the
+/// executable and the user.
+#[test]
+fn rules_check_warns_about_names_a_local_user_controls() {
+    let dir = tempfile::tempdir().unwrap();
+    let weak = dir.path().join("weak.toml");
+    std::fs::write(&weak, "[[allow]]\nport = 11211\nprocess = \"memcached\"\n").unwrap();
+    let (code, err) = run(&[
+        "rules".into(),
+        "check".into(),
+        weak.clone().into_os_string(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with(&format!(
+            "portwatch: warning: {}:1: [[allow]] matches on the process name",
+            weak.display()
+        )),
+        "{err}"
+    );
+    let pinned = dir.path().join("pinned.toml");
+    std::fs::write(
+        &pinned,
+        "[[allow]]\nport = 11211\nprocess = \"memcached\"\n\
+         executable = \"/usr/bin/memcached\"\nuser = \"memcache\"\n",
+    )
+    .unwrap();
+    let (code, err) = run(&["rules".into(), "check".into(), pinned.into_os_string()]);
+    assert_eq!((code, err.as_str()), (0, ""));
+}

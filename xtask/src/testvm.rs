@@ -65,6 +65,11 @@ const VM_LEFT_OUT: &[(&str, &str)] = &[
         "destinations are user-space, and rsyslog is not in the initramfs (runs on the host)",
     ),
     (
+        "local_user",
+        "needs useradd and a delegated cgroup subtree, which the busybox guest lacks; \
+         attribution and advice are user-space logic over the same events (runs on the host)",
+    ),
+    (
         "flood",
         "two processes flooding for seconds per test would take minutes under TCG, and the \
          guest has no useradd; the fold path of every hook set runs in the VM through \

@@ -83,6 +83,20 @@ pub struct Listener<'a> {
     pub container_id: Option<&'a str>,
     /// Process id, used in remediation (`systemctl status PID`, `kill PID`).
     pub pid: Option<u32>,
+    /// Real uid of the task that listened (kernel-captured).
+    pub uid: Option<u32>,
+    /// Its user name, where the host knows it.
+    pub user_name: Option<&'a str>,
+    /// Set when `systemd_unit` is run by user N's manager (`user@N.service`), not by
+    /// the system manager: the uid N.
+    pub user_manager: Option<u32>,
+    /// Owner (uid) of the executable file.
+    pub executable_owner: Option<u32>,
+    /// Processes found holding the socket's inode when the alert was made; `None` when
+    /// nobody looked. Only these are named in a `kill` step.
+    pub holders: Option<&'a [u32]>,
+    /// The `.socket` unit that listens on this port, when pid 1 holds the socket.
+    pub socket_unit: Option<&'a str>,
 }
 
 impl<'a> Listener<'a> {
@@ -98,6 +112,12 @@ impl<'a> Listener<'a> {
             systemd_unit: None,
             container_id: None,
             pid: None,
+            uid: None,
+            user_name: None,
+            user_manager: None,
+            executable_owner: None,
+            holders: None,
+            socket_unit: None,
         }
     }
 }
@@ -494,6 +514,96 @@ mod tests {
     }
 
     #[test]
+    fn allow_by_process_name_checks_executable_and_owners() {
+        let p = parse_rules(
+            "[[allow]]\nport = 11211\nprocess = \"memcached\"\n\
+             [[allow]]\nport = 6379\nprocess = \"redis-server\"\n\
+             executable = \"/opt/redis/bin/redis-server\"\nuser = \"redis\"\n\
+             [[allow]]\nport = 5432\nuid = 1000\n\
+             [[allow]]\nport = 3306\nunit = \"mysql\"\n",
+            "rules.toml",
+        )
+        .expect("rules");
+        let c = Classifier::new(Some(p));
+        let genuine = |port| {
+            let mut l = Listener::new(Transport::Tcp, ip("0.0.0.0"), port);
+            l.process_name = Some("memcached");
+            l.executable = Some("/usr/bin/memcached");
+            l.executable_owner = Some(0);
+            l.uid = Some(104);
+            l.user_name = Some("memcache");
+            l
+        };
+        let mut l = genuine(11211);
+        l.transport = Transport::Udp;
+        assert!(
+            !check(&c, &l, PUBLIC_HOST).alert,
+            "the real daemon is allowed"
+        );
+        // uid 1000 naming itself memcached: its executable is python3.
+        let mut fake = l;
+        fake.executable = Some("/usr/bin/python3.11");
+        fake.uid = Some(1000);
+        assert!(check(&c, &fake, PUBLIC_HOST).alert);
+        // ...running the real binary as a login user.
+        let mut fake = l;
+        fake.uid = Some(1000);
+        assert!(check(&c, &fake, PUBLIC_HOST).alert);
+        // ...its own copy of a binary called memcached.
+        let mut fake = l;
+        fake.executable = Some("/home/u/memcached");
+        fake.executable_owner = Some(1000);
+        assert!(check(&c, &fake, PUBLIC_HOST).alert);
+        // ...executable unknown.
+        let mut fake = l;
+        fake.executable = None;
+        assert!(check(&c, &fake, PUBLIC_HOST).alert);
+
+        // With executable and user pinned, those decide.
+        let mut r = genuine(6379);
+        r.process_name = Some("redis-server");
+        r.executable = Some("/opt/redis/bin/redis-server");
+        r.uid = Some(1001);
+        r.user_name = Some("redis");
+        assert!(!check(&c, &r, PUBLIC_HOST).alert);
+        r.user_name = Some("mallory");
+        assert!(check(&c, &r, PUBLIC_HOST).alert);
+
+        // uid condition.
+        let mut u = Listener::new(Transport::Tcp, ip("0.0.0.0"), 5432);
+        u.uid = Some(1000);
+        assert!(!check(&c, &u, PUBLIC_HOST).alert);
+        u.uid = Some(1001);
+        assert!(check(&c, &u, PUBLIC_HOST).alert);
+
+        // unit: a user manager's unit of the same name does not match.
+        let mut m = Listener::new(Transport::Tcp, ip("0.0.0.0"), 3306);
+        m.systemd_unit = Some("mysql.service");
+        assert!(!check(&c, &m, PUBLIC_HOST).alert);
+        m.user_manager = Some(1000);
+        assert!(check(&c, &m, PUBLIC_HOST).alert);
+    }
+
+    #[test]
+    fn rules_check_warns_about_names_a_user_controls() {
+        let p = parse_rules(
+            "[[allow]]\nport = 11211\nprocess = \"memcached\"\n\
+             [[allow]]\nname = \"pinned\"\nport = 6379\nprocess = \"redis-server\"\n\
+             executable = \"/usr/bin/redis-server\"\nuser = \"redis\"\n\
+             [[deny]]\nport = 4444\nprocess = \"nc\"\n",
+            "rules.toml",
+        )
+        .expect("rules");
+        let w = p.warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].starts_with("rules.toml:1: [[allow]] matches on the process name"),
+            "{}",
+            w[0]
+        );
+    }
+
+    #[test]
     fn allow_rule_silences() {
         let p = parse_rules(
             "[[allow]]\nport = 11211\nprocess = \"memcached\"\nscope = [\"private\"]\n",
@@ -503,6 +613,11 @@ mod tests {
         let c = Classifier::new(Some(p));
         let mut l = Listener::new(Transport::Udp, ip("10.0.0.5"), 11211);
         l.process_name = Some("memcached");
+        // The name alone is not enough: executable, its owner and the uid back it.
+        assert!(check(&c, &l, PUBLIC_HOST).alert);
+        l.executable = Some("/usr/bin/memcached");
+        l.executable_owner = Some(0);
+        l.uid = Some(104);
         let v = check(&c, &l, PUBLIC_HOST);
         assert!(!v.alert);
         assert_eq!(v.outcome, Outcome::Allowed);

@@ -301,54 +301,69 @@ fn unit_stem(u: &str) -> &str {
     u.rsplit_once('.').map_or(u, |(s, _)| s)
 }
 
+/// Pids named in a step at most (a forking server can have hundreds of holders).
+const HOLDERS_NAMED: usize = 8;
+
 fn owner_steps(l: &Listener<'_>, entry: Option<&RiskEntry>, lang: Lang, steps: &mut Vec<Step>) {
     let en = lang == Lang::En;
-    let proto = l.transport.as_str();
     let port = l.port;
-    // pid 1 owning the socket means systemd socket activation: the remedy is
-    // the .socket unit, and "kill 1" must never be suggested.
-    let socket_activated = l.pid == Some(1) || l.process_name == Some("systemd");
+    let ss_flags = match l.transport {
+        super::Transport::Tcp => "-Hltnp",
+        super::Transport::Udp => "-Hlunp",
+    };
+    let ss = format!("ss {ss_flags} 'sport = :{port}'");
+    // pid 1 owning the socket means systemd socket activation: the remedy is the
+    // .socket unit, and "kill 1" must never be suggested. Only the pid says so: any
+    // process can call itself "systemd".
+    if l.pid == Some(1) {
+        socket_activation_steps(l, &ss, lang, steps);
+        return;
+    }
 
-    // A .scope or .slice (login sessions, pid 1's init.scope) is not a
-    // service to stop; neither is whatever unit pid 1 reports unless it is
-    // the .socket itself.
-    let unit = l.systemd_unit.filter(|u| {
-        !(u.ends_with(".scope") || u.ends_with(".slice"))
-            && (!socket_activated || u.ends_with(".socket"))
-    });
-    if let Some(unit) = unit {
+    // A .scope or .slice (login sessions, pid 1's init.scope) is not a service to stop.
+    let unit = l
+        .systemd_unit
+        .filter(|u| !(u.ends_with(".scope") || u.ends_with(".slice")));
+    if let (Some(unit), None) = (unit, l.container_id) {
         let mut units: Vec<String> = Vec::new();
         // Stop the matching .socket first, or activation restarts the service.
         if let Some(e) = entry {
             for s in e.units.iter().filter(|s| s.ends_with(".socket")) {
-                if unit_stem(s) == unit_stem(unit) && s != unit {
+                if unit_stem(s) == unit_stem(unit) && s != unit && l.user_manager.is_none() {
                     units.push(s.clone());
                 }
             }
         }
         units.push(unit.to_owned());
-        let mut commands = Vec::new();
-        for u in &units {
-            commands.push(format!("systemctl stop {}", sh_quote(u)));
-        }
-        for u in &units {
-            commands.push(format!("systemctl disable {}", sh_quote(u)));
-        }
+        let names = units
+            .iter()
+            .map(|u| sh_quote(u))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let systemctl = systemctl_for(l);
+        let commands = vec![
+            format!("{systemctl} stop -- {names}"),
+            format!("{systemctl} disable -- {names}"),
+        ];
+        let title = match (l.user_manager, en) {
+            (Some(uid), true) => format!(
+                "{unit} is a unit of user {uid}'s own service manager (not a system unit): if it is not needed, stop and disable it there"
+            ),
+            (Some(uid), false) => format!(
+                "{unit} はユーザー {uid} 自身のサービスマネージャーのユニットです（システムのユニットではありません）。不要ならそこで停止して無効化します"
+            ),
+            (None, true) => format!("If {unit} is not needed, stop and disable it"),
+            (None, false) => format!("{unit} が不要なら停止して無効化します"),
+        };
         steps.push(Step {
             kind: StepKind::StopService,
-            title: if en {
-                format!("If {unit} is not needed, stop and disable it")
-            } else {
-                format!("{unit} が不要なら停止して無効化します")
-            },
+            title,
             commands,
             config: None,
         });
-        return;
-    }
-
-    if let Some(c) = l.container_id {
+    } else if let Some(c) = l.container_id {
         let id = sh_quote(c);
+        let proto = l.transport.as_str();
         steps.push(Step {
             kind: StepKind::Container,
             title: if en {
@@ -366,17 +381,38 @@ fn owner_steps(l: &Listener<'_>, entry: Option<&RiskEntry>, lang: Lang, steps: &
             },
             commands: vec![
                 format!("docker ps --no-trunc --filter id={id}"),
-                format!("docker port {id}"),
-                format!("docker stop {id}"),
+                format!("docker port -- {id}"),
+                format!("docker stop -- {id}"),
                 format!(
                     "iptables -I DOCKER-USER -p {proto} -m conntrack --ctorigdstport {port} --ctdir ORIGINAL -j DROP"
                 ),
             ],
             config: None,
         });
-        return;
     }
+    holder_steps(l, entry, &ss, lang, steps);
+}
 
+/// The `systemctl` that manages the listener's unit: the system manager's, or for a
+/// unit under `user@N.service`, user N's (`--user -M N@`).
+fn systemctl_for(l: &Listener<'_>) -> String {
+    match l.user_manager {
+        Some(uid) => format!("systemctl --user -M {uid}@"),
+        None => "systemctl".to_owned(),
+    }
+}
+
+/// Always: which processes hold the socket now, by pid, and `ss -p` to see it live.
+/// `kill` only names processes found holding the socket's inode when the alert was
+/// made: the pid that listened may have forked and exited, or been reused.
+fn holder_steps(
+    l: &Listener<'_>,
+    entry: Option<&RiskEntry>,
+    ss: &str,
+    lang: Lang,
+    steps: &mut Vec<Step>,
+) {
+    let en = lang == Lang::En;
     let usual = entry
         .map(|e| {
             e.units
@@ -393,54 +429,113 @@ fn owner_steps(l: &Listener<'_>, entry: Option<&RiskEntry>, lang: Lang, steps: &
     } else {
         format!("（通常は {}）", usual.join(", "))
     };
-    let ss_flags = match l.transport {
-        super::Transport::Tcp => "-Hltnp",
-        super::Transport::Udp => "-Hlunp",
+    let holders: &[u32] = l.holders.unwrap_or(&[]);
+    let named = &holders[..holders.len().min(HOLDERS_NAMED)];
+    let list = named
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(" ");
+    let listened = match (l.pid, en) {
+        (Some(pid), true) => format!("process {pid} listened"),
+        (Some(pid), false) => format!("プロセス {pid} が待ち受けを開始"),
+        (None, true) => "the listening process is unknown".to_owned(),
+        (None, false) => "待ち受けたプロセスは不明".to_owned(),
     };
-    let mut commands = Vec::new();
-    let title;
-    if socket_activated {
-        title = if en {
+    let mut commands = vec![ss.to_owned()];
+    let title = if named.is_empty() {
+        if en {
             format!(
-                "systemd holds this socket (socket activation): find its .socket unit and disable it{usual_note}"
+                "Find the process that holds the port now ({listened}; no holder was found when this alert was made, so check before stopping anything){usual_note}"
             )
         } else {
             format!(
-                "systemd がソケットを保持しています（ソケット起動）。該当する .socket ユニットを特定して無効化します{usual_note}"
+                "現在ポートを保持しているプロセスを確認します（{listened}。アラート作成時に保持プロセスは見つかりませんでした。停止する前に確認してください）{usual_note}"
             )
-        };
-        commands.push(format!(
-            "systemctl list-sockets --all | grep -E ':{port}([^0-9]|$)'"
-        ));
-        commands.push("systemctl disable --now <socket-unit>".to_owned());
-    } else if let Some(pid) = l.pid {
-        title = if en {
-            format!(
-                "Find the unit that owns process {pid} (systemctl status shows it) and stop it, or stop the process{usual_note}"
-            )
-        } else {
-            format!(
-                "プロセス {pid} を所有するユニットを systemctl status で確認して停止するか、プロセスを停止します{usual_note}"
-            )
-        };
-        commands.push(format!("systemctl status {pid}"));
-        commands.push(format!("kill {pid}"));
-    } else {
-        title = if en {
-            format!("Find the process and its unit, then stop it{usual_note}")
-        } else {
-            format!("プロセスとユニットを特定して停止します{usual_note}")
-        };
-        commands.push(format!("ss {ss_flags} 'sport = :{port}'"));
-        if let Some(p) = l.process_name {
-            commands.push(format!("pgrep -a -x {}", sh_quote(p)));
         }
-        commands.push("systemctl status <PID>".to_owned());
-    }
+    } else {
+        for pid in named {
+            commands.push(format!("systemctl status -- {pid}"));
+        }
+        // pid 1 holding it too (socket activation handed it on): never "kill 1".
+        let killable: Vec<String> = named
+            .iter()
+            .filter(|&&p| p != 1)
+            .map(u32::to_string)
+            .collect();
+        if !killable.is_empty() {
+            commands.push(format!("kill {}", killable.join(" ")));
+        }
+        if en {
+            format!(
+                "Processes holding the socket when this alert was made: {list} ({listened}); check with ss, find their unit, and stop them if they are not needed{usual_note}"
+            )
+        } else {
+            format!(
+                "アラート作成時にソケットを保持していたプロセス: {list}（{listened}）。ss で確認し、ユニットを特定して、不要なら停止します{usual_note}"
+            )
+        }
+    };
     steps.push(Step {
         kind: StepKind::FindOwner,
         title,
         commands,
+        config: None,
+    });
+}
+
+/// pid 1 holds the socket: stop and mask the `.socket` unit and its service (as CIS
+/// advises for `rpcbind.socket`), or, with the unit unknown, find it first.
+fn socket_activation_steps(l: &Listener<'_>, ss: &str, lang: Lang, steps: &mut Vec<Step>) {
+    let en = lang == Lang::En;
+    let port = l.port;
+    let (title, commands) = match l.socket_unit {
+        Some(sock) => {
+            let service = format!("{}.service", unit_stem(sock));
+            let names = format!("{} {}", sh_quote(sock), sh_quote(&service));
+            (
+                if en {
+                    format!(
+                        "systemd listens on this port for {sock} (socket activation): if it is not needed, stop and mask {sock} and {service}"
+                    )
+                } else {
+                    format!(
+                        "systemd が {sock} のためにこのポートで待ち受けています（ソケット起動）。不要なら {sock} と {service} を停止してマスクします"
+                    )
+                },
+                vec![
+                    format!("systemctl stop -- {names}"),
+                    format!("systemctl mask -- {names}"),
+                ],
+            )
+        }
+        None => (
+            if en {
+                "systemd holds this socket (socket activation): find its .socket unit, then stop and mask it and its service (replace the placeholders)".to_owned()
+            } else {
+                "systemd がソケットを保持しています（ソケット起動）。該当する .socket ユニットを特定し、サービスとともに停止してマスクします（プレースホルダーを置き換え）".to_owned()
+            },
+            vec![
+                format!("systemctl list-sockets --all | grep -E ':{port}([^0-9]|$)'"),
+                "systemctl stop -- <socket-unit> <service-unit>".to_owned(),
+                "systemctl mask -- <socket-unit> <service-unit>".to_owned(),
+            ],
+        ),
+    };
+    steps.push(Step {
+        kind: StepKind::StopService,
+        title,
+        commands,
+        config: None,
+    });
+    steps.push(Step {
+        kind: StepKind::FindOwner,
+        title: if en {
+            "Check that systemd (pid 1) is what holds the port".to_owned()
+        } else {
+            "ポートを保持しているのが systemd (pid 1) であることを確認します".to_owned()
+        },
+        commands: vec![ss.to_owned()],
         config: None,
     });
 }
@@ -558,22 +653,24 @@ pub fn remediation(l: &Listener<'_>, v: &Verdict<'_>, lang: Lang) -> Remediation
     let local_only = v.effective_scope == Scope::Loopback;
     if !local_only {
         if let Some(h) = entry.and_then(|e| e.loopback.as_ref()) {
-            let restart_unit = l
-                .systemd_unit
-                .filter(|u| !u.ends_with(".socket"))
-                .map(str::to_owned)
-                .or_else(|| {
-                    entry.and_then(|e| e.units.iter().find(|u| u.ends_with(".service")).cloned())
-                });
+            // Restart the listener's own unit only; any other name (the catalogue's usual
+            // unit) may be a different daemon that happens to be installed.
+            let own = l.systemd_unit.filter(|u| {
+                l.container_id.is_none()
+                    && l.pid != Some(1)
+                    && !(u.ends_with(".socket") || u.ends_with(".scope") || u.ends_with(".slice"))
+            });
+            let restart = match own {
+                Some(u) => format!("{} restart -- {}", systemctl_for(l), sh_quote(u)),
+                None => "systemctl restart -- <unit>".to_owned(),
+            };
             steps.push(Step {
                 kind: StepKind::BindLoopback,
                 title: match lang {
                     Lang::En => h.en.clone(),
                     Lang::Ja => h.ja.clone().unwrap_or_else(|| h.en.clone()),
                 },
-                commands: restart_unit
-                    .map(|u| vec![format!("systemctl restart {}", sh_quote(&u))])
-                    .unwrap_or_default(),
+                commands: vec![restart],
                 config: Some(ConfigEdit {
                     file: h.file.clone(),
                     lines: h.lines.clone(),
@@ -641,9 +738,10 @@ mod tests {
         );
         let cmds: Vec<&str> = r.commands().collect();
         for want in [
-            "systemctl stop memcached.service",
-            "systemctl disable memcached.service",
-            "systemctl restart memcached.service",
+            "systemctl stop -- memcached.service",
+            "systemctl disable -- memcached.service",
+            "systemctl restart -- memcached.service",
+            "ss -Hlunp 'sport = :11211'",
             "firewall-cmd --permanent --remove-port=11211/udp && firewall-cmd --reload",
             "firewall-cmd --permanent --remove-service=memcache && firewall-cmd --reload",
             "nft 'insert rule inet filter input iifname != \"lo\" udp dport 11211 drop'",
@@ -724,14 +822,44 @@ mod tests {
     #[test]
     fn owner_variants() {
         let c = Classifier::new(None);
-        // Known pid, no unit.
+        // Known pid, no unit, nobody looked for holders: no kill, ss instead.
         let mut l = Listener::new(Transport::Tcp, ip("0.0.0.0"), 27017);
         l.pid = Some(4242);
         let r = run(&c, &l, &["203.0.113.5"], Lang::En);
+        assert_eq!(r.steps[0].commands, vec!["ss -Hltnp 'sport = :27017'"]);
+        assert!(
+            r.steps[0].title.contains("process 4242"),
+            "{}",
+            r.steps[0].title
+        );
+        assert!(!r.commands().any(|c| c.starts_with("kill")));
+        // Holders found at alert time: those, and only those, are named.
+        let holders = [4300, 4301];
+        l.holders = Some(&holders);
+        let r = run(&c, &l, &["203.0.113.5"], Lang::En);
         assert_eq!(
             r.steps[0].commands,
-            vec!["systemctl status 4242", "kill 4242"]
+            vec![
+                "ss -Hltnp 'sport = :27017'",
+                "systemctl status -- 4300",
+                "systemctl status -- 4301",
+                "kill 4300 4301"
+            ]
         );
+        assert!(!r.commands().any(|c| c.contains("4242")));
+        // pid 1 among the holders is never killed.
+        let with_init = [1, 4300];
+        l.holders = Some(&with_init);
+        let r = run(&c, &l, &["203.0.113.5"], Lang::En);
+        assert!(r.commands().any(|c| c == "kill 4300"));
+        assert!(
+            !r.commands()
+                .any(|c| c.starts_with("kill") && c.split(' ').any(|w| w == "1"))
+        );
+        // Looked, found nobody (the process is gone): no kill.
+        l.holders = Some(&[]);
+        let r = run(&c, &l, &["203.0.113.5"], Lang::En);
+        assert!(!r.commands().any(|c| c.starts_with("kill")));
         // Socket activation: never "kill 1".
         let mut l = Listener::new(Transport::Tcp, ip("0.0.0.0"), 111);
         l.pid = Some(1);
@@ -739,6 +867,48 @@ mod tests {
         let r = run(&c, &l, &["203.0.113.5"], Lang::En);
         assert!(r.commands().all(|c| c != "kill 1"));
         assert!(r.steps[0].title.contains("socket activation"));
+        assert!(
+            r.commands()
+                .any(|c| c == "systemctl mask -- <socket-unit> <service-unit>")
+        );
+        // ...with the .socket unit known: stop and mask both it and its service.
+        l.socket_unit = Some("rpcbind.socket");
+        let r = run(&c, &l, &["203.0.113.5"], Lang::En);
+        assert_eq!(
+            r.steps[0].commands,
+            vec![
+                "systemctl stop -- rpcbind.socket rpcbind.service",
+                "systemctl mask -- rpcbind.socket rpcbind.service"
+            ]
+        );
+        // A process that calls itself "systemd" is not socket activation.
+        let mut l = Listener::new(Transport::Tcp, ip("0.0.0.0"), 111);
+        l.pid = Some(5000);
+        l.process_name = Some("systemd");
+        let r = run(&c, &l, &["203.0.113.5"], Lang::En);
+        assert_eq!(r.steps[0].kind, StepKind::FindOwner);
+        assert!(!r.steps[0].title.contains("socket activation"));
+        assert!(!r.commands().any(|c| c.contains("<socket-unit>")));
+        assert!(r.steps[0].title.contains("process 5000"));
+        // A user manager's unit: stopped through that manager, never the system's.
+        let mut l = Listener::new(Transport::Tcp, ip("0.0.0.0"), 6379);
+        l.pid = Some(5001);
+        l.systemd_unit = Some("ssh.service");
+        l.user_manager = Some(1000);
+        let r = run(&c, &l, &["203.0.113.5"], Lang::En);
+        assert_eq!(
+            r.steps[0].commands,
+            vec![
+                "systemctl --user -M 1000@ stop -- ssh.service",
+                "systemctl --user -M 1000@ disable -- ssh.service"
+            ]
+        );
+        assert!(
+            !r.commands()
+                .any(|c| c.starts_with("systemctl stop") || c.starts_with("systemctl disable"))
+        );
+        assert!(r.commands().any(|c| c == "ss -Hltnp 'sport = :6379'"));
+        assert!(r.steps.iter().any(|s| s.title.contains("process 5001")));
         // rpcbind.service: stop the .socket too, first.
         let mut l = Listener::new(Transport::Udp, ip("0.0.0.0"), 111);
         l.systemd_unit = Some("rpcbind.service");
@@ -746,10 +916,8 @@ mod tests {
         assert_eq!(
             r.steps[0].commands,
             vec![
-                "systemctl stop rpcbind.socket",
-                "systemctl stop rpcbind.service",
-                "systemctl disable rpcbind.socket",
-                "systemctl disable rpcbind.service"
+                "systemctl stop -- rpcbind.socket rpcbind.service",
+                "systemctl disable -- rpcbind.socket rpcbind.service"
             ]
         );
         // Odd unit names are quoted.
@@ -758,7 +926,7 @@ mod tests {
         let r = run(&c, &l, &["203.0.113.5"], Lang::En);
         assert_eq!(
             r.steps[0].commands[0],
-            "systemctl stop 'app\\x2dweb.service'"
+            "systemctl stop -- 'app\\x2dweb.service'"
         );
         // Container.
         let mut l = Listener::new(Transport::Tcp, ip("0.0.0.0"), 6379);
@@ -781,6 +949,40 @@ mod tests {
                 .commands
                 .iter()
                 .any(|c| c.contains("DOCKER-USER"))
+        );
+    }
+
+    #[test]
+    fn bind_to_loopback_restarts_only_the_listeners_own_unit() {
+        let c = Classifier::new(None);
+        let restart = |r: &Remediation| {
+            r.steps
+                .iter()
+                .find(|s| s.kind == StepKind::BindLoopback)
+                .expect("bind step")
+                .commands
+                .clone()
+        };
+        // No unit: a placeholder, not the catalogue's memcached.service.
+        let mut l = Listener::new(Transport::Udp, ip("0.0.0.0"), 11211);
+        l.pid = Some(77);
+        let r = run(&c, &l, &["203.0.113.5"], Lang::En);
+        assert_eq!(restart(&r), vec!["systemctl restart -- <unit>"]);
+        // Its own unit.
+        l.systemd_unit = Some("memcached.service");
+        let r = run(&c, &l, &["203.0.113.5"], Lang::En);
+        assert_eq!(restart(&r), vec!["systemctl restart -- memcached.service"]);
+        // A login session scope is not a unit to restart.
+        l.systemd_unit = Some("session-3.scope");
+        let r = run(&c, &l, &["203.0.113.5"], Lang::En);
+        assert_eq!(restart(&r), vec!["systemctl restart -- <unit>"]);
+        // A user unit: through the user's manager.
+        l.systemd_unit = Some("memcached.service");
+        l.user_manager = Some(1000);
+        let r = run(&c, &l, &["203.0.113.5"], Lang::En);
+        assert_eq!(
+            restart(&r),
+            vec!["systemctl --user -M 1000@ restart -- memcached.service"]
         );
     }
 

@@ -28,6 +28,8 @@
 //! [[allow]]                    # silence matching alerts
 //! port = 11211
 //! process = "memcached"
+//! executable = "/usr/bin/memcached"
+//! user = "memcache"
 //! scope = ["private"]
 //!
 //! [[deny]]                     # always alert, even on loopback and off-catalogue
@@ -49,11 +51,28 @@
 //! | `port`, `ports` | the listener's port is one of them (ranges allowed) |
 //! | `protocols` (`protocol`) | the transport is one of them |
 //! | `scope` | the exposure's scope **or** its effective scope is listed: `"all-interfaces"` matches every wildcard bind, `"public"` also matches a wildcard that a public address reaches, `"private"` a wildcard that none does |
-//! | `process` | the process name (comm) equals one; names longer than 15 bytes also match the kernel's 15-byte truncation |
+//! | `process` | the process name (comm) equals one; names longer than 15 bytes also match the kernel's 15-byte truncation. In `[[allow]]` a name alone proves nothing (any process can call itself `memcached`), so the executable and its owners are checked too, see below |
 //! | `executable` | the executable path equals one; a value without `/` matches the file name; a trailing ` (deleted)` (binary replaced by an upgrade) is ignored |
-//! | `unit` (`systemd_unit`) | the systemd unit equals one; a value without `.` also matches `VALUE.service` |
+//! | `unit` (`systemd_unit`) | the systemd unit equals one; a value without `.` also matches `VALUE.service`. Only units the system manager runs match: a unit under `user@N.service` is named by user N and never matches |
+//! | `uid` | the real uid of the process that listened is one of them |
+//! | `user` | the name of that uid is one of them |
 //! | `container` | `true`: in any container; `false`: not in a container; `"ID"`: the container id equals it, or starts with it when it has at least 12 characters (docker's short ids) |
 //! | `rule` | the listener matched one of these catalogue / `[[risky]]` ids |
+//!
+//! ### `process` in `[[allow]]`
+//!
+//! An allow rule with `process` also requires, besides the name (comm):
+//!
+//! - the executable is known and is the rule's `executable` when the rule gives one,
+//!   else its file name is the process name (`/usr/bin/memcached` for `memcached`);
+//! - the executable file is owned by root (a user cannot make one that is);
+//! - the process runs as one of the rule's `uid`/`user` when the rule gives them, else
+//!   as a system account (uid below 1000, Debian's and Fedora's `SYS_UID_MAX` + 1), so a
+//!   login user starting `/usr/bin/memcached` on the port is not allowed by it.
+//!
+//! `portwatch rules check` warns about an allow rule that names a process without an
+//! `executable` or a `uid`/`user`. In `[[deny]]` the name alone matches: a name match
+//! there can only raise an alert.
 //!
 //! Optional descriptive keys: `name` (shown as `allowed_by` / `denied_by`;
 //! default `FILE:LINE`) and `reason`. `severity` is allowed in `[[deny]]` only.
@@ -106,6 +125,29 @@ pub struct Policy {
     pub deny: Vec<MatchRule>,
     /// Severity overrides (`[[severity]]`).
     pub severity: Vec<SeverityOverride>,
+}
+
+impl Policy {
+    /// Rules that work but trust what a local user controls, one line each
+    /// (`FILE:LINE: ...`), for `portwatch rules check`.
+    pub fn warnings(&self) -> Vec<String> {
+        self.allow
+            .iter()
+            .filter(|r| r.trusts_user_chosen_name())
+            .map(|r| {
+                let at = format!("{}:{}", self.origin, r.line);
+                let name = if r.label == at {
+                    String::new()
+                } else {
+                    format!(" {:?}", r.label)
+                };
+                format!(
+                    "{at}: [[allow]]{name} matches on the process name, which any local user \
+                     can give a process; pin the owner with `executable` and `user` (or `uid`)"
+                )
+            })
+            .collect()
+    }
 }
 
 /// What to do when a risky port is reachable only from local networks
@@ -212,6 +254,12 @@ pub struct MatchRule {
     pub executables: Vec<String>,
     /// Systemd units.
     pub units: Vec<String>,
+    /// Real uids of the listening process.
+    pub uids: Vec<u32>,
+    /// User names of the listening process.
+    pub users: Vec<String>,
+    /// An allow rule: a `process` condition also checks executable and owners.
+    pub allow: bool,
     /// Container condition.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub container: Option<ContainerMatch>,
@@ -223,6 +271,9 @@ pub struct MatchRule {
     /// 1-based line of the table header.
     pub line: usize,
 }
+
+/// First uid of login users on Debian and Fedora (`SYS_UID_MAX` is 999).
+const SYSTEM_UID_END: u32 = 1000;
 
 /// Linux truncates process names (comm) to 15 bytes.
 const COMM_MAX: usize = 15;
@@ -280,6 +331,19 @@ impl MatchRule {
         {
             return false;
         }
+        if self.allow && !self.processes.is_empty() && !self.process_is_vouched_for(l) {
+            return false;
+        }
+        if !self.uids.is_empty() && !l.uid.is_some_and(|u| self.uids.contains(&u)) {
+            return false;
+        }
+        if !self.users.is_empty()
+            && !l
+                .user_name
+                .is_some_and(|n| self.users.iter().any(|u| u == n))
+        {
+            return false;
+        }
         if !self.executables.is_empty()
             && !l
                 .executable
@@ -288,9 +352,10 @@ impl MatchRule {
             return false;
         }
         if !self.units.is_empty()
-            && !l
-                .systemd_unit
-                .is_some_and(|u| self.units.iter().any(|p| unit_matches(p, u)))
+            && (l.user_manager.is_some()
+                || !l
+                    .systemd_unit
+                    .is_some_and(|u| self.units.iter().any(|p| unit_matches(p, u))))
         {
             return false;
         }
@@ -309,6 +374,38 @@ impl MatchRule {
             return false;
         }
         true
+    }
+
+    /// For an allow rule naming a process: the name is backed by the executable (the
+    /// rule's, else one whose file name is the process name), a root-owned executable
+    /// file, and an owner the rule names or a system account. See the module docs.
+    fn process_is_vouched_for(&self, l: &Listener<'_>) -> bool {
+        let Some(exe) = l.executable else {
+            return false;
+        };
+        let exe_ok = if self.executables.is_empty() {
+            let file = exe.strip_suffix(" (deleted)").unwrap_or(exe);
+            let file = file.rsplit('/').next().unwrap_or(file);
+            self.processes
+                .iter()
+                .any(|p| comm_matches(file, p) || p == file)
+        } else {
+            true // checked as the `executable` condition
+        };
+        let owner_ok = if self.uids.is_empty() && self.users.is_empty() {
+            l.uid.is_some_and(|u| u < SYSTEM_UID_END)
+        } else {
+            true // checked as the `uid`/`user` conditions
+        };
+        exe_ok && owner_ok && l.executable_owner == Some(0)
+    }
+
+    /// Whether an allow rule trusts a name any local user can choose: it names a process
+    /// without pinning the executable or the owner.
+    pub fn trusts_user_chosen_name(&self) -> bool {
+        self.allow
+            && !self.processes.is_empty()
+            && (self.executables.is_empty() || (self.uids.is_empty() && self.users.is_empty()))
     }
 
     /// Whether the rule constrains ports (the classifier indexes those).
@@ -497,6 +594,10 @@ struct RawMatch {
     executable: Vec<NonEmpty>,
     #[serde(default, deserialize_with = "one_or_many", alias = "systemd_unit")]
     unit: Vec<NonEmpty>,
+    #[serde(default, deserialize_with = "one_or_many")]
+    uid: Vec<u32>,
+    #[serde(default, deserialize_with = "one_or_many")]
+    user: Vec<NonEmpty>,
     #[serde(default)]
     container: Option<ContainerMatch>,
     #[serde(default)]
@@ -685,6 +786,9 @@ pub fn parse_rules(text: &str, origin: &str) -> Result<Policy, RulesError> {
                 processes: strings(m.process),
                 executables: strings(m.executable),
                 units: strings(m.unit),
+                uids: m.uid,
+                users: strings(m.user),
+                allow: !is_deny,
                 container: m.container,
                 rules,
                 severity,
@@ -696,6 +800,8 @@ pub fn parse_rules(text: &str, origin: &str) -> Result<Policy, RulesError> {
                 && rule.processes.is_empty()
                 && rule.executables.is_empty()
                 && rule.units.is_empty()
+                && rule.uids.is_empty()
+                && rule.users.is_empty()
                 && rule.container.is_none()
                 && rule.rules.is_empty();
             if unconditional {
@@ -703,7 +809,7 @@ pub fn parse_rules(text: &str, origin: &str) -> Result<Policy, RulesError> {
                     Some(span),
                     format!(
                         "[[{kind}]] has no condition and would match every listener; add port, \
-                         protocols, scope, process, executable, unit, container or rule"
+                         protocols, scope, process, executable, unit, uid, user, container or rule"
                     ),
                 ));
             }

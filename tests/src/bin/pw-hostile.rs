@@ -1,0 +1,89 @@
+//! What an unprivileged local user runs in the tests of `tests/local_user.rs`: the test
+//! starts it as that user, in a cgroup of the user's delegated subtree.
+//!
+//! `pw-hostile [--comm NAME] [--fork-exit] [--hold-ms N] tcp|udp PORT [ARGS...]`
+//!
+//! Renames itself to NAME (as any process may), listens on (TCP) or binds (UDP)
+//! 0.0.0.0:PORT, prints `ready PID INODE` and holds the socket for N ms (default: until
+//! stdin closes). With `--fork-exit` it forks after listening and exits at once; the
+//! child keeps the socket, prints `ready CHILD_PID INODE` and holds it. ARGS are ignored:
+//! they are there to be seen in `/proc/<pid>/cmdline`.
+
+use std::{
+    io::{Read, Write},
+    net::{TcpListener, UdpSocket},
+    os::fd::AsRawFd,
+    time::Duration,
+};
+
+fn socket_inode(fd: i32) -> u64 {
+    let link = std::fs::read_link(format!("/proc/self/fd/{fd}")).expect("fd link");
+    let link = link.to_string_lossy();
+    link.trim_start_matches("socket:[")
+        .trim_end_matches(']')
+        .parse()
+        .expect("socket inode")
+}
+
+fn main() {
+    let mut args = std::env::args_os().skip(1);
+    let mut comm = None;
+    let mut fork_exit = false;
+    let mut hold_ms: Option<u64> = None;
+    let mut proto = String::new();
+    while let Some(a) = args.next() {
+        match a.to_str() {
+            Some("--comm") => comm = args.next().and_then(|s| s.into_string().ok()),
+            Some("--fork-exit") => fork_exit = true,
+            Some("--hold-ms") => {
+                hold_ms = args
+                    .next()
+                    .and_then(|s| s.into_string().ok())
+                    .and_then(|s| s.parse().ok());
+            }
+            Some(p) => {
+                proto = p.to_owned();
+                break;
+            }
+            None => panic!("usage: pw-hostile [--comm NAME] [--fork-exit] tcp|udp PORT"),
+        }
+    }
+    let port: u16 = args
+        .next()
+        .and_then(|s| s.into_string().ok())
+        .and_then(|s| s.parse().ok())
+        .expect("PORT");
+    if let Some(name) = comm {
+        let c = std::ffi::CString::new(name).expect("comm");
+        // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
+        unsafe { libc::prctl(libc::PR_SET_NAME, c.as_ptr(), 0, 0, 0) };
+    }
+    let (_tcp, _udp, fd);
+    if proto == "tcp" {
+        let l = TcpListener::bind(("0.0.0.0", port)).expect("listen");
+        fd = l.as_raw_fd();
+        (_tcp, _udp) = (Some(l), None);
+    } else {
+        let u = UdpSocket::bind(("0.0.0.0", port)).expect("bind");
+        fd = u.as_raw_fd();
+        (_tcp, _udp) = (None, Some(u));
+    }
+    let inode = socket_inode(fd);
+    if fork_exit {
+        // SAFETY: single-threaded; the child only prints and sleeps.
+        match unsafe { libc::fork() } {
+            0 => {}
+            -1 => panic!("fork: {}", std::io::Error::last_os_error()),
+            _ => unsafe { libc::_exit(0) },
+        }
+    }
+    let mut out = std::io::stdout();
+    writeln!(out, "ready {} {inode}", std::process::id()).expect("stdout");
+    out.flush().expect("stdout");
+    match hold_ms {
+        Some(ms) => std::thread::sleep(Duration::from_millis(ms)),
+        None => {
+            let _ = std::io::stdin().read(&mut [0u8; 1]);
+        }
+    }
+}
