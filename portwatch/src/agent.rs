@@ -867,6 +867,12 @@ impl Pipeline {
             if untracked > 0 {
                 self.lost(untracked, "kernel-map-full");
             }
+            // Ends of folded listeners counted after their fold was reported and deleted
+            // (the grace of two reports should leave none): not in any report.
+            let orphan = s.fold_end_orphan - self.kernel_seen.fold_end_orphan;
+            if orphan > 0 {
+                self.lost(orphan, "folded-end-unreported");
+            }
             // Starts or ends went missing: the open-listener table may be wrong.
             self.resync_wanted |= ring > 0 || urgent > 0 || untracked > 0;
             self.kernel_seen = s;

@@ -3,7 +3,9 @@
 //! The kernel only adds to a fold; this side remembers what it reported of each one and
 //! turns the differences into `listeners-folded` events: at most one per fold per tick
 //! (one second), and a final one once the process stops churning or is gone. A fold whose
-//! process is gone is deleted from the kernel map after its final report: nothing can
+//! process has been gone for two reports in a row is deleted from the kernel map after its
+//! final report (the grace catches a last end counted just as the process was reaped):
+//! nothing can
 //! add to it any more, so no count is lost by the delete.
 
 use std::{
@@ -24,6 +26,8 @@ struct Seen {
     ended: u64,
     changed: Option<Instant>,
     final_sent: bool,
+    /// Reports in a row that found the process gone.
+    gone_seen: u8,
 }
 
 /// One `listeners-folded` report to write.
@@ -65,6 +69,11 @@ impl Folds {
                 seen.final_sent = false;
             }
             let gone = !alive(key);
+            seen.gone_seen = if gone {
+                seen.gone_seen.saturating_add(1)
+            } else {
+                0
+            };
             let quiet = seen
                 .changed
                 .is_none_or(|t| now.duration_since(t) >= FOLD_QUIET);
@@ -82,7 +91,7 @@ impl Folds {
                 seen.ended = fold.ended;
                 seen.final_sent = final_;
             }
-            if gone && seen.final_sent {
+            if seen.gone_seen >= 2 && seen.final_sent && !changed {
                 delete.push(*key);
             }
         }
@@ -227,6 +236,17 @@ mod tests {
         let d = fold(261, 261);
         let (r, del) = f.reports(&[(k, &d)], t0 + Duration::from_secs(4), false, |_| false);
         assert_eq!((r[0].started, r[0].ended, r[0].final_), (1, 11, true));
+        assert!(
+            del.is_empty(),
+            "kept one more report: a last end may still arrive"
+        );
+        // A last end counted just as the process went: reported, then deleted.
+        let e = fold(261, 262);
+        let (r, del) = f.reports(&[(k, &e)], t0 + Duration::from_secs(5), false, |_| false);
+        assert_eq!((r[0].started, r[0].ended, r[0].final_), (0, 1, true));
+        assert!(del.is_empty());
+        let (r, del) = f.reports(&[(k, &e)], t0 + Duration::from_secs(6), false, |_| false);
+        assert!(r.is_empty());
         assert_eq!(del, vec![k]);
         // Deleted by the caller: nothing more, and a new fold of that key starts afresh.
         let (r, _) = f.reports(&[], t0 + Duration::from_secs(5), false, |_| false);
@@ -252,6 +272,9 @@ mod tests {
         let (r, _) = f.reports(&[(key(1), &a)], t0 + FOLD_QUIET, false, |_| true);
         assert!(r[0].final_);
         let (r, d) = f.reports(&[(key(1), &a)], t0 + 2 * FOLD_QUIET, false, |_| false);
+        assert!(r.is_empty(), "{r:?}");
+        assert!(d.is_empty(), "gone once: kept");
+        let (r, d) = f.reports(&[(key(1), &a)], t0 + 3 * FOLD_QUIET, false, |_| false);
         assert!(r.is_empty(), "{r:?}");
         assert_eq!(d, vec![key(1)]);
     }
