@@ -371,9 +371,15 @@ fn udp_released(sock: u64, family: u16, protocol: u16) {
 
 #[inline(always)]
 fn udp_bound(sock: u64, family: u16, protocol: u16, port: u16, addr: [u8; 16]) {
-    if report_start(Kind::UdpBound, sock, family, protocol, port, &addr, 0) {
-        return; // folded: its release is found in FOLDED_SOCKS
+    // Folded: its release is found in FOLDED_SOCKS instead.
+    if !report_start(Kind::UdpBound, sock, family, protocol, port, &addr, 0) {
+        remember_bound(sock, family, port, addr);
     }
+}
+
+/// Keep a reported UDP socket's address for its release (`sock_release` may not read it).
+#[inline(always)]
+fn remember_bound(sock: u64, family: u16, port: u16, addr: [u8; 16]) {
     let b = Bound {
         family,
         port,
@@ -422,17 +428,8 @@ pub(crate) fn report_start_built(
 /// `udp_bound` for the direct set: the record built first (see `report_start_built`).
 #[inline(always)]
 pub(crate) fn udp_bound_direct(sock: u64, family: u16, protocol: u16, port: u16, addr: [u8; 16]) {
-    if report_start_built(Kind::UdpBound, sock, family, protocol, port, &addr, 0) {
-        return;
-    }
-    let b = Bound {
-        family,
-        port,
-        _pad: [0; 4],
-        addr,
-    };
-    if BOUND.insert(sock, b, 0).is_err() {
-        count(stat::BOUND_FULL);
+    if !report_start_built(Kind::UdpBound, sock, family, protocol, port, &addr, 0) {
+        remember_bound(sock, family, port, addr);
     }
 }
 

@@ -934,7 +934,13 @@ impl Pipeline {
             self.fold_event(r, fold, budget);
         }
         for k in &delete {
-            let _ = maps.folds.remove(k);
+            // A failed delete leaves the fold for the next tick to try again.
+            if let Err(e) = maps.folds.remove(k) {
+                log::warn!(
+                    "deleting the fold of pid {}: {e}; retried next second",
+                    k.tgid
+                );
+            }
         }
     }
 

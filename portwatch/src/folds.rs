@@ -95,9 +95,11 @@ impl Folds {
                 delete.push(*key);
             }
         }
-        // Folds the kernel no longer has, and those about to be deleted.
+        // Folds the kernel no longer has. One about to be deleted is forgotten once the
+        // kernel no longer lists it: a delete that fails is retried next time, and the
+        // fold is not reported again as if it were new.
         self.seen
-            .retain(|k, _| !delete.contains(k) && kernel.iter().any(|(key, _)| key == k));
+            .retain(|k, _| kernel.iter().any(|(key, _)| key == k));
         (out, delete)
     }
 }
