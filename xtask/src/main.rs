@@ -5,6 +5,7 @@
 //! there, with a line of progress per step. `cargo xtask test [FILTER]` is the fast loop.
 
 mod bench;
+mod coverage;
 mod fuzz;
 mod package;
 mod soak;
@@ -13,13 +14,16 @@ mod vm;
 
 use std::{
     env,
+    io::{self, BufRead as _, BufReader, Write as _},
     path::{Path, PathBuf},
-    process::{Command, ExitCode},
+    process::{Command, ExitCode, Stdio},
     time::Instant,
 };
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
+
+use crate::coverage::Coverage;
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -101,7 +105,13 @@ fn main() -> ExitCode {
             .and_then(|()| build())
             .and_then(|()| run_agent(&args)),
         Cmd::Test { args } => setup().and_then(|()| build()).and_then(|()| test(&args)),
-        Cmd::Ci => setup().and_then(|()| build()).and_then(|()| ci()),
+        Cmd::Ci => setup()
+            // First: a machine that cannot get QEMU fails now, not after the other parts.
+            .and_then(|()| {
+                vm::ensure_packages().context("ci: installing the kernel matrix's QEMU packages")
+            })
+            .and_then(|()| build().context("ci: build"))
+            .and_then(|()| ci()),
         Cmd::Bench(args) => setup()
             .and_then(|()| build())
             .and_then(|()| bench::run(&args)),
@@ -115,7 +125,7 @@ fn main() -> ExitCode {
         Cmd::Fuzz(args) => setup().and_then(|()| fuzz::run(&args)),
         Cmd::TestVm(args) => setup()
             .and_then(|()| build())
-            .and_then(|()| testvm::run(&args)),
+            .and_then(|()| testvm::run(&args, &mut coverage::Coverage::default())),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -274,27 +284,68 @@ fn run_agent(args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `cargo test` of the default members (everything but the eBPF crate, which only
+/// builds for BPF): unit tests and the host real-kernel tests, one at a time (they share
+/// the host's hooks and sockets), `args` passed to every test binary (e.g. a filter).
+fn host_tests(args: &[String]) -> Command {
+    let mut c = cargo();
+    c.args(["test", "--release", "--"])
+        // --show-output: a test that cannot run here says "skipped: why" visibly.
+        .args(["--test-threads=1", "--show-output"])
+        .args(args)
+        .env("PORTWATCH_BIN", agent_binary());
+    c
+}
+
+/// The fast loop: the unit and host real-kernel tests (only those `args` name).
 fn test(args: &[String]) -> anyhow::Result<()> {
     let t = Instant::now();
     step("running unit and real-kernel tests");
-    // The default members: everything but the eBPF crate, which only builds for BPF.
-    // Kernel tests share the host's hooks and sockets: one at a time.
-    status(
-        cargo()
-            .args(["test", "--release", "--"])
-            // --show-output: a test that cannot run here says "skipped: why" visibly.
-            .args(["--test-threads=1", "--show-output"])
-            .args(args)
-            .env("PORTWATCH_BIN", agent_binary()),
-    )?;
+    status(&mut host_tests(args))?;
     step(&format!("tests done in {:.1} s", t.elapsed().as_secs_f64()));
     Ok(())
 }
 
-/// Everything, as CI runs it. Each part either runs or fails the run with its reason.
+/// Runs `cmd` with stdout and stderr on one pipe, echoing each line to stdout as it
+/// comes, and returns all of it: `cargo xtask ci` reads the tests' verdicts from it.
+fn status_tee(cmd: &mut Command) -> anyhow::Result<String> {
+    let (reader, writer) = std::io::pipe().context("creating a pipe")?;
+    cmd.stdout(writer.try_clone()?).stderr(writer);
+    let mut child = cmd.spawn().with_context(|| format!("running {cmd:?}"))?;
+    // Close this process's write ends (held by `cmd`), or the read never sees EOF.
+    cmd.stdout(Stdio::null()).stderr(Stdio::null());
+    let mut reader = BufReader::new(reader);
+    let mut all = Vec::new();
+    let mut line = Vec::new();
+    let mut out = io::stdout().lock();
+    loop {
+        line.clear();
+        if reader.read_until(b'\n', &mut line)? == 0 {
+            break;
+        }
+        // A closed stdout (`| head`) must not stop the run: keep collecting.
+        let _ = out.write_all(&line).and_then(|()| out.flush());
+        all.extend_from_slice(&line);
+    }
+    let st = child.wait()?;
+    if !st.success() {
+        bail!("{cmd:?} failed: {st}");
+    }
+    Ok(String::from_utf8_lossy(&all).into_owned())
+}
+
+/// Everything, as CI runs it. Each part runs or fails the run, and the error names the
+/// part and why. A test that skipped ("skipped: why") in one part must have run in
+/// another (the host, or a kernel and hook set of the matrix), else the run fails too.
 fn ci() -> anyhow::Result<()> {
     let t0 = Instant::now();
-    test(&[])?;
+    let mut coverage = Coverage::default();
+
+    let t = Instant::now();
+    step("running unit and real-kernel tests");
+    let out = status_tee(&mut host_tests(&[])).context("ci: unit and host real-kernel tests")?;
+    coverage.add("host", &coverage::parse(&out, "?"));
+    step(&format!("tests done in {:.1} s", t.elapsed().as_secs_f64()));
 
     // Hostile input: a short run of every fuzz target (the committed inputs were
     // replayed by the tests above already). Longer runs: `cargo xtask fuzz --secs N`.
@@ -302,7 +353,8 @@ fn ci() -> anyhow::Result<()> {
         secs: 8,
         targets: Vec::new(),
         sanitizer: "address".into(),
-    })?;
+    })
+    .context("ci: fuzzing (cargo xtask fuzz --secs 8)")?;
 
     // The Debian package of the binary just tested: lintian, the example
     // configurations, install/purge in a throwaway copy of this machine, and the
@@ -310,14 +362,15 @@ fn ci() -> anyhow::Result<()> {
     package::run(&package::PackageArgs {
         no_check: false,
         boot: true,
-    })?;
+    })
+    .context("ci: package checks (cargo xtask package --boot)")?;
 
     // The kernel test matrix: the same real-kernel tests on Debian's 6.1 and 6.12 under
     // QEMU, once per hook set. The host kernel only runs the stable set; the direct set
     // (fentry/fexit, kprobes) is tested there, and their struct offsets differ from this
-    // kernel's, which is what the BTF-driven globals must get right. QEMU is installed
-    // without removing anything (vm::ensure_packages); if that is impossible the run
-    // fails here, it does not skip.
+    // kernel's, which is what the BTF-driven globals must get right. QEMU was installed
+    // without removing anything before the build (vm::ensure_packages), or the run
+    // failed there.
     let t = Instant::now();
     step("running the real-kernel tests on Debian's 6.1 and 6.12 kernels under QEMU");
     let args = testvm::TestVmArgs {
@@ -326,7 +379,7 @@ fn ci() -> anyhow::Result<()> {
         only: Vec::new(),
         timeout: 900,
     };
-    testvm::run(&args).context("the kernel test matrix could not run or failed")?;
+    testvm::run(&args, &mut coverage).context("ci: kernel test matrix (cargo xtask test-vm)")?;
     step(&format!(
         "kernel test matrix done in {:.1} s",
         t.elapsed().as_secs_f64()
@@ -342,14 +395,36 @@ fn ci() -> anyhow::Result<()> {
         keep: false,
         timeout: 180,
         root: None,
-    })?;
+    })
+    .context("ci: VM smoke check (cargo xtask vm)")?;
     step(&format!(
         "kernel VM checks done in {:.1} s",
         t.elapsed().as_secs_f64()
     ));
+
     step(&format!(
-        "full run passed in {:.1} min",
-        t0.elapsed().as_secs_f64() / 60.0
+        "tests that skipped somewhere: {} (each must have run elsewhere in this run)",
+        coverage.ran_elsewhere().len() + coverage.ran_nowhere().len()
+    ));
+    for t in coverage.ran_elsewhere() {
+        eprintln!("  {t}");
+    }
+    let nowhere = coverage.ran_nowhere();
+    if !nowhere.is_empty() {
+        for t in &nowhere {
+            eprintln!("  RAN NOWHERE {t}");
+        }
+        bail!(
+            "ci: {} test(s) ran nowhere in this run, skipped wherever they were tried (see \
+             above): {}",
+            nowhere.len(),
+            nowhere.join(", ")
+        );
+    }
+    step(&format!(
+        "full run passed in {:.1} min ({} distinct tests ran)",
+        t0.elapsed().as_secs_f64() / 60.0,
+        coverage.ran()
     ));
     Ok(())
 }

@@ -263,7 +263,7 @@ pub(crate) fn ensure_packages() -> anyhow::Result<()> {
     if !removals.is_empty() {
         bail!(
             "installing {} would remove {}; install the kernel matrix's packages by hand \
-             (see PLATFORM notes in the README) and rerun",
+             (README, Development) and rerun",
             wanted.join(" "),
             removals.join(" ")
         );
