@@ -1,8 +1,9 @@
 //! Project chores: set-up of a fresh machine, build, run, test, bench.
 //!
 //! `cargo xtask run` and `cargo xtask ci` are the README's two commands: each first
-//! installs whatever this machine lacks (Debian packages, bpf-linker), skipping what is
-//! there, with a line of progress per step. `cargo xtask test [FILTER]` is the fast loop.
+//! installs what it needs and this machine lacks (Debian packages, bpf-linker), skipping
+//! what is there, with a line of progress per step. `cargo xtask test [FILTER]` is the
+//! fast loop.
 
 mod bench;
 mod coverage;
@@ -34,9 +35,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install what a fresh machine lacks (idempotent).
+    /// Install everything the other commands need that this machine lacks (idempotent;
+    /// QEMU for the VM commands comes with them).
     Setup,
-    /// Set up, then build target/release/portwatch (eBPF object embedded).
+    /// Set up what building needs, then build target/release/portwatch (eBPF object
+    /// embedded).
     Build,
     /// Set up, build, and start `portwatch watch` with built-in defaults.
     Run {
@@ -72,58 +75,96 @@ enum Cmd {
     TestVm(testvm::TestVmArgs),
 }
 
-/// Debian packages, as verified in PLATFORM.md, plus what the tests and benchmarks drive.
-const APT_PACKAGES: &[&str] = &[
-    "rustc-web",
-    "cargo-web",
-    "libstd-rust-web-dev-bpf",
-    "llvm-22-dev",
-    "iproute2",
-    "memcached",
-    "bpftrace",
-    "rsyslog",
-    // `cargo xtask package` and its checks (part of `cargo xtask test`).
-    "dpkg-dev",
-    "binutils",
-    "lintian",
-    "man-db",
-    "systemd",
-    "systemd-container",
-    "python3-yaml",
-    // libfuzzer-sys compiles libFuzzer's C++ (cargo xtask fuzz).
-    "g++",
+/// What a command needs of the machine: its set-up installs only that.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Need {
+    /// Building the agent: Debian's rustc and `core` for BPF, LLVM 22, bpf-linker
+    /// (PLATFORM.md).
+    Build,
+    /// Loading the programs into this kernel: root, tracefs mounted.
+    Kernel,
+    /// What the real-kernel tests and the benchmarks drive.
+    TestTools,
+    /// `cargo xtask package` and its checks.
+    Package,
+    /// `cargo xtask fuzz`: cargo-fuzz, and g++ for libFuzzer's C++ (libfuzzer-sys).
+    Fuzz,
+}
+
+/// `cargo xtask setup` and `cargo xtask ci`.
+const EVERYTHING: &[Need] = &[
+    Need::Build,
+    Need::Kernel,
+    Need::TestTools,
+    Need::Package,
+    Need::Fuzz,
 ];
+
+impl Need {
+    /// Its Debian packages.
+    fn apt_packages(self) -> &'static [&'static str] {
+        match self {
+            Need::Build => &[
+                "rustc-web",
+                "cargo-web",
+                "libstd-rust-web-dev-bpf",
+                "llvm-22-dev",
+            ],
+            Need::Kernel => &[],
+            Need::TestTools => &["iproute2", "memcached", "bpftrace", "rsyslog"],
+            Need::Package => &[
+                "dpkg-dev",
+                "binutils",
+                "lintian",
+                "man-db",
+                "systemd",
+                "systemd-container",
+                "python3-yaml",
+            ],
+            Need::Fuzz => &["g++"],
+        }
+    }
+}
+
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.command {
-        Cmd::Setup => setup(),
-        Cmd::Build => setup().and_then(|()| build()),
-        Cmd::Run { args } => setup()
+        Cmd::Setup => setup(EVERYTHING),
+        Cmd::Build => setup(&[Need::Build]).and_then(|()| build()),
+        Cmd::Run { args } => setup(&[Need::Build, Need::Kernel])
             .and_then(|()| build())
             .and_then(|()| run_agent(&args)),
-        Cmd::Test { args } => setup().and_then(|()| build()).and_then(|()| test(&args)),
-        Cmd::Ci => setup()
+        Cmd::Test { args } => setup(&[Need::Build, Need::Kernel, Need::TestTools])
+            .and_then(|()| build())
+            .and_then(|()| test(&args)),
+        Cmd::Ci => setup(EVERYTHING)
             // First: a machine that cannot get QEMU fails now, not after the other parts.
             .and_then(|()| {
                 vm::ensure_packages().context("ci: installing the kernel matrix's QEMU packages")
             })
             .and_then(|()| build().context("ci: build"))
             .and_then(|()| ci()),
-        Cmd::Bench(args) => setup()
+        Cmd::Bench(args) => setup(&[Need::Build, Need::Kernel, Need::TestTools])
             .and_then(|()| build())
             .and_then(|()| bench::run(&args)),
-        Cmd::Vm(args) => setup().and_then(|()| build()).and_then(|()| vm::run(&args)),
-        Cmd::Soak(args) => setup()
+        // QEMU and the initramfs tools: vm::ensure_packages, in the command itself.
+        Cmd::Vm(args) => setup(&[Need::Build])
+            .and_then(|()| build())
+            .and_then(|()| vm::run(&args)),
+        Cmd::Soak(args) => setup(&[Need::Build, Need::Kernel])
             .and_then(|()| build())
             .and_then(|()| soak::run(&args)),
-        Cmd::Package(args) => setup()
+        // --boot runs the agent in an nspawn container: this kernel, so Kernel too.
+        Cmd::Package(args) => setup(&[Need::Build, Need::Kernel, Need::Package])
             .and_then(|()| build())
             .and_then(|()| package::run(&args)),
-        Cmd::Fuzz(args) => setup().and_then(|()| fuzz::run(&args)),
-        Cmd::TestVm(args) => setup()
+        // The fuzz crate links portwatch, whose build script builds the eBPF object.
+        Cmd::Fuzz(args) => setup(&[Need::Build, Need::Fuzz]).and_then(|()| fuzz::run(&args)),
+        // The guest gets the host's iproute2 `ip` (TestTools).
+        Cmd::TestVm(args) => setup(&[Need::Build, Need::TestTools])
             .and_then(|()| build())
             .and_then(|()| testvm::run(&args, &mut coverage::Coverage::default())),
     };
@@ -162,18 +203,27 @@ fn installed(pkg: &str) -> bool {
         .is_ok_and(|o| o.status.success() && o.stdout.ends_with(b"install ok installed"))
 }
 
-fn setup() -> anyhow::Result<()> {
+/// Installs what `needs` need and this machine lacks (idempotent: each step checks
+/// first and says what it found).
+fn setup(needs: &[Need]) -> anyhow::Result<()> {
     let t = Instant::now();
     if unsafe { libc::geteuid() } != 0 {
-        bail!("set-up installs packages and the tests load eBPF programs: run as root");
+        bail!(
+            "the set-up installs what is missing{}: run as root",
+            if needs.contains(&Need::Kernel) {
+                ", and this command loads eBPF programs"
+            } else {
+                ""
+            }
+        );
     }
-    let missing: Vec<&str> = APT_PACKAGES
+    let needed: Vec<&str> = needs
         .iter()
-        .copied()
-        .filter(|p| !installed(p))
+        .flat_map(|n| n.apt_packages().iter().copied())
         .collect();
+    let missing: Vec<&str> = needed.iter().copied().filter(|p| !installed(p)).collect();
     if missing.is_empty() {
-        step("apt packages: all present");
+        step(&format!("apt packages: all {} present", needed.len()));
     } else {
         step(&format!("apt packages: installing {}", missing.join(" ")));
         status(Command::new("apt-get").args(["update", "-q"]))?;
@@ -185,60 +235,77 @@ fn setup() -> anyhow::Result<()> {
         )?;
     }
 
-    let have_linker = Command::new("bpf-linker")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION));
-    if have_linker {
-        step(&format!("bpf-linker {BPF_LINKER_VERSION}: present"));
-    } else {
-        step(&format!(
-            "bpf-linker {BPF_LINKER_VERSION}: building against LLVM 22 (about 2 min)"
-        ));
-        status(
-            Command::new("cargo")
-                .args([
-                    "install",
-                    "bpf-linker",
-                    "--version",
-                    BPF_LINKER_VERSION,
-                    "--locked",
-                ])
-                .args(["--no-default-features", "--features", "llvm-22"])
-                .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
-        )?;
+    if needs.contains(&Need::Build) {
+        setup_bpf_linker()?;
     }
-
-    let have_cargo_fuzz = Command::new("cargo")
-        .args(["fuzz", "--version"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if have_cargo_fuzz {
-        step("cargo-fuzz: present");
-    } else {
-        step(&format!(
-            "cargo-fuzz {CARGO_FUZZ_VERSION}: installing (about 1 min)"
-        ));
-        status(Command::new("cargo").args([
-            "install",
-            "cargo-fuzz",
-            "--version",
-            CARGO_FUZZ_VERSION,
-            "--locked",
-        ]))?;
+    if needs.contains(&Need::Fuzz) {
+        setup_cargo_fuzz()?;
     }
-
-    if Path::new("/sys/kernel/tracing/events").is_dir() {
-        step("tracefs: mounted");
-    } else {
-        step("tracefs: mounting at /sys/kernel/tracing");
-        status(Command::new("mount").args(["-t", "tracefs", "tracefs", "/sys/kernel/tracing"]))?;
+    if needs.contains(&Need::Kernel) {
+        if Path::new("/sys/kernel/tracing/events").is_dir() {
+            step("tracefs: mounted");
+        } else {
+            step("tracefs: mounting at /sys/kernel/tracing");
+            status(Command::new("mount").args([
+                "-t",
+                "tracefs",
+                "tracefs",
+                "/sys/kernel/tracing",
+            ]))?;
+        }
     }
     step(&format!(
         "set-up done in {:.1} s",
         t.elapsed().as_secs_f64()
     ));
     Ok(())
+}
+
+fn setup_bpf_linker() -> anyhow::Result<()> {
+    let have_linker = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION));
+    if have_linker {
+        step(&format!("bpf-linker {BPF_LINKER_VERSION}: present"));
+        return Ok(());
+    }
+    step(&format!(
+        "bpf-linker {BPF_LINKER_VERSION}: building against LLVM 22 (about 2 min)"
+    ));
+    status(
+        Command::new("cargo")
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--locked",
+            ])
+            .args(["--no-default-features", "--features", "llvm-22"])
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
+    )
+}
+
+fn setup_cargo_fuzz() -> anyhow::Result<()> {
+    let have_cargo_fuzz = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if have_cargo_fuzz {
+        step("cargo-fuzz: present");
+        return Ok(());
+    }
+    step(&format!(
+        "cargo-fuzz {CARGO_FUZZ_VERSION}: installing (about 1 min)"
+    ));
+    status(Command::new("cargo").args([
+        "install",
+        "cargo-fuzz",
+        "--version",
+        CARGO_FUZZ_VERSION,
+        "--locked",
+    ]))
 }
 
 fn cargo() -> Command {
