@@ -50,7 +50,9 @@ enum Cmd {
     /// The fast loop: set up, build, run the unit and host real-kernel tests (only those
     /// FILTER names, when given). No fuzzing, package or VM steps.
     Test {
-        /// Extra arguments for the test binaries (e.g. a test name filter).
+        /// A real-kernel test binary's name (sensor, hooks, ...: tests/tests/NAME.rs)
+        /// runs that binary; other words filter test names in every binary, and
+        /// harness flags (--exact, --skip NAME) go to the harness.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -353,22 +355,51 @@ fn run_agent(args: &[String]) -> anyhow::Result<()> {
 
 /// `cargo test` of the default members (everything but the eBPF crate, which only
 /// builds for BPF): unit tests and the host real-kernel tests, one at a time (they share
-/// the host's hooks and sockets), `args` passed to every test binary (e.g. a filter).
-fn host_tests(args: &[String]) -> Command {
+/// the host's hooks and sockets). `filter`: see [`split_filter`].
+fn host_tests(filter: &[String]) -> anyhow::Result<Command> {
+    let (binaries, harness) = split_filter(filter, &test_binaries()?);
     let mut c = cargo();
-    c.args(["test", "--release", "--"])
+    c.args(["test", "--release"]);
+    for b in &binaries {
+        c.args(["--test", b]);
+    }
+    c.arg("--")
         // --show-output: a test that cannot run here says "skipped: why" visibly.
         .args(["--test-threads=1", "--show-output"])
-        .args(args)
+        .args(harness)
         .env("PORTWATCH_BIN", agent_binary());
-    c
+    Ok(c)
+}
+
+/// The real-kernel test binaries: `tests/tests/NAME.rs`.
+fn test_binaries() -> anyhow::Result<Vec<String>> {
+    let dir = workspace_root().join("tests/tests");
+    let mut names = Vec::new();
+    for e in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
+        let p = e?.path();
+        if p.extension().is_some_and(|x| x == "rs")
+            && let Some(stem) = p.file_stem().and_then(|s| s.to_str())
+        {
+            names.push(stem.to_owned());
+        }
+    }
+    Ok(names)
+}
+
+/// `cargo xtask test FILTER...`: a word that names a real-kernel test binary (`sensor`
+/// for tests/tests/sensor.rs) runs that binary, with `--test`; every other word goes to
+/// the test harness, as a test name filter (or a harness flag, like `--exact`). Test
+/// names seldom contain their binary's name, so `cargo xtask test sensor` would
+/// otherwise run two tests from other binaries and none of sensor's.
+fn split_filter(filter: &[String], binaries: &[String]) -> (Vec<String>, Vec<String>) {
+    filter.iter().cloned().partition(|w| binaries.contains(w))
 }
 
 /// The fast loop: the unit and host real-kernel tests (only those `args` name).
 fn test(args: &[String]) -> anyhow::Result<()> {
     let t = Instant::now();
     step("running unit and real-kernel tests");
-    status(&mut host_tests(args))?;
+    status(&mut host_tests(args)?)?;
     step(&format!("tests done in {:.1} s", t.elapsed().as_secs_f64()));
     Ok(())
 }
@@ -410,7 +441,9 @@ fn ci() -> anyhow::Result<()> {
 
     let t = Instant::now();
     step("running unit and real-kernel tests");
-    let out = status_tee(&mut host_tests(&[])).context("ci: unit and host real-kernel tests")?;
+    let out = host_tests(&[])
+        .and_then(|mut c| status_tee(&mut c))
+        .context("ci: unit and host real-kernel tests")?;
     coverage.add("host", &coverage::parse(&out, "?"));
     step(&format!("tests done in {:.1} s", t.elapsed().as_secs_f64()));
 
@@ -494,4 +527,33 @@ fn ci() -> anyhow::Result<()> {
         coverage.ran()
     ));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filter_words_naming_a_binary_select_it() {
+        let bins: Vec<String> = ["hooks", "sensor"].map(String::from).to_vec();
+        let words = |w: &[&str]| w.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            split_filter(&words(&["sensor"]), &bins),
+            (words(&["sensor"]), words(&[]))
+        );
+        assert_eq!(
+            split_filter(&words(&["hooks", "io_uring", "--exact"]), &bins),
+            (words(&["hooks"]), words(&["io_uring", "--exact"]))
+        );
+        assert_eq!(
+            split_filter(&words(&["fold"]), &bins),
+            (words(&[]), words(&["fold"]))
+        );
+    }
+
+    #[test]
+    fn the_test_binaries_are_found() {
+        let bins = test_binaries().unwrap();
+        assert!(bins.iter().any(|b| b == "sensor"), "{bins:?}");
+    }
 }
