@@ -15,7 +15,7 @@ mod vm;
 
 use std::{
     env,
-    io::{self, BufRead as _, BufReader, Write as _},
+    io::{self, BufRead as _, BufReader, Write},
     path::{Path, PathBuf},
     process::{Command, ExitCode, Stdio},
     time::Instant,
@@ -404,9 +404,9 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs `cmd` with stdout and stderr on one pipe, echoing each line to stdout as it
+/// Runs `cmd` with stdout and stderr on one pipe, echoing each line to `echo` as it
 /// comes, and returns all of it: `cargo xtask ci` reads the tests' verdicts from it.
-fn status_tee(cmd: &mut Command) -> anyhow::Result<String> {
+fn status_tee(cmd: &mut Command, echo: &mut dyn Write) -> anyhow::Result<String> {
     let (reader, writer) = std::io::pipe().context("creating a pipe")?;
     cmd.stdout(writer.try_clone()?).stderr(writer);
     let mut child = cmd.spawn().with_context(|| format!("running {cmd:?}"))?;
@@ -415,14 +415,13 @@ fn status_tee(cmd: &mut Command) -> anyhow::Result<String> {
     let mut reader = BufReader::new(reader);
     let mut all = Vec::new();
     let mut line = Vec::new();
-    let mut out = io::stdout().lock();
     loop {
         line.clear();
         if reader.read_until(b'\n', &mut line)? == 0 {
             break;
         }
         // A closed stdout (`| head`) must not stop the run: keep collecting.
-        let _ = out.write_all(&line).and_then(|()| out.flush());
+        let _ = echo.write_all(&line).and_then(|()| echo.flush());
         all.extend_from_slice(&line);
     }
     let st = child.wait()?;
@@ -442,7 +441,7 @@ fn ci() -> anyhow::Result<()> {
     let t = Instant::now();
     step("running unit and real-kernel tests");
     let out = host_tests(&[])
-        .and_then(|mut c| status_tee(&mut c))
+        .and_then(|mut c| status_tee(&mut c, &mut io::stdout().lock()))
         .context("ci: unit and host real-kernel tests")?;
     coverage.add("host", &coverage::parse(&out, "?"));
     step(&format!("tests done in {:.1} s", t.elapsed().as_secs_f64()));
@@ -549,6 +548,21 @@ mod tests {
             split_filter(&words(&["fold"]), &bins),
             (words(&[]), words(&["fold"]))
         );
+    }
+
+    #[test]
+    fn status_tee_returns_both_streams_and_fails_with_the_command() {
+        let sh = |script: &str| {
+            let mut c = Command::new("sh");
+            c.args(["-c", script]);
+            c
+        };
+        let mut echoed = Vec::new();
+        let out = status_tee(&mut sh("echo out; echo err >&2"), &mut echoed).unwrap();
+        assert_eq!(out, "out\nerr\n");
+        assert_eq!(echoed, b"out\nerr\n");
+        let e = status_tee(&mut sh("echo partial; exit 3"), &mut io::sink()).unwrap_err();
+        assert!(format!("{e:#}").contains("exit status: 3"), "{e:#}");
     }
 
     #[test]
