@@ -58,7 +58,7 @@ enum Cmd {
     },
     /// The full run (what CI runs): set up, build, unit and real-kernel tests, fuzzing,
     /// the package checks, the kernel matrix under QEMU and the VM smoke check. Fails,
-    /// never skips, when a part cannot run.
+    /// never skips, when a part cannot run, or when a test skipped wherever it ran.
     Ci,
     /// Set up, build, and run the benchmark suite (prints figures, writes results).
     Bench(bench::BenchArgs),
