@@ -23,7 +23,10 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde_json::Value;
 
-use crate::vm::{self, KernelChoice, KernelSpec, step};
+use crate::{
+    coverage::{self, Coverage},
+    vm::{self, KernelChoice, KernelSpec, step},
+};
 
 /// Hook sets run in each guest, in order. `direct-kprobe` is the direct set forced onto
 /// its kprobe fallback (`--hooks direct-kprobe`, hidden): where fentry works, `direct`
@@ -117,6 +120,8 @@ struct SetResult {
     passed: u64,
     failed: Vec<String>,
     skipped: Vec<String>,
+    /// Every test that passed, and whether it only skipped (for `cargo xtask ci`).
+    outcomes: Vec<coverage::Outcome>,
     /// Binaries that never reported a summary (crash, timeout).
     incomplete: Vec<String>,
 }
@@ -130,7 +135,9 @@ impl SetResult {
     }
 }
 
-pub fn run(args: &TestVmArgs) -> anyhow::Result<()> {
+/// Runs the matrix; each kernel and hook set's test outcomes go into `coverage` as
+/// `KERNEL SET` (e.g. `6.1 direct`).
+pub fn run(args: &TestVmArgs, coverage: &mut Coverage) -> anyhow::Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("xtask test-vm installs packages and builds initramfs trees: run as root");
     }
@@ -198,6 +205,7 @@ pub fn run(args: &TestVmArgs) -> anyhow::Result<()> {
                         bad += 1;
                     }
                     eprintln!("  {}", describe(r));
+                    coverage.add(&format!("{label} {}", r.set), &r.outcomes);
                 }
             }
         }
@@ -561,6 +569,8 @@ fn parse(console: &str, sets: &[String], bins: &[TestBin]) -> Vec<SetResult> {
             if !summary {
                 r.incomplete.push(b.name.clone());
             }
+            r.outcomes
+                .extend(coverage::parse(&body.join("\n"), &b.name));
         }
         out.push(r);
     }
@@ -595,8 +605,17 @@ mod tests {
 === PORTWATCH SET stable ok tracepoint+cgroup ===
 === PORTWATCH RUN stable hooks begin ===
 test a ... ok
+test b ... ok
+
+successes:
+
 ---- b stdout ----
 skipped: this kernel cannot run the direct hook set
+
+successes:
+    a
+    b
+
 test result: ok. 2 passed; 0 failed; 0 ignored
 === PORTWATCH RUN stable hooks end 0 ===
 === PORTWATCH RUN stable sensor begin ===
@@ -616,6 +635,12 @@ test result: FAILED. 10 passed; 1 failed; 0 ignored
         assert_eq!(r[0].failed, vec!["sensor::c".to_owned()]);
         assert_eq!(r[0].skipped.len(), 1, "{:?}", r[0].skipped);
         assert!(r[0].skipped[0].starts_with("hooks::b: skipped: this kernel"));
+        let o: Vec<(&str, bool)> = r[0]
+            .outcomes
+            .iter()
+            .map(|o| (o.test.as_str(), o.skipped.is_some()))
+            .collect();
+        assert_eq!(o, vec![("hooks::a", false), ("hooks::b", true)]);
         assert!(!r[0].ok());
         assert_eq!(
             r[1].unsupported.as_deref(),

@@ -255,20 +255,24 @@ pub(crate) fn ensure_packages() -> anyhow::Result<()> {
     };
     // A dry run names what would go: nothing may be removed.
     let sim = output_ok(&mut install(true))?;
-    let removals: Vec<&str> = sim
-        .lines()
-        .filter_map(|l| l.strip_prefix("Remv "))
-        .filter_map(|l| l.split_whitespace().next())
-        .collect();
+    let removals = removals(&sim);
     if !removals.is_empty() {
         bail!(
             "installing {} would remove {}; install the kernel matrix's packages by hand \
-             (see PLATFORM notes in the README) and rerun",
+             (README, Development) and rerun",
             wanted.join(" "),
             removals.join(" ")
         );
     }
     run_ok(&mut install(false))
+}
+
+/// Packages an `apt-get install -s` transcript removes (its `Remv NAME [VERSION]` lines).
+fn removals(sim: &str) -> Vec<&str> {
+    sim.lines()
+        .filter_map(|l| l.strip_prefix("Remv "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect()
 }
 
 /// The version apt would install of `pkg`.
@@ -1143,6 +1147,26 @@ mod tests {
             check("boot messages only\n"),
             vec!["no agent output on the console (init never got that far)".to_string()]
         );
+    }
+
+    /// Simulations seen on a fresh machine of this kind (2026-11-28): Debian's QEMU alone
+    /// removes the backported qemu-utils; with qemu-utils pinned to its version, nothing.
+    #[test]
+    fn a_simulated_removal_is_found() {
+        let alone = "\
+0 upgraded, 29 newly installed, 1 to remove and 122 not upgraded.
+Remv qemu-utils [1:10.0.2+ds-2+deb13u1~bpo12+1]
+Inst qemu-system-common (1:7.2+dfsg-7+deb12u18+b3 Debian:12.15/oldstable [amd64])
+Inst qemu-system-x86 (1:7.2+dfsg-7+deb12u18+b3 Debian:12.15/oldstable [amd64])
+";
+        assert_eq!(removals(alone), vec!["qemu-utils"]);
+        let pinned = "\
+The following packages will be DOWNGRADED:
+0 upgraded, 29 newly installed, 1 downgraded, 0 to remove and 122 not upgraded.
+Inst qemu-utils [1:10.0.2+ds-2+deb13u1~bpo12+1] (1:7.2+dfsg-7+deb12u18+b3 Debian:12.15/oldstable [amd64])
+Inst qemu-system-x86 (1:7.2+dfsg-7+deb12u18+b3 Debian:12.15/oldstable [amd64])
+";
+        assert_eq!(removals(pinned), Vec::<&str>::new());
     }
 
     #[test]
