@@ -437,6 +437,7 @@ impl Pipeline {
         ev.portwatch.cgroup = owner.cgroup.clone();
         ev.portwatch.process = owner.argv_cut.clone();
         ev.portwatch.attribution = Some(owner.attribution);
+        ev.portwatch.attribution_changed = owner.changed.clone();
         ev.portwatch.socket = Some(socket);
         ev.portwatch.urgent = self.important(addr, port);
         ev

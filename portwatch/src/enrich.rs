@@ -18,7 +18,10 @@ use std::{
 };
 
 use crate::{
-    event::{ArgvCut, Cgroup, Container, Named, Parent, Process, Shared, Systemd, shared},
+    event::{
+        ArgvCut, AttributionChanged, Cgroup, Container, Named, Parent, Process, Shared, Systemd,
+        shared,
+    },
     procfs::{self, CgroupInfo, CgroupResolver, Users},
     ring::Record,
     sys::{Clocks, rfc3339},
@@ -66,6 +69,8 @@ pub struct Owner {
     pub kernel: bool,
     /// Set when the command line was cut for the event (`portwatch.process`).
     pub argv_cut: Option<Shared<ArgvCut>>,
+    /// /proc disagreed with the kernel's record (`portwatch.attribution_changed`).
+    pub changed: Option<Shared<AttributionChanged>>,
 }
 
 impl Owner {
@@ -114,10 +119,14 @@ struct CgroupParts {
     cgroup: Option<Shared<Cgroup>>,
 }
 
+/// A process's owner as first read, valid for later records with the same start time,
+/// thread name, cgroup and uid (any change is read from /proc again).
 struct CachedProc {
     start_ticks: u64,
     bytes: usize,
     thread_comm: Vec<u8>,
+    cgroup_id: u64,
+    uid: u32,
     owner: Owner,
 }
 
@@ -168,7 +177,8 @@ impl Enricher {
 
     /// Keeps `owner` for `pid`, within the cache's entry and byte bounds; first drops
     /// processes that have exited, at most once per [`PRUNE_INTERVAL`].
-    fn cache_proc(&mut self, pid: u32, start_ticks: u64, thread_comm: Vec<u8>, owner: Owner) {
+    fn cache_proc(&mut self, r: &Record, start_ticks: u64, owner: Owner) {
+        let (pid, thread_comm) = (r.pid, r.comm.clone());
         if self.last_prune.elapsed() >= PRUNE_INTERVAL {
             self.last_prune = Instant::now();
             self.prune_exited(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
@@ -184,6 +194,8 @@ impl Enricher {
                 start_ticks,
                 bytes,
                 thread_comm,
+                cgroup_id: r.cgroup_id,
+                uid: r.uid,
                 owner,
             },
         ) {
@@ -233,12 +245,16 @@ impl Enricher {
         })
     }
 
-    /// Owner of a live record.
+    /// Owner of a live record. What the kernel captured (thread name, cgroup, uid) is
+    /// what the event says; /proc adds the executable and command line when it still
+    /// agrees, and `changed` says where it does not.
     pub fn owner_for_record(&mut self, r: &Record) -> Owner {
         let start_ticks = r.start_boottime_ns.map(|ns| ns / self.ns_per_tick);
         if let (Some(c), Some(start)) = (self.procs.get(&r.pid), start_ticks)
             && c.start_ticks == start
             && c.thread_comm == r.comm
+            && c.cgroup_id == r.cgroup_id
+            && c.uid == r.uid
         {
             return c.owner.clone();
         }
@@ -246,6 +262,7 @@ impl Enricher {
         let from_proc = procfs::read_stat(r.pid)
             .ok()
             .filter(|st| start_ticks.is_none_or(|t| t == st.start_ticks));
+        let kernel_comm = procfs::escape_bytes(&r.comm);
         match from_proc {
             Some(st) => {
                 let (mut p, argv_cut) = self.read_process(r.pid, st.comm, st.ppid, st.start_ticks);
@@ -256,6 +273,8 @@ impl Enricher {
                 if let Some(ns) = r.start_boottime_ns {
                     p.start = Some(rfc3339(self.clocks.wall_from_boottime(ns)));
                 }
+                let kernel_cgroup = cg.cgroup.as_ref().and_then(|c| c.path.clone());
+                let changed = drift(r, &kernel_comm, kernel_cgroup.as_deref(), &mut p);
                 let owner = Owner {
                     process: Some(shared(p)),
                     container: cg.container,
@@ -263,10 +282,15 @@ impl Enricher {
                     cgroup: cg.cgroup,
                     attribution: if r.kthread { "kernel-thread" } else { "proc" },
                     kernel: r.kthread,
-                    argv_cut,
+                    argv_cut: if changed.as_ref().is_some_and(|c| c.name.is_some()) {
+                        None
+                    } else {
+                        argv_cut
+                    },
+                    changed: changed.map(shared),
                 };
                 if let Some(start_ticks) = start_ticks {
-                    self.cache_proc(r.pid, start_ticks, r.comm.clone(), owner.clone());
+                    self.cache_proc(r, start_ticks, owner.clone());
                 }
                 owner
             }
@@ -275,7 +299,7 @@ impl Enricher {
                 // saw; executable and command line stay absent rather than guessed.
                 let p = Process {
                     pid: r.pid,
-                    name: Some(procfs::escape_bytes(&r.comm)),
+                    name: Some(kernel_comm),
                     parent: r.ppid.map(|pid| Parent { pid }),
                     start: r
                         .start_boottime_ns
@@ -291,6 +315,7 @@ impl Enricher {
                     attribution: if r.kthread { "kernel-thread" } else { "kernel" },
                     kernel: r.kthread,
                     argv_cut: None,
+                    changed: None,
                 }
             }
         }
@@ -328,6 +353,7 @@ impl Enricher {
             attribution: "proc",
             kernel: false,
             argv_cut,
+            changed: None,
         }
     }
 
@@ -423,6 +449,56 @@ impl Enricher {
     }
 }
 
+/// Where /proc, read now, disagrees with the kernel's record `r` of the process `p` was
+/// read for, and `p` corrected to the kernel's view: with `renamed` its name is the
+/// kernel's and the executable and command line (perhaps another program's) move to the
+/// returned record. Costs a read of the thread's comm, the cgroup and the status file.
+fn drift(
+    r: &Record,
+    kernel_comm: &str,
+    kernel_cgroup: Option<&str>,
+    p: &mut Process,
+) -> Option<AttributionChanged> {
+    let mut c = AttributionChanged::default();
+    // The record's comm is the thread's that listened. The main thread's name is in
+    // `p`; another thread's is read from its task directory. When that thread is gone
+    // nothing is claimed: its name may differ from the main thread's by design.
+    let now = if r.tid == r.pid {
+        p.name.clone()
+    } else {
+        procfs::read_thread_comm(r.pid, r.tid).ok()
+    };
+    if let Some(now) = now
+        && now != kernel_comm
+    {
+        c.reasons.push("renamed");
+        c.name = Some(now);
+        // The main thread: an exec since the bind looks the same as a rename, so the
+        // program /proc shows now is not reported as the listener's. (Another thread
+        // that still runs cannot have exec'd: an exec ends every other thread.)
+        if r.tid == r.pid {
+            p.name = Some(kernel_comm.to_owned());
+            c.executable = p.executable.take();
+            c.command_line = p.command_line.take();
+            p.args = None;
+            p.executable_owner = None;
+        }
+    }
+    if let (Some(bound), Ok(now)) = (kernel_cgroup, procfs::read_cgroup(r.pid))
+        && bound != now
+    {
+        c.reasons.push("cgroup-moved");
+        c.cgroup = Some(now);
+    }
+    if let Ok((uid, _)) = procfs::read_ids(r.pid)
+        && uid != r.uid
+    {
+        c.reasons.push("uid-changed");
+        c.uid = Some(uid);
+    }
+    (!c.reasons.is_empty()).then_some(c)
+}
+
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 
 fn fnv1a(mut h: u64, bytes: &[u8]) -> u64 {
@@ -449,12 +525,38 @@ mod tests {
         }
     }
 
+    fn record(pid: u32, comm: &[u8]) -> Record {
+        Record {
+            kind: portwatch_common::Kind::ListenStarted,
+            ktime_ns: 0,
+            pid,
+            tid: pid,
+            uid: 0,
+            gid: 0,
+            cgroup_id: 1,
+            sock_key: 0,
+            inode: None,
+            start_boottime_ns: None,
+            netns: None,
+            ppid: None,
+            kthread: false,
+            v6only: false,
+            untracked: false,
+            urgent: false,
+            udplite: false,
+            transport: crate::ring::Transport::Tcp,
+            addr: std::net::Ipv4Addr::UNSPECIFIED.into(),
+            port: 1,
+            comm: comm.to_vec(),
+        }
+    }
+
     #[test]
     fn process_cache_is_bounded_by_bytes_and_drops_exited() {
         let mut e = Enricher::new(PathBuf::from("/nonexistent"), "m", "b");
         // Entries of ~8 KiB estimated each: far fewer than PROC_CACHE_MAX fit.
         for pid in 0..4000 {
-            e.cache_proc(pid, 1, b"comm".to_vec(), owner_with_args(2048));
+            e.cache_proc(&record(pid, b"comm"), 1, owner_with_args(2048));
             assert!(e.procs_bytes <= PROC_CACHE_BYTES, "{}", e.procs_bytes);
         }
         let sum: usize = e.procs.values().map(|c| c.bytes).sum();
@@ -462,12 +564,71 @@ mod tests {
         // Replacing an entry does not count it twice.
         let before = e.procs_bytes;
         let pid = *e.procs.keys().next().unwrap();
-        e.cache_proc(pid, 2, b"comm".to_vec(), owner_with_args(2048));
+        e.cache_proc(&record(pid, b"comm"), 2, owner_with_args(2048));
         assert_eq!(e.procs_bytes, before);
         // Exited processes go.
         e.prune_exited(|pid| pid % 2 == 0);
         assert!(e.procs.keys().all(|p| p % 2 == 0));
         let sum: usize = e.procs.values().map(|c| c.bytes).sum();
         assert_eq!(sum, e.procs_bytes);
+    }
+
+    /// This test's own process, as the kernel would have recorded it.
+    fn me() -> (Record, Process) {
+        let pid = std::process::id();
+        let st = procfs::read_stat(pid).unwrap();
+        let mut r = record(pid, st.comm.as_bytes());
+        r.uid = procfs::read_ids(pid).unwrap().0;
+        let p = Process {
+            pid,
+            name: Some(st.comm),
+            executable: Some("/bin/x".into()),
+            command_line: Some("x --y".into()),
+            args: Some(vec!["x".into(), "--y".into()]),
+            ..Process::default()
+        };
+        (r, p)
+    }
+
+    #[test]
+    fn agreeing_proc_changes_nothing() {
+        let (r, mut p) = me();
+        let comm = procfs::escape_bytes(&r.comm);
+        let cgroup = procfs::read_cgroup(r.pid).ok();
+        assert_eq!(drift(&r, &comm, cgroup.as_deref(), &mut p), None);
+        assert_eq!(p.executable.as_deref(), Some("/bin/x"));
+    }
+
+    #[test]
+    fn a_rename_or_exec_keeps_the_kernels_name_and_moves_procs_program_aside() {
+        let (mut r, mut p) = me();
+        r.comm = b"python3".to_vec();
+        let now = p.name.clone();
+        let cgroup = procfs::read_cgroup(r.pid).ok();
+        let c = drift(&r, "python3", cgroup.as_deref(), &mut p).expect("drift");
+        assert_eq!(c.reasons, ["renamed"]);
+        assert_eq!(c.name, now);
+        assert_eq!(c.executable.as_deref(), Some("/bin/x"));
+        assert_eq!(c.command_line.as_deref(), Some("x --y"));
+        assert_eq!(p.name.as_deref(), Some("python3"));
+        assert_eq!((p.executable.as_ref(), p.args.as_ref()), (None, None));
+    }
+
+    #[test]
+    fn a_cgroup_move_and_a_uid_change_are_named() {
+        let (mut r, mut p) = me();
+        r.uid = r.uid.wrapping_add(1);
+        let comm = procfs::escape_bytes(&r.comm);
+        let c = drift(
+            &r,
+            &comm,
+            Some("/system.slice/redis-server.service"),
+            &mut p,
+        )
+        .expect("drift");
+        assert_eq!(c.reasons, ["cgroup-moved", "uid-changed"]);
+        assert_eq!(c.uid, Some(r.uid.wrapping_sub(1)));
+        assert_eq!(c.cgroup, procfs::read_cgroup(r.pid).ok());
+        assert_eq!(p.executable.as_deref(), Some("/bin/x"), "not a rename");
     }
 }

@@ -151,6 +151,34 @@ pub struct Process {
     pub executable_owner: Option<u32>,
 }
 
+/// `portwatch.attribution_changed`: what /proc says now, where it differs from what the
+/// kernel captured when the socket started listening. A process can exec another
+/// program, rename itself or move to another cgroup between its bind and the agent's
+/// read of /proc; the event names what the kernel saw (`process.name`, `user`,
+/// `portwatch.cgroup`, `portwatch.systemd`) and classification and advice use those.
+#[derive(Serialize, Debug, Default, Clone, PartialEq, Eq)]
+pub struct AttributionChanged {
+    /// `renamed` (the thread's name differs: an exec or a rename since the bind),
+    /// `cgroup-moved`, `uid-changed`.
+    pub reasons: Vec<&'static str>,
+    /// /proc's name now (with `renamed`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// /proc's executable and command line now (with `renamed`): they may be those of a
+    /// program exec'd after the bind, so they are not in `process.*`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub executable: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command_line: Option<String>,
+    /// /proc's cgroup path now (with `cgroup-moved`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+    /// /proc's real uid now (with `uid-changed`; a daemon that drops privileges after
+    /// binding shows this too).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+}
+
 #[derive(Serialize, Debug, Clone)]
 pub struct Parent {
     pub pid: u32,
@@ -225,6 +253,10 @@ pub struct Portwatch {
     /// the kernel captured), `snapshot`, or `kernel-socket` (no process owns it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attribution: Option<&'static str>,
+    /// /proc, read after the kernel reported the listener, disagrees with what the kernel
+    /// captured at that moment. The event's own fields keep the kernel's values.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attribution_changed: Option<Shared<AttributionChanged>>,
     /// Where the listener can be reached from (scope, reachable scopes, public address).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exposure: Option<crate::classify::Exposure>,

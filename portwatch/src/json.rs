@@ -100,6 +100,11 @@ fn portwatch(out: &mut Vec<u8>, p: &Portwatch) -> serde_json::Result<()> {
         sep.key(out, b"\"attribution\":");
         string(out, a);
     }
+    sep.field(
+        out,
+        b"\"attribution_changed\":",
+        p.attribution_changed.as_deref(),
+    )?;
     sep.field(out, b"\"exposure\":", p.exposure.as_ref())?;
     sep.field(out, b"\"risk\":", p.risk.as_ref())?;
     sep.field(out, b"\"alert\":", p.alert.as_ref())?;
@@ -277,8 +282,8 @@ mod tests {
     use crate::{
         classify::Lang,
         event::{
-            Agent, ArgvCut, Boot, Cgroup, Container, ECS_VERSION, Ecs, Host, Log, Lost, Named,
-            Network, Parent, Process, Rule, Server, Systemd, shared,
+            Agent, ArgvCut, AttributionChanged, Boot, Cgroup, Container, ECS_VERSION, Ecs, Host,
+            Log, Lost, Named, Network, Parent, Process, Rule, Server, Systemd, shared,
         },
         probes::Hooks,
         risk::Assessor,
@@ -393,6 +398,14 @@ mod tests {
                     original_args_count: 2,
                 })),
                 attribution: Some("proc"),
+                attribution_changed: Some(shared(AttributionChanged {
+                    reasons: vec!["renamed", "cgroup-moved", "uid-changed"],
+                    name: Some(hostile.into()),
+                    executable: Some(hostile.into()),
+                    command_line: Some(hostile.into()),
+                    cgroup: Some(hostile.into()),
+                    uid: Some(1000),
+                })),
                 exposure: None,
                 risk: None,
                 alert: None,

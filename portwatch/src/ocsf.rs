@@ -410,6 +410,8 @@ struct Rest<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     attribution: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    attribution_changed: Option<&'a crate::event::AttributionChanged>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     exposure: Option<&'a crate::classify::Exposure>,
     #[serde(skip_serializing_if = "Option::is_none")]
     risk: Option<&'a Risk>,
@@ -430,6 +432,7 @@ impl Rest<'_> {
             && self.cgroup.is_none()
             && self.process.is_none()
             && self.attribution.is_none()
+            && self.attribution_changed.is_none()
             && self.exposure.is_none()
             && self.risk.is_none()
             && self.alert.is_none()
@@ -583,6 +586,7 @@ fn document(ev: &Event) -> Doc<'_> {
                 cgroup: pw.cgroup.as_deref().map(|v| &**v),
                 process: pw.process.as_deref().map(|v| &**v),
                 attribution: pw.attribution,
+                attribution_changed: pw.attribution_changed.as_deref().map(|v| &**v),
                 exposure: pw.exposure.as_ref(),
                 risk: pw.risk.as_ref(),
                 alert: alert.map(|a| AlertRest {

@@ -179,13 +179,18 @@ pub fn parse_status_ids(text: &str) -> Result<(u32, u32), ParseError> {
 }
 
 /// `/proc/<pid>/status` Uid:/Gid: lines -> (real uid, real gid)
-#[allow(
-    dead_code,
-    reason = "part of the module's API; the agent takes ids from kernel events for now"
-)]
 pub fn read_ids(pid: u32) -> io::Result<(u32, u32)> {
     let bytes = read_capped(&proc_file(pid, "status"), 64 * 1024)?;
     parse_status_ids(&String::from_utf8_lossy(&bytes)).map_err(invalid_data)
+}
+
+/// `/proc/<pid>/task/<tid>/comm`: the thread's name now, as [`escape_bytes`] shows it.
+pub fn read_thread_comm(pid: u32, tid: u32) -> io::Result<String> {
+    let mut bytes = read_capped(&proc_file(pid, &format!("task/{tid}/comm")), 64)?;
+    if bytes.last() == Some(&b'\n') {
+        bytes.pop();
+    }
+    Ok(escape_bytes(&bytes))
 }
 
 /// The suffix d_path() appends to the path of an unlinked file.

@@ -5,10 +5,10 @@
 
 use std::{
     ffi::{CString, OsStr, OsString},
-    io::{BufRead, BufReader},
+    io::{BufRead, BufReader, Write},
     os::unix::{ffi::OsStrExt, process::CommandExt},
     path::{Path, PathBuf},
-    process::{Child, ChildStdin, Command, Stdio},
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
     time::Duration,
 };
 
@@ -131,6 +131,7 @@ impl Drop for Delegated {
 struct Hostile {
     child: Child,
     stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
     /// The pid that printed "ready" (the forked child with `--fork-exit`).
     pid: u32,
     inode: u64,
@@ -140,23 +141,37 @@ impl Hostile {
     fn spawn(user: &LocalUser, cgroup: &Path, args: &[OsString]) -> Hostile {
         let mut child = spawn_as(user, cgroup, args, Stdio::piped());
         let stdin = child.stdin.take();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("ready line");
-        let mut f = line.split_whitespace().skip(1);
-        let pid = f.next().and_then(|p| p.parse().ok());
-        let inode = f.next().and_then(|p| p.parse().ok());
-        let (Some(pid), Some(inode)) = (pid, inode) else {
-            panic!("pw-hostile did not get ready: {line:?}");
-        };
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let (pid, inode) = ready(&mut stdout);
         Hostile {
             child,
             stdin,
+            stdout,
             pid,
             inode,
         }
     }
+
+    /// With `--then-bind`: tells it to open its second socket; returns that one's inode.
+    fn then_bind(&mut self) -> u64 {
+        let stdin = self.stdin.as_mut().expect("stdin");
+        stdin.write_all(b"go\n").expect("stdin");
+        stdin.flush().expect("stdin");
+        ready(&mut self.stdout).1
+    }
+}
+
+/// Reads pw-hostile's `ready PID INODE` line.
+fn ready(stdout: &mut BufReader<ChildStdout>) -> (u32, u64) {
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("ready line");
+    let mut f = line.split_whitespace().skip(1);
+    let pid = f.next().and_then(|p| p.parse().ok());
+    let inode = f.next().and_then(|p| p.parse().ok());
+    let (Some(pid), Some(inode)) = (pid, inode) else {
+        panic!("pw-hostile did not get ready: {line:?}");
+    };
+    (pid, inode)
 }
 
 impl Drop for Hostile {
@@ -373,6 +388,108 @@ fn a_process_name_steers_neither_advice_nor_allow_rules() {
         user.uid
     );
     assert!(alert.is_some(), "no alert: {start}");
+}
+
+/// Finding 3: the event names what the kernel saw at bind time. A process that binds,
+/// then moves to another cgroup and execs a harmless-looking program before the agent
+/// reads /proc (the agent is stopped meanwhile, as it may lag under load) is reported
+/// by its name at bind time and its cgroup then, with what /proc says now beside them.
+#[test]
+fn attribution_is_what_the_kernel_saw_at_bind_time() {
+    if !can_run_kernel_tests() {
+        return;
+    }
+    let user = LocalUser::create("x");
+    let tree = Delegated::new(
+        &user,
+        &["app.slice/bind.service", "app.slice/later.service"],
+    );
+    let (bound_in, later) = (
+        tree.path("app.slice/bind.service"),
+        tree.path("app.slice/later.service"),
+    );
+    let mut agent = Agent::start(&["--no-snapshot", "--lang", "en"]);
+    let agent_pid = agent.pid() as i32;
+
+    // SAFETY: signals to the agent this test started.
+    unsafe { libc::kill(agent_pid, libc::SIGSTOP) };
+    let mut h = Hostile::spawn(
+        &user,
+        &bound_in,
+        &args(&["--exec", "/usr/bin/sleep", "tcp", "11211", "60"]),
+    );
+    std::fs::write(later.join("cgroup.procs"), h.pid.to_string()).expect("move");
+    let execd = poll(Duration::from_secs(5), || {
+        (portwatch_tests::comm_of(h.pid) == "sleep").then_some(())
+    });
+    unsafe { libc::kill(agent_pid, libc::SIGCONT) };
+    assert!(execd.is_some(), "pw-hostile did not exec sleep");
+
+    let (start, alert) = start_and_alert(&mut agent, h.pid, 11211);
+    let _ = h.child.kill();
+    assert_eq!(start["process"]["name"], "pw-hostile", "{start}");
+    assert!(
+        start["process"]["executable"].is_null() && start["process"]["args"].is_null(),
+        "the exec'd program is not the listener's: {start}"
+    );
+    let changed = &start["portwatch"]["attribution_changed"];
+    assert_eq!(
+        changed["reasons"],
+        serde_json::json!(["renamed", "cgroup-moved"]),
+        "{start}"
+    );
+    assert_eq!(changed["name"], "sleep", "{start}");
+    assert_eq!(changed["executable"], "/usr/bin/sleep", "{start}");
+    let path = |v: &Value| v.as_str().unwrap_or("").to_owned();
+    assert!(
+        path(&start["portwatch"]["cgroup"]["path"]).ends_with("/bind.service"),
+        "{start}"
+    );
+    assert!(
+        path(&changed["cgroup"]).ends_with("/later.service"),
+        "{start}"
+    );
+    assert_eq!(
+        start["portwatch"]["systemd"]["unit"], "bind.service",
+        "{start}"
+    );
+    let alert = alert.expect("an alert for 0.0.0.0:11211");
+    assert_eq!(alert["process"]["name"], "pw-hostile", "{alert}");
+    assert!(
+        titles(&alert)
+            .iter()
+            .any(|t| t.contains(&h.pid.to_string())),
+        "{:#?}",
+        titles(&alert)
+    );
+
+    // A process that moved between two listens: the second is reported in its new
+    // cgroup (the cached owner of the first is not reused), with nothing changed.
+    let mut m = Hostile::spawn(
+        &user,
+        &bound_in,
+        &args(&["--then-bind", "6380", "tcp", "6379"]),
+    );
+    let (first, _) = start_and_alert(&mut agent, m.pid, 6379);
+    assert!(
+        path(&first["portwatch"]["cgroup"]["path"]).ends_with("/bind.service"),
+        "{first}"
+    );
+    std::fs::write(later.join("cgroup.procs"), m.pid.to_string()).expect("move");
+    m.then_bind();
+    let (second, _) = start_and_alert(&mut agent, m.pid, 6380);
+    assert!(
+        path(&second["portwatch"]["cgroup"]["path"]).ends_with("/later.service"),
+        "{second}"
+    );
+    assert_eq!(
+        second["portwatch"]["systemd"]["unit"], "later.service",
+        "{second}"
+    );
+    assert!(
+        second["portwatch"]["attribution_changed"].is_null(),
+        "{second}"
+    );
 }
 
 /// Finding 4: `kill` names the process that holds the socket when the alert is made, not

@@ -1,13 +1,17 @@
 //! What an unprivileged local user runs in the tests of `tests/local_user.rs`: the test
 //! starts it as that user, in a cgroup of the user's delegated subtree.
 //!
-//! `pw-hostile [--comm NAME] [--fork-exit] [--hold-ms N] tcp|udp PORT [ARGS...]`
+//! `pw-hostile [--comm NAME] [--fork-exit] [--hold-ms N] [--exec PROG] [--then-bind PORT2]
+//!  tcp|udp PORT [ARGS...]`
 //!
 //! Renames itself to NAME (as any process may), listens on (TCP) or binds (UDP)
 //! 0.0.0.0:PORT, prints `ready PID INODE` and holds the socket for N ms (default: until
 //! stdin closes). With `--fork-exit` it forks after listening and exits at once; the
-//! child keeps the socket, prints `ready CHILD_PID INODE` and holds it. ARGS are ignored:
-//! they are there to be seen in `/proc/<pid>/cmdline`.
+//! child keeps the socket, prints `ready CHILD_PID INODE` and holds it. With `--exec` it
+//! then execs PROG with ARGS, passing the socket on (as a script that binds and then
+//! execs a harmless-looking program does). With `--then-bind` it waits for a line on
+//! stdin, then listens on (binds) PORT2 as well and prints `ready PID INODE2`. ARGS are
+//! otherwise ignored: they are there to be seen in `/proc/<pid>/cmdline`.
 
 use std::{
     io::{Read, Write},
@@ -25,16 +29,38 @@ fn socket_inode(fd: i32) -> u64 {
         .expect("socket inode")
 }
 
+/// A TCP listener or a bound UDP socket on 0.0.0.0:port, and its descriptor.
+fn open(proto: &str, port: u16) -> (Box<dyn std::any::Any>, i32) {
+    if proto == "tcp" {
+        let l = TcpListener::bind(("0.0.0.0", port)).expect("listen");
+        let fd = l.as_raw_fd();
+        (Box::new(l), fd)
+    } else {
+        let u = UdpSocket::bind(("0.0.0.0", port)).expect("bind");
+        let fd = u.as_raw_fd();
+        (Box::new(u), fd)
+    }
+}
+
 fn main() {
     let mut args = std::env::args_os().skip(1);
     let mut comm = None;
     let mut fork_exit = false;
     let mut hold_ms: Option<u64> = None;
+    let mut exec: Option<std::ffi::OsString> = None;
+    let mut then_bind: Option<u16> = None;
     let mut proto = String::new();
     while let Some(a) = args.next() {
         match a.to_str() {
             Some("--comm") => comm = args.next().and_then(|s| s.into_string().ok()),
             Some("--fork-exit") => fork_exit = true,
+            Some("--exec") => exec = args.next(),
+            Some("--then-bind") => {
+                then_bind = args
+                    .next()
+                    .and_then(|s| s.into_string().ok())
+                    .and_then(|s| s.parse().ok());
+            }
             Some("--hold-ms") => {
                 hold_ms = args
                     .next()
@@ -58,16 +84,7 @@ fn main() {
         // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
         unsafe { libc::prctl(libc::PR_SET_NAME, c.as_ptr(), 0, 0, 0) };
     }
-    let (_tcp, _udp, fd);
-    if proto == "tcp" {
-        let l = TcpListener::bind(("0.0.0.0", port)).expect("listen");
-        fd = l.as_raw_fd();
-        (_tcp, _udp) = (Some(l), None);
-    } else {
-        let u = UdpSocket::bind(("0.0.0.0", port)).expect("bind");
-        fd = u.as_raw_fd();
-        (_tcp, _udp) = (None, Some(u));
-    }
+    let (_first, fd) = open(&proto, port);
     let inode = socket_inode(fd);
     if fork_exit {
         // SAFETY: single-threaded; the child only prints and sleeps.
@@ -80,6 +97,22 @@ fn main() {
     let mut out = std::io::stdout();
     writeln!(out, "ready {} {inode}", std::process::id()).expect("stdout");
     out.flush().expect("stdout");
+    if let Some(prog) = exec {
+        // SAFETY: fcntl on a descriptor this process owns.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
+        let err =
+            std::os::unix::process::CommandExt::exec(std::process::Command::new(prog).args(args));
+        panic!("exec: {err}");
+    }
+    let mut _second = None;
+    if let Some(port2) = then_bind {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line).expect("stdin");
+        let (s, fd2) = open(&proto, port2);
+        _second = Some(s);
+        writeln!(out, "ready {} {}", std::process::id(), socket_inode(fd2)).expect("stdout");
+        out.flush().expect("stdout");
+    }
     match hold_ms {
         Some(ms) => std::thread::sleep(Duration::from_millis(ms)),
         None => {
