@@ -339,6 +339,7 @@ impl Pipeline {
     /// Refresh the metrics' gauges (each tick).
     fn update_gauges(&self, hooks: usize, degraded: usize) {
         let Some(m) = &self.metrics else { return };
+        m.beat();
         let (process_cache, cgroup_cache) = self.enricher.cache_sizes();
         m.set_gauges(crate::metrics::Gauges {
             hooks_attached: hooks as u64,
@@ -1555,6 +1556,8 @@ async fn run(
         ),
         None => None,
     };
+    let mut notifier = crate::notify::Notifier::from_env()
+        .context("NOTIFY_SOCKET names a socket the agent cannot use")?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sighup = signal(SignalKind::hangup())?;
@@ -1591,6 +1594,15 @@ async fn run(
         "ring_buffer_bytes": config.ring_bytes,
         "pid": std::process::id(),
     }));
+    // Only now, with the hooks proven, does the service manager hear the sensor is up.
+    let status = if degraded.is_empty() {
+        "watching: self-check passed".to_owned()
+    } else {
+        format!("watching, degraded: {}", degraded.join("; "))
+    };
+    if let Err(e) = notifier.ready(&status) {
+        log::warn!("telling the service manager the sensor is ready: {e}");
+    }
 
     let attached: Vec<String> = pipeline
         .hooks
@@ -1671,6 +1683,9 @@ async fn run(
                 pipeline.health(&attached, &degraded);
             }
             _ = tick.tick() => {
+                if let Err(e) = notifier.watchdog() {
+                    log::warn!("service manager watchdog: {e}");
+                }
                 pipeline.report_folds(folds, false);
                 pipeline.tick(stats.read().ok(), false);
                 pipeline.update_gauges(attached.len(), degraded.len());
@@ -1687,6 +1702,7 @@ async fn run(
             }
         }
     };
+    let _ = notifier.stopping();
     // Whatever the kernel wrote before we stopped still goes out.
     while drain(ring.get_mut(), urgent.get_mut(), pipeline) == BATCH_MAX {}
     Ok(why)

@@ -51,7 +51,7 @@ pub enum Command {
         /// Write to stdout too [default: only when no other destination is given].
         #[arg(long)]
         stdout: bool,
-        /// Serve Prometheus metrics on ADDR (e.g. 127.0.0.1:9100), path /metrics.
+        /// Serve Prometheus metrics on ADDR (e.g. 127.0.0.1:9100), paths /metrics and /healthz.
         #[arg(long, value_name = "ADDR")]
         metrics: Option<String>,
         /// Kernel ring buffer size in bytes (a power of two, at least 4096) [default:

@@ -17,6 +17,7 @@ pub mod event;
 pub mod folds;
 pub mod json;
 pub mod metrics;
+pub mod notify;
 pub mod ocsf;
 pub mod probes;
 pub mod procfs;

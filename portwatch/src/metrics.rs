@@ -203,6 +203,9 @@ pub struct Metrics {
     open_listeners: U64Gauge,
     process_cache: U64Gauge,
     cgroup_cache: U64Gauge,
+    /// When the event loop last ticked, in ms since `born` (`/healthz`).
+    heartbeat_ms: AtomicU64,
+    born: Instant,
 }
 
 impl Default for Metrics {
@@ -315,7 +318,21 @@ impl Metrics {
             open_listeners,
             process_cache,
             cgroup_cache,
+            heartbeat_ms: AtomicU64::new(0),
+            born: Instant::now(),
         }
+    }
+
+    /// The event loop turned (once a second, from its tick).
+    pub fn beat(&self) {
+        let ms = self.born.elapsed().as_millis() as u64;
+        self.heartbeat_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// How long since the event loop last turned (since start when it never did).
+    pub fn since_beat(&self) -> Duration {
+        let last = Duration::from_millis(self.heartbeat_ms.load(Ordering::Relaxed));
+        self.born.elapsed().saturating_sub(last)
     }
 
     /// One event produced for output: its `event.action` and `network.transport`.
@@ -427,6 +444,9 @@ impl Collector for ProcessCollector {
 
 /// How long a client has to send its request (the whole request, not each read): a
 /// scraper sends it in one packet; a client that trickles bytes is cut off.
+/// `/healthz` answers 503 when the event loop has not turned for this long (it turns
+/// every second; the start-up self-check and snapshot fit well within it).
+pub const LIVENESS_WINDOW: Duration = Duration::from_secs(30);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long writing the response may take.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -548,7 +568,14 @@ impl Drop for ActiveGuard {
 /// What the request head asked for.
 #[derive(Debug, PartialEq, Eq)]
 enum Request {
-    Metrics { head: bool, openmetrics: bool },
+    Metrics {
+        head: bool,
+        openmetrics: bool,
+    },
+    /// `/healthz`: 200 while the event loop turns, 503 when it stalled (liveness probe).
+    Health {
+        head: bool,
+    },
     NotFound,
     MethodNotAllowed,
     Bad,
@@ -582,6 +609,27 @@ fn answer(stream: &mut TcpStream, metrics: &Metrics, request_timeout: Duration) 
             let length = body.len();
             let body = if head { &[][..] } else { body.as_bytes() };
             respond(stream, 200, "OK", Some((content_type, length)), body)
+        }
+        Request::Health { head } => {
+            let since = metrics.since_beat();
+            let (code, reason, body) = if since < LIVENESS_WINDOW {
+                (200, "OK", "ok\n".to_owned())
+            } else {
+                (
+                    503,
+                    "Service Unavailable",
+                    format!("event loop stalled for {} s\n", since.as_secs()),
+                )
+            };
+            let length = body.len();
+            let body = if head { &[][..] } else { body.as_bytes() };
+            respond(
+                stream,
+                code,
+                reason,
+                Some(("text/plain; charset=utf-8", length)),
+                body,
+            )
         }
         Request::NotFound => respond(stream, 404, "Not Found", None, b"not found\n"),
         Request::MethodNotAllowed => respond(
@@ -660,7 +708,7 @@ fn parse_request(head: &str) -> Request {
         return Request::Bad;
     }
     let path = target.split_once('?').map_or(target, |(p, _)| p);
-    if path != "/metrics" {
+    if path != "/metrics" && path != "/healthz" {
         return Request::NotFound;
     }
     let head = match method {
@@ -668,6 +716,9 @@ fn parse_request(head: &str) -> Request {
         "HEAD" => true,
         _ => return Request::MethodNotAllowed,
     };
+    if path == "/healthz" {
+        return Request::Health { head };
+    }
     let openmetrics = lines.any(|l| {
         l.split_once(':').is_some_and(|(name, value)| {
             name.trim().eq_ignore_ascii_case("accept")
@@ -934,6 +985,28 @@ mod tests {
         }
         assert_eq!(event_slot("listen-started", Some("udp")), None);
         assert_eq!(event_slot("listen-started", None), None);
+    }
+
+    #[test]
+    fn healthz_follows_the_event_loop() {
+        let metrics = Arc::new(Metrics::new());
+        let addr = start(metrics.clone(), REQUEST_TIMEOUT);
+        metrics.beat();
+        let r = get(addr, "/healthz");
+        assert_eq!((r.status, r.body.as_str()), (200, "ok\n"));
+        // A loop that last turned longer ago than the window: stalled.
+        metrics.heartbeat_ms.store(0, Ordering::Relaxed);
+        let stalled = Metrics {
+            born: Instant::now() - LIVENESS_WINDOW - Duration::from_secs(5),
+            ..Metrics::new()
+        };
+        assert!(stalled.since_beat() >= LIVENESS_WINDOW);
+        let addr = start(Arc::new(stalled), REQUEST_TIMEOUT);
+        let r = get(addr, "/healthz");
+        assert_eq!(r.status, 503, "{}", r.body);
+        assert!(r.body.starts_with("event loop stalled for 3"), "{}", r.body);
+        let r = request(addr, "HEAD /healthz HTTP/1.1\r\nHost: t\r\n\r\n");
+        assert_eq!((r.status, r.body.as_str()), (503, ""));
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod bench;
 mod coverage;
 mod fuzz;
 mod package;
+mod seccomp;
 mod soak;
 mod testvm;
 mod vm;
@@ -461,6 +462,7 @@ fn ci() -> anyhow::Result<()> {
     package::run(&package::PackageArgs {
         no_check: false,
         boot: true,
+        write_seccomp: false,
     })
     .context("ci: package checks (cargo xtask package --boot)")?;
 

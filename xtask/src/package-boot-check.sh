@@ -39,6 +39,12 @@ systemctl start portwatch  # postinst started it already; a no-op then
 wait_for sensor-started || fail "no sensor-started in $log"
 [ "$(systemctl is-active portwatch)" = active ] || fail "not active"
 ok "dpkg -i enabled and started portwatch.service; sensor-started in $log"
+# Type=notify: only the agent's READY=1, sent after its self-check, carries this status.
+[ "$(systemctl show -p Type --value portwatch)" = notify ] || fail "Type is not notify"
+systemctl show -p StatusText --value portwatch | grep -q '^watching: self-check passed$' ||
+	fail "no READY=1 status from the agent: $(systemctl show -p StatusText portwatch)"
+[ "$(systemctl show -p WatchdogUSec --value portwatch)" = 30s ] || fail "no watchdog"
+ok "Type=notify: ready after the self-check (status: watching: self-check passed), watchdog 30 s"
 
 pid=$(systemctl show -p MainPID --value portwatch)
 grep -q '^CapBnd:.*000000c000281004$' /proc/$pid/status || fail "capability bounding set: $(grep CapBnd /proc/$pid/status)"

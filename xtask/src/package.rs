@@ -39,6 +39,9 @@ const CAPABILITIES: &[&str] = &[
     "DAC_READ_SEARCH",
 ];
 
+/// The DaemonSet's seccomp profile (under packaging/), derived from the unit.
+const SECCOMP_PROFILE: &str = "k8s/seccomp-portwatch.json";
+
 #[derive(clap::Args)]
 pub struct PackageArgs {
     /// Only build the .deb; skip lintian and the install check.
@@ -48,9 +51,22 @@ pub struct PackageArgs {
     /// the .deb there and check the running service (needs systemd-container).
     #[arg(long)]
     pub boot: bool,
+    /// Rewrite packaging/k8s/seccomp-portwatch.json from the unit's SystemCallFilter=
+    /// (the checks fail while the committed profile differs).
+    #[arg(long)]
+    pub write_seccomp: bool,
 }
 
 pub fn run(args: &PackageArgs) -> anyhow::Result<()> {
+    if args.write_seccomp {
+        let unit = fs::read_to_string(packaging().join("systemd/portwatch.service"))?;
+        let profile = crate::seccomp::profile(&unit)?;
+        fs::write(
+            packaging().join(SECCOMP_PROFILE),
+            serde_json::to_string_pretty(&profile)? + "\n",
+        )?;
+        step(&format!("wrote packaging/{SECCOMP_PROFILE}"));
+    }
     let deb = build_deb()?;
     if !args.no_check {
         check(&deb)?;
@@ -533,9 +549,57 @@ fn check_daemonset(docs: &Value) -> anyhow::Result<()> {
     if pod["hostPID"] != true || pod["hostNetwork"] != true {
         bail!("daemonset.yaml: the pod needs hostPID and hostNetwork");
     }
-    let sc = &pod["containers"][0]["securityContext"];
+    let container = &pod["containers"][0];
+    let sc = &container["securityContext"];
     if sc["privileged"] != false {
         bail!("daemonset.yaml: the container must not be privileged");
+    }
+    // With CAP_SYS_ADMIN the kubelet treats allowPrivilegeEscalation as true whatever
+    // it says: `false` would only look like a protection.
+    if sc.get("allowPrivilegeEscalation").is_some() {
+        bail!(
+            "daemonset.yaml: allowPrivilegeEscalation means nothing with SYS_ADMIN; leave it out"
+        );
+    }
+    if sc["seccompProfile"]["type"] != "Localhost"
+        || sc["seccompProfile"]["localhostProfile"] != "portwatch.json"
+    {
+        bail!("daemonset.yaml: seccompProfile must be Localhost portwatch.json");
+    }
+    let probe = &container["livenessProbe"]["httpGet"];
+    let args: Vec<&str> = container["args"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let metrics = args
+        .iter()
+        .position(|a| *a == "--metrics")
+        .and_then(|i| args.get(i + 1))
+        .copied();
+    let probed = format!(
+        "{}:{}",
+        probe["host"].as_str().unwrap_or(""),
+        probe["port"].as_u64().unwrap_or(0)
+    );
+    if probe["path"] != "/healthz" || metrics != Some(probed.as_str()) {
+        bail!(
+            "daemonset.yaml: the liveness probe ({probed}{}) must GET /healthz on the \
+             --metrics address ({metrics:?})",
+            probe["path"]
+        );
+    }
+    let unit_text = fs::read_to_string(packaging().join("systemd/portwatch.service"))?;
+    let want = crate::seccomp::profile(&unit_text)?;
+    let have: Value = serde_json::from_str(
+        &fs::read_to_string(packaging().join(SECCOMP_PROFILE))
+            .with_context(|| format!("reading packaging/{SECCOMP_PROFILE}"))?,
+    )
+    .with_context(|| format!("packaging/{SECCOMP_PROFILE} is not JSON"))?;
+    if have != want {
+        bail!(
+            "packaging/{SECCOMP_PROFILE} differs from the unit's SystemCallFilter= \
+             (run cargo xtask package --write-seccomp)"
+        );
     }
     let added: BTreeSet<&str> = sc["capabilities"]["add"]
         .as_array()
