@@ -117,6 +117,9 @@ pub const FLAG_UNTRACKED: u32 = 1 << 6;
 pub const FLAG_URGENT: u32 = 1 << 7;
 /// Kernel-internal, never sent: a parked listen whose budget was charged when it began.
 pub const FLAG_CHARGED: u32 = 1 << 8;
+/// A UDP socket the kernel bound implicitly (its first `sendmsg()` without a `bind()`),
+/// found unconnected: it receives datagrams from anyone on its port, like a bound one.
+pub const FLAG_IMPLICIT: u32 = 1 << 9;
 
 pub const SOCKET_RECORD_SIZE: usize = core::mem::size_of::<SocketRecord>();
 const _: () = assert!(core::mem::size_of::<Header>() == 24);

@@ -359,6 +359,12 @@ pub fn deliver_end(rec: &mut SocketRecord, urgent: bool) {
     send(rec, urgent);
 }
 
+/// Whether the socket's start was folded (and its end not yet seen).
+#[inline(always)]
+pub fn is_folded(sock: u64) -> bool {
+    unsafe { FOLDED_SOCKS.get(sock) }.is_some()
+}
+
 /// Whether the socket's start was folded; if so its end is counted into the same fold
 /// and must not be sent.
 #[inline(always)]

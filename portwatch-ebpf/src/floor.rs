@@ -3,8 +3,8 @@
 //! themselves cost a workload, apart from anything portwatch does in them.
 
 use aya_ebpf::{
-    macros::{cgroup_sock, sock_ops, tracepoint},
-    programs::{SockContext, SockOpsContext, TracePointContext},
+    macros::{cgroup_sock, cgroup_sock_addr, sock_ops, tracepoint},
+    programs::{SockAddrContext, SockContext, SockOpsContext, TracePointContext},
 };
 
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
@@ -29,5 +29,15 @@ pub fn floor_bind6(_ctx: SockContext) -> i32 {
 
 #[cgroup_sock(sock_release)]
 pub fn floor_release(_ctx: SockContext) -> i32 {
+    1
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn floor_send4(_ctx: SockAddrContext) -> i32 {
+    1
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn floor_send6(_ctx: SockAddrContext) -> i32 {
     1
 }

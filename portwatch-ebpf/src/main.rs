@@ -11,6 +11,10 @@
 //!
 //! UDP: cgroup `post_bind4`/`post_bind6` (`__inet_bind()`, net/ipv4/af_inet.c) run after
 //! the port is reserved; cgroup `sock_release` (`inet_release()`) ends the socket's life.
+//! A socket with no `bind()` gets its port from its first `sendmsg()` (`inet_autobind()`
+//! in `inet_send_prepare()`), and then hears anyone on it: cgroup `sendmsg4`/`sendmsg6`,
+//! which `udp_sendmsg()`/`udpv6_sendmsg()` run for every unconnected send, after that
+//! autobind, report such a socket once (`FLAG_IMPLICIT`).
 //!
 //! The direct hook set (`direct.rs`) hooks the kernel functions themselves instead, where
 //! the kernel allows it; the agent picks one set at start.
@@ -37,19 +41,19 @@ use aya_ebpf::{
         bpf_get_current_task, bpf_get_current_uid_gid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
         bpf_probe_read_kernel,
     },
-    macros::{cgroup_sock, map, sock_ops, tracepoint},
+    macros::{cgroup_sock, cgroup_sock_addr, map, sock_ops, tracepoint},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
-    programs::{SockContext, SockOpsContext, TracePointContext},
+    programs::{SockAddrContext, SockContext, SockOpsContext, TracePointContext},
 };
 use aya_log_ebpf::warn;
 use deliver::{
-    FoldAttr, Start, decide, deliver_end, deliver_start, end_folded, important, send_start,
-    try_fold,
+    FoldAttr, Start, decide, deliver_end, deliver_start, end_folded, important, is_folded,
+    send_start, try_fold,
 };
 use portwatch_common::{
-    AF_INET, AF_INET6, FLAG_CHARGED, FLAG_INODE, FLAG_KTHREAD, FLAG_NETNS, FLAG_PPID, FLAG_START,
-    FLAG_UNTRACKED, FLAG_V6ONLY, Header, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_UDPLITE, KernelOffsets,
-    Kind, SocketRecord, TCP_CLOSE, TCP_LISTEN, stat,
+    AF_INET, AF_INET6, FLAG_CHARGED, FLAG_IMPLICIT, FLAG_INODE, FLAG_KTHREAD, FLAG_NETNS,
+    FLAG_PPID, FLAG_START, FLAG_UNTRACKED, FLAG_V6ONLY, Header, IPPROTO_TCP, IPPROTO_UDP,
+    IPPROTO_UDPLITE, KernelOffsets, Kind, SocketRecord, TCP_CLOSE, TCP_LISTEN, stat,
 };
 
 /// Ring buffer size in bytes; the agent may override it at load time.
@@ -306,6 +310,71 @@ pub fn udp_release(ctx: SockContext) -> i32 {
     1
 }
 
+#[cgroup_sock_addr(sendmsg4)]
+pub fn udp_send4(ctx: SockAddrContext) -> i32 {
+    udp_sent(&ctx);
+    1
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn udp_send6(ctx: SockAddrContext) -> i32 {
+    udp_sent(&ctx);
+    1
+}
+
+/// TCP_ESTABLISHED: the state of a connected UDP socket (`ip4_datagram_connect()`).
+const UDP_CONNECTED: u32 = 1;
+
+/// An unconnected UDP send: report the socket if it was never seen bound (the kernel
+/// bound it implicitly), once; later sends find it in `BOUND` and stop at that lookup.
+#[inline(always)]
+fn udp_sent(ctx: &SockAddrContext) {
+    let sa = ctx.sock_addr;
+    let (protocol, family) = unsafe {
+        (
+            read_volatile(&raw const (*sa).protocol),
+            read_volatile(&raw const (*sa).family),
+        )
+    };
+    if !is_udp(protocol) {
+        return;
+    }
+    // The context is the kernel's `struct bpf_sock_addr_kern`, whose first field is the
+    // `struct sock *` (include/linux/filter.h): read as a plain value, it keys the maps
+    // as the bind and release hooks' context pointers do.
+    let Some(sock) = read_kernel::<u64>(sa as u64, 0) else {
+        return;
+    };
+    if unsafe { BOUND.get(sock) }.is_some() || is_folded(sock) {
+        return;
+    }
+    // A connected socket hears only its peer (`sendto()` with an address on a connected
+    // socket also gets here).
+    let state = unsafe { read_volatile(&raw const (*(*sa).__bindgen_anon_1.sk).state) };
+    if state == UDP_CONNECTED {
+        return;
+    }
+    let off = OFFSETS.load();
+    let Some(port) = read_kernel::<u16>(sock, off.sock_num) else {
+        return;
+    };
+    if port == 0 {
+        return;
+    }
+    let mut addr = [0u8; 16];
+    if family == AF_INET as u32 {
+        if let Some(a) = read_kernel::<[u8; 4]>(sock, off.sock_rcv_saddr) {
+            addr[..4].copy_from_slice(&a);
+        }
+        udp_bound_flags(sock, AF_INET, protocol as u16, port, addr, FLAG_IMPLICIT);
+    } else {
+        if let Some(a) = read_kernel::<[u8; 16]>(sock, off.sock_v6_rcv_saddr) {
+            addr = a;
+        }
+        udp_bound_flags(sock, AF_INET6, protocol as u16, port, addr, FLAG_IMPLICIT);
+    }
+}
+
 /// UDP or UDP-Lite (a datagram socket bound like UDP, on protocol 136's own ports: a local
 /// user must not hide a service by choosing it).
 #[inline(always)]
@@ -371,8 +440,13 @@ fn udp_released(sock: u64, family: u16, protocol: u16) {
 
 #[inline(always)]
 fn udp_bound(sock: u64, family: u16, protocol: u16, port: u16, addr: [u8; 16]) {
+    udp_bound_flags(sock, family, protocol, port, addr, 0);
+}
+
+#[inline(always)]
+fn udp_bound_flags(sock: u64, family: u16, protocol: u16, port: u16, addr: [u8; 16], flags: u32) {
     // Folded: its release is found in FOLDED_SOCKS instead.
-    if !report_start(Kind::UdpBound, sock, family, protocol, port, &addr, 0) {
+    if !report_start(Kind::UdpBound, sock, family, protocol, port, &addr, flags) {
         remember_bound(sock, family, port, addr);
     }
 }

@@ -477,6 +477,7 @@ impl Pipeline {
             host_netns: r.netns.zip(self.host_netns).map(|(a, b)| u64::from(a) == b),
             v6only: (r.addr.is_ipv6()).then_some(r.v6only),
             kernel: r.kthread,
+            implicit_bind: r.implicit,
             thread_id: Some(r.tid),
             pids: Vec::new(),
         };
@@ -486,6 +487,11 @@ impl Pipeline {
                     self.startup.live_started.insert(key);
                 } else if self.startup.reported.remove(&key) {
                     return; // the snapshot already reported this socket
+                }
+                if r.implicit && self.open.contains_key(&key) {
+                    // An unconnected send from a socket already known (the snapshot
+                    // found it bound before the agent started).
+                    return;
                 }
                 let owner = self.enricher.owner_for_record(&r);
                 let user = Some(self.enricher.user(r.uid));
@@ -754,6 +760,7 @@ impl Pipeline {
             host_netns: self.host_netns.map(|h| h == f.netns_ino),
             v6only: f.v6only,
             kernel: owner.kernel,
+            implicit_bind: false,
             thread_id: None,
             pids: f.owners.clone(),
         };
@@ -995,6 +1002,7 @@ impl Pipeline {
             untracked: false,
             urgent: true,
             udplite,
+            implicit: false,
             transport,
             addr,
             port: 0,

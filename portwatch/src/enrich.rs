@@ -544,6 +544,7 @@ mod tests {
             untracked: false,
             urgent: false,
             udplite: false,
+            implicit: false,
             transport: crate::ring::Transport::Tcp,
             addr: std::net::Ipv4Addr::UNSPECIFIED.into(),
             port: 1,

@@ -341,6 +341,10 @@ pub struct Socket {
     /// True for sockets owned by the kernel (nfsd, in-kernel RPC): no process.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub kernel: bool,
+    /// A UDP socket with no `bind()`: the kernel chose its port at its first unconnected
+    /// send, and it hears anyone on that port.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub implicit_bind: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub thread_id: Option<u32>,
     /// Every process holding the socket (snapshot; a forked server shares it).

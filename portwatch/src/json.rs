@@ -148,6 +148,9 @@ fn socket(out: &mut Vec<u8>, s: &Socket) {
     if s.kernel {
         sep.key(out, b"\"kernel\":true");
     }
+    if s.implicit_bind {
+        sep.key(out, b"\"implicit_bind\":true");
+    }
     if let Some(t) = s.thread_id {
         sep.key(out, b"\"thread_id\":");
         uint(out, u64::from(t));
@@ -380,6 +383,7 @@ mod tests {
                     host_netns: Some(false),
                     v6only: Some(true),
                     kernel: true,
+                    implicit_bind: true,
                     thread_id: Some(5267),
                     pids: vec![1, 2, 3],
                 }),

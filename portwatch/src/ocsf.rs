@@ -921,6 +921,7 @@ mod tests {
             host_netns: Some(true),
             v6only: addr.is_ipv6().then_some(false),
             kernel: false,
+            implicit_bind: false,
             thread_id: Some(10849),
             pids: Vec::new(),
         });

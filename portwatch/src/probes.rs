@@ -13,11 +13,15 @@
 //! | `udp_bind4`    | cgroup `post_bind4` on the cgroup2 root | net/ipv4/af_inet.c `__inet_bind()`  |
 //! | `udp_bind6`    | cgroup `post_bind6` on the cgroup2 root | net/ipv6/af_inet6.c `__inet6_bind()`|
 //! | `udp_release`  | cgroup `sock_release` on the cgroup2 root | net/ipv4/af_inet.c `inet_release()`|
+//! | `udp_send4`    | cgroup `sendmsg4` on the cgroup2 root   | net/ipv4/udp.c `udp_sendmsg()`      |
+//! | `udp_send6`    | cgroup `sendmsg6` on the cgroup2 root   | net/ipv6/udp.c `udpv6_sendmsg()`    |
 //!
 //! The direct set hooks `inet_listen()`, `inet_csk_listen_stop()`, `inet_bind()`,
 //! `inet6_bind()` and `inet_release()` themselves, with fentry/fexit where the kernel
-//! allows it, else kprobe/kretprobe (see portwatch-ebpf/src/direct.rs). It needs no
-//! cgroup attachment and sees the result of each call directly.
+//! allows it, else kprobe/kretprobe (see portwatch-ebpf/src/direct.rs), and sees the
+//! result of each call directly. Both sets find implicitly bound UDP sockets with the
+//! same `udp_send4`/`udp_send6` (`inet_autobind()` is static, often inlined: no
+//! function to hook).
 
 use std::{
     fs::File,
@@ -28,7 +32,9 @@ use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, MapData, PerCpuArray, RingBuf},
-    programs::{CgroupAttachMode, CgroupSock, FEntry, FExit, KProbe, SockOps, TracePoint},
+    programs::{
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, FEntry, FExit, KProbe, SockOps, TracePoint,
+    },
 };
 use portwatch_common::{KernelOffsets, stat};
 
@@ -38,22 +44,29 @@ use crate::{btf, procfs, sys};
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portwatch.bpf.o"));
 
 /// Programs of the stable set, as the kernel reports their names.
-pub const STABLE_PROGRAMS: [&str; 5] = [
+pub const STABLE_PROGRAMS: [&str; 7] = [
     "listen_state",
     "listen_sockops",
     "udp_bind4",
     "udp_bind6",
     "udp_release",
+    "udp_send4",
+    "udp_send6",
 ];
 
 /// The floor set: do-nothing programs at the stable set's hooks (the bench's floor run).
-pub const FLOOR_PROGRAMS: [&str; 5] = [
+pub const FLOOR_PROGRAMS: [&str; 7] = [
     "floor_state",
     "floor_sockops",
     "floor_bind4",
     "floor_bind6",
     "floor_release",
+    "floor_send4",
+    "floor_send6",
 ];
+
+/// The unconnected-send pair both real sets attach (implicitly bound UDP sockets).
+const SEND_PROGRAMS: [&str; 2] = ["udp_send4", "udp_send6"];
 
 /// Programs of the direct set with fentry/fexit: (program, kernel function, is fexit).
 /// Attached in this order: the end hooks before the start hooks, so that no listener
@@ -78,17 +91,21 @@ const KPROBE_HOOKS: [(&str, &[&str], bool); 6] = [
 ];
 
 /// Names of every program in the object, as the kernel reports them.
-pub const PROGRAMS: [&str; 22] = [
+pub const PROGRAMS: [&str; 26] = [
     "floor_state",
     "floor_sockops",
     "floor_bind4",
     "floor_bind6",
     "floor_release",
+    "floor_send4",
+    "floor_send6",
     "listen_state",
     "listen_sockops",
     "udp_bind4",
     "udp_bind6",
     "udp_release",
+    "udp_send4",
+    "udp_send6",
     "release_enter",
     "listen_stop",
     "udp_bind4_exit",
@@ -349,6 +366,14 @@ fn choose_and_attach(
                 Err(kprobe) => Err(format!("{fentry}; {kprobe}")),
             }),
     };
+    // The direct set finds implicit UDP binds with the stable set's cgroup pair.
+    let direct = direct.and_then(|mut hooks| {
+        let attached =
+            attach_sends(ebpf, cgroup_root, SEND_PROGRAMS).map_err(|e| format!("{e:#}"))?;
+        hooks.programs.extend(SEND_PROGRAMS);
+        hooks.attached.extend(attached);
+        Ok(hooks)
+    });
     match (direct, choice) {
         (Ok(mut hooks), _) => {
             let how = match choice {
@@ -528,15 +553,15 @@ fn attach_stable(ebpf: &mut Ebpf, cgroup_root: &Path, reason: String) -> anyhow:
     attach_cgroup_tracepoint_set(ebpf, cgroup_root, &STABLE_PROGRAMS, reason)
 }
 
-/// Attach `names` (state tracepoint, sock_ops, post_bind4, post_bind6, sock_release:
-/// the stable set's order) to their hooks.
+/// Attach `names` (state tracepoint, sock_ops, post_bind4, post_bind6, sock_release,
+/// sendmsg4, sendmsg6: the stable set's order) to their hooks.
 fn attach_cgroup_tracepoint_set(
     ebpf: &mut Ebpf,
     cgroup_root: &Path,
-    names: &[&'static str; 5],
+    names: &[&'static str; 7],
     reason: String,
 ) -> anyhow::Result<Hooks> {
-    let [state, sockops, bind4, bind6, release] = *names;
+    let [state, sockops, bind4, bind6, release, send4, send6] = *names;
     let cgroup = File::open(cgroup_root)
         .with_context(|| format!("opening cgroup2 root {}", cgroup_root.display()))?;
     let prog: &mut SockOps = ebpf
@@ -572,22 +597,57 @@ fn attach_cgroup_tracepoint_set(
                 )
             })?;
     }
+    let sends = attach_sends(ebpf, cgroup_root, [send4, send6])?;
     // The state tracepoint goes last: a LISTEN it parks must always be followed by the
     // sock_ops confirmation, or its close would be mistaken for a failed listen().
     attach_tracepoint(ebpf, state, "sock", "inet_sock_set_state")?;
+    let mut attached: Vec<String> = vec![
+        "tracepoint/sock/inet_sock_set_state".into(),
+        "cgroup/sock_ops".into(),
+        "cgroup/post_bind4".into(),
+        "cgroup/post_bind6".into(),
+        "cgroup/sock_release".into(),
+    ];
+    attached.extend(sends);
     Ok(Hooks {
         set: "stable",
         via: "tracepoint+cgroup",
         reason,
         programs: names.to_vec(),
-        attached: vec![
-            "tracepoint/sock/inet_sock_set_state".into(),
-            "cgroup/sock_ops".into(),
-            "cgroup/post_bind4".into(),
-            "cgroup/post_bind6".into(),
-            "cgroup/sock_release".into(),
-        ],
+        attached,
     })
+}
+
+/// Attach the unconnected-send pair (`sendmsg4`, `sendmsg6`) to the cgroup2 root.
+fn attach_sends(
+    ebpf: &mut Ebpf,
+    cgroup_root: &Path,
+    names: [&str; 2],
+) -> anyhow::Result<Vec<String>> {
+    let cgroup = File::open(cgroup_root)
+        .with_context(|| format!("opening cgroup2 root {}", cgroup_root.display()))?;
+    let mut attached = Vec::new();
+    for (name, hook) in names
+        .into_iter()
+        .zip(["cgroup/sendmsg4", "cgroup/sendmsg6"])
+    {
+        let prog: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing from the embedded object"))?
+            .try_into()?;
+        prog.load()
+            .map_err(|e| anyhow!("the kernel refused program {name}: {e}"))?;
+        prog.attach(&cgroup, CgroupAttachMode::Single)
+            .map_err(|e| {
+                anyhow!(
+                    "attaching {name} to {} failed: {}; the kernel needs CONFIG_CGROUP_BPF=y",
+                    cgroup_root.display(),
+                    error_chain(&e)
+                )
+            })?;
+        attached.push(hook.to_owned());
+    }
+    Ok(attached)
 }
 
 fn attach_tracepoint(

@@ -6,9 +6,9 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use portwatch_common::{
-    AF_INET, AF_INET6, FLAG_INODE, FLAG_KTHREAD, FLAG_NETNS, FLAG_PPID, FLAG_START, FLAG_UNTRACKED,
-    FLAG_URGENT, FLAG_V6ONLY, Header, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_UDPLITE, Kind,
-    SOCKET_RECORD_SIZE, SocketRecord,
+    AF_INET, AF_INET6, FLAG_IMPLICIT, FLAG_INODE, FLAG_KTHREAD, FLAG_NETNS, FLAG_PPID, FLAG_START,
+    FLAG_UNTRACKED, FLAG_URGENT, FLAG_V6ONLY, Header, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_UDPLITE,
+    Kind, SOCKET_RECORD_SIZE, SocketRecord,
 };
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -64,6 +64,8 @@ pub struct Record {
     pub urgent: bool,
     /// A UDP-Lite socket (protocol 136): handled as UDP, reported as `udplite`.
     pub udplite: bool,
+    /// A UDP socket bound implicitly by an unconnected send (see FLAG_IMPLICIT).
+    pub implicit: bool,
     pub transport: Transport,
     pub addr: IpAddr,
     pub port: u16,
@@ -117,6 +119,7 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
         untracked: has(FLAG_UNTRACKED),
         urgent: has(FLAG_URGENT),
         udplite: r.protocol == IPPROTO_UDPLITE,
+        implicit: has(FLAG_IMPLICIT),
         transport,
         addr,
         port: r.port,

@@ -492,6 +492,46 @@ fn attribution_is_what_the_kernel_saw_at_bind_time() {
     );
 }
 
+/// Finding 8: a UDP socket that never called bind() but sent unconnected was bound by
+/// the kernel to 0.0.0.0 and hears anyone on its port: reported live, once, with
+/// `implicit_bind`. A connected one hears only its peer and is left out.
+#[test]
+fn an_implicitly_bound_udp_socket_is_reported_and_a_connected_one_is_not() {
+    if !can_run_kernel_tests() {
+        return;
+    }
+    let user = LocalUser::create("i");
+    let tree = Delegated::new(&user, &["app.slice/send.service"]);
+    let cg = tree.path("app.slice/send.service");
+    let mut agent = Agent::start(&["--no-snapshot", "--lang", "en"]);
+    let connected = Hostile::spawn(&user, &cg, &args(&["udp-connected", "9"]));
+    let implicit = Hostile::spawn(&user, &cg, &args(&["udp-implicit", "9"]));
+    let bound = agent.expect("udp-bound of the implicitly bound socket", |e| {
+        action(e) == "udp-bound" && e["portwatch"]["socket"]["inode"] == implicit.inode
+    });
+    assert_eq!(bound["process"]["pid"], implicit.pid, "{bound}");
+    assert_eq!(
+        bound["portwatch"]["socket"]["implicit_bind"], true,
+        "{bound}"
+    );
+    assert_eq!(bound["server"]["ip"], "0.0.0.0", "{bound}");
+    assert_eq!(bound["user"]["id"], user.uid.to_string(), "{bound}");
+    // Its later sends are not reported again; the connected socket never is.
+    let again = agent.wait_for(Duration::from_millis(500), |e| {
+        let inode = &e["portwatch"]["socket"]["inode"];
+        action(e) == "udp-bound"
+            && (*inode == connected.inode
+                || (*inode == implicit.inode
+                    && e["event"]["sequence"] != bound["event"]["sequence"]))
+    });
+    assert!(again.is_none(), "{again:?}");
+    drop(implicit);
+    agent.expect("udp-released of the implicitly bound socket", |e| {
+        action(e) == "udp-released"
+            && e["portwatch"]["socket"]["inode"] == bound["portwatch"]["socket"]["inode"]
+    });
+}
+
 /// Finding 4: `kill` names the process that holds the socket when the alert is made, not
 /// the one that listened and has since exited; nobody when nobody holds it.
 #[test]

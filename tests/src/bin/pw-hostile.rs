@@ -12,6 +12,11 @@
 //! execs a harmless-looking program does). With `--then-bind` it waits for a line on
 //! stdin, then listens on (binds) PORT2 as well and prints `ready PID INODE2`. ARGS are
 //! otherwise ignored: they are there to be seen in `/proc/<pid>/cmdline`.
+//!
+//! `udp-implicit` and `udp-connected` (PORT is where it sends, on 127.0.0.1) make a UDP
+//! socket with no `bind()` that sends one datagram, unconnected (the kernel binds it
+//! implicitly to 0.0.0.0 and it then hears anyone) or after `connect()` (it hears only
+//! its peer).
 
 use std::{
     io::{Read, Write},
@@ -31,6 +36,9 @@ fn socket_inode(fd: i32) -> u64 {
 
 /// A TCP listener or a bound UDP socket on 0.0.0.0:port, and its descriptor.
 fn open(proto: &str, port: u16) -> (Box<dyn std::any::Any>, i32) {
+    if proto == "udp-implicit" || proto == "udp-connected" {
+        return send_unbound(proto == "udp-connected", port);
+    }
     if proto == "tcp" {
         let l = TcpListener::bind(("0.0.0.0", port)).expect("listen");
         let fd = l.as_raw_fd();
@@ -39,6 +47,36 @@ fn open(proto: &str, port: u16) -> (Box<dyn std::any::Any>, i32) {
         let u = UdpSocket::bind(("0.0.0.0", port)).expect("bind");
         let fd = u.as_raw_fd();
         (Box::new(u), fd)
+    }
+}
+
+/// A UDP socket that never called bind(), after one datagram to 127.0.0.1:port.
+fn send_unbound(connect: bool, port: u16) -> (Box<dyn std::any::Any>, i32) {
+    // SAFETY: plain socket calls on a descriptor this function owns; `to` outlives them.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let to = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(std::net::Ipv4Addr::LOCALHOST).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let (to_ptr, len) = (
+            (&raw const to).cast::<libc::sockaddr>(),
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        let sent = if connect {
+            assert_eq!(libc::connect(fd, to_ptr, len), 0, "connect");
+            libc::send(fd, b"x".as_ptr().cast(), 1, 0)
+        } else {
+            libc::sendto(fd, b"x".as_ptr().cast(), 1, 0, to_ptr, len)
+        };
+        assert_eq!(sent, 1, "send: {}", std::io::Error::last_os_error());
+        let sock: std::os::fd::OwnedFd = std::os::fd::FromRawFd::from_raw_fd(fd);
+        (Box::new(sock), fd)
     }
 }
 
