@@ -145,7 +145,10 @@ pub mod stat {
     pub const FOLD_FULL: u32 = 6;
     /// Ends of folded listeners whose fold entry was already gone (nothing to count into).
     pub const FOLD_END_ORPHAN: u32 = 7;
-    pub const COUNT: u32 = 8;
+    /// `bind()`/`listen()` calls the direct set could not track from entry to return
+    /// (`BIND_CALLS`/`LISTEN_CALLS` refused the entry): their result is not reported.
+    pub const CALLS_FULL: u32 = 8;
+    pub const COUNT: u32 = 9;
 }
 
 /// Entries in the `RISKY_PORTS` bitmap (`u64` words): one bit per port.

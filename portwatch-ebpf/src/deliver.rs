@@ -26,7 +26,7 @@ use portwatch_common::{
     Fold, FoldKey, RISKY_WORDS, SCOPE_ADDRESS, SCOPE_LOOPBACK, SCOPE_WILDCARD, SocketRecord, stat,
 };
 
-use crate::{count, submit};
+use crate::record::{count, submit};
 
 /// Important records; sized by the agent (`--urgent-ring-bytes`).
 #[map]

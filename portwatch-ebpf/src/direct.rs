@@ -1,6 +1,6 @@
 //! The direct hook set: the kernel functions that make a listener or a bound UDP socket,
 //! hooked themselves. Used where the kernel allows fentry/fexit (or, failing that,
-//! kprobes); the stable set in `main.rs` is the fallback. Both fill the same
+//! kprobes); the stable set in `stable.rs` is the fallback. Both fill the same
 //! `SocketRecord` through `build()`, field for field, so the agent cannot tell them apart.
 //!
 //! | program (fentry/fexit, kprobe) | kernel function | source |
@@ -17,7 +17,7 @@
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::{fentry, fexit, kprobe, kretprobe, map},
-    maps::HashMap,
+    maps::LruHashMap,
     programs::{FEntryContext, FExitContext, ProbeContext, RetProbeContext},
 };
 use portwatch_common::{
@@ -25,22 +25,26 @@ use portwatch_common::{
 };
 
 use crate::{
-    OFFSETS, build, count,
     deliver::{deliver_end, end_folded, important},
-    kthread_flag, read_kernel, report_start_built, udp_bound_direct, udp_released,
+    record::{
+        OFFSETS, Sock, build, count, kthread_flag, read_kernel, report_start_built,
+        udp_bound_direct, udp_released,
+    },
 };
 
 /// `listen()` calls in flight that may move a socket into LISTEN, keyed by thread
 /// (`pid_tgid`): the `struct sock` the call started with. A `listen()` on a socket that
 /// already listens only resizes its backlog and is not a new listener (the stable set's
 /// state tracepoint does not fire for it either), so it is never entered here.
+/// LRU: an entry whose return was never seen (a kretprobe that missed, when more calls
+/// are in flight than kretprobe instances) goes first instead of staying for good.
 #[map]
-static LISTEN_CALLS: HashMap<u64, u64> = HashMap::with_max_entries(8192, 0);
+static LISTEN_CALLS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(8192, 0);
 
 /// `bind()` calls in flight for the kprobe flavour (a kretprobe sees no arguments):
-/// thread -> `struct socket`.
+/// thread -> `struct socket`. LRU for the same reason.
 #[map]
-static BIND_CALLS: HashMap<u64, u64> = HashMap::with_max_entries(8192, 0);
+static BIND_CALLS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(8192, 0);
 
 // --- fentry/fexit flavour (BTF-typed arguments; the return value follows them) ---
 
@@ -119,7 +123,7 @@ pub fn bind_enter_kp(ctx: ProbeContext) -> u32 {
             .insert(bpf_get_current_pid_tgid(), sock, 0)
             .is_err()
     {
-        count(stat::BOUND_FULL);
+        count(stat::CALLS_FULL);
     }
     0
 }
@@ -189,7 +193,7 @@ fn listen_called(socket: u64) {
         .insert(bpf_get_current_pid_tgid(), sk, 0)
         .is_err()
     {
-        count(stat::PENDING_FULL);
+        count(stat::CALLS_FULL);
     }
 }
 
@@ -260,11 +264,13 @@ fn listen_stopped(sk: u64) {
         Kind::ListenStopped,
         now,
         bpf_get_current_pid_tgid(),
-        sk,
-        family,
-        IPPROTO_TCP,
-        port,
-        &addr,
+        &Sock {
+            key: sk,
+            family,
+            protocol: IPPROTO_TCP,
+            port,
+            addr,
+        },
         0,
     );
     deliver_end(&mut rec, urgent);

@@ -872,7 +872,8 @@ impl Pipeline {
                 self.lost_lane(urgent, "ring-buffer-full", None, "urgent");
             }
             let untracked = (s.pending_full - self.kernel_seen.pending_full)
-                + (s.bound_full - self.kernel_seen.bound_full);
+                + (s.bound_full - self.kernel_seen.bound_full)
+                + (s.calls_full - self.kernel_seen.calls_full);
             if untracked > 0 {
                 self.lost(untracked, "kernel-map-full");
             }

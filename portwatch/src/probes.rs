@@ -90,35 +90,15 @@ const KPROBE_HOOKS: [(&str, &[&str], bool); 6] = [
     ("listen_enter_kp", &["inet_listen"], false),
 ];
 
-/// Names of every program in the object, as the kernel reports them.
-pub const PROGRAMS: [&str; 26] = [
-    "floor_state",
-    "floor_sockops",
-    "floor_bind4",
-    "floor_bind6",
-    "floor_release",
-    "floor_send4",
-    "floor_send6",
-    "listen_state",
-    "listen_sockops",
-    "udp_bind4",
-    "udp_bind6",
-    "udp_release",
-    "udp_send4",
-    "udp_send6",
-    "release_enter",
-    "listen_stop",
-    "udp_bind4_exit",
-    "udp_bind6_exit",
-    "listen_exit",
-    "listen_enter",
-    "release_kp",
-    "listen_stop_kp",
-    "bind_exit_kp",
-    "bind_enter_kp",
-    "listen_exit_kp",
-    "listen_enter_kp",
-];
+/// Names of every program in the object, as the kernel reports them: the lists above,
+/// each name once (a unit test holds them to the object's own list).
+pub fn programs() -> impl Iterator<Item = &'static str> {
+    STABLE_PROGRAMS
+        .into_iter()
+        .chain(FLOOR_PROGRAMS)
+        .chain(FENTRY_HOOKS.iter().map(|h| h.0))
+        .chain(KPROBE_HOOKS.iter().map(|h| h.0))
+}
 
 /// `--hooks`: which hook set to use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -408,28 +388,32 @@ fn choose_and_attach(
 /// refuse them, as the 6.18 microVM does with EPERM). A raw `BPF_PROG_LOAD`, because
 /// aya's loader needs its own full parse of the kernel BTF first.
 fn fentry_loads(func_id: u32) -> Result<(), String> {
-    const BPF_PROG_LOAD: libc::c_long = 5;
-    const BPF_PROG_TYPE_TRACING: u32 = 26;
-    const BPF_TRACE_FENTRY: u32 = 24;
+    use aya_obj::generated::{
+        bpf_attach_type::BPF_TRACE_FENTRY, bpf_attr, bpf_cmd::BPF_PROG_LOAD,
+        bpf_prog_type::BPF_PROG_TYPE_TRACING,
+    };
     // `r0 = 0; exit`
     let insns: [u64; 2] = [u64::from_le_bytes([0xb7, 0, 0, 0, 0, 0, 0, 0]), 0x95];
     let license = c"GPL";
-    // `union bpf_attr` for BPF_PROG_LOAD (include/uapi/linux/bpf.h), up to attach_btf_id.
-    let mut attr = [0u8; 128];
-    let mut put = |at: usize, bytes: &[u8]| attr[at..at + bytes.len()].copy_from_slice(bytes);
-    put(0, &BPF_PROG_TYPE_TRACING.to_ne_bytes());
-    put(4, &(insns.len() as u32).to_ne_bytes());
-    put(8, &(insns.as_ptr() as u64).to_ne_bytes());
-    put(16, &(license.as_ptr() as u64).to_ne_bytes());
-    put(68, &BPF_TRACE_FENTRY.to_ne_bytes());
-    put(108, &func_id.to_ne_bytes());
+    // SAFETY: all-zero is a valid `bpf_attr` (plain integers), and the kernel requires
+    // every byte it does not know to be zero.
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    // SAFETY: the union's bytes are initialised (zeroed above); this is its
+    // BPF_PROG_LOAD member.
+    let load = unsafe { &mut attr.__bindgen_anon_3 };
+    load.prog_type = BPF_PROG_TYPE_TRACING as u32;
+    load.insn_cnt = insns.len() as u32;
+    load.insns = insns.as_ptr() as u64;
+    load.license = license.as_ptr() as u64;
+    load.expected_attach_type = BPF_TRACE_FENTRY as u32;
+    load.attach_btf_id = func_id;
     // SAFETY: attr outlives the call; the pointers in it point at live locals.
     let fd = unsafe {
         libc::syscall(
             libc::SYS_bpf,
-            BPF_PROG_LOAD,
-            attr.as_ptr(),
-            attr.len() as u32,
+            BPF_PROG_LOAD as libc::c_long,
+            &raw const attr,
+            size_of::<bpf_attr>() as u32,
         )
     };
     if fd < 0 {
@@ -684,6 +668,7 @@ pub struct KernelStats {
     pub urgent_full: u64,
     pub fold_full: u64,
     pub fold_end_orphan: u64,
+    pub calls_full: u64,
 }
 
 /// The agent's half of the wake-up handshake (`AGENT_SLEEPING` in the programs): the
@@ -731,6 +716,7 @@ impl StatsReader {
             urgent_full: sum(stat::URGENT_FULL)?,
             fold_full: sum(stat::FOLD_FULL)?,
             fold_end_orphan: sum(stat::FOLD_END_ORPHAN)?,
+            calls_full: sum(stat::CALLS_FULL)?,
         })
     }
 }
@@ -776,4 +762,32 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// Every program the object holds is in exactly one list of this file, by the name
+    /// the kernel will report (at most 15 bytes), and every listed name is in it.
+    #[test]
+    fn the_lists_name_exactly_the_objects_programs() {
+        let object = aya_obj::Object::parse(OBJECT).expect("parsing the embedded object");
+        let in_object: BTreeSet<&str> = object.programs.keys().map(String::as_str).collect();
+        let listed: Vec<&str> = programs().collect();
+        let unique: BTreeSet<&str> = listed.iter().copied().collect();
+        assert_eq!(
+            unique.len(),
+            listed.len(),
+            "a name listed twice: {listed:?}"
+        );
+        assert_eq!(in_object, unique);
+        for name in listed {
+            assert!(name.len() < 16, "{name}: longer than BPF_OBJ_NAME_LEN - 1");
+        }
+        // The direct set's cgroup pair is the stable set's.
+        assert!(SEND_PROGRAMS.iter().all(|p| STABLE_PROGRAMS.contains(p)));
+    }
 }

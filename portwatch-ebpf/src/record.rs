@@ -1,0 +1,436 @@
+//! What every hook set shares: the maps the agent reads, the record a socket event
+//! becomes (`build`), its delivery, the UDP bookkeeping that ties a release to its bind,
+//! and the reads of kernel memory at the offsets the agent found in BTF.
+
+use core::ptr::read_volatile;
+
+use aya_ebpf::{
+    Global,
+    bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_current_task, bpf_get_current_uid_gid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+        bpf_probe_read_kernel,
+    },
+    macros::map,
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
+};
+use portwatch_common::{
+    AF_INET, FLAG_INODE, FLAG_KTHREAD, FLAG_NETNS, FLAG_PPID, FLAG_START, FLAG_UNTRACKED,
+    FLAG_V6ONLY, Header, IPPROTO_UDP, IPPROTO_UDPLITE, KernelOffsets, Kind, SocketRecord, stat,
+};
+
+use crate::deliver::{
+    FoldAttr, Start, decide, deliver_end, deliver_start, end_folded, important, send_start,
+    try_fold,
+};
+
+/// Ring buffer size in bytes; the agent may override it at load time.
+#[map]
+pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+
+/// Set to 1 by the agent just before it blocks waiting for the ring, 0 once awake.
+/// Records are submitted without a wake-up (on this VM each wake-up is an interrupt and
+/// cost ~5 µs in the listening process); only when the agent sleeps is it woken.
+#[map]
+pub(crate) static AGENT_SLEEPING: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Counters indexed by `portwatch_common::stat`.
+#[map]
+pub(crate) static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+
+/// UDP sockets we reported bound, keyed by `struct sock` address, so that
+/// `sock_release` reports only those (not every autobound client socket).
+#[map]
+pub(crate) static BOUND: HashMap<u64, Bound> = HashMap::with_max_entries(65536, 0);
+
+#[unsafe(no_mangle)]
+pub(crate) static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets::unknown());
+
+/// Local address of a UDP socket, kept from its bind for its release.
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub(crate) struct Bound {
+    pub(crate) family: u16,
+    pub(crate) port: u16,
+    pub(crate) _pad: [u8; 4],
+    pub(crate) addr: [u8; 16],
+}
+
+/// `PF_KTHREAD` from include/linux/sched.h.
+pub(crate) const PF_KTHREAD: u32 = 0x0020_0000;
+pub(crate) const UNKNOWN: u32 = KernelOffsets::UNKNOWN;
+
+/// UDP or UDP-Lite (a datagram socket bound like UDP, on protocol 136's own ports: a local
+/// user must not hide a service by choosing it).
+#[inline(always)]
+pub(crate) fn is_udp(protocol: u32) -> bool {
+    protocol == IPPROTO_UDP as u32 || protocol == IPPROTO_UDPLITE as u32
+}
+
+/// A UDP socket is being released (`inet_release()`): report it if we saw it bound.
+#[inline(always)]
+pub(crate) fn udp_released(sock: u64, family: u16, protocol: u16) {
+    let now = unsafe { bpf_ktime_get_ns() };
+    // sock_release may not read the address fields, so they come from the bind.
+    let Some(b) = (unsafe { BOUND.get(sock) }).copied() else {
+        if end_folded(sock) {
+            return;
+        }
+        // Not seen bound. If it holds a port it may be a listener found by the agent's
+        // startup snapshot, whose end must not go missing; the agent drops the rest.
+        let Some(port) = read_kernel::<u16>(sock, OFFSETS.load().sock_num) else {
+            return;
+        };
+        if port != 0 {
+            let off = OFFSETS.load();
+            let mut addr = [0u8; 16];
+            if family == AF_INET {
+                if let Some(a) = read_kernel::<[u8; 4]>(sock, off.sock_rcv_saddr) {
+                    addr[..4].copy_from_slice(&a);
+                }
+            } else if let Some(a) = read_kernel::<[u8; 16]>(sock, off.sock_v6_rcv_saddr) {
+                addr = a;
+            }
+            let urgent = important(port, family, &addr);
+            let mut rec = build(
+                Kind::UdpReleased,
+                now,
+                bpf_get_current_pid_tgid(),
+                &Sock {
+                    key: sock,
+                    family,
+                    protocol,
+                    port,
+                    addr,
+                },
+                FLAG_UNTRACKED,
+            );
+            deliver_end(&mut rec, urgent);
+        }
+        return;
+    };
+    let _ = BOUND.remove(sock);
+    let urgent = important(b.port, b.family, &b.addr);
+    let mut rec = build(
+        Kind::UdpReleased,
+        now,
+        bpf_get_current_pid_tgid(),
+        &Sock {
+            key: sock,
+            family: b.family,
+            protocol,
+            port: b.port,
+            addr: b.addr,
+        },
+        0,
+    );
+    deliver_end(&mut rec, urgent);
+}
+
+#[inline(always)]
+pub(crate) fn udp_bound(sock: u64, family: u16, protocol: u16, port: u16, addr: [u8; 16]) {
+    udp_bound_flags(sock, family, protocol, port, addr, 0);
+}
+
+#[inline(always)]
+pub(crate) fn udp_bound_flags(
+    sock: u64,
+    family: u16,
+    protocol: u16,
+    port: u16,
+    addr: [u8; 16],
+    flags: u32,
+) {
+    // Folded: its release is found in FOLDED_SOCKS instead.
+    if !report_start(Kind::UdpBound, sock, family, protocol, port, &addr, flags) {
+        remember_bound(sock, family, port, addr);
+    }
+}
+
+/// Keep a reported UDP socket's address for its release (`sock_release` may not read it).
+#[inline(always)]
+pub(crate) fn remember_bound(sock: u64, family: u16, port: u16, addr: [u8; 16]) {
+    let b = Bound {
+        family,
+        port,
+        _pad: [0; 4],
+        addr,
+    };
+    if BOUND.insert(sock, b, 0).is_err() {
+        count(stat::BOUND_FULL);
+    }
+}
+
+/// Scratch space for the direct set's records (one per CPU).
+#[map]
+pub(crate) static SCRATCH: PerCpuArray<SocketRecord> = PerCpuArray::with_max_entries(1, 0);
+
+/// A start the direct set reports: the record is built first, into per-CPU map memory,
+/// and then delivered. Map memory is opaque to the verifier, so the many values the
+/// record's flags can take (one per combination of fields read) do not multiply the
+/// paths of the delivery that follows; built on the stack, the fexit on `inet_bind`
+/// went past 6.1's million-instruction limit. (The stable set decides on the budgets
+/// before building; its programs stay well within the limit.) True when folded.
+#[inline(always)]
+pub(crate) fn report_start_built(
+    kind: Kind,
+    sock: u64,
+    family: u16,
+    protocol: u16,
+    port: u16,
+    addr: &[u8; 16],
+    extra: u32,
+) -> bool {
+    let Some(rec) = SCRATCH.get_ptr_mut(0) else {
+        return false;
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: a per-CPU map value, ours for the program's run.
+    unsafe {
+        *rec = build(
+            kind,
+            now,
+            pid_tgid,
+            &Sock {
+                key: sock,
+                family,
+                protocol,
+                port,
+                addr: *addr,
+            },
+            extra,
+        );
+        deliver_start(&mut *rec, sock)
+    }
+}
+
+/// `udp_bound` for the direct set: the record built first (see `report_start_built`).
+#[inline(always)]
+pub(crate) fn udp_bound_direct(sock: u64, family: u16, protocol: u16, port: u16, addr: [u8; 16]) {
+    if !report_start_built(Kind::UdpBound, sock, family, protocol, port, &addr, 0) {
+        remember_bound(sock, family, port, addr);
+    }
+}
+
+/// A start whose port is known, in its task: the budgets first (a start over budget is
+/// folded without attribution reads), then the record, sent in its lane. True when it
+/// was folded.
+#[inline(always)]
+pub(crate) fn report_start(
+    kind: Kind,
+    sock: u64,
+    family: u16,
+    protocol: u16,
+    port: u16,
+    addr: &[u8; 16],
+    extra: u32,
+) -> bool {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let s = Start {
+        pid_tgid,
+        uid_gid: bpf_get_current_uid_gid(),
+        start_boottime_ns: task_start().unwrap_or(0),
+        now,
+        family,
+        protocol,
+        port,
+        addr: *addr,
+    };
+    let d = decide(&s);
+    if try_fold(&s, &d, sock, || fold_attr(sock)) {
+        return true;
+    }
+    let urgent = important(port, family, addr);
+    let mut rec = build(
+        kind,
+        now,
+        pid_tgid,
+        &Sock {
+            key: sock,
+            family,
+            protocol,
+            port,
+            addr: *addr,
+        },
+        extra,
+    );
+    send_start(&mut rec, &d, urgent);
+    false
+}
+
+/// The socket an event is about, as its hook found it.
+pub(crate) struct Sock {
+    /// The kernel's `struct sock` address: the key of the per-socket maps.
+    pub(crate) key: u64,
+    pub(crate) family: u16,
+    pub(crate) protocol: u16,
+    pub(crate) port: u16,
+    pub(crate) addr: [u8; 16],
+}
+
+/// The full record of a socket event, captured in the current task's context.
+#[inline(always)]
+pub(crate) fn build(
+    kind: Kind,
+    ktime_ns: u64,
+    pid_tgid: u64,
+    s: &Sock,
+    extra: u32,
+) -> SocketRecord {
+    let sock = s.key;
+    let off = OFFSETS.load();
+    // An end needs only what pairs it with its start (the inode); the agent reuses the
+    // start's attribution, so the namespace and task reads are skipped for it.
+    let starting = matches!(kind, Kind::ListenStarted | Kind::UdpBound);
+    let mut flags = extra;
+
+    let socket = read_kernel::<u64>(sock, off.sock_socket).filter(|s| *s != 0);
+    let inode =
+        socket.and_then(|s| read_kernel::<u64>(s, off.socket_to_inode.wrapping_add(off.inode_ino)));
+    if inode.is_some() {
+        flags |= FLAG_INODE;
+    }
+    let net = if starting {
+        read_kernel::<u64>(sock, off.sock_net).filter(|n| *n != 0)
+    } else {
+        None
+    };
+    let netns = net.and_then(|n| read_kernel::<u32>(n, off.net_inum));
+    if netns.is_some() {
+        flags |= FLAG_NETNS;
+    }
+    if read_kernel::<u8>(sock, off.sock_ipv6only_byte)
+        .is_some_and(|b| b & (1u8 << (off.sock_ipv6only_bit & 7)) != 0)
+    {
+        flags |= FLAG_V6ONLY;
+    }
+    let task = if starting { current_task() } else { 0 };
+    let leader = read_kernel::<u64>(task, off.task_group_leader).filter(|l| *l != 0);
+    let start = leader.and_then(|l| read_kernel::<u64>(l, off.task_start_boottime));
+    if start.is_some() {
+        flags |= FLAG_START;
+    }
+    let parent = read_kernel::<u64>(task, off.task_real_parent).filter(|p| *p != 0);
+    let ppid = parent.and_then(|p| read_task_u32(p, off.task_tgid));
+    if ppid.is_some() {
+        flags |= FLAG_PPID;
+    }
+
+    SocketRecord {
+        header: Header {
+            kind: kind as u32,
+            cpu: unsafe { bpf_get_smp_processor_id() },
+            ktime_ns,
+            pid_tgid,
+        },
+        uid_gid: bpf_get_current_uid_gid(),
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        sock_key: sock,
+        inode: inode.unwrap_or(0),
+        start_boottime_ns: start.unwrap_or(0),
+        netns_ino: netns.unwrap_or(0),
+        ppid: ppid.unwrap_or(0),
+        flags,
+        family: s.family,
+        protocol: s.protocol,
+        port: s.port,
+        _pad: [0; 6],
+        addr: s.addr,
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    }
+}
+
+/// Put a record in the bulk ring, counting it when there is no room. Returns whether it
+/// was delivered.
+#[inline(always)]
+pub(crate) fn submit(rec: &SocketRecord) -> bool {
+    let Some(mut entry) = EVENTS.reserve::<SocketRecord>(0) else {
+        count(stat::RING_FULL);
+        return false;
+    };
+    entry.write(*rec);
+    // Commit first (an atomic exchange: a full barrier), then look at the flag. The agent
+    // sets the flag, fences, then checks the ring once more before blocking: one of the
+    // two always sees the other, so no record is left without a wake-up.
+    entry.submit(BPF_RB_NO_WAKEUP as u64);
+    let sleeping = AGENT_SLEEPING
+        .get_ptr(0)
+        .is_some_and(|p| unsafe { read_volatile(p) } != 0);
+    if sleeping && let Some(nudge) = EVENTS.reserve::<u64>(0) {
+        // A discarded slot is skipped by the reader; it exists to carry the wake-up.
+        nudge.discard(BPF_RB_FORCE_WAKEUP as u64);
+    }
+    true
+}
+
+/// `FLAG_KTHREAD` when the current task is a kernel thread (no process owns the socket).
+#[inline(always)]
+pub(crate) fn kthread_flag() -> u32 {
+    let task_flags = read_task_u32(current_task(), OFFSETS.load().task_flags);
+    if task_flags.is_some_and(|f| f & PF_KTHREAD != 0) {
+        FLAG_KTHREAD
+    } else {
+        0
+    }
+}
+
+/// The network namespace and parent of a folded start's process (for a new fold).
+#[inline(always)]
+pub(crate) fn fold_attr(sock: u64) -> FoldAttr {
+    let off = OFFSETS.load();
+    let netns = read_kernel::<u64>(sock, off.sock_net)
+        .filter(|n| *n != 0)
+        .and_then(|n| read_kernel::<u32>(n, off.net_inum));
+    let parent = read_kernel::<u64>(current_task(), off.task_real_parent).filter(|p| *p != 0);
+    let ppid = parent.and_then(|p| read_task_u32(p, off.task_tgid));
+    FoldAttr {
+        netns_ino: netns.unwrap_or(0),
+        ppid: ppid.unwrap_or(0),
+        flags: if netns.is_some() { FLAG_NETNS } else { 0 }
+            | if ppid.is_some() { FLAG_PPID } else { 0 },
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    }
+}
+
+/// `start_boottime` of the current thread group's leader (what `build` records).
+#[inline(always)]
+pub(crate) fn task_start() -> Option<u64> {
+    let off = OFFSETS.load();
+    let leader = read_kernel::<u64>(current_task(), off.task_group_leader).filter(|l| *l != 0);
+    leader.and_then(|l| read_kernel::<u64>(l, off.task_start_boottime))
+}
+
+#[inline(always)]
+pub(crate) fn current_task() -> u64 {
+    unsafe { bpf_get_current_task() }
+}
+
+#[inline(always)]
+pub(crate) fn read_task_u32(task: u64, offset: u32) -> Option<u32> {
+    read_kernel::<u32>(task, offset)
+}
+
+/// Read a `T` at `base + offset` in kernel memory; `None` when the offset is unknown
+/// (not in this kernel's BTF) or the read faults.
+#[inline(always)]
+pub(crate) fn read_kernel<T>(base: u64, offset: u32) -> Option<T> {
+    if offset == UNKNOWN || base == 0 {
+        return None;
+    }
+    let r = unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T) };
+    if r.is_err() {
+        count(stat::READ_FAILED);
+    }
+    r.ok()
+}
+
+#[inline(always)]
+pub(crate) fn count(index: u32) {
+    if let Some(c) = STATS.get_ptr_mut(index) {
+        unsafe { *c += 1 };
+    }
+}

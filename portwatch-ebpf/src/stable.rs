@@ -1,0 +1,315 @@
+//! The stable hook set: a tracepoint and cgroup hooks, present on any kernel with BTF,
+//! ring buffers and cgroup BPF (the only set on kernels that refuse fentry and lack
+//! kprobes). See the crate documentation for what each hook sees.
+
+use core::ptr::read_volatile;
+
+use aya_ebpf::{
+    bindings::BPF_SOCK_OPS_TCP_LISTEN_CB,
+    helpers::{bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns},
+    macros::{cgroup_sock, cgroup_sock_addr, map, sock_ops, tracepoint},
+    maps::HashMap,
+    programs::{SockAddrContext, SockContext, SockOpsContext, TracePointContext},
+};
+use aya_log_ebpf::warn;
+use portwatch_common::{
+    AF_INET, AF_INET6, FLAG_CHARGED, FLAG_IMPLICIT, IPPROTO_TCP, Kind, SocketRecord, TCP_CLOSE,
+    TCP_LISTEN, stat,
+};
+
+use crate::{
+    deliver::{
+        Start, decide, deliver_end, deliver_start, end_folded, important, is_folded, try_fold,
+    },
+    record::{
+        BOUND, OFFSETS, Sock, build, count, fold_attr, is_udp, kthread_flag, read_kernel,
+        task_start, udp_bound, udp_bound_flags, udp_released,
+    },
+};
+
+/// A LISTEN transition waiting for its confirmation, keyed by `struct sock` address:
+/// the record as captured in the listening task, port still to be filled in.
+#[map]
+static PENDING: HashMap<u64, SocketRecord> = HashMap::with_max_entries(8192, 0);
+
+// Offsets of the `sock:inet_sock_set_state` record, from
+// /sys/kernel/tracing/events/sock/inet_sock_set_state/format (stable since 4.16).
+const TP_SKADDR: usize = 8;
+const TP_OLDSTATE: usize = 16;
+const TP_NEWSTATE: usize = 20;
+const TP_SPORT: usize = 24;
+const TP_FAMILY: usize = 28;
+const TP_PROTOCOL: usize = 30;
+const TP_SADDR: usize = 32;
+const TP_SADDR_V6: usize = 40;
+
+/// Load a field of the tracepoint record straight from the context: tracepoint
+/// programs may read their record directly (the verifier bounds it by the event's size
+/// at attach), which is several times cheaper than bpf_probe_read_kernel on a path that
+/// runs for every TCP state change on the host.
+#[inline(always)]
+fn tp_field<T: Copy>(ctx: &TracePointContext, offset: usize) -> T {
+    use aya_ebpf::EbpfContext as _;
+    unsafe { read_volatile(ctx.as_ptr().cast::<u8>().add(offset).cast::<T>()) }
+}
+
+#[tracepoint(category = "sock", name = "inet_sock_set_state")]
+pub fn listen_state(ctx: TracePointContext) -> u32 {
+    match try_listen_state(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_listen_state(ctx: &TracePointContext) -> Result<u32, u32> {
+    // Every TCP state change on the host lands here: decide on the two states first.
+    let newstate: i32 = tp_field(ctx, TP_NEWSTATE);
+    let oldstate: i32 = tp_field(ctx, TP_OLDSTATE);
+    let entering = newstate == TCP_LISTEN;
+    // Leaving LISTEN counts only into CLOSE: a connection accepted on a listener is
+    // cloned from it and reported LISTEN -> SYN_RECV (`inet_csk_clone_lock()`), once per
+    // connection, while the listener itself stays open.
+    if !entering && (oldstate != TCP_LISTEN || newstate != TCP_CLOSE) {
+        return Ok(0);
+    }
+    let protocol: u16 = tp_field(ctx, TP_PROTOCOL);
+    if protocol != IPPROTO_TCP {
+        return Ok(0);
+    }
+    let sock: u64 = tp_field(ctx, TP_SKADDR);
+    let family: u16 = tp_field(ctx, TP_FAMILY);
+    let mut addr = [0u8; 16];
+    if family == AF_INET {
+        let a: [u8; 4] = tp_field(ctx, TP_SADDR);
+        addr[..4].copy_from_slice(&a);
+    } else {
+        addr = tp_field(ctx, TP_SADDR_V6);
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let now = unsafe { bpf_ktime_get_ns() };
+
+    if entering {
+        // Everything about the listener is captured now, in its own task's context; the
+        // port of an unbound socket is filled in when the listen is confirmed.
+        let port: u16 = tp_field(ctx, TP_SPORT);
+        let mut extra = kthread_flag();
+        if port != 0 && extra == 0 {
+            // Bound already (the usual case): decide on the budgets now, so a start of a
+            // process over budget is folded without any attribution read or parking.
+            // (A listen() that then fails, which a bound socket does only on a
+            // SO_REUSEPORT conflict, is counted in the fold as a start and an end.)
+            let s = Start {
+                pid_tgid,
+                uid_gid: bpf_get_current_uid_gid(),
+                start_boottime_ns: task_start().unwrap_or(0),
+                now,
+                family,
+                protocol: IPPROTO_TCP,
+                port,
+                addr,
+            };
+            let d = decide(&s);
+            if try_fold(&s, &d, sock, || fold_attr(sock)) {
+                return Ok(0);
+            }
+            extra |= FLAG_CHARGED;
+        }
+        let rec = build(
+            Kind::ListenStarted,
+            now,
+            pid_tgid,
+            &Sock {
+                key: sock,
+                family,
+                protocol: IPPROTO_TCP,
+                port,
+                addr,
+            },
+            extra,
+        );
+        if PENDING.insert(sock, rec, 0).is_err() {
+            count(stat::PENDING_FULL);
+            warn!(
+                ctx,
+                "portwatch: pending-listen map full, a listen() will not be reported"
+            );
+        }
+        return Ok(0);
+    }
+
+    // LISTEN -> CLOSE of a socket whose listen was never confirmed: the port allocation
+    // failed and the kernel is undoing it inside the same listen(). Not a listener.
+    // Looked up first: a lookup takes no lock, a delete locks the bucket even to find
+    // nothing, and nothing is the usual answer (every real listener's close).
+    if newstate == TCP_CLOSE && PENDING.get_ptr(sock).is_some() && PENDING.remove(sock).is_ok() {
+        count(stat::LISTEN_FAILED);
+        return Ok(0);
+    }
+    if end_folded(sock) {
+        return Ok(0);
+    }
+    let port: u16 = tp_field(ctx, TP_SPORT);
+    let urgent = important(port, family, &addr);
+    let mut rec = build(
+        Kind::ListenStopped,
+        now,
+        pid_tgid,
+        &Sock {
+            key: sock,
+            family,
+            protocol: IPPROTO_TCP,
+            port,
+            addr,
+        },
+        0,
+    );
+    deliver_end(&mut rec, urgent);
+    Ok(0)
+}
+
+/// cgroup sock_ops `BPF_SOCK_OPS_TCP_LISTEN_CB`: called by `__inet_listen_sk()`
+/// (net/ipv4/af_inet.c; inline in `inet_listen()` before 6.8) only after
+/// `inet_csk_listen_start()` succeeded, with the port chosen. Every path to a listening
+/// TCP socket goes through it: listen(2), io_uring's IORING_OP_LISTEN on any thread,
+/// and in-kernel `kernel_listen()`. Confirms the transition parked above.
+#[sock_ops]
+pub fn listen_sockops(ctx: SockOpsContext) -> u32 {
+    let ops = ctx.ops;
+    // Context fields are loaded at their constant offsets, as the verifier requires.
+    let op = unsafe { read_volatile(&raw const (*ops).op) };
+    if op != BPF_SOCK_OPS_TCP_LISTEN_CB {
+        return 1;
+    }
+    let sock = unsafe { read_volatile(&raw const (*ops).__bindgen_anon_2.sk) } as u64;
+    // Host byte order (include/uapi/linux/bpf.h).
+    let port = unsafe { read_volatile(&raw const (*ops).local_port) } as u16;
+    let Some(parked) = PENDING.get_ptr(sock) else {
+        return 1;
+    };
+    let mut rec = unsafe { *parked };
+    let _ = PENDING.remove(sock);
+    rec.port = port;
+    deliver_start(&mut rec, sock);
+    1
+}
+
+#[cgroup_sock(post_bind4)]
+pub fn udp_bind4(ctx: SockContext) -> i32 {
+    let sk = ctx.sock;
+    // Context fields are readable only at constant offsets, and src_ip4 only in
+    // post_bind4 (`__sock_filter_check_attach_type()`, net/core/filter.c).
+    let (protocol, port, v4) = unsafe {
+        (
+            read_volatile(&raw const (*sk).protocol),
+            read_volatile(&raw const (*sk).src_port),
+            read_volatile(&raw const (*sk).src_ip4),
+        )
+    };
+    if is_udp(protocol) {
+        let mut addr = [0u8; 16];
+        addr[..4].copy_from_slice(&v4.to_ne_bytes());
+        udp_bound(sk as u64, AF_INET, protocol as u16, port as u16, addr);
+    }
+    1
+}
+
+#[cgroup_sock(post_bind6)]
+pub fn udp_bind6(ctx: SockContext) -> i32 {
+    let sk = ctx.sock;
+    let (protocol, port, v6) = unsafe {
+        (
+            read_volatile(&raw const (*sk).protocol),
+            read_volatile(&raw const (*sk).src_port),
+            [
+                read_volatile(&raw const (*sk).src_ip6[0]),
+                read_volatile(&raw const (*sk).src_ip6[1]),
+                read_volatile(&raw const (*sk).src_ip6[2]),
+                read_volatile(&raw const (*sk).src_ip6[3]),
+            ],
+        )
+    };
+    if is_udp(protocol) {
+        let mut addr = [0u8; 16];
+        addr[..4].copy_from_slice(&v6[0].to_ne_bytes());
+        addr[4..8].copy_from_slice(&v6[1].to_ne_bytes());
+        addr[8..12].copy_from_slice(&v6[2].to_ne_bytes());
+        addr[12..].copy_from_slice(&v6[3].to_ne_bytes());
+        udp_bound(sk as u64, AF_INET6, protocol as u16, port as u16, addr);
+    }
+    1
+}
+
+#[cgroup_sock(sock_release)]
+pub fn udp_release(ctx: SockContext) -> i32 {
+    let protocol = unsafe { read_volatile(&raw const (*ctx.sock).protocol) };
+    if is_udp(protocol) {
+        // The context pointer is the kernel's `struct sock` (`__cgroup_bpf_run_filter_sk()`).
+        let family = unsafe { read_volatile(&raw const (*ctx.sock).family) } as u16;
+        udp_released(ctx.sock as u64, family, protocol as u16);
+    }
+    1
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn udp_send4(ctx: SockAddrContext) -> i32 {
+    udp_sent(&ctx);
+    1
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn udp_send6(ctx: SockAddrContext) -> i32 {
+    udp_sent(&ctx);
+    1
+}
+
+/// TCP_ESTABLISHED: the state of a connected UDP socket (`ip4_datagram_connect()`).
+const UDP_CONNECTED: u32 = 1;
+
+/// An unconnected UDP send: report the socket if it was never seen bound (the kernel
+/// bound it implicitly), once; later sends find it in `BOUND` and stop at that lookup.
+#[inline(always)]
+fn udp_sent(ctx: &SockAddrContext) {
+    let sa = ctx.sock_addr;
+    let (protocol, family) = unsafe {
+        (
+            read_volatile(&raw const (*sa).protocol),
+            read_volatile(&raw const (*sa).family),
+        )
+    };
+    if !is_udp(protocol) {
+        return;
+    }
+    // The context is the kernel's `struct bpf_sock_addr_kern`, whose first field is the
+    // `struct sock *` (include/linux/filter.h): read as a plain value, it keys the maps
+    // as the bind and release hooks' context pointers do.
+    let Some(sock) = read_kernel::<u64>(sa as u64, 0) else {
+        return;
+    };
+    if unsafe { BOUND.get(sock) }.is_some() || is_folded(sock) {
+        return;
+    }
+    // A connected socket hears only its peer (`sendto()` with an address on a connected
+    // socket also gets here).
+    let state = unsafe { read_volatile(&raw const (*(*sa).__bindgen_anon_1.sk).state) };
+    if state == UDP_CONNECTED {
+        return;
+    }
+    let off = OFFSETS.load();
+    let Some(port) = read_kernel::<u16>(sock, off.sock_num) else {
+        return;
+    };
+    if port == 0 {
+        return;
+    }
+    let mut addr = [0u8; 16];
+    if family == AF_INET as u32 {
+        if let Some(a) = read_kernel::<[u8; 4]>(sock, off.sock_rcv_saddr) {
+            addr[..4].copy_from_slice(&a);
+        }
+        udp_bound_flags(sock, AF_INET, protocol as u16, port, addr, FLAG_IMPLICIT);
+    } else {
+        if let Some(a) = read_kernel::<[u8; 16]>(sock, off.sock_v6_rcv_saddr) {
+            addr = a;
+        }
+        udp_bound_flags(sock, AF_INET6, protocol as u16, port, addr, FLAG_IMPLICIT);
+    }
+}
