@@ -2,7 +2,7 @@
 //! is self-contained and can never carry a stale object.
 //!
 //! The programs are built by a nested cargo with Debian's rustc, which ships a prebuilt
-//! `core` for `bpfel-unknown-none` (see PLATFORM.md: no `-Z build-std` here). They go to
+//! `core` for `bpfel-unknown-none` (see docs/PLATFORM.md: no `-Z build-std` here). They go to
 //! their own target dir so the nested cargo never waits on the outer build's lock.
 
 use std::{env, path::PathBuf, process::Command};

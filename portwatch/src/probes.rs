@@ -252,7 +252,7 @@ pub fn load(opts: &Options) -> anyhow::Result<Sensor> {
                  BPF ring buffers (CONFIG_BPF_SYSCALL=y)"
             )
         })?;
-    // The logger owns the log map: keep it alive or later loads fail (PLATFORM.md).
+    // The logger owns the log map: keep it alive or later loads fail (docs/PLATFORM.md).
     let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
         Ok(l) => Some(l),
         Err(e) => {

@@ -1,6 +1,6 @@
 //! Which tests really ran in a full run, and where.
 //!
-//! A test that cannot run on some kernel prints `skipped: why` and passes (STYLE.md: skip
+//! A test that cannot run on some kernel prints `skipped: why` and passes (docs/STYLE.md: skip
 //! with a printed reason, and make sure CI still runs it where it can). `cargo xtask ci`
 //! runs the same tests on the host and, per hook set, on Debian's 6.1 and 6.12: it reads
 //! every part's libtest output (`--show-output` prints each passing test's captured

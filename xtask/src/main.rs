@@ -82,7 +82,7 @@ enum Cmd {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Need {
     /// Building the agent: Debian's rustc and `core` for BPF, LLVM 22, bpf-linker
-    /// (PLATFORM.md).
+    /// (docs/PLATFORM.md).
     Build,
     /// Loading the programs into this kernel: root, tracefs mounted.
     Kernel,

@@ -747,7 +747,7 @@ pub(crate) fn boot_with(
     mem_mib: u32,
 ) -> anyhow::Result<Console> {
     let mut child = Command::new("qemu-system-x86_64")
-        // KVM hangs on these machines (PLATFORM.md): TCG, no display.
+        // KVM hangs on these machines (docs/PLATFORM.md): TCG, no display.
         .args(["-accel", "tcg", "-cpu", "max"])
         .args(["-m", &mem_mib.to_string(), "-smp", &cpus.to_string()])
         .args(["-nographic", "-no-reboot"])
