@@ -394,6 +394,7 @@ mod tests {
                 })),
                 attribution: Some("proc"),
                 exposure: None,
+                exposure_change: None,
                 risk: None,
                 alert: None,
                 lost: Some(Lost {
