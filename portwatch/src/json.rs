@@ -101,6 +101,7 @@ fn portwatch(out: &mut Vec<u8>, p: &Portwatch) -> serde_json::Result<()> {
         string(out, a);
     }
     sep.field(out, b"\"exposure\":", p.exposure.as_ref())?;
+    sep.field(out, b"\"exposure_change\":", p.exposure_change.as_ref())?;
     sep.field(out, b"\"risk\":", p.risk.as_ref())?;
     sep.field(out, b"\"alert\":", p.alert.as_ref())?;
     sep.field(out, b"\"lost\":", p.lost.as_ref())?;
