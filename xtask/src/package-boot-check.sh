@@ -47,10 +47,10 @@ systemctl show -p StatusText --value portwatch | grep -q '^watching: self-check 
 ok "Type=notify: ready after the self-check (status: watching: self-check passed), watchdog 30 s"
 
 pid=$(systemctl show -p MainPID --value portwatch)
-grep -q '^CapBnd:.*000000c000281004$' /proc/$pid/status || fail "capability bounding set: $(grep CapBnd /proc/$pid/status)"
+grep -q '^CapBnd:.*000000c000283004$' /proc/$pid/status || fail "capability bounding set: $(grep CapBnd /proc/$pid/status)"
 grep -q '^NoNewPrivs:.*1$' /proc/$pid/status || fail "NoNewPrivs is not set"
 [ "$(stat -c '%U:%G %a' $log)" = "root:adm 640" ] || fail "$log is $(stat -c '%U:%G %a' $log)"
-ok "bounding set BPF PERFMON NET_ADMIN SYS_ADMIN SYS_PTRACE DAC_READ_SEARCH, NoNewPrivs, $log root:adm 0640"
+ok "bounding set BPF PERFMON NET_ADMIN NET_RAW SYS_ADMIN SYS_PTRACE DAC_READ_SEARCH, NoNewPrivs, $log root:adm 0640"
 
 python3 -c "import socket,time; s=socket.socket(); s.bind(('127.0.0.1',47123)); s.listen(); time.sleep(0.3)"
 setpriv --reuid=65534 --regid=65534 --clear-groups python3 -c \
