@@ -60,6 +60,10 @@ wait_for '"action":"udp-released".*"port":47124' || fail "no udp-bound/released 
 grep '"action":"udp-bound".*"port":47124' $log | grep -q '"user":{"id":"65534","name":"nobody"}' ||
 	fail "udp-bound not attributed to nobody"
 ok "a TCP listener and a UDP bind (as nobody) reported, start and end"
+# The ruleset tools run under the unit's sandbox: an empty ruleset accepts.
+grep '"action":"udp-bound".*"port":47124' $log | grep -q '"firewall":{"verdict":"accepted"' ||
+	fail "no firewall verdict under the unit's sandbox: $(grep '"port":47124' $log | grep -o '"firewall":{[^}]*}' | head -1)"
+ok "firewall verdict read under the unit's sandbox (accepted: no ruleset)"
 
 systemctl stop portwatch
 [ "$(systemctl show -p Result --value portwatch)" = success ] || fail "stop: $(systemctl show -p Result portwatch)"

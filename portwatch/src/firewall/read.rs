@@ -18,6 +18,9 @@ use std::time::Duration;
 use super::model::{Action, Family, Origin, Ruleset};
 use super::{ipt, nft};
 
+/// Where the ruleset tools are looked for.
+const TOOL_PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
+
 /// Longest a tool may take before it is killed and its part counted unread.
 const TOOL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -33,6 +36,9 @@ pub struct Read {
 fn run(prog: &str, args: &[&str]) -> Result<Vec<u8>, String> {
     let mut child = Command::new(prog)
         .args(args)
+        // Found in the system's directories only, whatever PATH the agent was started
+        // with: a root agent runs these as root (Command searches the PATH given here).
+        .env("PATH", TOOL_PATH)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
