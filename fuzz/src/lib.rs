@@ -24,6 +24,7 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("proc_net", proc_net),
     ("procfs", procfs),
     ("rules", rules),
+    ("ruleset", ruleset),
     ("record", record),
     ("emit", emit),
     ("remediation", remediation),
@@ -434,4 +435,72 @@ fn assert_shell_safe(cmd: &str) {
         !bare.contains(|c: char| c.is_control() || ";&|`$()<>*?[]{}~#!\\".contains(c)),
         "shell syntax outside quotes in {cmd:?} (bare: {bare:?})"
     );
+}
+
+/// A firewall ruleset: `nft -j list ruleset` JSON (and, split at the first NUL, an
+/// `iptables-save` text for the xt rules and as a legacy ruleset). Whatever parses must
+/// evaluate without panicking for a few packets; what does not must give one clean line.
+pub fn ruleset(data: &[u8]) {
+    use portwatch::classify::{Scope, Stack, Transport};
+    use portwatch::firewall::{self, IfAddr, ipt, model, nft};
+    let (json, save) = match data.iter().position(|&b| b == 0) {
+        Some(i) => (&data[..i], &data[i + 1..]),
+        None => (data, &[][..]),
+    };
+    let save = String::from_utf8_lossy(save);
+    let mut rulesets = vec![ipt::parse(
+        &save,
+        model::Family::Ip,
+        model::Origin::IptablesLegacy,
+    )];
+    match nft::parse(json) {
+        Ok(mut p) => {
+            ipt::fill_xt(&mut p.ruleset, &p.xt_rules, &save, model::Family::Ip);
+            rulesets.push(p.ruleset);
+        }
+        Err(e) => assert_one_clean_line("nft::parse", &e.to_string()),
+    }
+    let ifaces = [
+        IfAddr {
+            ifname: "eth0".into(),
+            addr: "203.0.113.5".parse().unwrap(),
+            prefix: 24,
+        },
+        IfAddr {
+            ifname: "eth1".into(),
+            addr: "10.0.0.5".parse().unwrap(),
+            prefix: 8,
+        },
+        IfAddr {
+            ifname: "eth0".into(),
+            addr: "2001:db8::5".parse().unwrap(),
+            prefix: 64,
+        },
+    ];
+    for rs in &rulesets {
+        for (t, port) in [
+            (Transport::Tcp, 22),
+            (Transport::Udp, 11211),
+            (Transport::Tcp, 1),
+        ] {
+            for want in [Scope::Public, Scope::Private] {
+                let f = firewall::probe(
+                    rs,
+                    &ifaces,
+                    t,
+                    "::".parse().unwrap(),
+                    Some(Stack::DualStack),
+                    port,
+                    want,
+                );
+                if let Some(f) = f {
+                    assert_eq!(
+                        f.rule.is_some(),
+                        f.verdict == firewall::State::Filtered,
+                        "{f:?}"
+                    );
+                }
+            }
+        }
+    }
 }

@@ -119,6 +119,10 @@ struct Open {
     netns: Option<u64>,
     /// Keyed by socket inode (comparable with /proc), not by kernel address.
     by_inode: bool,
+    /// IPV6_V6ONLY of a `::` socket, to assess it again when the ruleset changes.
+    v6only: Option<bool>,
+    /// The firewall verdict last reported for it.
+    firewall: Option<Arc<crate::firewall::Firewall>>,
 }
 
 /// Snapshot merge state: what the live stream reported while a /proc scan ran, and what
@@ -186,6 +190,8 @@ pub struct Pipeline {
     folds: crate::folds::Folds,
     /// Ports the kernel treats as important (one bit each), as loaded into RISKY_PORTS.
     important_ports: Vec<u64>,
+    /// Requests to the firewall watcher thread, when the firewall is followed.
+    fw_watch: Option<std::sync::mpsc::Sender<crate::firewall::watch::Request>>,
 }
 
 fn host_info(boot_id: &str, machine_id: Option<String>) -> Shared<Host> {
@@ -240,6 +246,7 @@ impl Pipeline {
             rules_path: policy.rules_path,
             metrics: None,
             hooks: None,
+            fw_watch: None,
         }
     }
 
@@ -249,6 +256,7 @@ impl Pipeline {
             "listen-started" | "udp-bound" => (&["network"], &["start"]),
             "listen-stopped" | "udp-released" => (&["network"], &["end"]),
             "listener-present" => (&["network"], &["info"]),
+            "exposure-changed" => (&["network"], &["change"]),
             _ => (&["host"], &["info"]),
         };
         let now = self.enricher.clocks.wall_from_ktime(sys::monotonic_ns());
@@ -296,8 +304,14 @@ impl Pipeline {
     }
 
     /// Classify a new listener's event, write it, then its alert right behind it.
-    fn write_assessed(&mut self, mut ev: Event) {
+    /// Returns the firewall verdict it carries, to compare with after a ruleset change.
+    fn write_assessed(&mut self, mut ev: Event) -> Option<Arc<crate::firewall::Firewall>> {
         let alert = self.assessor.assess(&mut ev);
+        let firewall = ev
+            .portwatch
+            .exposure
+            .as_ref()
+            .and_then(|e| e.firewall.clone());
         if alert.is_some() {
             // An alert and its listener travel together, ahead of bulk churn.
             ev.portwatch.urgent = true;
@@ -306,6 +320,108 @@ impl Pipeline {
         if let Some(mut alert) = alert {
             alert.portwatch.urgent = true;
             self.write(alert);
+        }
+        firewall
+    }
+
+    /// Follow the host firewall: each listener's verdict from now on, and (with
+    /// `watch`) re-evaluation when a namespace's ruleset changes.
+    pub fn enable_firewall(
+        &mut self,
+        watch: Option<std::sync::mpsc::Sender<crate::firewall::watch::Request>>,
+    ) {
+        self.fw_watch = watch.clone();
+        self.assessor.enable_firewall(watch);
+    }
+
+    /// A namespace's ruleset changed: assess its open listeners again and report each
+    /// whose firewall verdict changed (`exposure-changed`), with the alert when one
+    /// becomes exposed.
+    pub fn firewall_changed(&mut self, u: crate::firewall::watch::Update) {
+        self.assessor.set_ruleset(u.netns, u.ruleset);
+        let keys: Vec<u64> = self
+            .open
+            .iter()
+            .filter(|(_, o)| o.netns == Some(u.netns))
+            .map(|(k, _)| *k)
+            .collect();
+        let now = self.enricher.clocks.wall_from_ktime(sys::monotonic_ns());
+        for key in keys {
+            let Some(o) = self.open.get(&key) else {
+                continue;
+            };
+            let socket = Socket {
+                inode: o.by_inode.then_some(key),
+                netns: o.netns,
+                host_netns: o.netns.zip(self.host_netns).map(|(a, b)| a == b),
+                v6only: o.v6only,
+                ..Socket::default()
+            };
+            let l = Listener {
+                transport: o.transport,
+                udplite: o.udplite,
+                addr: o.addr,
+                port: o.port,
+                socket,
+                user: o.user.clone(),
+                group: o.group.clone(),
+            };
+            let owner = o.owner.clone();
+            let before = o.firewall.clone();
+            let mut ev = self.listener_event("exposure-changed", now, l, &owner);
+            let alert = self.assessor.assess(&mut ev);
+            let after = ev
+                .portwatch
+                .exposure
+                .as_ref()
+                .and_then(|e| e.firewall.clone());
+            let state = |f: &Option<Arc<crate::firewall::Firewall>>| f.as_ref().map(|f| f.verdict);
+            if state(&before) == state(&after) {
+                continue;
+            }
+            if let Some(o) = self.open.get_mut(&key) {
+                o.firewall = after.clone();
+            }
+            let name = |f: &Option<Arc<crate::firewall::Firewall>>| {
+                f.as_ref().map_or("not evaluated", |f| f.verdict.as_str())
+            };
+            let mut msg = format!(
+                "{} {}:{}: host firewall verdict for new connections changed from {} to {}",
+                o_transport(ev.network.as_ref()),
+                ev.server
+                    .as_ref()
+                    .map_or(String::new(), |s| s.ip.to_string()),
+                ev.server.as_ref().map_or(0, |s| s.port),
+                name(&before),
+                name(&after),
+            );
+            if let Some(r) = after.as_ref().and_then(|f| f.rule.as_ref()) {
+                msg.push_str(&format!(" ({})", r.short()));
+            }
+            ev.message = Some(msg);
+            ev.portwatch.exposure_change = Some(crate::event::ExposureChange {
+                before,
+                after: after.clone(),
+            });
+            ev.portwatch.urgent = true;
+            self.write(ev);
+            // Became reachable (or unknown): raise the alert again. Became filtered: the
+            // event above says so; no new alert.
+            let exposed = after
+                .as_ref()
+                .is_some_and(|f| f.verdict != crate::firewall::State::Filtered);
+            if let (true, Some(mut alert)) = (exposed, alert) {
+                alert.portwatch.urgent = true;
+                self.write(alert);
+            }
+        }
+    }
+
+    /// Namespaces with an open listener: the firewall watcher keeps only those.
+    fn retain_watched(&self) {
+        if let Some(w) = &self.fw_watch {
+            let keep: HashSet<u64> = self.open.values().filter_map(|o| o.netns).collect();
+            let _ = w.send(crate::firewall::watch::Request::Retain(keep));
         }
     }
 
@@ -337,6 +453,14 @@ impl Pipeline {
     }
 
     /// Refresh the metrics' gauges (each tick).
+    /// Open listeners exposed beyond loopback whose firewall verdict is `state`.
+    fn exposed(&self, state: crate::firewall::State) -> u64 {
+        self.open
+            .values()
+            .filter(|o| o.firewall.as_ref().is_some_and(|f| f.verdict == state))
+            .count() as u64
+    }
+
     fn update_gauges(&self, hooks: usize, degraded: usize) {
         let Some(m) = &self.metrics else { return };
         m.beat();
@@ -345,6 +469,9 @@ impl Pipeline {
             hooks_attached: hooks as u64,
             hooks_degraded: degraded as u64,
             open_listeners: self.open.len() as u64,
+            exposed_accepted: self.exposed(crate::firewall::State::Accepted),
+            exposed_filtered: self.exposed(crate::firewall::State::Filtered),
+            exposed_unknown: self.exposed(crate::firewall::State::Unknown),
             process_cache: process_cache as u64,
             cgroup_cache: cgroup_cache as u64,
             ..crate::metrics::Gauges::from_output(self.output.shared())
@@ -512,7 +639,7 @@ impl Pipeline {
                 };
                 let mut ev = self.listener_event(action, wall, l, &owner);
                 ev.portwatch.urgent |= r.urgent;
-                self.write_assessed(ev);
+                let firewall = self.write_assessed(ev);
                 if self.open.len() < OPEN_MAX {
                     self.open.insert(
                         key,
@@ -527,6 +654,8 @@ impl Pipeline {
                             port: r.port,
                             netns: r.netns.map(u64::from),
                             by_inode: r.inode.is_some(),
+                            v6only: r.addr.is_ipv6().then_some(r.v6only),
+                            firewall,
                         },
                     );
                 } else {
@@ -632,7 +761,7 @@ impl Pipeline {
             ev.portwatch.resync = resync;
             let transport = transport_of(f.socket.transport);
             let (addr, port) = (f.socket.addr, f.socket.port);
-            self.write_assessed(ev);
+            let firewall = self.write_assessed(ev);
             reported += 1;
             if key != 0 {
                 self.startup.reported.insert(key);
@@ -648,6 +777,8 @@ impl Pipeline {
                         port,
                         netns: Some(f.netns_ino),
                         by_inode: true,
+                        v6only: f.v6only,
+                        firewall,
                     };
                     self.open.insert(key, open);
                 }
@@ -1271,6 +1402,10 @@ fn short_ports(ranges: &str, count: u32) -> String {
     format!("{shown},... {} more", count.saturating_sub(in_shown))
 }
 
+fn o_transport(n: Option<&Network>) -> &'static str {
+    n.map_or("?", |n| n.transport)
+}
+
 fn transport_of(t: snapshot::Transport) -> Transport {
     match t {
         snapshot::Transport::Tcp => Transport::Tcp,
@@ -1349,6 +1484,8 @@ struct Rings {
 
 /// What the event loop needs besides the pipeline.
 struct RunConfig {
+    /// New rulesets from the firewall watcher thread.
+    firewall: tokio::sync::mpsc::UnboundedReceiver<crate::firewall::watch::Update>,
     ring_bytes: u32,
     snapshot: bool,
     health_interval: Option<Duration>,
@@ -1396,6 +1533,12 @@ pub async fn watch(opts: WatchOptions) -> anyhow::Result<()> {
     } = opts;
     let mut pipeline = Pipeline::new(output, cgroup_root.clone(), policy);
     pipeline.hooks = Some(hooks);
+    // The host firewall: rulesets are read and followed by their own thread, which hands
+    // the event loop whole new rulesets.
+    let (fw_tx, fw_rx) = tokio::sync::mpsc::unbounded_channel();
+    let fw_watch = crate::firewall::watch::spawn(move |u| fw_tx.send(u).is_ok())
+        .context("starting the firewall watcher thread")?;
+    pipeline.enable_firewall(Some(fw_watch));
     folds.set_risky(pipeline.important_ports())?;
     pipeline.output.start()?;
     if let Some(listener) = metrics_listener {
@@ -1408,6 +1551,7 @@ pub async fn watch(opts: WatchOptions) -> anyhow::Result<()> {
     // SAFETY: malloc_trim only releases free heap memory.
     unsafe { libc::malloc_trim(0) };
     let config = RunConfig {
+        firewall: fw_rx,
         ring_bytes,
         snapshot,
         health_interval,
@@ -1546,7 +1690,7 @@ async fn run(
     stats: &probes::StatsReader,
     mut sleep_flag: probes::SleepFlag,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
-    config: RunConfig,
+    mut config: RunConfig,
 ) -> anyhow::Result<&'static str> {
     let mut last_wake = Instant::now() - BUSY_GAP;
     // Records are submitted without a wake-up unless this flag is up: raise it before
@@ -1623,6 +1767,7 @@ async fn run(
     let mut scan = config.snapshot.then(spawn_scan);
     let mut scan_is_resync = false;
     let mut last_resync: Option<Instant> = None;
+    let mut ticks: u64 = 0;
 
     let why = loop {
         // Whatever the last branch wrote goes to the writers before waiting again.
@@ -1688,6 +1833,7 @@ async fn run(
                 guard.get_inner_mut().flush();
                 guard.clear_ready();
             }
+            Some(update) = config.firewall.recv() => pipeline.firewall_changed(update),
             _ = health.tick(), if config.health_interval.is_some() => {
                 pipeline.health(&attached, &degraded);
             }
@@ -1698,6 +1844,10 @@ async fn run(
                 pipeline.report_folds(folds, false);
                 pipeline.tick(stats.read().ok(), false);
                 pipeline.update_gauges(attached.len(), degraded.len());
+                ticks += 1;
+                if ticks.is_multiple_of(10) {
+                    pipeline.retain_watched();
+                }
                 // After a loss the open-listener table may be wrong: re-read /proc (no
                 // more often than RESYNC_MIN_GAP; the request waits until then).
                 let due = last_resync.is_none_or(|t| t.elapsed() >= RESYNC_MIN_GAP);

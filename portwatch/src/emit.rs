@@ -1065,6 +1065,14 @@ fn text_line(out: &mut String, ev: &Event, color: bool) {
         out.push_str(" container=");
         sanitize(out, c.id.get(..12).unwrap_or(&c.id));
     }
+    if let Some(f) = ev
+        .portwatch
+        .exposure
+        .as_ref()
+        .and_then(|x| x.firewall.as_ref())
+    {
+        let _ = write!(out, " firewall={}", f.verdict.as_str());
+    }
     if let Some(d) = ev.event.duration {
         let _ = write!(out, " lived={}", human_ns(d));
     }

@@ -257,9 +257,13 @@ pub struct Portwatch {
     /// captured at that moment. The event's own fields keep the kernel's values.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attribution_changed: Option<Shared<AttributionChanged>>,
-    /// Where the listener can be reached from (scope, reachable scopes, public address).
+    /// Where the listener can be reached from (scope, reachable scopes, public address,
+    /// and the host firewall's verdict).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub exposure: Option<crate::classify::Exposure>,
+    pub exposure: Option<ExposureOut>,
+    /// On `exposure-changed`: the firewall verdict before and after a ruleset change.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exposure_change: Option<ExposureChange>,
     /// The catalogue or policy entry the listener matched, and the outcome.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub risk: Option<crate::risk::Risk>,
@@ -290,6 +294,33 @@ pub struct Portwatch {
     /// important listener, an alert, a fold, a loss report), ahead of bulk churn.
     #[serde(skip)]
     pub urgent: bool,
+}
+
+/// `portwatch.exposure`: the address exposure and, when evaluated, the firewall verdict.
+#[derive(Serialize, Debug, Clone)]
+pub struct ExposureOut {
+    #[serde(flatten)]
+    pub exposure: crate::classify::Exposure,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub firewall: Option<Arc<crate::firewall::Firewall>>,
+}
+
+impl Deref for ExposureOut {
+    type Target = crate::classify::Exposure;
+
+    fn deref(&self) -> &crate::classify::Exposure {
+        &self.exposure
+    }
+}
+
+/// `portwatch.exposure_change` on `exposure-changed`.
+#[derive(Serialize, Debug, Clone)]
+pub struct ExposureChange {
+    /// The verdict reported before (none: not evaluated then).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub before: Option<Arc<crate::firewall::Firewall>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub after: Option<Arc<crate::firewall::Firewall>>,
 }
 
 /// `portwatch.fold` on `listeners-folded`: starts a process made above its budget,

@@ -106,6 +106,7 @@ fn portwatch(out: &mut Vec<u8>, p: &Portwatch) -> serde_json::Result<()> {
         p.attribution_changed.as_deref(),
     )?;
     sep.field(out, b"\"exposure\":", p.exposure.as_ref())?;
+    sep.field(out, b"\"exposure_change\":", p.exposure_change.as_ref())?;
     sep.field(out, b"\"risk\":", p.risk.as_ref())?;
     sep.field(out, b"\"alert\":", p.alert.as_ref())?;
     sep.field(out, b"\"lost\":", p.lost.as_ref())?;
@@ -411,6 +412,7 @@ mod tests {
                     uid: Some(1000),
                 })),
                 exposure: None,
+                exposure_change: None,
                 risk: None,
                 alert: None,
                 lost: Some(Lost {

@@ -14,6 +14,7 @@ pub mod config;
 pub mod emit;
 pub mod enrich;
 pub mod event;
+pub mod firewall;
 pub mod folds;
 pub mod json;
 pub mod metrics;

@@ -130,6 +130,11 @@ struct CacheLabels {
     cache: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FirewallLabels {
+    firewall: &'static str,
+}
+
 type U64Gauge = Gauge<u64, AtomicU64>;
 
 /// The figures the event loop knows and a scrape cannot read for itself, set together
@@ -149,6 +154,10 @@ pub struct Gauges {
     pub process_cache: u64,
     /// Entries in the cgroup cache (`enrich::CGROUP_CACHE_MAX` at most).
     pub cgroup_cache: u64,
+    /// Open listeners exposed beyond loopback, by the host firewall's verdict.
+    pub exposed_accepted: u64,
+    pub exposed_filtered: u64,
+    pub exposed_unknown: u64,
     /// Events written since start (a counter: only its increases are taken).
     pub events_written: u64,
     /// Failed write(2) calls of the output since start (a counter, likewise).
@@ -206,6 +215,8 @@ pub struct Metrics {
     /// When the event loop last ticked, in ms since `born` (`/healthz`).
     heartbeat_ms: AtomicU64,
     born: Instant,
+    /// accepted, filtered, unknown.
+    exposed: [U64Gauge; 3],
 }
 
 impl Default for Metrics {
@@ -295,6 +306,15 @@ impl Metrics {
         let caches = Family::<CacheLabels, U64Gauge>::default();
         let process_cache = caches.get_or_create_owned(&CacheLabels { cache: "process" });
         let cgroup_cache = caches.get_or_create_owned(&CacheLabels { cache: "cgroup" });
+        let exposed_family = Family::<FirewallLabels, U64Gauge>::default();
+        let exposed = ["accepted", "filtered", "unknown"]
+            .map(|firewall| exposed_family.get_or_create_owned(&FirewallLabels { firewall }));
+        registry.register(
+            "listeners_exposed",
+            "Open listeners reachable beyond loopback, by the host firewall's verdict for a new \
+             connection from where they are exposed (accepted, filtered, unknown)",
+            exposed_family,
+        );
         registry.register(
             "cache_entries",
             "Entries in the attribution caches, by cache (process, cgroup)",
@@ -320,6 +340,7 @@ impl Metrics {
             cgroup_cache,
             heartbeat_ms: AtomicU64::new(0),
             born: Instant::now(),
+            exposed,
         }
     }
 
@@ -390,6 +411,13 @@ impl Metrics {
         self.open_listeners.set(g.open_listeners);
         self.process_cache.set(g.process_cache);
         self.cgroup_cache.set(g.cgroup_cache);
+        for (gauge, v) in
+            self.exposed
+                .iter()
+                .zip([g.exposed_accepted, g.exposed_filtered, g.exposed_unknown])
+        {
+            gauge.set(v);
+        }
         // Counters never go back, whatever order two callers store in.
         self.events_written
             .inner()
@@ -967,6 +995,9 @@ mod tests {
             open_listeners: 42,
             process_cache: 300,
             cgroup_cache: 17,
+            exposed_accepted: 3,
+            exposed_filtered: 4,
+            exposed_unknown: 0,
             events_written: 1000,
             output_write_errors: 2,
         });
@@ -1030,6 +1061,7 @@ mod tests {
             ("portwatch_hooks_attached", "gauge"),
             ("portwatch_hooks_degraded", "gauge"),
             ("portwatch_listeners_open", "gauge"),
+            ("portwatch_listeners_exposed", "gauge"),
             ("portwatch_cache_entries", "gauge"),
             ("portwatch_process_cpu_seconds_total", "counter"),
             ("portwatch_process_resident_memory_bytes", "gauge"),
@@ -1085,6 +1117,13 @@ mod tests {
         assert_eq!(e.value("portwatch_hooks_attached", &[]), Some(5.0));
         assert_eq!(e.value("portwatch_hooks_degraded", &[]), Some(1.0));
         assert_eq!(e.value("portwatch_listeners_open", &[]), Some(42.0));
+        for (verdict, n) in [("accepted", 3.0), ("filtered", 4.0), ("unknown", 0.0)] {
+            assert_eq!(
+                e.value("portwatch_listeners_exposed", &[("firewall", verdict)]),
+                Some(n),
+                "{verdict}"
+            );
+        }
         let cache = "portwatch_cache_entries";
         assert_eq!(e.value(cache, &[("cache", "process")]), Some(300.0));
         assert_eq!(e.value(cache, &[("cache", "cgroup")]), Some(17.0));

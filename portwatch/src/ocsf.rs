@@ -412,7 +412,9 @@ struct Rest<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     attribution_changed: Option<&'a crate::event::AttributionChanged>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    exposure: Option<&'a crate::classify::Exposure>,
+    exposure: Option<&'a crate::event::ExposureOut>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    exposure_change: Option<&'a crate::event::ExposureChange>,
     #[serde(skip_serializing_if = "Option::is_none")]
     risk: Option<&'a Risk>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -434,6 +436,7 @@ impl Rest<'_> {
             && self.attribution.is_none()
             && self.attribution_changed.is_none()
             && self.exposure.is_none()
+            && self.exposure_change.is_none()
             && self.risk.is_none()
             && self.alert.is_none()
             && self.lost.is_none()
@@ -588,6 +591,7 @@ fn document(ev: &Event) -> Doc<'_> {
                 attribution: pw.attribution,
                 attribution_changed: pw.attribution_changed.as_deref().map(|v| &**v),
                 exposure: pw.exposure.as_ref(),
+                exposure_change: pw.exposure_change.as_ref(),
                 risk: pw.risk.as_ref(),
                 alert: alert.map(|a| AlertRest {
                     repeats: a.repeats,

@@ -39,6 +39,7 @@ pub fn snapshot_command(format: SnapshotFormat, policy: PolicyOptions) -> anyhow
     let mut output = Output::new(Format::Json, &[SinkSpec::Stdout], QUEUE_EVENTS, true)?;
     output.start()?;
     let mut pipeline = Pipeline::new(output, cgroup_root, policy);
+    pipeline.enable_firewall(None);
     let mut events = pipeline.present_events(&found);
     events.sort_by(|a, b| sort_key(a).cmp(&sort_key(b)));
     let mut seq = 0;
@@ -90,6 +91,7 @@ pub fn render_table(events: &[(Event, Option<Event>)], color: bool) -> String {
         "PROTO",
         "ADDRESS",
         "EXPOSURE",
+        "FIREWALL",
         "SERVICE",
         "PID",
         "PROGRAM",
@@ -98,7 +100,7 @@ pub fn render_table(events: &[(Event, Option<Event>)], color: bool) -> String {
         "CONTAINER",
         "NETNS",
     ];
-    let mut rows: Vec<[String; 11]> = Vec::with_capacity(events.len());
+    let mut rows: Vec<[String; 12]> = Vec::with_capacity(events.len());
     let mut advice = String::new();
     for (e, alert) in events {
         let clean = |s: &str| {
@@ -155,6 +157,13 @@ pub fn render_table(events: &[(Event, Option<Event>)], color: bool) -> String {
                 x.scope.as_str().to_owned()
             }
         });
+        // The host firewall's verdict for a new connection from where it is exposed.
+        let firewall = e
+            .portwatch
+            .exposure
+            .as_ref()
+            .and_then(|x| x.firewall.as_ref())
+            .map_or("-".into(), |f| f.verdict.as_str().to_owned());
         let service = alert
             .as_ref()
             .and_then(|a| a.rule.as_ref())
@@ -184,7 +193,8 @@ pub fn render_table(events: &[(Event, Option<Event>)], color: bool) -> String {
             }
         }
         rows.push([
-            risk, proto, addr, exposure, service, pid, program, user, unit, container, netns,
+            risk, proto, addr, exposure, firewall, service, pid, program, user, unit, container,
+            netns,
         ]);
     }
     let mut widths = header.map(str::len);

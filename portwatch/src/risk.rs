@@ -15,9 +15,10 @@ use serde::Serialize;
 use crate::{
     classify::{
         Classifier, Exposure, FoldDecision, FoldKey, Folder, Lang, Listener, Outcome, Policy,
-        Remediation, Severity, Transport, exposure, remediation,
+        Remediation, Scope, Severity, Transport, exposure, remediation,
     },
-    event::{Event, Log, Rule},
+    event::{Event, ExposureOut, Log, Rule},
+    firewall::{self, Firewall, IfAddr, model::Ruleset, read, watch},
     procfs, ring, snapshot,
 };
 
@@ -26,8 +27,20 @@ const IFACE_TTL: Duration = Duration::from_secs(5);
 /// Bound on cached namespaces' address lists (cleared when exceeded).
 const IFACE_CACHE_MAX: usize = 1024;
 
-/// A namespace's interface addresses, shared by the events that need them.
-type Addrs = Arc<Vec<IpAddr>>;
+/// A namespace's interface addresses (plain, and with names and prefixes for the
+/// firewall probe), shared by the events that need them.
+struct NsAddrs {
+    ips: Vec<IpAddr>,
+    named: Vec<IfAddr>,
+}
+type Addrs = Arc<NsAddrs>;
+
+/// The firewall side of the assessor: the ruleset of each namespace seen, and where to
+/// ask for changes in it to be followed.
+struct FirewallCtx {
+    rulesets: HashMap<u64, Arc<Ruleset>>,
+    watch: Option<std::sync::mpsc::Sender<watch::Request>>,
+}
 
 /// What the classifier said about a listener, on its event.
 #[derive(Serialize, Debug, Clone)]
@@ -56,6 +69,7 @@ pub struct Assessor {
     lang: Lang,
     ifaces: HashMap<u64, (Instant, Option<Addrs>)>,
     host_netns: Option<u64>,
+    firewall: Option<FirewallCtx>,
     pub folded: u64,
     /// Scans of /proc for a socket's holders in the current second: (second start, count).
     holder_scans: (Instant, u32),
@@ -85,6 +99,7 @@ impl Assessor {
             lang,
             ifaces: HashMap::new(),
             host_netns,
+            firewall: None,
             folded: 0,
             holder_scans: (Instant::now(), 0),
         }
@@ -100,8 +115,83 @@ impl Assessor {
         self.classifier = Classifier::new(policy);
     }
 
-    /// Addresses of the listener's namespace, for wildcard binds: the agent's own for the
-    /// host namespace, else read through `/proc/<pid>/ns/net` of a process inside it.
+    /// Work out the host firewall's verdict for each listener from now on. `watch`, when
+    /// given, is told of every namespace whose ruleset is read, to follow its changes.
+    pub fn enable_firewall(&mut self, watch: Option<std::sync::mpsc::Sender<watch::Request>>) {
+        self.firewall = Some(FirewallCtx {
+            rulesets: HashMap::new(),
+            watch,
+        });
+    }
+
+    /// A namespace's ruleset, read again after a change.
+    pub fn set_ruleset(&mut self, netns: u64, ruleset: Arc<Ruleset>) {
+        if let Some(fw) = self.firewall.as_mut() {
+            fw.rulesets.insert(netns, ruleset);
+        }
+    }
+
+    /// The namespace's ruleset: cached, else read now (once per namespace; the watcher
+    /// keeps it current from then on).
+    fn ruleset(&mut self, netns: u64, pid: Option<u32>) -> Option<Arc<Ruleset>> {
+        let host = Some(netns) == self.host_netns;
+        let fw = self.firewall.as_mut()?;
+        if let Some(rs) = fw.rulesets.get(&netns) {
+            return Some(rs.clone());
+        }
+        let ns: Option<std::os::fd::OwnedFd> = if host {
+            None
+        } else {
+            let path = format!("/proc/{}/ns/net", pid?);
+            Some(std::fs::File::open(path).ok()?.into())
+        };
+        let rs = Arc::new(read::read(ns.as_ref()).ruleset);
+        if !rs.unread.is_empty() {
+            log::warn!(
+                "firewall: ruleset of netns {netns} not fully read: {}",
+                rs.unread.join("; ")
+            );
+        }
+        if let Some(w) = &fw.watch {
+            let _ = w.send(watch::Request::Watch { netns, ns });
+        }
+        fw.rulesets.insert(netns, rs.clone());
+        Some(rs)
+    }
+
+    /// The firewall verdict for a listener with this exposure, from where it is exposed
+    /// (public sources for a public exposure, the local subnet's for a private one).
+    fn firewall_verdict(
+        &mut self,
+        exposure: &Exposure,
+        transport: Transport,
+        port: u16,
+        netns: Option<u64>,
+        pid: Option<u32>,
+    ) -> Option<Arc<Firewall>> {
+        self.firewall.as_ref()?;
+        let want = match exposure.effective_scope() {
+            Scope::Public => Scope::Public,
+            Scope::Private => Scope::Private,
+            _ => return None,
+        };
+        let ns = netns?;
+        let addrs = self.interfaces(netns, pid)?;
+        let rs = self.ruleset(ns, pid)?;
+        firewall::probe(
+            &rs,
+            &addrs.named,
+            transport,
+            exposure.addr,
+            exposure.stack,
+            port,
+            want,
+        )
+        .map(Arc::new)
+    }
+
+    /// Addresses of the listener's namespace: the agent's own for the host namespace,
+    /// else read through `/proc/<pid>/ns/net` of a process inside it.
     fn interfaces(&mut self, netns: Option<u64>, pid: Option<u32>) -> Option<Addrs> {
         let ns = netns?;
         if let Some((at, v)) = self.ifaces.get(&ns)
@@ -109,13 +199,18 @@ impl Assessor {
         {
             return v.clone();
         }
-        let addrs = if Some(ns) == self.host_netns {
-            exposure::interface_addrs().ok()
+        let named = if Some(ns) == self.host_netns {
+            exposure::interface_addrs_named().ok()
         } else {
             let path = PathBuf::from(format!("/proc/{}/ns/net", pid?));
-            exposure::interface_addrs_in_netns(&path).ok()
+            exposure::interface_addrs_named_in_netns(&path).ok()
         };
-        let addrs = addrs.map(Arc::new);
+        let addrs = named.map(|named| {
+            Arc::new(NsAddrs {
+                ips: named.iter().map(|i| i.addr).collect(),
+                named,
+            })
+        });
         if self.ifaces.len() >= IFACE_CACHE_MAX {
             self.ifaces.clear();
         }
@@ -144,7 +239,9 @@ impl Assessor {
         } else {
             None
         };
-        let exposure = Exposure::new(addr, v6only, ifaces.as_deref().map(Vec::as_slice));
+        let mut exposure = Exposure::new(addr, v6only, ifaces.as_deref().map(|a| &a.ips[..]));
+        let fw = self.firewall_verdict(&exposure, transport, port, netns, pid);
+        exposure.firewall = fw.as_ref().map(|f| f.verdict);
         // Shared handles, not copies of their strings: this runs for every new listener.
         let systemd = ev.portwatch.systemd.clone();
         let container = ev.container.clone();
@@ -168,7 +265,10 @@ impl Assessor {
             socket_unit: None,
         };
         let verdict = self.classifier.classify(&listener, &exposure);
-        ev.portwatch.exposure = Some(exposure);
+        ev.portwatch.exposure = Some(ExposureOut {
+            exposure,
+            firewall: fw,
+        });
         if verdict.rule.is_some() || verdict.denied_by.is_some() {
             ev.portwatch.risk = Some(Risk {
                 rule: verdict.rule_id().map(str::to_owned),

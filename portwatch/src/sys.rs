@@ -251,13 +251,24 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 /// a socket with `pidfd_getfd` for its `IPV6_V6ONLY`), `CAP_DAC_READ_SEARCH` (read
 /// `/proc/<pid>` files and walk the cgroup tree whatever their modes), `CAP_SYS_ADMIN`
 /// (enter another network namespace with `setns` to read its addresses and listeners;
-/// also what kernels before 6.5 check for any `bpf()` call, the ring's included).
-/// Everything else (CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_SYS_RESOURCE, CAP_SYS_NICE,
+/// also what kernels before 6.5 check for any `bpf()` call, the ring's included),
+/// `CAP_NET_ADMIN` (read the nf_tables ruleset with `nft -j list ruleset` and join the
+/// netlink group that announces its changes; the iptables tools need it too) and
+/// `CAP_NET_RAW` (`iptables-legacy-save` opens a raw socket to read the legacy tables).
+/// Everything else (CAP_BPF, CAP_PERFMON, CAP_SYS_RESOURCE, CAP_SYS_NICE,
 /// CAP_DAC_OVERRIDE, CAP_SETUID, ...) is dropped, from the bounding set too.
-pub const RUNTIME_CAPS: &[u32] = &[CAP_DAC_READ_SEARCH, CAP_SYS_PTRACE, CAP_SYS_ADMIN];
+pub const RUNTIME_CAPS: &[u32] = &[
+    CAP_DAC_READ_SEARCH,
+    CAP_NET_ADMIN,
+    CAP_NET_RAW,
+    CAP_SYS_PTRACE,
+    CAP_SYS_ADMIN,
+];
 
 // include/uapi/linux/capability.h (libc does not export them).
 pub const CAP_DAC_READ_SEARCH: u32 = 2;
+pub const CAP_NET_ADMIN: u32 = 12;
+pub const CAP_NET_RAW: u32 = 13;
 pub const CAP_SYS_PTRACE: u32 = 19;
 pub const CAP_SYS_ADMIN: u32 = 21;
 

@@ -22,6 +22,7 @@ pub const TARGETS: &[&str] = &[
     "proc_net",
     "procfs",
     "rules",
+    "ruleset",
     "record",
     "emit",
     "remediation",

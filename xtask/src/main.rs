@@ -114,7 +114,17 @@ impl Need {
                 "llvm-22-dev",
             ],
             Need::Kernel => &[],
-            Need::TestTools => &["iproute2", "memcached", "bpftrace", "rsyslog"],
+            // nftables and iptables: the firewall tests load real rulesets (and the
+            // agent reads them with these tools) inside private network namespaces.
+            Need::TestTools => &[
+                "iproute2",
+                "memcached",
+                "bpftrace",
+                "rsyslog",
+                "nftables",
+                "iptables",
+                "python3",
+            ],
             Need::Package => &[
                 "dpkg-dev",
                 "binutils",

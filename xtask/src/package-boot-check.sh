@@ -47,10 +47,10 @@ systemctl show -p StatusText --value portwatch | grep -q '^watching: self-check 
 ok "Type=notify: ready after the self-check (status: watching: self-check passed), watchdog 30 s"
 
 pid=$(systemctl show -p MainPID --value portwatch)
-grep -q '^CapBnd:.*000000c000281004$' /proc/$pid/status || fail "capability bounding set: $(grep CapBnd /proc/$pid/status)"
+grep -q '^CapBnd:.*000000c000283004$' /proc/$pid/status || fail "capability bounding set: $(grep CapBnd /proc/$pid/status)"
 grep -q '^NoNewPrivs:.*1$' /proc/$pid/status || fail "NoNewPrivs is not set"
 [ "$(stat -c '%U:%G %a' $log)" = "root:adm 640" ] || fail "$log is $(stat -c '%U:%G %a' $log)"
-ok "bounding set BPF PERFMON NET_ADMIN SYS_ADMIN SYS_PTRACE DAC_READ_SEARCH, NoNewPrivs, $log root:adm 0640"
+ok "bounding set BPF PERFMON NET_ADMIN NET_RAW SYS_ADMIN SYS_PTRACE DAC_READ_SEARCH, NoNewPrivs, $log root:adm 0640"
 
 python3 -c "import socket,time; s=socket.socket(); s.bind(('127.0.0.1',47123)); s.listen(); time.sleep(0.3)"
 setpriv --reuid=65534 --regid=65534 --clear-groups python3 -c \
@@ -60,6 +60,10 @@ wait_for '"action":"udp-released".*"port":47124' || fail "no udp-bound/released 
 grep '"action":"udp-bound".*"port":47124' $log | grep -q '"user":{"id":"65534","name":"nobody"}' ||
 	fail "udp-bound not attributed to nobody"
 ok "a TCP listener and a UDP bind (as nobody) reported, start and end"
+# The ruleset tools run under the unit's sandbox: an empty ruleset accepts.
+grep '"action":"udp-bound".*"port":47124' $log | grep -q '"firewall":{"verdict":"accepted"' ||
+	fail "no firewall verdict under the unit's sandbox: $(grep '"port":47124' $log | grep -o '"firewall":{[^}]*}' | head -1)"
+ok "firewall verdict read under the unit's sandbox (accepted: no ruleset)"
 
 systemctl stop portwatch
 [ "$(systemctl show -p Result --value portwatch)" = success ] || fail "stop: $(systemctl show -p Result portwatch)"

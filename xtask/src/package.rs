@@ -34,6 +34,7 @@ const CAPABILITIES: &[&str] = &[
     "BPF",
     "PERFMON",
     "NET_ADMIN",
+    "NET_RAW",
     "SYS_ADMIN",
     "SYS_PTRACE",
     "DAC_READ_SEARCH",

@@ -211,6 +211,11 @@ pub struct Exposure {
     /// One public address that reaches the socket, for messages.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub public_addr: Option<IpAddr>,
+    /// The host firewall's verdict for a new connection from where the listener is
+    /// exposed (its details are on the event, `portwatch.exposure.firewall`); `None`
+    /// when not evaluated.
+    #[serde(skip)]
+    pub firewall: Option<crate::firewall::State>,
 }
 
 impl Exposure {
@@ -232,6 +237,7 @@ impl Exposure {
             reachable_public: false,
             interfaces_known: interfaces.is_some(),
             public_addr: None,
+            firewall: None,
         };
         if scope != Scope::AllInterfaces {
             e.reachable.insert(scope);
@@ -308,6 +314,19 @@ impl Exposure {
 /// (via `getifaddrs(3)`), IPv4 and IPv6, including loopback and interfaces
 /// that are down (they can come up without a new bind event).
 pub fn interface_addrs() -> io::Result<Vec<IpAddr>> {
+    Ok(interface_addrs_named()?
+        .into_iter()
+        .map(|i| i.addr)
+        .collect())
+}
+
+fn prefix_len(bytes: &[u8]) -> u8 {
+    bytes.iter().map(|b| b.count_ones() as u8).sum()
+}
+
+/// [`interface_addrs`] with each address's interface name and prefix length: what the
+/// firewall verdict needs to send its probe in on the right interface.
+pub fn interface_addrs_named() -> io::Result<Vec<crate::firewall::IfAddr>> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs writes a list head into `head` on success.
     if unsafe { libc::getifaddrs(&mut head) } != 0 {
@@ -324,6 +343,7 @@ pub fn interface_addrs() -> io::Result<Vec<IpAddr>> {
     }
     let _guard = Guard(head);
     let mut out = Vec::new();
+    let mut named = Vec::new();
     let mut cur = head;
     while !cur.is_null() {
         // SAFETY: `cur` is a node of the list returned by getifaddrs, which
@@ -340,19 +360,48 @@ pub fn interface_addrs() -> io::Result<Vec<IpAddr>> {
             libc::AF_INET => {
                 // SAFETY: family AF_INET means the storage is a sockaddr_in.
                 let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-                out.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(
-                    sin.sin_addr.s_addr,
-                ))));
+                let addr = IpAddr::V4(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+                let prefix = if ifa.ifa_netmask.is_null() {
+                    32
+                } else {
+                    // SAFETY: the netmask of an AF_INET address is a sockaddr_in.
+                    let m = unsafe { &*(ifa.ifa_netmask as *const libc::sockaddr_in) };
+                    prefix_len(&m.sin_addr.s_addr.to_ne_bytes())
+                };
+                out.push((addr, prefix));
             }
             libc::AF_INET6 => {
                 // SAFETY: family AF_INET6 means the storage is a sockaddr_in6.
                 let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
-                out.push(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)));
+                let addr = IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr));
+                let prefix = if ifa.ifa_netmask.is_null() {
+                    128
+                } else {
+                    // SAFETY: the netmask of an AF_INET6 address is a sockaddr_in6.
+                    let m = unsafe { &*(ifa.ifa_netmask as *const libc::sockaddr_in6) };
+                    prefix_len(&m.sin6_addr.s6_addr)
+                };
+                out.push((addr, prefix));
             }
-            _ => {}
+            _ => continue,
+        }
+        let name = if ifa.ifa_name.is_null() {
+            String::new()
+        } else {
+            // SAFETY: ifa_name is a NUL-terminated string valid until freeifaddrs.
+            unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }
+                .to_string_lossy()
+                .into_owned()
+        };
+        if let Some((addr, prefix)) = out.pop() {
+            named.push(crate::firewall::IfAddr {
+                ifname: name,
+                addr,
+                prefix,
+            });
         }
     }
-    Ok(out)
+    Ok(named)
 }
 
 /// Addresses of all interfaces in the network namespace at `ns_path` (e.g.
@@ -363,19 +412,28 @@ pub fn interface_addrs() -> io::Result<Vec<IpAddr>> {
 /// Callers should cache the result per namespace inode: this costs a thread
 /// spawn and a netlink dump.
 pub fn interface_addrs_in_netns(ns_path: &Path) -> io::Result<Vec<IpAddr>> {
+    Ok(interface_addrs_named_in_netns(ns_path)?
+        .into_iter()
+        .map(|i| i.addr)
+        .collect())
+}
+
+/// [`interface_addrs_named`] of the network namespace at `ns_path`, read as
+/// [`interface_addrs_in_netns`] does.
+pub fn interface_addrs_named_in_netns(ns_path: &Path) -> io::Result<Vec<crate::firewall::IfAddr>> {
     let file = std::fs::File::open(ns_path)?;
     let fd: OwnedFd = file.into();
     let handle = std::thread::Builder::new()
         .name("pw-netns-addrs".into())
         // glibc's getifaddrs keeps netlink buffers on the stack; be generous.
         .stack_size(256 * 1024)
-        .spawn(move || -> io::Result<Vec<IpAddr>> {
+        .spawn(move || -> io::Result<Vec<crate::firewall::IfAddr>> {
             // SAFETY: plain syscall on a valid, owned fd; only this thread's
             // network namespace changes, and the thread ends right after.
             if unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                 return Err(io::Error::last_os_error());
             }
-            interface_addrs()
+            interface_addrs_named()
         })?;
     handle
         .join()

@@ -53,7 +53,8 @@ use serde::{Serialize, Serializer};
 
 pub use catalogue::{EntryOrigin, LoopbackHint, RiskEntry};
 pub use exposure::{
-    Exposure, Scope, ScopeSet, Stack, interface_addrs, interface_addrs_in_netns, scope_of,
+    Exposure, Scope, ScopeSet, Stack, interface_addrs, interface_addrs_in_netns,
+    interface_addrs_named, interface_addrs_named_in_netns, scope_of,
 };
 pub use fold::{FoldDecision, FoldKey, Folder};
 pub use model::{Localized, PortSpec, Severity, Transport};
@@ -136,6 +137,11 @@ pub enum Outcome {
     ExposedLocal,
     /// Local-network exposure ignored by `private_exposure = "ignore"`.
     LocalIgnored,
+    /// Risky port exposed by its address, but the host firewall filters new
+    /// connections from there: alert one severity step lower, without the firewall
+    /// steps (the operator still wants to know: a ruleset can change, and upstream
+    /// filtering is not the host's).
+    Filtered,
     /// Severity below `min_severity`.
     BelowThreshold,
     /// Silenced by an `[[allow]]` rule.
@@ -376,6 +382,11 @@ impl Classifier {
                 }
             }
         };
+        let (severity, outcome) = if exposure.firewall == Some(crate::firewall::State::Filtered) {
+            (severity.lowered(), Outcome::Filtered)
+        } else {
+            (severity, outcome)
+        };
         v.severity = Some(severity);
         if severity < self.settings.min_severity {
             v.outcome = Outcome::BelowThreshold;
@@ -486,6 +497,42 @@ mod tests {
             check(&c, &l, PUBLIC_HOST).severity,
             Some(Severity::Critical)
         );
+    }
+
+    #[test]
+    fn a_filtered_listener_still_alerts_one_step_lower() {
+        let c = Classifier::new(None);
+        let l = Listener::new(Transport::Udp, ip("0.0.0.0"), 11211);
+        let ifs = ifaces(PUBLIC_HOST);
+        let mut e = Exposure::new(l.addr, l.v6only, Some(&ifs));
+        e.firewall = Some(crate::firewall::State::Filtered);
+        let v = c.classify(&l, &e);
+        assert!(v.alert);
+        assert_eq!(v.outcome, Outcome::Filtered);
+        assert_eq!(v.severity, Some(Severity::High));
+        // The alert says so, and offers no firewall rule to add.
+        let fix = remediation::remediation(&l, &v, Lang::En);
+        assert!(
+            fix.message
+                .contains("the host firewall filters new connections"),
+            "{}",
+            fix.message
+        );
+        assert!(!fix.steps.iter().any(|s| matches!(
+            s.kind,
+            StepKind::Firewalld | StepKind::Nftables | StepKind::Iptables
+        )));
+        for s in [
+            crate::firewall::State::Accepted,
+            crate::firewall::State::Unknown,
+        ] {
+            e.firewall = Some(s);
+            let v = c.classify(&l, &e);
+            assert_eq!(
+                (v.outcome, v.severity),
+                (Outcome::Exposed, Some(Severity::Critical))
+            );
+        }
     }
 
     #[test]

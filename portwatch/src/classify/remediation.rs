@@ -227,9 +227,15 @@ pub fn message(l: &Listener<'_>, v: &Verdict<'_>, lang: Lang) -> String {
                     }
                 }
                 (None, Some(e)) => {
-                    let _ = write!(s, "; {}", e.risk.en);
+                    let _ = write!(s, "; {}", e.risk.en.trim_end_matches('.'));
                 }
                 (None, None) => {}
+            }
+            if v.outcome == super::Outcome::Filtered {
+                s.push_str(
+                    "; the host firewall filters new connections to it from there \
+                     (portwatch.exposure.firewall names the rule)",
+                );
             }
             s.push('.');
         }
@@ -249,6 +255,9 @@ pub fn message(l: &Listener<'_>, v: &Verdict<'_>, lang: Lang) -> String {
                     let _ = write!(s, "（{}）", e.risk.get(Lang::Ja));
                 }
                 (None, None) => {}
+            }
+            if v.outcome == super::Outcome::Filtered {
+                s.push_str("（ホストのファイアウォールが新規接続を遮断しています）");
             }
             s.push('。');
         }
@@ -677,7 +686,10 @@ pub fn remediation(l: &Listener<'_>, v: &Verdict<'_>, lang: Lang) -> Remediation
                 }),
             });
         }
-        firewall_steps(l, v, entry, lang, &mut steps);
+        // Already filtered by the host firewall: a firewall rule is not the step to take.
+        if v.outcome != super::Outcome::Filtered {
+            firewall_steps(l, v, entry, lang, &mut steps);
+        }
     }
     Remediation {
         lang,
