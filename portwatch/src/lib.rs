@@ -24,5 +24,6 @@ pub mod report;
 pub mod ring;
 pub mod risk;
 pub mod snapshot;
+pub mod spool;
 pub mod sys;
 pub mod syslog;
