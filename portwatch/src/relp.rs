@@ -15,7 +15,7 @@
 pub const MAX_RESPONSE_DATA: usize = 64 * 1024;
 const MAX_TXNR: u32 = 999_999_999;
 
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Frame {
     pub txnr: u32,
     pub command: String,

@@ -25,6 +25,7 @@ pub const TARGETS: &[&str] = &[
     "record",
     "emit",
     "remediation",
+    "relp",
 ];
 
 #[derive(clap::Args, Debug)]

@@ -113,7 +113,17 @@ impl Need {
                 "llvm-22-dev",
             ],
             Need::Kernel => &[],
-            Need::TestTools => &["iproute2", "memcached", "bpftrace", "rsyslog"],
+            Need::TestTools => &[
+                "iproute2",
+                "memcached",
+                "bpftrace",
+                "rsyslog",
+                // sinks.rs: syslog over TLS (imtcp gtls driver), RELP (imrelp), and the
+                // certificates the tests make.
+                "rsyslog-gnutls",
+                "rsyslog-relp",
+                "openssl",
+            ],
             Need::Package => &[
                 "dpkg-dev",
                 "binutils",
