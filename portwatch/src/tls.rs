@@ -167,6 +167,12 @@ fn explain(addr: &str, e: io::Error) -> TlsError {
             "tls:{addr}: the server's certificate is not signed by a CA portwatch trusts; \
              give the CA that signed it with --tls-ca FILE (PEM)"
         ),
+        // A trusted CA of the same name that did not sign it (another CA, or re-keyed).
+        E::InvalidCertificate(C::BadSignature) => format!(
+            "tls:{addr}: the server's certificate is not signed by a CA portwatch trusts (a \
+             trusted CA has the issuer's name but not its key); give the CA that signed it \
+             with --tls-ca FILE (PEM)"
+        ),
         E::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. }) => format!(
             "tls:{addr}: the server's certificate is not valid for the name `{host}`; connect \
              with a name the certificate lists (subjectAltName), or reissue it for `{host}`"
