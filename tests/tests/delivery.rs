@@ -37,6 +37,7 @@ fn relay_tools() -> bool {
             [
                 ("lmnsd_gtls.so", "rsyslog-gnutls"),
                 ("imrelp.so", "rsyslog-relp"),
+                ("omkafka.so", "rsyslog-kafka"),
             ]
             .iter()
             .filter(|(m, _)| {
@@ -665,4 +666,40 @@ fn spool_survives_kill_9_and_counts_a_torn_record() {
     // The second agent numbered on after the first one's spool.
     assert!(have.iter().any(|&s| s > *want.iter().max().unwrap()));
     assert_gap_free(&have.into_iter().collect::<Vec<_>>());
+}
+
+/// The fleet relay configuration in packaging/relay passes rsyslog's own check
+/// (`rsyslogd -N1`), with its example certificate paths pointed at real files.
+#[test]
+fn fleet_relay_config_passes_rsyslogd_check() {
+    if !relay_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let certs = Certs::make(dir.path());
+    let example =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/relay/rsyslog-relay.conf");
+    let conf = std::fs::read_to_string(&example)
+        .unwrap()
+        .replace(
+            "/etc/rsyslog.d/tls/fleet-ca.pem",
+            certs.ca.to_str().unwrap(),
+        )
+        .replace("/etc/rsyslog.d/tls/relay.pem", certs.cert.to_str().unwrap())
+        .replace("/etc/rsyslog.d/tls/relay.key", certs.key.to_str().unwrap())
+        .replace("/var/spool/rsyslog", dir.path().to_str().unwrap());
+    let path = dir.path().join("relay.conf");
+    std::fs::write(&path, conf).unwrap();
+    let out = Command::new("rsyslogd")
+        .arg("-N1")
+        .arg("-f")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !text.contains("error"),
+        "rsyslogd -N1: {text}"
+    );
 }

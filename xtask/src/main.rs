@@ -122,6 +122,8 @@ impl Need {
                 // certificates the tests make.
                 "rsyslog-gnutls",
                 "rsyslog-relp",
+                // The fleet relay example (packaging/relay) forwards with omkafka.
+                "rsyslog-kafka",
                 "openssl",
             ],
             Need::Package => &[
