@@ -28,7 +28,42 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("record", record),
     ("emit", emit),
     ("remediation", remediation),
+    ("relp", relp),
 ];
+
+/// RELP frames from a relay (hostile or broken): the parser never panics, never claims
+/// more bytes than it was given, never accepts more data than its bound, and its errors
+/// are one clean line (they are logged). Responses parse to a 3-digit code and a
+/// one-line text.
+pub fn relp(data: &[u8]) {
+    use portwatch::relp::{MAX_RESPONSE_DATA, parse_frame, response};
+    let mut rest = data;
+    while !rest.is_empty() {
+        match parse_frame(rest) {
+            Ok(Some((frame, n))) => {
+                assert!(n > 0 && n <= rest.len(), "took {n} of {} bytes", rest.len());
+                assert!(frame.data.len() <= MAX_RESPONSE_DATA);
+                assert!(frame.txnr <= 999_999_999);
+                assert!(!frame.command.is_empty() && frame.command.len() <= 32);
+                // The same frame with more bytes after it parses the same.
+                let mut longer = rest[..n].to_vec();
+                longer.extend_from_slice(b"0 x");
+                let again = parse_frame(&longer).expect("a prefix that parsed still parses");
+                assert_eq!(again, Some((frame.clone(), n)));
+                if let Ok(r) = response(&frame.data) {
+                    assert!(r.code <= 999);
+                    assert_one_clean_line("RELP response text", &r.text);
+                }
+                rest = &rest[n..];
+            }
+            Ok(None) => break,
+            Err(e) => {
+                assert_one_clean_line("RELP parse error", &e.to_string());
+                break;
+            }
+        }
+    }
+}
 
 /// An error shown to a person (stderr, a log line) must stay on its one line and must
 /// not carry terminal escapes from the hostile text it quotes.
@@ -311,8 +346,14 @@ pub fn emit(data: &[u8]) {
     let path = std::env::temp_dir().join(format!("portwatch-fuzz-emit-{}", std::process::id()));
     for format in [Format::Json, Format::Text, Format::Ocsf] {
         std::fs::write(&path, b"").expect("truncating the scratch output file");
-        let mut out = Output::new(format, &[SinkSpec::File(path.clone())], 16, true)
-            .expect("opening the scratch file");
+        let mut out = Output::new(
+            format,
+            &[SinkSpec::File(path.clone())],
+            16,
+            true,
+            &portwatch::emit::Delivery::default(),
+        )
+        .expect("opening the scratch file");
         out.start().expect("starting the writer");
         out.send(ev.clone());
         out.finish().expect("writing an event");

@@ -76,6 +76,8 @@ pub struct WatchOptions {
     pub format: Format,
     /// Where events go (at least one).
     pub sinks: Vec<crate::emit::SinkSpec>,
+    /// TLS files and the spool of the network destinations.
+    pub delivery: crate::emit::Delivery,
     /// Serve Prometheus metrics on this address.
     pub metrics: Option<String>,
     pub ring_bytes: u32,
@@ -1045,6 +1047,16 @@ impl Pipeline {
             if n > 0 {
                 self.lost_in(n, "output-file-deleted", Some(&sink.name));
             }
+            let n = sink.spool_full.swap(0, Ordering::Relaxed);
+            if n > 0 {
+                self.lost_in(n, "spool-full", Some(&sink.name));
+            }
+            // Damaged stretches of the spool (a write torn by a crash): each is at least
+            // one event.
+            let n = sink.spool_torn.swap(0, Ordering::Relaxed);
+            if n > 0 {
+                self.lost_in(n, "spool-torn-record", Some(&sink.name));
+            }
         }
     }
 
@@ -1282,6 +1294,7 @@ impl Pipeline {
                 "connected": s.connected.load(Ordering::Relaxed),
                 "written": s.written.load(Ordering::Relaxed),
                 "queue_depth": s.depth.load(Ordering::Relaxed),
+                "spooled": s.spooled.load(Ordering::Relaxed),
                 "write_errors": s.write_errors.load(Ordering::Relaxed),
             })).collect::<Vec<_>>(),
             "listeners_open": self.open.len(),
@@ -1494,7 +1507,13 @@ struct RunConfig {
 
 pub async fn watch(opts: WatchOptions) -> anyhow::Result<()> {
     // Opened first: an unwritable output is reported before anything is loaded.
-    let output = Output::new(opts.format, &opts.sinks, opts.queue_events, false)?;
+    let output = Output::new(
+        opts.format,
+        &opts.sinks,
+        opts.queue_events,
+        false,
+        &opts.delivery,
+    )?;
     // Bound before loading (a bad or busy address fails first; a port below 1024 still
     // may be bound), served after the capability drop (its threads inherit the set).
     let metrics_listener = opts

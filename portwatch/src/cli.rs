@@ -28,6 +28,10 @@ pub struct Cli {
 }
 
 #[derive(Subcommand)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once at start; boxing the flags would only add indirection"
+)]
 pub enum Command {
     /// Stream listener events: what already listens, then every change, live.
     Watch {
@@ -40,14 +44,38 @@ pub enum Command {
         /// Append events to this file (created 0600, reopened on SIGHUP). Repeatable.
         #[arg(long, short, value_name = "FILE")]
         output: Vec<PathBuf>,
-        /// Send each event as RFC 5424 syslog to unix:/dev/log, udp:HOST:PORT or
-        /// tcp:HOST:PORT (octet-counted). Repeatable.
+        /// Send each event as RFC 5424 syslog to unix:/dev/log, udp:HOST:PORT,
+        /// tcp:HOST:PORT (octet-counted) or tls:HOST:PORT (RFC 5425). Repeatable.
         #[arg(long, value_name = "ENDPOINT")]
         syslog: Vec<crate::emit::Endpoint>,
-        /// Stream JSON lines to tcp:HOST:PORT or unix:/PATH (Vector, Fluent Bit,
-        /// Logstash), reconnecting with back-off. Repeatable.
+        /// Stream JSON lines to tcp:HOST:PORT, tls:HOST:PORT or unix:/PATH (Vector,
+        /// Fluent Bit, Logstash), reconnecting with back-off. Repeatable.
         #[arg(long, value_name = "ENDPOINT")]
         forward: Vec<crate::emit::Endpoint>,
+        /// Send each event as RFC 5424 syslog over RELP to HOST:PORT (or tls:HOST:PORT):
+        /// delivered only once the relay acknowledged it (rsyslog imrelp, syslog-ng).
+        /// Repeatable.
+        #[arg(long, value_name = "ENDPOINT", value_parser = crate::emit::Endpoint::parse_relp)]
+        relp: Vec<crate::emit::Endpoint>,
+        /// CA certificate(s), PEM, that tls: destinations must be signed by [default: the
+        /// system's store]. Verification cannot be turned off.
+        #[arg(long, value_name = "FILE")]
+        tls_ca: Option<PathBuf>,
+        /// Client certificate (PEM) for tls: destinations that ask for one.
+        #[arg(long, value_name = "FILE", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The client certificate's private key (PEM).
+        #[arg(long, value_name = "FILE", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Where each stream destination (forward, syslog tcp:/tls:, relp) keeps the
+        /// events it has not delivered yet, one directory per destination [default:
+        /// /var/lib/portwatch/spool].
+        #[arg(long, value_name = "DIR")]
+        spool_dir: Option<PathBuf>,
+        /// Most bytes each destination's spool may take on disk; when full, the oldest
+        /// events are dropped and counted [default: 268435456].
+        #[arg(long, value_name = "BYTES", value_parser = parse_spool_bytes)]
+        spool_max_bytes: Option<u64>,
         /// Write to stdout too [default: only when no other destination is given].
         #[arg(long)]
         stdout: bool,
@@ -155,6 +183,16 @@ fn parse_queue_events(s: &str) -> Result<usize, String> {
         Ok(n) if (16..=1_048_576).contains(&n) => Ok(n),
         _ => Err(format!(
             "`{s}` is not a number of events from 16 to 1048576"
+        )),
+    }
+}
+
+pub fn parse_spool_bytes(s: &str) -> Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(n) if n >= crate::spool::MIN_MAX_BYTES => Ok(n),
+        _ => Err(format!(
+            "`{s}` is not a number of bytes of at least {} (try 268435456)",
+            crate::spool::MIN_MAX_BYTES
         )),
     }
 }

@@ -26,8 +26,21 @@
 //! endpoint = "tcp:127.0.0.1:9000" # or unix:/PATH
 //!
 //! [[sink]]
+//! type = "relp"                   # RFC 5424 over RELP, acknowledged
+//! endpoint = "tls:relay.example:2514" # or HOST:PORT, tcp:HOST:PORT
+//!
+//! [[sink]]
 //! type = "stdout"
+//!
+//! # TLS for tls: endpoints, and the spool of stream destinations
+//! tls_ca = "/etc/portwatch/relay-ca.pem"
+//! tls_cert = "/etc/portwatch/client.pem"
+//! tls_key = "/etc/portwatch/client.key"
+//! spool_dir = "/var/lib/portwatch/spool"
+//! spool_max_bytes = 268435456
 //! ```
+//!
+//! (Top-level keys go before the first `[[sink]]` in a real file.)
 
 use std::path::{Path, PathBuf};
 
@@ -47,6 +60,11 @@ pub struct Config {
     pub fold_above: Option<u32>,
     pub fold_user_above: Option<u32>,
     pub metrics: Option<String>,
+    pub tls_ca: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub spool_dir: Option<PathBuf>,
+    pub spool_max_bytes: Option<u64>,
     #[serde(default, rename = "sink")]
     pub sinks: Vec<SinkEntry>,
 }
@@ -138,6 +156,23 @@ pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
     {
         return Err(at(None, format!("priority_boost {n} is more than 20")));
     }
+    if let Some(n) = config.spool_max_bytes
+        && n < crate::spool::MIN_MAX_BYTES
+    {
+        return Err(at(
+            None,
+            format!(
+                "spool_max_bytes {n} is less than {}",
+                crate::spool::MIN_MAX_BYTES
+            ),
+        ));
+    }
+    if config.tls_cert.is_some() != config.tls_key.is_some() {
+        return Err(at(
+            None,
+            "tls_cert and tls_key go together: give both or neither".into(),
+        ));
+    }
     for (i, s) in config.sinks.iter().enumerate() {
         s.spec()
             .map_err(|m| at(None, format!("[[sink]] #{}: {m}", i + 1)))?;
@@ -160,11 +195,14 @@ impl SinkEntry {
             ("syslog", None, _) => endpoint().map(SinkSpec::Syslog),
             ("forward", None, _) => match endpoint()? {
                 Endpoint::Udp(a) => Err(format!(
-                    "forward sends JSON lines over a stream: udp:{a} is not one; use tcp: or unix:"
+                    "forward sends JSON lines over a stream: udp:{a} is not one; use tcp:, tls: \
+                     or unix:"
                 )),
                 e => Ok(SinkSpec::Forward(e)),
             },
-            ("stdout" | "file" | "syslog" | "forward", _, _) => Err(format!(
+            ("relp", None, Some(e)) => Endpoint::parse_relp(e).map(SinkSpec::Relp),
+            ("relp", None, None) => Err("type \"relp\" needs `endpoint`".into()),
+            ("stdout" | "file" | "syslog" | "forward" | "relp", _, _) => Err(format!(
                 "type \"{}\" takes {}",
                 self.kind,
                 match self.kind.as_str() {
@@ -174,7 +212,7 @@ impl SinkEntry {
                 }
             )),
             (other, _, _) => Err(format!(
-                "unknown type \"{other}\" (stdout, file, syslog, forward)"
+                "unknown type \"{other}\" (stdout, file, syslog, forward, relp)"
             )),
         }
     }

@@ -15,9 +15,9 @@ use std::{
     },
     path::{Path, PathBuf},
     sync::{
-        Arc,
+        Arc, Condvar, Mutex, MutexGuard, OnceLock,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
-        mpsc::{Receiver, Sender, channel},
+        mpsc::{self, Receiver, channel},
     },
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -25,7 +25,7 @@ use std::{
 
 use anyhow::Context as _;
 
-use crate::event::Event;
+use crate::{event::Event, spool::Pos};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -68,20 +68,26 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// `portwatch.shrunk_from` with its original size.
 pub const DGRAM_MAX: usize = 65_000;
 
-/// Where a network sink sends: `unix:/path`, `udp:host:port` or `tcp:host:port`.
+/// Where a network sink sends: `unix:/path`, `udp:host:port`, `tcp:host:port` or
+/// `tls:host:port` (TCP with TLS, see `tls`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Endpoint {
     Unix(PathBuf),
     Udp(String),
     Tcp(String),
+    Tls(String),
 }
 
 impl std::str::FromStr for Endpoint {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Endpoint, String> {
-        let bad =
-            || format!("`{s}` is not an endpoint: use unix:/path, udp:host:port or tcp:host:port");
+        let bad = || {
+            format!(
+                "`{s}` is not an endpoint: use unix:/path, udp:host:port, tcp:host:port or \
+                 tls:host:port"
+            )
+        };
         let (scheme, rest) = s.split_once(':').ok_or_else(bad)?;
         let host_port = |r: &str| -> Result<String, String> {
             let (host, port) = r.rsplit_once(':').ok_or_else(bad)?;
@@ -94,8 +100,29 @@ impl std::str::FromStr for Endpoint {
             "unix" if rest.starts_with('/') => Ok(Endpoint::Unix(PathBuf::from(rest))),
             "udp" => host_port(rest).map(Endpoint::Udp),
             "tcp" => host_port(rest).map(Endpoint::Tcp),
+            "tls" => host_port(rest).map(Endpoint::Tls),
             _ => Err(bad()),
         }
+    }
+}
+
+impl Endpoint {
+    /// `--relp`: `HOST:PORT` (TCP), `tcp:HOST:PORT` or `tls:HOST:PORT`.
+    pub fn parse_relp(s: &str) -> Result<Endpoint, String> {
+        let e = if s.starts_with("tcp:") || s.starts_with("tls:") {
+            s.parse()
+        } else if s.contains(':') && !s.starts_with("unix:") && !s.starts_with("udp:") {
+            format!("tcp:{s}").parse()
+        } else {
+            Err(String::new())
+        };
+        e.map_err(|_| {
+            format!("`{s}` is not a RELP endpoint: use HOST:PORT, tcp:HOST:PORT or tls:HOST:PORT")
+        })
+    }
+
+    fn is_stream(&self) -> bool {
+        !matches!(self, Endpoint::Udp(_))
     }
 }
 
@@ -105,6 +132,7 @@ impl std::fmt::Display for Endpoint {
             Endpoint::Unix(p) => write!(f, "unix:{}", p.display()),
             Endpoint::Udp(a) => write!(f, "udp:{a}"),
             Endpoint::Tcp(a) => write!(f, "tcp:{a}"),
+            Endpoint::Tls(a) => write!(f, "tls:{a}"),
         }
     }
 }
@@ -118,9 +146,63 @@ pub enum SinkSpec {
     /// RFC 5424 syslog: datagrams to a unix socket (`/dev/log`) or UDP, octet-counted
     /// frames over TCP (RFC 6587). The message is the event's JSON.
     Syslog(Endpoint),
-    /// JSON lines over a TCP or unix stream socket (Vector, Fluent Bit, Logstash),
+    /// JSON lines over a TCP, TLS or unix stream socket (Vector, Fluent Bit, Logstash),
     /// reconnecting with back-off.
     Forward(Endpoint),
+    /// RFC 5424 syslog over RELP (TCP or TLS): an event is delivered once the relay
+    /// acknowledged it.
+    Relp(Endpoint),
+}
+
+impl SinkSpec {
+    /// Sinks whose events pass through a spool on disk: every stream to another process
+    /// (network or unix socket), which can be down or slow.
+    fn spooled(&self) -> bool {
+        match self {
+            SinkSpec::Syslog(e) => matches!(e, Endpoint::Tcp(_) | Endpoint::Tls(_)),
+            SinkSpec::Forward(e) => e.is_stream(),
+            SinkSpec::Relp(_) => true,
+            SinkSpec::Stdout | SinkSpec::File(_) => false,
+        }
+    }
+
+    /// The spool's directory name under `--spool-dir`: the sink's name in file-name-safe
+    /// characters.
+    fn spool_name(&self) -> String {
+        self.to_string()
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect()
+    }
+}
+
+/// Settings of the network destinations: TLS files and the spool.
+#[derive(Clone, Debug)]
+pub struct Delivery {
+    pub tls: crate::tls::TlsFiles,
+    /// Each spooled destination gets a directory here.
+    pub spool_dir: PathBuf,
+    /// Bound of each destination's spool on disk.
+    pub spool_max_bytes: u64,
+}
+
+/// Default `--spool-dir`.
+pub const SPOOL_DIR: &str = "/var/lib/portwatch/spool";
+
+impl Default for Delivery {
+    fn default() -> Delivery {
+        Delivery {
+            tls: crate::tls::TlsFiles::default(),
+            spool_dir: PathBuf::from(SPOOL_DIR),
+            spool_max_bytes: crate::spool::DEFAULT_MAX_BYTES,
+        }
+    }
 }
 
 impl std::fmt::Display for SinkSpec {
@@ -130,6 +212,7 @@ impl std::fmt::Display for SinkSpec {
             SinkSpec::File(p) => write!(f, "file:{}", p.display()),
             SinkSpec::Syslog(e) => write!(f, "syslog:{e}"),
             SinkSpec::Forward(e) => write!(f, "forward:{e}"),
+            SinkSpec::Relp(e) => write!(f, "relp:{e}"),
         }
     }
 }
@@ -161,6 +244,12 @@ pub struct SinkShared {
     /// Events written to a file after it was deleted (at most those since the previous
     /// check found it in place), not yet reported as lost.
     pub deleted_lost: AtomicU64,
+    /// Spooled sinks: events dropped from the full spool, not yet reported as lost.
+    pub spool_full: AtomicU64,
+    /// Spooled sinks: damaged records skipped in the spool, not yet reported as lost.
+    pub spool_torn: AtomicU64,
+    /// Spooled sinks: events in the spool not yet acknowledged by the destination.
+    pub spooled: AtomicU64,
 }
 
 /// When `fd` is a pipe larger than STDOUT_PIPE_BYTES, shrink it to that (best effort: a
@@ -209,7 +298,7 @@ pub struct OutputShared {
 pub struct Output {
     /// One channel per sink, carrying batches; bounded by `depth` against `capacity`
     /// (the channel itself never blocks).
-    queues: Vec<Sender<Vec<Arc<Event>>>>,
+    queues: Vec<mpsc::Sender<Vec<Arc<Event>>>>,
     /// Events sent since the last flush: handed over as one batch per sink, so the event
     /// loop pays one channel operation (and at most one wake-up) per drained batch, not
     /// per event.
@@ -218,6 +307,10 @@ pub struct Output {
     /// Writers and their ends of the queues until `start`.
     pending: Vec<(Writer, Receiver<Vec<Arc<Event>>>)>,
     threads: Vec<JoinHandle<()>>,
+    /// Spooled sinks: the threads that send from the spool, until `start`; then running.
+    senders: Vec<Sender>,
+    sender_threads: Vec<JoinHandle<()>>,
+    spools: Vec<Arc<SpoolHandle>>,
     /// Wait for room instead of dropping (one-shot commands, where nothing is live).
     block: bool,
     /// Each queue's bound.
@@ -234,20 +327,82 @@ impl Output {
         sinks: &[SinkSpec],
         queue: usize,
         block: bool,
+        delivery: &Delivery,
     ) -> anyhow::Result<Output> {
         let mut shared = OutputShared::default();
         let mut writers = Vec::new();
+        let mut spooled = Vec::new();
+        let mut senders_pending = Vec::new();
+        let tls = if sinks.iter().any(|s| {
+            matches!(
+                s,
+                SinkSpec::Syslog(Endpoint::Tls(_))
+                    | SinkSpec::Forward(Endpoint::Tls(_))
+                    | SinkSpec::Relp(Endpoint::Tls(_))
+            )
+        }) {
+            Some(crate::tls::client_config(&delivery.tls)?)
+        } else {
+            None
+        };
         for spec in sinks {
-            let conn = Conn::open(spec)?;
+            let (conn, link) = if spec.spooled() {
+                let (endpoint, proto) = match spec {
+                    SinkSpec::Syslog(e) => (e, Proto::OctetCounted),
+                    SinkSpec::Forward(e) => (e, Proto::Lines),
+                    SinkSpec::Relp(e) => (e, Proto::Relp),
+                    SinkSpec::Stdout | SinkSpec::File(_) => unreachable!("not spooled"),
+                };
+                let dir = delivery.spool_dir.join(spec.spool_name());
+                let spool = crate::spool::Spool::open(&dir, delivery.spool_max_bytes)?;
+                if spool.unacked() > 0 {
+                    log::info!(
+                        "{spec}: {} events from before the last stop wait in {}; sending them first",
+                        spool.unacked(),
+                        dir.display()
+                    );
+                }
+                // Connect now, so that a certificate the destination or we get wrong stops
+                // the start with its reason; a destination that is down is retried.
+                let link = match connect(endpoint, tls.as_ref()) {
+                    Ok(l) => Some(l),
+                    Err(crate::tls::TlsError::Certificate(msg)) => anyhow::bail!("{msg}"),
+                    Err(crate::tls::TlsError::Io(e)) => {
+                        log::warn!(
+                            "{spec}: not reachable yet ({e}); will retry (events wait in the \
+                             spool at {})",
+                            dir.display()
+                        );
+                        None
+                    }
+                };
+                let handle = Arc::new(SpoolHandle {
+                    spool: Mutex::new(spool),
+                    more: Condvar::new(),
+                    done: OnceLock::new(),
+                });
+                spooled.push((handle.clone(), endpoint.clone(), proto));
+                (Conn::Spool(handle), link)
+            } else {
+                (Conn::open(spec)?, None)
+            };
             let tty = matches!(spec, SinkSpec::Stdout) && io::stdout().is_terminal();
             let render = match spec {
                 SinkSpec::Syslog(e) => Render::Syslog {
-                    framing: if matches!(e, Endpoint::Tcp(_)) {
-                        Framing::OctetCounted
-                    } else {
-                        Framing::Datagram
+                    framing: match e {
+                        // The sender frames what it takes from the spool (RFC 6587 octet
+                        // counting on TCP, the same on TLS as RFC 5425 says).
+                        Endpoint::Tcp(_) | Endpoint::Tls(_) => Framing::Bare,
+                        Endpoint::Unix(_) | Endpoint::Udp(_) => Framing::Datagram,
                     },
                     inner: format,
+                },
+                SinkSpec::Relp(_) => Render::Syslog {
+                    framing: Framing::Bare,
+                    inner: match format {
+                        Format::Text => Format::Json,
+                        f => f,
+                    },
                 },
                 SinkSpec::Forward(_) => Render::Lines(match format {
                     Format::Text => Format::Json,
@@ -261,29 +416,58 @@ impl Output {
             };
             let sink = Arc::new(SinkShared {
                 name: spec.to_string(),
-                connected: AtomicBool::new(conn.is_connected()),
+                connected: AtomicBool::new(conn.is_connected() || link.is_some()),
                 path,
                 file_ino: AtomicU64::new(ino),
                 ..SinkShared::default()
             });
             shared.sinks.push(sink.clone());
-            writers.push((conn, render, tty, sink));
+            if let Conn::Spool(h) = &conn
+                && let Some((_, endpoint, proto)) = spooled.last()
+            {
+                let (handle, endpoint, proto) = (h.clone(), endpoint.clone(), *proto);
+                writers.push((conn, render, tty, sink.clone()));
+                senders_pending.push((handle, endpoint, proto, link, sink));
+            } else {
+                writers.push((conn, render, tty, sink));
+            }
         }
         let shared = Arc::new(shared);
+        let spools: Vec<Arc<SpoolHandle>> = spooled.into_iter().map(|(h, _, _)| h).collect();
+        let senders = senders_pending
+            .into_iter()
+            .map(|(spool, endpoint, proto, link, sink)| Sender {
+                endpoint,
+                proto,
+                tls: tls.clone(),
+                link,
+                spool,
+                sink,
+                out: Vec::with_capacity(1 << 16),
+                last_error_log: None,
+            })
+            .collect();
         let color_ok = std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
         let mut queues = Vec::new();
         let mut pending = Vec::new();
         for (conn, render, tty, sink) in writers {
             let (tx, rx) = channel::<Vec<Arc<Event>>>();
             queues.push(tx);
+            // A spool numbers on from its newest record, across restarts: a consumer
+            // tells a replayed event from a new one by `event.sequence`.
+            let seq = match &conn {
+                Conn::Spool(h) => lock(&h.spool).last_seq(),
+                _ => 0,
+            };
             let writer = Writer {
                 conn,
                 render,
                 color: tty && color_ok,
-                seq: 0,
+                seq,
                 reopened: 0,
                 buf: Vec::with_capacity(1 << 16),
                 ends: Vec::new(),
+                seqs: Vec::new(),
                 line: String::with_capacity(256),
                 msg: Vec::with_capacity(256),
                 sink,
@@ -300,6 +484,9 @@ impl Output {
             shared,
             pending,
             threads: Vec::new(),
+            senders,
+            sender_threads: Vec::new(),
+            spools,
             block,
             capacity: queue.max(1),
         })
@@ -314,6 +501,13 @@ impl Output {
                 .spawn(move || writer.run(rx))
                 .context("starting an output thread")?;
             self.threads.push(thread);
+        }
+        for sender in self.senders.drain(..) {
+            let thread = std::thread::Builder::new()
+                .name("portwatch-send".into())
+                .spawn(move || sender.run())
+                .context("starting a sender thread")?;
+            self.sender_threads.push(thread);
         }
         Ok(())
     }
@@ -422,6 +616,16 @@ impl Output {
             t.join()
                 .map_err(|_| anyhow::anyhow!("an output thread panicked"))?;
         }
+        // Everything is in the spools now: the senders deliver what they can within
+        // SHUTDOWN_GRACE; the rest stays on disk for the next start.
+        for h in &self.spools {
+            let _ = h.done.set(Instant::now());
+            h.more.notify_all();
+        }
+        for t in self.sender_threads.drain(..) {
+            t.join()
+                .map_err(|_| anyhow::anyhow!("a sender thread panicked"))?;
+        }
         if self.shared.closed.load(Ordering::Relaxed) {
             return Err(Closed.into());
         }
@@ -483,12 +687,8 @@ enum Conn {
         sock: Option<UnixDatagram>,
     },
     Udp(UdpSocket),
-    /// TCP or unix stream, reconnected on failure.
-    Connected {
-        endpoint: Endpoint,
-        stream: Option<Box<dyn Write + Send>>,
-        backoff: Duration,
-    },
+    /// A stream destination: events go to its spool, its `Sender` takes them from there.
+    Spool(Arc<SpoolHandle>),
 }
 
 /// How events are turned into bytes for one sink.
@@ -504,8 +704,8 @@ enum Render {
 enum Framing {
     /// One message per datagram.
     Datagram,
-    /// RFC 6587 octet counting: `LEN SP MSG`.
-    OctetCounted,
+    /// The message alone: the sender frames it when it takes it from the spool.
+    Bare,
 }
 
 impl Conn {
@@ -554,29 +754,20 @@ impl Conn {
                     .with_context(|| format!("cannot use syslog address udp:{addr}"))?;
                 Conn::Udp(sock)
             }
-            SinkSpec::Syslog(e @ Endpoint::Tcp(_)) | SinkSpec::Forward(e) => {
-                if let Endpoint::Udp(a) = e {
-                    anyhow::bail!(
-                        "--forward sends JSON lines over a stream: udp:{a} is not one; use tcp: or unix:"
-                    );
-                }
-                let stream = connect_stream(e).ok();
-                if stream.is_none() {
-                    log::warn!("{e}: not reachable yet; will retry (events queue meanwhile)");
-                }
-                Conn::Connected {
-                    endpoint: e.clone(),
-                    stream,
-                    backoff: RECONNECT_MIN,
-                }
-            }
+            SinkSpec::Forward(Endpoint::Udp(a)) => anyhow::bail!(
+                "--forward sends JSON lines over a stream: udp:{a} is not one; use tcp:, tls: or \
+                 unix:"
+            ),
+            SinkSpec::Syslog(Endpoint::Tcp(_) | Endpoint::Tls(_))
+            | SinkSpec::Forward(_)
+            | SinkSpec::Relp(_) => unreachable!("stream sinks are spooled"),
         })
     }
 
     fn is_connected(&self) -> bool {
         match self {
             Conn::UnixDgram { sock, .. } => sock.is_some(),
-            Conn::Connected { stream, .. } => stream.is_some(),
+            Conn::Spool(_) => false,
             Conn::Stream { .. } | Conn::Udp(_) => true,
         }
     }
@@ -603,33 +794,96 @@ fn connect_unix_dgram(path: &Path) -> io::Result<UnixDatagram> {
     Ok(s)
 }
 
-fn connect_stream(e: &Endpoint) -> io::Result<Box<dyn Write + Send>> {
+/// A connection of a stream destination.
+enum Link {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+    Tls(Box<crate::tls::TlsStream>),
+}
+
+impl Link {
+    /// Reads wait at most this long (the RELP sender polls for acknowledgements).
+    fn set_read_timeout(&self, t: Duration) -> io::Result<()> {
+        match self {
+            Link::Tcp(s) => s.set_read_timeout(Some(t)),
+            Link::Unix(s) => s.set_read_timeout(Some(t)),
+            Link::Tls(s) => s.sock.set_read_timeout(Some(t)),
+        }
+    }
+}
+
+impl io::Read for Link {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Link::Tcp(s) => s.read(buf),
+            Link::Unix(s) => s.read(buf),
+            Link::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Link {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Link::Tcp(s) => s.write(buf),
+            Link::Unix(s) => s.write(buf),
+            Link::Tls(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Link::Tcp(s) => s.flush(),
+            Link::Unix(s) => s.flush(),
+            Link::Tls(s) => s.flush(),
+        }
+    }
+}
+
+fn connect_tcp(addr: &str) -> io::Result<TcpStream> {
     let timeout = Duration::from_secs(2);
-    match e {
-        Endpoint::Tcp(addr) => {
-            let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
-            for a in std::net::ToSocketAddrs::to_socket_addrs(addr.as_str())? {
-                match TcpStream::connect_timeout(&a, timeout) {
-                    Ok(s) => {
-                        s.set_write_timeout(Some(Duration::from_secs(10)))?;
-                        s.set_nodelay(true)?;
-                        return Ok(Box::new(s));
-                    }
-                    Err(err) => last = err,
-                }
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
+    for a in std::net::ToSocketAddrs::to_socket_addrs(addr)? {
+        match TcpStream::connect_timeout(&a, timeout) {
+            Ok(s) => {
+                s.set_write_timeout(Some(Duration::from_secs(10)))?;
+                s.set_nodelay(true)?;
+                return Ok(s);
             }
-            Err(last)
+            Err(err) => last = err,
+        }
+    }
+    Err(last)
+}
+
+/// Connect to a stream destination (with the TLS handshake for `tls:`).
+fn connect(
+    e: &Endpoint,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> Result<Link, crate::tls::TlsError> {
+    let link = match e {
+        Endpoint::Tcp(addr) => Link::Tcp(connect_tcp(addr)?),
+        Endpoint::Tls(addr) => {
+            let config = tls.ok_or_else(|| io::Error::other("TLS is not set up"))?;
+            Link::Tls(Box::new(crate::tls::handshake(
+                connect_tcp(addr)?,
+                addr,
+                config,
+            )?))
         }
         Endpoint::Unix(path) => {
             let s = UnixStream::connect(path)?;
             s.set_write_timeout(Some(Duration::from_secs(10)))?;
-            Ok(Box::new(s))
+            Link::Unix(s)
         }
-        Endpoint::Udp(_) => Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "not a stream endpoint",
-        )),
-    }
+        Endpoint::Udp(_) => {
+            return Err(
+                io::Error::new(io::ErrorKind::InvalidInput, "not a stream endpoint").into(),
+            );
+        }
+    };
+    link.set_read_timeout(ACK_POLL)?;
+    Ok(link)
 }
 
 struct Writer {
@@ -642,6 +896,8 @@ struct Writer {
     buf: Vec<u8>,
     /// End offset in `buf` of each message (datagram sinks send one per message).
     ends: Vec<usize>,
+    /// `event.sequence` of each message in `buf`.
+    seqs: Vec<u64>,
     line: String,
     /// Scratch for one syslog message.
     msg: Vec<u8>,
@@ -681,6 +937,7 @@ impl Writer {
             }
             self.buf.clear();
             self.ends.clear();
+            self.seqs.clear();
             let mut n = 0;
             // Bounded in bytes too: an urgent event that arrives while a write blocks on
             // a slow reader waits for this much at most.
@@ -694,7 +951,11 @@ impl Writer {
             self.sink.depth.fetch_sub(n, Ordering::Relaxed);
             match self.write_batch() {
                 Ok(0) => {
-                    self.sink.written.fetch_add(n as u64, Ordering::Relaxed);
+                    // A spooled sink's events count as written once the destination has
+                    // them (its sender counts them).
+                    if !matches!(self.conn, Conn::Spool(_)) {
+                        self.sink.written.fetch_add(n as u64, Ordering::Relaxed);
+                    }
                 }
                 Ok(failed) => {
                     // Datagrams: the others of the batch went out; exactly these did not.
@@ -813,41 +1074,22 @@ impl Writer {
                 self.dgram_error = err;
                 Ok(failed)
             }
-            Conn::Connected {
-                endpoint,
-                stream,
-                backoff,
-            } => {
-                // Hold the batch until connected: meanwhile the queue fills and the event
-                // loop counts what it cannot queue. At shutdown, give up after a grace.
-                let mut since_stop: Option<Instant> = None;
-                while stream.is_none() {
-                    match connect_stream(endpoint) {
-                        Ok(s) => {
-                            log::info!("{endpoint}: connected");
-                            *stream = Some(s);
-                            *backoff = RECONNECT_MIN;
-                        }
-                        Err(e) => {
-                            if self.shared.stopping.load(Ordering::Relaxed) {
-                                let t = *since_stop.get_or_insert_with(Instant::now);
-                                if t.elapsed() >= SHUTDOWN_GRACE {
-                                    return Err(e);
-                                }
-                            }
-                            self.sink.connected.store(false, Ordering::Relaxed);
-                            std::thread::sleep(*backoff);
-                            *backoff = (*backoff * 2).min(RECONNECT_MAX);
-                        }
-                    }
+            Conn::Spool(h) => {
+                let mut start = 0;
+                let records = self.ends.iter().zip(&self.seqs).map(|(&end, &seq)| {
+                    let r = (seq, &self.buf[start..end]);
+                    start = end;
+                    r
+                });
+                let mut spool = lock(&h.spool);
+                let res = spool.append(records);
+                let full = spool.take_full();
+                self.sink.spooled.store(spool.unacked(), Ordering::Relaxed);
+                drop(spool);
+                if full > 0 {
+                    self.sink.spool_full.fetch_add(full, Ordering::Relaxed);
                 }
-                self.sink.connected.store(true, Ordering::Relaxed);
-                let s = stream.as_mut().expect("connected above");
-                let res = s.write_all(&self.buf).and_then(|()| s.flush());
-                if res.is_err() {
-                    *stream = None;
-                    self.sink.connected.store(false, Ordering::Relaxed);
-                }
+                h.more.notify_all();
                 res.map(|()| 0)
             }
         }
@@ -879,15 +1121,13 @@ impl Writer {
                         }
                     }
                 }
-                if framing == Framing::OctetCounted {
-                    let _ = write!(self.buf, "{} ", self.msg.len());
-                }
                 self.buf.extend_from_slice(&self.msg);
                 ok
             }
         };
         if ok {
             self.ends.push(self.buf.len());
+            self.seqs.push(self.seq);
         } else {
             // Typed structs with string keys always serialise; were one not to, its
             // half-written bytes are taken back so the stream stays one event per line.
@@ -1141,5 +1381,366 @@ mod tests {
         assert_eq!(human_ns(512), "512ns");
         assert_eq!(human_ns(1_500_000), "1.5ms");
         assert_eq!(human_ns(2_000_000_000), "2.0s");
+    }
+}
+
+/// Reads of a stream destination wait at most this long: how often the RELP sender
+/// looks for new events while it waits for acknowledgements.
+const ACK_POLL: Duration = Duration::from_millis(20);
+/// A destination that acknowledges nothing for this long is reconnected (and the
+/// unacknowledged events sent again).
+const ACK_TIMEOUT: Duration = Duration::from_secs(30);
+/// RELP transactions sent and not yet acknowledged, at most (librelp's default window
+/// is 128 too).
+const RELP_WINDOW: usize = 128;
+/// Bytes taken from the spool per write to a plain stream.
+const SEND_BYTES: usize = 64 * 1024;
+
+/// A spooled sink's spool, shared by the writer (which appends) and the sender (which
+/// reads and acknowledges).
+pub struct SpoolHandle {
+    spool: Mutex<crate::spool::Spool>,
+    /// Signalled when records were appended, or the output is stopping.
+    more: Condvar,
+    /// Set when the writer has appended its last event (the agent is stopping).
+    done: OnceLock<Instant>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// How a sender frames what it takes from the spool.
+#[derive(Clone, Copy, Debug)]
+enum Proto {
+    /// JSON lines: the record is the line.
+    Lines,
+    /// Syslog over TCP or TLS: `LEN SP MSG` (RFC 6587 octet counting, RFC 5425).
+    OctetCounted,
+    /// RELP `syslog` transactions, each acknowledged by the relay.
+    Relp,
+}
+
+/// Sends a spooled sink's events from its spool to the destination, reconnecting with
+/// back-off, and acknowledges them in the spool once delivered: for RELP when the relay
+/// answered `200`, for plain streams when the socket took the bytes.
+struct Sender {
+    endpoint: Endpoint,
+    proto: Proto,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    /// The connection made at start, if the destination was up.
+    link: Option<Link>,
+    spool: Arc<SpoolHandle>,
+    sink: Arc<SinkShared>,
+    out: Vec<u8>,
+    last_error_log: Option<Instant>,
+}
+
+/// Why a session with the destination ended.
+type Session = Result<(), String>;
+
+impl Sender {
+    fn run(mut self) {
+        let mut backoff = RECONNECT_MIN;
+        let mut reconnects = 0u64;
+        while !self.finished() {
+            let link = match self.link.take() {
+                Some(l) => Ok(l),
+                None => connect(&self.endpoint, self.tls.as_ref()).map_err(|e| e.to_string()),
+            };
+            match link {
+                Ok(mut link) => {
+                    if reconnects > 0 {
+                        log::info!("{}: connected", self.sink.name);
+                    }
+                    self.sink.connected.store(true, Ordering::Relaxed);
+                    let res = match self.proto {
+                        Proto::Relp => self.relp_session(&mut link),
+                        Proto::Lines | Proto::OctetCounted => self.stream_session(&mut link),
+                    };
+                    self.sink.connected.store(false, Ordering::Relaxed);
+                    match res {
+                        Ok(()) => break,
+                        Err(e) => {
+                            self.sink.write_errors.fetch_add(1, Ordering::Relaxed);
+                            self.log_error(&e);
+                            backoff = RECONNECT_MIN;
+                        }
+                    }
+                }
+                Err(e) => self.log_error(&e),
+            }
+            reconnects += 1;
+            // Back off, but notice a stop at once.
+            let until = Instant::now() + backoff;
+            while Instant::now() < until && !self.finished() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            backoff = (backoff * 2).min(RECONNECT_MAX);
+        }
+        let mut spool = lock(&self.spool.spool);
+        spool.sync();
+        let left = spool.unacked();
+        if left > 0 {
+            log::warn!(
+                "{}: {left} events stay in the spool at {}; they are sent when portwatch \
+                 starts again",
+                self.sink.name,
+                spool.dir().display()
+            );
+        }
+    }
+
+    /// The agent is stopping and everything is delivered, or the grace is over (what is
+    /// left stays in the spool).
+    fn finished(&self) -> bool {
+        self.spool.done.get().is_some_and(|t| {
+            t.elapsed() >= SHUTDOWN_GRACE || lock(&self.spool.spool).unacked() == 0
+        })
+    }
+
+    fn log_error(&mut self, e: &str) {
+        let now = Instant::now();
+        if self
+            .last_error_log
+            .is_none_or(|t| now.duration_since(t) >= ERROR_LOG_EVERY)
+        {
+            self.last_error_log = Some(now);
+            let spooled = self.sink.spooled.load(Ordering::Relaxed);
+            log::error!(
+                "{}: {e}; retrying ({spooled} events wait in the spool, none lost)",
+                self.sink.name
+            );
+        }
+    }
+
+    /// Up to `max` records from `pos`; with `wait`, wait a little for some to come.
+    fn take(
+        &mut self,
+        pos: Pos,
+        max: usize,
+        bytes: usize,
+        wait: bool,
+    ) -> Result<(Vec<crate::spool::Record>, Pos), String> {
+        let mut spool = lock(&self.spool.spool);
+        let mut waited = false;
+        loop {
+            let (recs, next) = spool
+                .read(pos, max, bytes)
+                .map_err(|e| format!("reading the spool at {}: {e}", spool.dir().display()))?;
+            let torn = spool.take_torn();
+            if torn > 0 {
+                self.sink.spool_torn.fetch_add(torn, Ordering::Relaxed);
+            }
+            if !recs.is_empty() || !wait || waited || self.spool.done.get().is_some() {
+                return Ok((recs, next));
+            }
+            spool = self
+                .spool
+                .more
+                .wait_timeout(spool, Duration::from_millis(200))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+            waited = true;
+        }
+    }
+
+    /// The destination has everything before `to` (`n` events).
+    fn ack(&self, to: Pos, n: usize) {
+        let mut spool = lock(&self.spool.spool);
+        spool.ack(to);
+        self.sink.spooled.store(spool.unacked(), Ordering::Relaxed);
+        drop(spool);
+        self.sink.written.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    fn resume_at(&self) -> Pos {
+        lock(&self.spool.spool).acked()
+    }
+
+    /// JSON lines or octet-counted syslog: delivered when written.
+    fn stream_session(&mut self, link: &mut Link) -> Session {
+        let mut pos = self.resume_at();
+        loop {
+            let (recs, next) = self.take(pos, WRITE_BATCH, SEND_BYTES, true)?;
+            if recs.is_empty() {
+                if self.finished() {
+                    return Ok(());
+                }
+                continue;
+            }
+            self.out.clear();
+            for r in &recs {
+                if let Proto::OctetCounted = self.proto {
+                    let _ = write!(self.out, "{} ", r.payload.len());
+                }
+                self.out.extend_from_slice(&r.payload);
+            }
+            link.write_all(&self.out)
+                .and_then(|()| link.flush())
+                .map_err(|e| format!("writing: {e}"))?;
+            pos = next;
+            self.ack(next, recs.len());
+        }
+    }
+
+    /// RELP: open the session, then keep up to RELP_WINDOW transactions in flight; an
+    /// event is acknowledged in the spool (in order) once the relay answered 200 for it
+    /// and for every event before it. After a reconnect, sending resumes at the first
+    /// unacknowledged event, so the relay may see an event twice, never not at all.
+    fn relp_session(&mut self, link: &mut Link) -> Session {
+        let mut rbuf = Vec::new();
+        self.out.clear();
+        crate::relp::encode(&mut self.out, 1, "open", &crate::relp::open_offer());
+        link.write_all(&self.out)
+            .and_then(|()| link.flush())
+            .map_err(|e| format!("opening the RELP session: {e}"))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let f = read_frame(link, &mut rbuf, Some(deadline))?
+            .ok_or("the relay did not answer the RELP open within 10 s")?;
+        match (f.txnr, f.command.as_str()) {
+            (1, "rsp") => {
+                let r = crate::relp::response(&f.data).map_err(|e| e.to_string())?;
+                if r.code != 200 {
+                    return Err(format!(
+                        "the relay refused the RELP session ({} {})",
+                        r.code, r.text
+                    ));
+                }
+            }
+            (_, "serverclose") => return Err("the relay closed the RELP session".into()),
+            _ => {
+                return Err(format!(
+                    "unexpected RELP `{}` before the session opened",
+                    f.command
+                ));
+            }
+        }
+        let mut txnr = 1u32;
+        // (txnr, position after the event, acknowledged)
+        let mut inflight: VecDeque<(u32, Pos, bool)> = VecDeque::new();
+        let mut pos = self.resume_at();
+        let mut last_progress = Instant::now();
+        loop {
+            if inflight.len() < RELP_WINDOW {
+                let room = RELP_WINDOW - inflight.len();
+                let (recs, next) = self.take(pos, room, SEND_BYTES, inflight.is_empty())?;
+                if !recs.is_empty() {
+                    if inflight.is_empty() {
+                        last_progress = Instant::now();
+                    }
+                    self.out.clear();
+                    for r in &recs {
+                        txnr = crate::relp::next_txnr(txnr);
+                        crate::relp::encode(&mut self.out, txnr, "syslog", &r.payload);
+                        inflight.push_back((txnr, r.end, false));
+                    }
+                    link.write_all(&self.out)
+                        .and_then(|()| link.flush())
+                        .map_err(|e| format!("writing: {e}"))?;
+                    pos = next;
+                } else if inflight.is_empty() {
+                    if self.finished() {
+                        self.out.clear();
+                        crate::relp::encode(
+                            &mut self.out,
+                            crate::relp::next_txnr(txnr),
+                            "close",
+                            b"",
+                        );
+                        let _ = link.write_all(&self.out).and_then(|()| link.flush());
+                        return Ok(());
+                    }
+                    continue;
+                }
+            }
+            while let Some(f) = read_frame(link, &mut rbuf, None)? {
+                match f.command.as_str() {
+                    "rsp" => {
+                        let r = crate::relp::response(&f.data).map_err(|e| e.to_string())?;
+                        let Some(entry) = inflight.iter_mut().find(|e| e.0 == f.txnr) else {
+                            return Err(format!(
+                                "the relay answered transaction {} that was not sent",
+                                f.txnr
+                            ));
+                        };
+                        if r.code != 200 {
+                            return Err(format!(
+                                "the relay refused an event ({} {})",
+                                r.code, r.text
+                            ));
+                        }
+                        entry.2 = true;
+                    }
+                    "serverclose" => return Err("the relay closed the RELP session".into()),
+                    other => {
+                        return Err(format!("unexpected RELP command `{other}` from the relay"));
+                    }
+                }
+            }
+            let mut n = 0;
+            let mut to = None;
+            while inflight.front().is_some_and(|e| e.2) {
+                to = inflight.pop_front().map(|e| e.1);
+                n += 1;
+            }
+            if let Some(to) = to {
+                self.ack(to, n);
+                last_progress = Instant::now();
+            }
+            if !inflight.is_empty() && last_progress.elapsed() >= ACK_TIMEOUT {
+                return Err(format!(
+                    "no acknowledgement from the relay for {} s",
+                    ACK_TIMEOUT.as_secs()
+                ));
+            }
+            if self
+                .spool
+                .done
+                .get()
+                .is_some_and(|t| t.elapsed() >= SHUTDOWN_GRACE)
+            {
+                // Stopping: what is not acknowledged stays in the spool.
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// The next whole RELP frame from the relay: read until one is there, or until
+/// `deadline` (None: a single read of at most ACK_POLL). Ok(None): none yet.
+fn read_frame(
+    link: &mut Link,
+    rbuf: &mut Vec<u8>,
+    deadline: Option<Instant>,
+) -> Result<Option<crate::relp::Frame>, String> {
+    use io::Read as _;
+    let mut chunk = [0u8; 4096];
+    loop {
+        match crate::relp::parse_frame(rbuf) {
+            Ok(Some((f, n))) => {
+                rbuf.drain(..n);
+                return Ok(Some(f));
+            }
+            Ok(None) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+        match link.read(&mut chunk) {
+            Ok(0) => return Err("the relay closed the connection".into()),
+            Ok(n) => rbuf.extend_from_slice(&chunk[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) =>
+            {
+                if deadline.is_none_or(|d| Instant::now() >= d) {
+                    return Ok(None);
+                }
+            }
+            Err(e) => return Err(format!("reading: {e}")),
+        }
     }
 }

@@ -424,10 +424,12 @@ pub struct Lost {
     /// `ring-buffer-full` (the kernel could not reserve space), `kernel-map-full`,
     /// `decode-error`, `untracked` (a start could not be tracked: its end will carry no
     /// duration), `output-queue-full` (the output fell behind and the bounded queue
-    /// overflowed) or `output-error` (a write failed: disk full, I/O error).
+    /// overflowed), `output-error` (a write failed: disk full, I/O error), `spool-full`
+    /// (a destination's spool on disk was full: its oldest events were dropped) or
+    /// `spool-torn-record` (a damaged record in a spool, left by a crash, was skipped).
     pub reason: &'static str,
     /// For output losses: the sink that lost them (`stdout`, `file:...`, `syslog:...`,
-    /// `forward:...`); the other sinks may have written those events.
+    /// `forward:...`, `relp:...`); the other sinks may have written those events.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sink: Option<String>,
     /// Which lane lost them: `urgent` (important events) or `bulk`.

@@ -135,6 +135,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             output,
             syslog,
             forward,
+            relp,
+            tls_ca,
+            tls_cert,
+            tls_key,
+            spool_dir,
+            spool_max_bytes,
             stdout,
             metrics,
             ring_bytes,
@@ -163,6 +169,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             sinks.extend(output.into_iter().map(SinkSpec::File));
             sinks.extend(syslog.into_iter().map(SinkSpec::Syslog));
             sinks.extend(forward.into_iter().map(SinkSpec::Forward));
+            sinks.extend(relp.into_iter().map(SinkSpec::Relp));
+            let delivery = portwatch::emit::Delivery {
+                tls: portwatch::tls::TlsFiles {
+                    ca: tls_ca.or(file.tls_ca.clone()),
+                    cert: tls_cert.or(file.tls_cert.clone()),
+                    key: tls_key.or(file.tls_key.clone()),
+                },
+                spool_dir: spool_dir
+                    .or(file.spool_dir.clone())
+                    .unwrap_or_else(|| portwatch::emit::SPOOL_DIR.into()),
+                spool_max_bytes: spool_max_bytes
+                    .or(file.spool_max_bytes)
+                    .unwrap_or(portwatch::spool::DEFAULT_MAX_BYTES),
+            };
             if (stdout || sinks.is_empty()) && !sinks.iter().any(|s| matches!(s, SinkSpec::Stdout))
             {
                 sinks.insert(0, SinkSpec::Stdout);
@@ -188,6 +208,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             rt.block_on(agent::watch(agent::WatchOptions {
                 format,
                 sinks,
+                delivery,
                 metrics: metrics.or(file.metrics),
                 ring_bytes: ring_bytes.or(file.ring_bytes).unwrap_or(1 << 20),
                 snapshot: !no_snapshot,

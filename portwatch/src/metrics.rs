@@ -104,6 +104,8 @@ const LOSS_SERIES: &[(&str, &str)] = &[
     ("kernel-map-full", "kernel"),
     ("output-queue-full", "userspace"),
     ("output-error", "userspace"),
+    ("spool-full", "userspace"),
+    ("spool-torn-record", "userspace"),
     ("decode-error", "userspace"),
     ("untracked", "userspace"),
 ];

@@ -36,7 +36,13 @@ pub fn snapshot_command(format: SnapshotFormat, policy: PolicyOptions) -> anyhow
         .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup"));
     let found = snapshot::scan().context("reading listeners from /proc")?;
     // Blocking output: nothing is live here, so nothing may be dropped.
-    let mut output = Output::new(Format::Json, &[SinkSpec::Stdout], QUEUE_EVENTS, true)?;
+    let mut output = Output::new(
+        Format::Json,
+        &[SinkSpec::Stdout],
+        QUEUE_EVENTS,
+        true,
+        &crate::emit::Delivery::default(),
+    )?;
     output.start()?;
     let mut pipeline = Pipeline::new(output, cgroup_root, policy);
     pipeline.enable_firewall(None);

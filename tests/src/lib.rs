@@ -37,6 +37,9 @@ pub struct Agent {
     lines: Receiver<Value>,
     /// Every event received so far, in order.
     pub seen: Vec<Value>,
+    /// The spool directory given to an agent whose test names none, so that tests never
+    /// share /var/lib/portwatch (removed with the agent).
+    _spool: Option<tempfile::TempDir>,
 }
 
 /// The hook set every test agent is started with: `$PORTWATCH_HOOKS` (`auto`, `stable`,
@@ -90,7 +93,13 @@ impl Agent {
     }
 
     fn spawn(args: &[String], capture_stderr: bool) -> Result<Agent, String> {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let spool = (!args.contains(&"--spool-dir"))
+            .then(|| tempfile::tempdir().expect("a spool directory for the agent"));
+        let spool_path = spool.as_ref().map(|d| d.path().display().to_string());
+        if let Some(p) = &spool_path {
+            args.extend(["--spool-dir", p.as_str()]);
+        }
         let stderr = if capture_stderr {
             Stdio::piped()
         } else {
@@ -132,6 +141,7 @@ impl Agent {
             child,
             lines: rx,
             seen: Vec::new(),
+            _spool: spool,
         };
         // Loading takes a while on a slow (emulated) machine: up to 60 s.
         if agent

@@ -26,6 +26,7 @@ pub const TARGETS: &[&str] = &[
     "record",
     "emit",
     "remediation",
+    "relp",
 ];
 
 #[derive(clap::Args, Debug)]

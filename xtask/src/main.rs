@@ -124,6 +124,13 @@ impl Need {
                 "nftables",
                 "iptables",
                 "python3",
+                // sinks.rs: syslog over TLS (imtcp gtls driver), RELP (imrelp), and the
+                // certificates the tests make.
+                "rsyslog-gnutls",
+                "rsyslog-relp",
+                // The fleet relay example (packaging/relay) forwards with omkafka.
+                "rsyslog-kafka",
+                "openssl",
             ],
             Need::Package => &[
                 "dpkg-dev",
