@@ -33,6 +33,11 @@ ok() { echo "  ok: $*"; }
 log=/var/log/portwatch/events.json
 wait_for() { i=0; while [ $i -lt 100 ]; do grep -q "$1" $log 2>/dev/null && return 0; i=$((i + 1)); sleep 0.1; done; return 1; }
 
+# The container's private network has only lo; a veth with a TEST-NET address gives a
+# wildcard listener a public exposure, so the firewall verdict is worked out for it.
+ip link add pw-v0 type veth peer name pw-v1 && ip addr add 198.51.100.9/24 dev pw-v0 &&
+	ip link set pw-v0 up && ip link set pw-v1 up || fail "veth for the exposure check"
+
 dpkg -i /opt/portwatch.deb >/dev/null || fail "dpkg -i"
 [ "$(systemctl is-enabled portwatch)" = enabled ] || fail "not enabled by postinst"
 systemctl start portwatch  # postinst started it already; a no-op then
