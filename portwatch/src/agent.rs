@@ -340,7 +340,9 @@ impl Pipeline {
     /// whose firewall verdict changed (`exposure-changed`), with the alert when one
     /// becomes exposed.
     pub fn firewall_changed(&mut self, u: crate::firewall::watch::Update) {
-        self.assessor.set_ruleset(u.netns, u.ruleset);
+        if !self.assessor.set_ruleset(u.netns, u.ruleset) {
+            return;
+        }
         let keys: Vec<u64> = self
             .open
             .iter()
@@ -371,13 +373,18 @@ impl Pipeline {
             let owner = o.owner.clone();
             let before = o.firewall.clone();
             let mut ev = self.listener_event("exposure-changed", now, l, &owner);
+            let state = |f: &Option<Arc<crate::firewall::Firewall>>| f.as_ref().map(|f| f.verdict);
+            // Only a changed verdict is assessed (and may alert): assessing every open
+            // listener would count each in the alert folder as if it had alerted again.
+            if state(&before) == state(&self.assessor.firewall_now(&ev)) {
+                continue;
+            }
             let alert = self.assessor.assess(&mut ev);
             let after = ev
                 .portwatch
                 .exposure
                 .as_ref()
                 .and_then(|e| e.firewall.clone());
-            let state = |f: &Option<Arc<crate::firewall::Firewall>>| f.as_ref().map(|f| f.verdict);
             if state(&before) == state(&after) {
                 continue;
             }

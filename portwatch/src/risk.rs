@@ -124,11 +124,18 @@ impl Assessor {
         });
     }
 
-    /// A namespace's ruleset, read again after a change.
-    pub fn set_ruleset(&mut self, netns: u64, ruleset: Arc<Ruleset>) {
-        if let Some(fw) = self.firewall.as_mut() {
-            fw.rulesets.insert(netns, ruleset);
+    /// A namespace's ruleset, read again after a change. False when it is the one
+    /// already in use (a notification for a change that changed nothing modelled, or
+    /// the watcher's first read of a namespace just read here).
+    pub fn set_ruleset(&mut self, netns: u64, ruleset: Arc<Ruleset>) -> bool {
+        let Some(fw) = self.firewall.as_mut() else {
+            return false;
+        };
+        if fw.rulesets.get(&netns).is_some_and(|old| **old == *ruleset) {
+            return false;
         }
+        fw.rulesets.insert(netns, ruleset);
+        true
     }
 
     /// The namespace's ruleset: cached, else read now (once per namespace; the watcher
@@ -221,6 +228,27 @@ impl Assessor {
     /// Classify the listener in `ev` (a start or present event): fill its
     /// `portwatch.exposure` and `portwatch.risk`, and return the alert to write after
     /// it, unless it was folded into an earlier one.
+    /// The firewall verdict `assess` would give `ev` now, and nothing else: no
+    /// classification, no alert, nothing counted in the alert folder (a ruleset change
+    /// asks this of every open listener, and only a changed verdict is assessed again).
+    pub fn firewall_now(&mut self, ev: &Event) -> Option<Arc<Firewall>> {
+        let (network, server) = (ev.network.as_ref()?, ev.server.as_ref()?);
+        let transport = match network.transport {
+            "udp" | "udplite" => Transport::Udp,
+            _ => Transport::Tcp,
+        };
+        let socket = ev.portwatch.socket.as_ref();
+        let (v6only, netns) = (socket.and_then(|s| s.v6only), socket.and_then(|s| s.netns));
+        let pid = ev.process.as_ref().map(|p| p.pid);
+        let ifaces = if server.ip.is_unspecified() {
+            self.interfaces(netns, pid)
+        } else {
+            None
+        };
+        let exposure = Exposure::new(server.ip, v6only, ifaces.as_deref().map(|a| &a.ips[..]));
+        self.firewall_verdict(&exposure, transport, server.port, netns, pid)
+    }
+
     pub fn assess(&mut self, ev: &mut Event) -> Option<Event> {
         let (network, server) = (ev.network.as_ref()?, ev.server.as_ref()?);
         let transport = match network.transport {
