@@ -12,8 +12,10 @@
 use std::net::IpAddr;
 
 use portwatch::{
+    attribution::procfs,
+    attribution::scan,
     classify::{self, Classifier, Exposure, Listener},
-    procfs, ring, snapshot,
+    kernel::ring,
 };
 
 /// A target's checks on one input; panics on a failure.
@@ -36,7 +38,7 @@ pub const TARGETS: &[(&str, Check)] = &[
 /// are one clean line (they are logged). Responses parse to a 3-digit code and a
 /// one-line text.
 pub fn relp(data: &[u8]) {
-    use portwatch::relp::{MAX_RESPONSE_DATA, parse_frame, response};
+    use portwatch::output::relp::{MAX_RESPONSE_DATA, parse_frame, response};
     let mut rest = data;
     while !rest.is_empty() {
         match parse_frame(rest) {
@@ -85,18 +87,18 @@ pub fn proc_net(data: &[u8]) {
         return;
     };
     let transport = if sel & 1 == 0 {
-        snapshot::Transport::Tcp
+        scan::Transport::Tcp
     } else {
-        snapshot::Transport::Udp
+        scan::Transport::Udp
     };
     let ipv6 = sel & 2 != 0;
-    match snapshot::parse_proc_net(text, transport, ipv6) {
+    match scan::parse_proc_net(text, transport, ipv6) {
         Ok(sockets) => {
             for s in sockets {
                 assert_eq!(s.transport, transport);
                 assert_eq!(s.ipv6, ipv6);
                 assert_eq!(s.addr.is_ipv6(), ipv6, "{s:?}");
-                if transport == snapshot::Transport::Udp {
+                if transport == scan::Transport::Udp {
                     assert_ne!(s.port, 0, "an unbound UDP socket is not a listener");
                 }
             }
@@ -111,7 +113,7 @@ pub fn proc_net(data: &[u8]) {
         }
     }
     if text.len() <= 64 {
-        match snapshot::parse_hex_addr(text) {
+        match scan::parse_hex_addr(text) {
             Ok(addr) => assert!(text.len() == 8 || text.len() == 32, "{addr}"),
             Err(e) => assert_one_clean_line("parse_hex_addr", &e.to_string()),
         }
@@ -240,14 +242,14 @@ pub fn record(data: &[u8]) {
 }
 
 /// Event strings that come from hostile processes (comm, argv, exe path, cgroup and unit
-/// names), written by the real [`portwatch::emit::Output`] in every format: the JSON
+/// names), written by the real [`portwatch::output::sinks::Output`] in every format: the JSON
 /// line must be one valid document that gives the strings back unchanged; the text line
 /// must be one line with no control characters (no terminal escapes), and so must the
 /// row of `portwatch snapshot`'s table.
 pub fn emit(data: &[u8]) {
     use portwatch::{
-        emit::{Format, Output, SinkSpec},
-        event,
+        output::event,
+        output::sinks::{Format, Output, SinkSpec},
     };
 
     let mut parts = data
@@ -333,12 +335,13 @@ pub fn emit(data: &[u8]) {
     };
 
     // `portwatch snapshot`'s table: a header, one row, the count line.
-    let table = portwatch::report::render_table(&[(ev.clone(), None)], false);
+    let table = portwatch::inventory::render_table(&[(ev.clone(), None)], false);
     assert_eq!(table.lines().count(), 3, "{table:?}");
     assert!(
         !table
             .chars()
-            .any(|c| (c.is_control() && c != '\n') || portwatch::emit::is_invisible_format(c)),
+            .any(|c| (c.is_control() && c != '\n')
+                || portwatch::output::sinks::is_invisible_format(c)),
         "the table has control characters: {table:?}"
     );
 
@@ -351,7 +354,7 @@ pub fn emit(data: &[u8]) {
             &[SinkSpec::File(path.clone())],
             16,
             true,
-            &portwatch::emit::Delivery::default(),
+            &portwatch::output::sinks::Delivery::default(),
         )
         .expect("opening the scratch file");
         out.start().expect("starting the writer");
@@ -378,7 +381,7 @@ pub fn emit(data: &[u8]) {
                 assert_eq!(
                     String::from_utf8_lossy(body),
                     String::from_utf8_lossy(&serde_json::to_vec(&ev).expect("serialising")),
-                    "portwatch::json differs from serde"
+                    "portwatch::output::json differs from serde"
                 );
             }
             Format::Ocsf => {
@@ -391,7 +394,7 @@ pub fn emit(data: &[u8]) {
                 assert!(
                     !line
                         .chars()
-                        .any(|c| c.is_control() || portwatch::emit::is_invisible_format(c)),
+                        .any(|c| c.is_control() || portwatch::output::sinks::is_invisible_format(c)),
                     "a text line has no control or bidi/zero-width characters: {line:?}"
                 );
             }
@@ -482,8 +485,8 @@ fn assert_shell_safe(cmd: &str) {
 /// `iptables-save` text for the xt rules and as a legacy ruleset). Whatever parses must
 /// evaluate without panicking for a few packets; what does not must give one clean line.
 pub fn ruleset(data: &[u8]) {
+    use portwatch::classify::firewall::{self, IfAddr, ipt, model, nft};
     use portwatch::classify::{Scope, Stack, Transport};
-    use portwatch::firewall::{self, IfAddr, ipt, model, nft};
     let (json, save) = match data.iter().position(|&b| b == 0) {
         Some(i) => (&data[..i], &data[i + 1..]),
         None => (data, &[][..]),

@@ -15,18 +15,18 @@
 //!
 //! Ends follow their start: the end of a folded start is folded too (`FOLDED_SOCKS`).
 
+use core::ptr::read_volatile;
+
 use aya_ebpf::{
     Global,
-    bindings::BPF_NOEXIST,
+    bindings::{BPF_NOEXIST, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     macros::map,
-    maps::{Array, HashMap, LruHashMap, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use portwatch_common::{
     AF_INET, Budget, FLAG_CHARGED, FLAG_URGENT, FOLD_BY_PROCESS, FOLD_BY_USER, FOLD_PORT_WORDS,
     Fold, FoldKey, RISKY_WORDS, SCOPE_ADDRESS, SCOPE_LOOPBACK, SCOPE_WILDCARD, SocketRecord, stat,
 };
-
-use crate::record::{count, submit};
 
 /// Important records; sized by the agent (`--urgent-ring-bytes`).
 #[map]
@@ -447,4 +447,48 @@ fn fold(s: &Start, sock: u64, reason: u32, attr: impl FnOnce() -> FoldAttr) -> b
     or(unsafe { &raw mut (*f).ports[word] }, bit);
     add(unsafe { &raw mut (*f).started }, 1);
     true
+}
+
+/// Ring buffer size in bytes; the agent may override it at load time.
+#[map]
+pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+
+/// Set to 1 by the agent just before it blocks waiting for the ring, 0 once awake.
+/// Records are submitted without a wake-up (on this VM each wake-up is an interrupt and
+/// cost ~5 µs in the listening process); only when the agent sleeps is it woken.
+#[map]
+pub(crate) static AGENT_SLEEPING: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Counters indexed by `portwatch_common::stat`.
+#[map]
+pub(crate) static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+
+/// Put a record in the bulk ring, counting it when there is no room. Returns whether it
+/// was delivered.
+#[inline(always)]
+pub(crate) fn submit(rec: &SocketRecord) -> bool {
+    let Some(mut entry) = EVENTS.reserve::<SocketRecord>(0) else {
+        count(stat::RING_FULL);
+        return false;
+    };
+    entry.write(*rec);
+    // Commit first (an atomic exchange: a full barrier), then look at the flag. The agent
+    // sets the flag, fences, then checks the ring once more before blocking: one of the
+    // two always sees the other, so no record is left without a wake-up.
+    entry.submit(BPF_RB_NO_WAKEUP as u64);
+    let sleeping = AGENT_SLEEPING
+        .get_ptr(0)
+        .is_some_and(|p| unsafe { read_volatile(p) } != 0);
+    if sleeping && let Some(nudge) = EVENTS.reserve::<u64>(0) {
+        // A discarded slot is skipped by the reader; it exists to carry the wake-up.
+        nudge.discard(BPF_RB_FORCE_WAKEUP as u64);
+    }
+    true
+}
+
+#[inline(always)]
+pub(crate) fn count(index: u32) {
+    if let Some(c) = STATS.get_ptr_mut(index) {
+        unsafe { *c += 1 };
+    }
 }

@@ -25,10 +25,10 @@ use portwatch_common::{
 };
 
 use crate::{
-    deliver::{deliver_end, end_folded, important},
+    deliver::{count, deliver_end, end_folded, important},
     record::{
-        OFFSETS, Sock, build, count, kthread_flag, read_kernel, report_start_built,
-        udp_bound_direct, udp_released,
+        OFFSETS, Sock, build, kthread_flag, read_kernel, report_start_built, udp_bound_direct,
+        udp_released,
     },
 };
 

@@ -2,18 +2,15 @@
 //! becomes (`build`), its delivery, the UDP bookkeeping that ties a release to its bind,
 //! and the reads of kernel memory at the offsets the agent found in BTF.
 
-use core::ptr::read_volatile;
-
 use aya_ebpf::{
     Global,
-    bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_current_task, bpf_get_current_uid_gid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
         bpf_probe_read_kernel,
     },
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, PerCpuArray},
 };
 use portwatch_common::{
     AF_INET, FLAG_INODE, FLAG_KTHREAD, FLAG_NETNS, FLAG_PPID, FLAG_START, FLAG_UNTRACKED,
@@ -21,23 +18,9 @@ use portwatch_common::{
 };
 
 use crate::deliver::{
-    FoldAttr, Start, decide, deliver_end, deliver_start, end_folded, important, send_start,
+    FoldAttr, Start, count, decide, deliver_end, deliver_start, end_folded, important, send_start,
     try_fold,
 };
-
-/// Ring buffer size in bytes; the agent may override it at load time.
-#[map]
-pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
-
-/// Set to 1 by the agent just before it blocks waiting for the ring, 0 once awake.
-/// Records are submitted without a wake-up (on this VM each wake-up is an interrupt and
-/// cost ~5 µs in the listening process); only when the agent sleeps is it woken.
-#[map]
-pub(crate) static AGENT_SLEEPING: Array<u32> = Array::with_max_entries(1, 0);
-
-/// Counters indexed by `portwatch_common::stat`.
-#[map]
-pub(crate) static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
 
 /// UDP sockets we reported bound, keyed by `struct sock` address, so that
 /// `sock_release` reports only those (not every autobound client socket).
@@ -343,29 +326,6 @@ pub(crate) fn build(
     }
 }
 
-/// Put a record in the bulk ring, counting it when there is no room. Returns whether it
-/// was delivered.
-#[inline(always)]
-pub(crate) fn submit(rec: &SocketRecord) -> bool {
-    let Some(mut entry) = EVENTS.reserve::<SocketRecord>(0) else {
-        count(stat::RING_FULL);
-        return false;
-    };
-    entry.write(*rec);
-    // Commit first (an atomic exchange: a full barrier), then look at the flag. The agent
-    // sets the flag, fences, then checks the ring once more before blocking: one of the
-    // two always sees the other, so no record is left without a wake-up.
-    entry.submit(BPF_RB_NO_WAKEUP as u64);
-    let sleeping = AGENT_SLEEPING
-        .get_ptr(0)
-        .is_some_and(|p| unsafe { read_volatile(p) } != 0);
-    if sleeping && let Some(nudge) = EVENTS.reserve::<u64>(0) {
-        // A discarded slot is skipped by the reader; it exists to carry the wake-up.
-        nudge.discard(BPF_RB_FORCE_WAKEUP as u64);
-    }
-    true
-}
-
 /// `FLAG_KTHREAD` when the current task is a kernel thread (no process owns the socket).
 #[inline(always)]
 pub(crate) fn kthread_flag() -> u32 {
@@ -426,11 +386,4 @@ pub(crate) fn read_kernel<T>(base: u64, offset: u32) -> Option<T> {
         count(stat::READ_FAILED);
     }
     r.ok()
-}
-
-#[inline(always)]
-pub(crate) fn count(index: u32) {
-    if let Some(c) = STATS.get_ptr_mut(index) {
-        unsafe { *c += 1 };
-    }
 }

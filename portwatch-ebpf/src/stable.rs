@@ -19,11 +19,12 @@ use portwatch_common::{
 
 use crate::{
     deliver::{
-        Start, decide, deliver_end, deliver_start, end_folded, important, is_folded, try_fold,
+        Start, count, decide, deliver_end, deliver_start, end_folded, important, is_folded,
+        try_fold,
     },
     record::{
-        BOUND, OFFSETS, Sock, build, count, fold_attr, is_udp, kthread_flag, read_kernel,
-        task_start, udp_bound, udp_bound_flags, udp_released,
+        BOUND, OFFSETS, Sock, build, fold_attr, is_udp, kthread_flag, read_kernel, task_start,
+        udp_bound, udp_bound_flags, udp_released,
     },
 };
 

@@ -10,11 +10,11 @@ use std::{
 use clap::{CommandFactory as _, Parser, Subcommand};
 
 use crate::{
-    agent,
     classify::{self, Lang},
-    emit::Format,
-    probes::HooksChoice,
-    report::SnapshotFormat,
+    inventory::SnapshotFormat,
+    kernel::probes::HooksChoice,
+    output::sinks::Format,
+    pipeline::agent,
 };
 
 #[derive(Parser)]
@@ -47,16 +47,16 @@ pub enum Command {
         /// Send each event as RFC 5424 syslog to unix:/dev/log, udp:HOST:PORT,
         /// tcp:HOST:PORT (octet-counted) or tls:HOST:PORT (RFC 5425). Repeatable.
         #[arg(long, value_name = "ENDPOINT")]
-        syslog: Vec<crate::emit::Endpoint>,
+        syslog: Vec<crate::output::sinks::Endpoint>,
         /// Stream JSON lines to tcp:HOST:PORT, tls:HOST:PORT or unix:/PATH (Vector,
         /// Fluent Bit, Logstash), reconnecting with back-off. Repeatable.
         #[arg(long, value_name = "ENDPOINT")]
-        forward: Vec<crate::emit::Endpoint>,
+        forward: Vec<crate::output::sinks::Endpoint>,
         /// Send each event as RFC 5424 syslog over RELP to HOST:PORT (or tls:HOST:PORT):
         /// delivered only once the relay acknowledged it (rsyslog imrelp, syslog-ng).
         /// Repeatable.
-        #[arg(long, value_name = "ENDPOINT", value_parser = crate::emit::Endpoint::parse_relp)]
-        relp: Vec<crate::emit::Endpoint>,
+        #[arg(long, value_name = "ENDPOINT", value_parser = crate::output::sinks::Endpoint::parse_relp)]
+        relp: Vec<crate::output::sinks::Endpoint>,
         /// CA certificate(s), PEM, that tls: destinations must be signed by [default: the
         /// system's store]. Verification cannot be turned off.
         #[arg(long, value_name = "FILE")]
@@ -189,10 +189,10 @@ fn parse_queue_events(s: &str) -> Result<usize, String> {
 
 pub fn parse_spool_bytes(s: &str) -> Result<u64, String> {
     match s.parse::<u64>() {
-        Ok(n) if n >= crate::spool::MIN_MAX_BYTES => Ok(n),
+        Ok(n) if n >= crate::output::spool::MIN_MAX_BYTES => Ok(n),
         _ => Err(format!(
             "`{s}` is not a number of bytes of at least {} (try 268435456)",
-            crate::spool::MIN_MAX_BYTES
+            crate::output::spool::MIN_MAX_BYTES
         )),
     }
 }

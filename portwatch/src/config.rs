@@ -46,7 +46,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::emit::{Endpoint, Format, SinkSpec};
+use crate::output::sinks::{Endpoint, Format, SinkSpec};
 
 #[derive(Deserialize, Default, Debug)]
 #[serde(deny_unknown_fields)]
@@ -157,13 +157,13 @@ pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
         return Err(at(None, format!("priority_boost {n} is more than 20")));
     }
     if let Some(n) = config.spool_max_bytes
-        && n < crate::spool::MIN_MAX_BYTES
+        && n < crate::output::spool::MIN_MAX_BYTES
     {
         return Err(at(
             None,
             format!(
                 "spool_max_bytes {n} is less than {}",
-                crate::spool::MIN_MAX_BYTES
+                crate::output::spool::MIN_MAX_BYTES
             ),
         ));
     }

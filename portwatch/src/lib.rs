@@ -1,33 +1,22 @@
 //! portwatch: reports every TCP listener and UDP bind on a Linux host, as it happens,
 //! attributed to its process and classified by risk.
 //!
-//! One module per stage of an event's path: [`probes`] (load/attach) → [`ring`] (decode
-//! kernel records) → [`enrich`] (process, user, unit, container) → [`emit`] (JSON or
-//! text); [`snapshot`] reads what already listens, [`agent`] runs the whole stream.
-//! [`metrics`] serves the agent's own figures to Prometheus (`--metrics ADDR`).
+//! One module per stage of an event's path, in the order the data takes:
+//! [`kernel`] (load and attach the programs, decode their records) → [`attribution`]
+//! (process, user, unit, container; the startup scan of /proc) → [`classify`]
+//! (exposure, firewall verdict, risk, advice) → [`pipeline`] (the event loop that merges,
+//! dedups and accounts) → [`output`] (the event, its renderings, the destinations).
+//! [`time`] turns kernel timestamps into wall-clock time, [`metrics`] serves the agent's
+//! own figures to Prometheus, [`inventory`] is `portwatch snapshot`, and [`cli`] and
+//! [`config`] are the command line and its file form. See docs/ARCHITECTURE.md.
 
-pub mod agent;
-pub mod btf;
+pub mod attribution;
 pub mod classify;
 pub mod cli;
 pub mod config;
-pub mod emit;
-pub mod enrich;
-pub mod event;
-pub mod firewall;
-pub mod folds;
-pub mod json;
+pub mod inventory;
+pub mod kernel;
 pub mod metrics;
-pub mod notify;
-pub mod ocsf;
-pub mod probes;
-pub mod procfs;
-pub mod relp;
-pub mod report;
-pub mod ring;
-pub mod risk;
-pub mod snapshot;
-pub mod spool;
-pub mod sys;
-pub mod syslog;
-pub mod tls;
+pub mod output;
+pub mod pipeline;
+pub mod time;

@@ -5,10 +5,11 @@ use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode};
 use clap::{CommandFactory as _, FromArgMatches as _};
 
 use portwatch::{
-    agent, classify,
+    classify,
     cli::{Cli, Command, RulesCommand},
-    emit::{Format, SinkSpec},
-    report,
+    inventory,
+    output::sinks::{Format, SinkSpec},
+    pipeline::agent,
 };
 
 /// Minimal stderr logger: one line per message, no timestamps (journald adds them).
@@ -163,25 +164,27 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 policy.rules.clone_from(&file.rules);
             }
             let policy = policy.load()?;
-            portwatch::sys::require_root()?;
-            portwatch::sys::boost_priority(priority_boost.or(file.priority_boost).unwrap_or(5));
+            portwatch::kernel::host::require_root()?;
+            portwatch::kernel::host::boost_priority(
+                priority_boost.or(file.priority_boost).unwrap_or(5),
+            );
             let mut sinks: Vec<SinkSpec> = file.sink_specs();
             sinks.extend(output.into_iter().map(SinkSpec::File));
             sinks.extend(syslog.into_iter().map(SinkSpec::Syslog));
             sinks.extend(forward.into_iter().map(SinkSpec::Forward));
             sinks.extend(relp.into_iter().map(SinkSpec::Relp));
-            let delivery = portwatch::emit::Delivery {
-                tls: portwatch::tls::TlsFiles {
+            let delivery = portwatch::output::sinks::Delivery {
+                tls: portwatch::output::tls::TlsFiles {
                     ca: tls_ca.or(file.tls_ca.clone()),
                     cert: tls_cert.or(file.tls_cert.clone()),
                     key: tls_key.or(file.tls_key.clone()),
                 },
                 spool_dir: spool_dir
                     .or(file.spool_dir.clone())
-                    .unwrap_or_else(|| portwatch::emit::SPOOL_DIR.into()),
+                    .unwrap_or_else(|| portwatch::output::sinks::SPOOL_DIR.into()),
                 spool_max_bytes: spool_max_bytes
                     .or(file.spool_max_bytes)
-                    .unwrap_or(portwatch::spool::DEFAULT_MAX_BYTES),
+                    .unwrap_or(portwatch::output::spool::DEFAULT_MAX_BYTES),
             };
             if (stdout || sinks.is_empty()) && !sinks.iter().any(|s| matches!(s, SinkSpec::Stdout))
             {
@@ -198,7 +201,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let health_interval = health_interval.or(file.health_interval).unwrap_or(60);
             let fold_above = fold_above
                 .or(file.fold_above)
-                .unwrap_or(portwatch::agent::FOLD_ABOVE);
+                .unwrap_or(portwatch::pipeline::agent::FOLD_ABOVE);
             let fold_user_above = fold_user_above
                 .or(file.fold_user_above)
                 .unwrap_or(fold_above.saturating_mul(4));
@@ -214,7 +217,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 snapshot: !no_snapshot,
                 queue_events: queue_events
                     .or(file.queue_events)
-                    .unwrap_or(portwatch::emit::QUEUE_EVENTS),
+                    .unwrap_or(portwatch::output::sinks::QUEUE_EVENTS),
                 health_interval: (health_interval > 0)
                     .then(|| std::time::Duration::from_secs(health_interval)),
                 allow_degraded,
@@ -226,7 +229,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Snapshot { format, policy } => {
-            let alerts = report::snapshot_command(format, policy.load()?)?;
+            let alerts = inventory::snapshot_command(format, policy.load()?)?;
             // Usable from cron and CI: 3 means "something risky is exposed".
             Ok(if alerts > 0 {
                 ExitCode::from(3)

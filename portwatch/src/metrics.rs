@@ -39,7 +39,7 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
-use crate::emit::OutputShared;
+use crate::output::sinks::OutputShared;
 
 /// `Content-Type` of the OpenMetrics text format (the crate names only the Prometheus
 /// one).
@@ -453,7 +453,7 @@ struct ProcessCollector;
 
 impl Collector for ProcessCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let (cpu, rss) = crate::sys::self_usage();
+        let (cpu, rss) = crate::kernel::host::self_usage();
         let cpu = ConstCounter::new(cpu);
         cpu.encode(encoder.encode_descriptor(
             "process_cpu",
@@ -1153,7 +1153,7 @@ mod tests {
     #[test]
     fn gauges_from_output_shared() {
         let sink = |depth: usize, written: u64, errors: u64| {
-            let s = crate::emit::SinkShared::default();
+            let s = crate::output::sinks::SinkShared::default();
             s.depth.store(depth, Ordering::Relaxed);
             s.written.store(written, Ordering::Relaxed);
             s.write_errors.store(errors, Ordering::Relaxed);

@@ -601,8 +601,11 @@ fn spool_survives_kill_9_and_counts_a_torn_record() {
     // What the killed agent left in its spool.
     let sink_dir = spool.join(sink.replace(':', "_"));
     let in_spool: Vec<u64> = {
-        let mut s = portwatch::spool::Spool::open(&sink_dir, portwatch::spool::DEFAULT_MAX_BYTES)
-            .expect("the spool opens after kill -9");
+        let mut s = portwatch::output::spool::Spool::open(
+            &sink_dir,
+            portwatch::output::spool::DEFAULT_MAX_BYTES,
+        )
+        .expect("the spool opens after kill -9");
         let mut pos = s.acked();
         let mut seqs = Vec::new();
         loop {
@@ -630,7 +633,7 @@ fn spool_survives_kill_9_and_counts_a_torn_record() {
         .max()
         .unwrap();
     let mut rec = Vec::new();
-    portwatch::spool::encode_record(&mut rec, 999_999, br#"{"torn":true}"#);
+    portwatch::output::spool::encode_record(&mut rec, 999_999, br#"{"torn":true}"#);
     let mut f = std::fs::OpenOptions::new()
         .append(true)
         .open(&newest)

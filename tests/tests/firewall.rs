@@ -251,7 +251,7 @@ fn firewalld_zone_chains() {
     if !can_run_kernel_tests() {
         return;
     }
-    let rules = include_str!("../../portwatch/src/firewall/testdata/firewalld.nft");
+    let rules = include_str!("../../portwatch/src/classify/firewall/testdata/firewalld.nft");
     let v = check_shape(
         |lab| lab.load("nft -f -", rules),
         [(22, "accepted"), (11211, "filtered")],

@@ -67,7 +67,7 @@ struct Delegated {
 
 impl Delegated {
     fn new(user: &LocalUser, subtrees: &[&str]) -> Delegated {
-        let mount = portwatch::procfs::cgroup2_mount()
+        let mount = portwatch::attribution::procfs::cgroup2_mount()
             .expect("mountinfo")
             .expect("a cgroup2 mount");
         let manager = mount.join(format!(

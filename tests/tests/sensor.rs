@@ -242,7 +242,7 @@ fn agent_leaves_no_program_attached_after_exit() {
     }
     // Identify this agent's programs by id (taken while it runs), not by name alone:
     // another portwatch on the host (a parallel test run) loads programs of the same names.
-    let names: Vec<&str> = portwatch::probes::programs().collect();
+    let names: Vec<&str> = portwatch::kernel::probes::programs().collect();
     let ours = || -> Vec<(u32, String)> {
         aya::programs::loaded_programs()
             .filter_map(Result::ok)

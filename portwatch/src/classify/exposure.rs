@@ -215,7 +215,7 @@ pub struct Exposure {
     /// exposed (its details are on the event, `portwatch.exposure.firewall`); `None`
     /// when not evaluated.
     #[serde(skip)]
-    pub firewall: Option<crate::firewall::State>,
+    pub firewall: Option<crate::classify::firewall::State>,
 }
 
 impl Exposure {
@@ -326,7 +326,7 @@ fn prefix_len(bytes: &[u8]) -> u8 {
 
 /// [`interface_addrs`] with each address's interface name and prefix length: what the
 /// firewall verdict needs to send its probe in on the right interface.
-pub fn interface_addrs_named() -> io::Result<Vec<crate::firewall::IfAddr>> {
+pub fn interface_addrs_named() -> io::Result<Vec<crate::classify::firewall::IfAddr>> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs writes a list head into `head` on success.
     if unsafe { libc::getifaddrs(&mut head) } != 0 {
@@ -394,7 +394,7 @@ pub fn interface_addrs_named() -> io::Result<Vec<crate::firewall::IfAddr>> {
                 .into_owned()
         };
         if let Some((addr, prefix)) = out.pop() {
-            named.push(crate::firewall::IfAddr {
+            named.push(crate::classify::firewall::IfAddr {
                 ifname: name,
                 addr,
                 prefix,
@@ -420,21 +420,25 @@ pub fn interface_addrs_in_netns(ns_path: &Path) -> io::Result<Vec<IpAddr>> {
 
 /// [`interface_addrs_named`] of the network namespace at `ns_path`, read as
 /// [`interface_addrs_in_netns`] does.
-pub fn interface_addrs_named_in_netns(ns_path: &Path) -> io::Result<Vec<crate::firewall::IfAddr>> {
+pub fn interface_addrs_named_in_netns(
+    ns_path: &Path,
+) -> io::Result<Vec<crate::classify::firewall::IfAddr>> {
     let file = std::fs::File::open(ns_path)?;
     let fd: OwnedFd = file.into();
     let handle = std::thread::Builder::new()
         .name("pw-netns-addrs".into())
         // glibc's getifaddrs keeps netlink buffers on the stack; be generous.
         .stack_size(256 * 1024)
-        .spawn(move || -> io::Result<Vec<crate::firewall::IfAddr>> {
-            // SAFETY: plain syscall on a valid, owned fd; only this thread's
-            // network namespace changes, and the thread ends right after.
-            if unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            interface_addrs_named()
-        })?;
+        .spawn(
+            move || -> io::Result<Vec<crate::classify::firewall::IfAddr>> {
+                // SAFETY: plain syscall on a valid, owned fd; only this thread's
+                // network namespace changes, and the thread ends right after.
+                if unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                interface_addrs_named()
+            },
+        )?;
     handle
         .join()
         .map_err(|_| io::Error::other("netns address thread panicked"))?

@@ -42,6 +42,7 @@
 
 pub mod catalogue;
 pub mod exposure;
+pub mod firewall;
 pub mod fold;
 pub mod model;
 pub mod remediation;
@@ -57,8 +58,8 @@ pub use exposure::{
     interface_addrs_named, interface_addrs_named_in_netns, scope_of,
 };
 pub use fold::{FoldDecision, FoldKey, Folder};
-pub use model::{Localized, PortSpec, Severity, Transport};
-pub use remediation::{Lang, Remediation, Step, StepKind, lang_from_env, message, remediation};
+pub use model::{Lang, Localized, PortSpec, Severity, Transport, lang_from_env};
+pub use remediation::{Remediation, Step, StepKind, message, remediation};
 pub use rules::{
     MatchRule, Policy, PrivateExposure, RulesError, Settings, load_rules, parse_rules,
 };
@@ -382,11 +383,12 @@ impl Classifier {
                 }
             }
         };
-        let (severity, outcome) = if exposure.firewall == Some(crate::firewall::State::Filtered) {
-            (severity.lowered(), Outcome::Filtered)
-        } else {
-            (severity, outcome)
-        };
+        let (severity, outcome) =
+            if exposure.firewall == Some(crate::classify::firewall::State::Filtered) {
+                (severity.lowered(), Outcome::Filtered)
+            } else {
+                (severity, outcome)
+            };
         v.severity = Some(severity);
         if severity < self.settings.min_severity {
             v.outcome = Outcome::BelowThreshold;
@@ -505,7 +507,7 @@ mod tests {
         let l = Listener::new(Transport::Udp, ip("0.0.0.0"), 11211);
         let ifs = ifaces(PUBLIC_HOST);
         let mut e = Exposure::new(l.addr, l.v6only, Some(&ifs));
-        e.firewall = Some(crate::firewall::State::Filtered);
+        e.firewall = Some(crate::classify::firewall::State::Filtered);
         let v = c.classify(&l, &e);
         assert!(v.alert);
         assert_eq!(v.outcome, Outcome::Filtered);
@@ -523,8 +525,8 @@ mod tests {
             StepKind::Firewalld | StepKind::Nftables | StepKind::Iptables
         )));
         for s in [
-            crate::firewall::State::Accepted,
-            crate::firewall::State::Unknown,
+            crate::classify::firewall::State::Accepted,
+            crate::classify::firewall::State::Unknown,
         ] {
             e.firewall = Some(s);
             let v = c.classify(&l, &e);

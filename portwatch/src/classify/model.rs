@@ -192,10 +192,10 @@ impl Localized {
     }
 
     /// The text for `lang`, falling back to English.
-    pub fn get(&self, lang: super::remediation::Lang) -> &str {
+    pub fn get(&self, lang: Lang) -> &str {
         match lang {
-            super::remediation::Lang::Ja => self.ja.as_deref().unwrap_or(&self.en),
-            super::remediation::Lang::En => &self.en,
+            Lang::Ja => self.ja.as_deref().unwrap_or(&self.en),
+            Lang::En => &self.en,
         }
     }
 }
@@ -263,4 +263,68 @@ where
         }
     }
     d.deserialize_any(V(std::marker::PhantomData))
+}
+
+/// Language for people-facing text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Lang {
+    /// English.
+    #[default]
+    En,
+    /// Japanese.
+    Ja,
+}
+
+/// Language from the environment: the first non-empty of `LC_ALL`,
+/// `LC_MESSAGES`, `LANG` (POSIX precedence); Japanese if it starts with "ja".
+pub fn lang_from_env() -> Lang {
+    let get = |k: &str| std::env::var(k).ok();
+    lang_from_locale_vars(
+        get("LC_ALL").as_deref(),
+        get("LC_MESSAGES").as_deref(),
+        get("LANG").as_deref(),
+    )
+}
+
+/// [`lang_from_env`] on explicit values (testable without touching the environment).
+pub fn lang_from_locale_vars(
+    lc_all: Option<&str>,
+    lc_messages: Option<&str>,
+    lang: Option<&str>,
+) -> Lang {
+    let chosen = [lc_all, lc_messages, lang]
+        .into_iter()
+        .flatten()
+        .find(|v| !v.is_empty());
+    match chosen {
+        Some(v) if v.starts_with("ja") => Lang::Ja,
+        _ => Lang::En,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lang_selection() {
+        assert_eq!(
+            lang_from_locale_vars(None, None, Some("ja_JP.UTF-8")),
+            Lang::Ja
+        );
+        assert_eq!(
+            lang_from_locale_vars(Some("C"), None, Some("ja_JP.UTF-8")),
+            Lang::En
+        );
+        assert_eq!(
+            lang_from_locale_vars(Some(""), Some("ja_JP"), Some("en_US")),
+            Lang::Ja
+        );
+        assert_eq!(lang_from_locale_vars(None, None, None), Lang::En);
+        assert_eq!(
+            lang_from_locale_vars(None, None, Some("en_US.UTF-8")),
+            Lang::En
+        );
+    }
 }

@@ -12,45 +12,8 @@ use serde::{Deserialize, Serialize};
 
 use super::catalogue::RiskEntry;
 use super::exposure::{Scope, Stack};
+use super::model::Lang;
 use super::{Listener, Verdict};
-
-/// Language for people-facing text.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Lang {
-    /// English.
-    #[default]
-    En,
-    /// Japanese.
-    Ja,
-}
-
-/// Language from the environment: the first non-empty of `LC_ALL`,
-/// `LC_MESSAGES`, `LANG` (POSIX precedence); Japanese if it starts with "ja".
-pub fn lang_from_env() -> Lang {
-    let get = |k: &str| std::env::var(k).ok();
-    lang_from_locale_vars(
-        get("LC_ALL").as_deref(),
-        get("LC_MESSAGES").as_deref(),
-        get("LANG").as_deref(),
-    )
-}
-
-/// [`lang_from_env`] on explicit values (testable without touching the environment).
-pub fn lang_from_locale_vars(
-    lc_all: Option<&str>,
-    lc_messages: Option<&str>,
-    lang: Option<&str>,
-) -> Lang {
-    let chosen = [lc_all, lc_messages, lang]
-        .into_iter()
-        .flatten()
-        .find(|v| !v.is_empty());
-    match chosen {
-        Some(v) if v.starts_with("ja") => Lang::Ja,
-        _ => Lang::En,
-    }
-}
 
 /// Kind of a remediation step, so a UI can group or pick them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -714,27 +677,6 @@ mod tests {
         let e = Exposure::new(l.addr, l.v6only, Some(&ifs));
         let v = c.classify(l, &e);
         remediation(l, &v, lang)
-    }
-
-    #[test]
-    fn lang_selection() {
-        assert_eq!(
-            lang_from_locale_vars(None, None, Some("ja_JP.UTF-8")),
-            Lang::Ja
-        );
-        assert_eq!(
-            lang_from_locale_vars(Some("C"), None, Some("ja_JP.UTF-8")),
-            Lang::En
-        );
-        assert_eq!(
-            lang_from_locale_vars(Some(""), Some("ja_JP"), Some("en_US")),
-            Lang::Ja
-        );
-        assert_eq!(lang_from_locale_vars(None, None, None), Lang::En);
-        assert_eq!(
-            lang_from_locale_vars(None, None, Some("en_US.UTF-8")),
-            Lang::En
-        );
     }
 
     #[test]

@@ -34,7 +34,7 @@ use super::{
     agent::{self, Action, AgentOpts, Reader},
     load::{self, Load, Workload},
     peers,
-    results::{Observer, match_capture},
+    results::{FloodObs, Observer, match_capture},
     util,
 };
 
@@ -75,38 +75,12 @@ struct Opener {
     errors: Vec<String>,
 }
 
-/// What a tool saw of the bench's listeners in one run.
-#[derive(Serialize, Clone, Debug, Default)]
-pub struct FloodObs {
-    /// Listeners the bench opened (K unless a bind failed).
-    pub opened: u64,
-    /// Of those, reported: a `listen-started` from the bench's pid (portwatch), a
-    /// pid+port line (bpftrace), seen in a poll (ss).
-    pub reported: u64,
-    /// portwatch: `listen-stopped` for them.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub stops_reported: Option<u64>,
-    /// portwatch: `risky-listener` alerts for them.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub alerts: Option<u64>,
-    /// portwatch: alerts for port 11211 folded into `risky-listener-repeated`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub alert_repeats: Option<u64>,
-    /// Per reported listener: its first report's arrival − when listen() returned, ns.
-    pub report_lat_ns: Vec<i64>,
-    /// Per `risky-listener`: its arrival − when its listener's listen() returned, ns.
-    pub alert_lat_ns: Vec<i64>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub opener_errors: Vec<String>,
-}
-
-impl FloodObs {
-    fn new(op: &Opener) -> FloodObs {
-        FloodObs {
-            opened: op.opened.len() as u64,
-            opener_errors: op.errors.clone(),
-            ..FloodObs::default()
-        }
+/// A flood observation of the bench's listeners as `op` opened them.
+fn flood_obs(op: &Opener) -> FloodObs {
+    FloodObs {
+        opened: op.opened.len() as u64,
+        opener_errors: op.errors.clone(),
+        ..FloodObs::default()
     }
 }
 
@@ -222,7 +196,7 @@ pub fn run_portwatch(
     })?;
     let op = opener.unwrap_or_default();
     let me = std::process::id();
-    let mut f = FloodObs::new(&op);
+    let mut f = flood_obs(&op);
     let mut first = vec![None; op.opened.len()];
     let mut stopped = vec![false; op.opened.len()];
     let (mut alerts, mut alert_lat) = (0, Vec::new());
@@ -361,7 +335,7 @@ pub fn run_bpftrace(env: &Env<'_>, w: &Workload) -> anyhow::Result<(Load, Observ
         .filter_map(|l| peers::lost_count(l.trim()))
         .sum::<u64>();
 
-    let mut f = FloodObs::new(&op);
+    let mut f = flood_obs(&op);
     let mut first = vec![None; op.opened.len()];
     for (ts, at) in ours {
         if let Some(i) = which(&op.opened, ts, |o| (o.before_mono, o.close_mono)) {
@@ -436,7 +410,7 @@ pub fn run_ss(env: &Env<'_>, w: &Workload) -> anyhow::Result<(Load, Observer)> {
     let _ = poller.join();
     let (load, op) = res?;
     let g = seen.lock().expect("poisoned");
-    let mut f = FloodObs::new(&op);
+    let mut f = flood_obs(&op);
     let mut first = vec![None; op.opened.len()];
     for &(start, end) in &g.1 {
         if let Some(i) = op

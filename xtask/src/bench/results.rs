@@ -68,7 +68,7 @@ pub struct Observer {
     pub notes: Vec<String>,
     /// flood-evasion runs: the bench's own risky listeners, and what the tool saw of them.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub flood: Option<super::flood::FloodObs>,
+    pub flood: Option<FloodObs>,
 }
 
 #[derive(Serialize, Clone, Debug)]
@@ -130,4 +130,29 @@ pub fn match_capture(load: &Load, cap: &HashMap<(u32, u16), u64>, by_port: bool)
         folded: None,
         stops_folded: None,
     }
+}
+
+/// What a tool saw of the bench's listeners in one run.
+#[derive(Serialize, Clone, Debug, Default)]
+pub struct FloodObs {
+    /// Listeners the bench opened (K unless a bind failed).
+    pub opened: u64,
+    /// Of those, reported: a `listen-started` from the bench's pid (portwatch), a
+    /// pid+port line (bpftrace), seen in a poll (ss).
+    pub reported: u64,
+    /// portwatch: `listen-stopped` for them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stops_reported: Option<u64>,
+    /// portwatch: `risky-listener` alerts for them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alerts: Option<u64>,
+    /// portwatch: alerts for port 11211 folded into `risky-listener-repeated`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alert_repeats: Option<u64>,
+    /// Per reported listener: its first report's arrival − when listen() returned, ns.
+    pub report_lat_ns: Vec<i64>,
+    /// Per `risky-listener`: its arrival − when its listener's listen() returned, ns.
+    pub alert_lat_ns: Vec<i64>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub opener_errors: Vec<String>,
 }

@@ -329,7 +329,7 @@ fn cond_holds(c: &Cond, p: &Packet<'_>, choices: &mut Choices) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::firewall::model::{Base, Family, Origin, Rule};
+    use crate::classify::firewall::model::{Base, Family, Origin, Rule};
 
     fn chain(name: &str, base: Option<(Hook, i32, bool)>, rules: Vec<Rule>) -> Chain {
         Chain {
@@ -431,7 +431,11 @@ mod tests {
     #[test]
     fn return_goto_and_family_scoped_tests() {
         let v4only = Test::Saddr(vec![
-            crate::firewall::model::AddrRange::prefix("198.51.100.0".parse().unwrap(), 24).unwrap(),
+            crate::classify::firewall::model::AddrRange::prefix(
+                "198.51.100.0".parse().unwrap(),
+                24,
+            )
+            .unwrap(),
         ]);
         let r = rs(vec![
             chain(

@@ -12,7 +12,7 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 
-use crate::event::{Event, EventMeta, Portwatch, Socket};
+use crate::output::event::{Event, EventMeta, Portwatch, Socket};
 
 /// Append `ev` as one JSON document (no newline).
 pub fn write_event(out: &mut Vec<u8>, ev: &Event) -> serde_json::Result<()> {
@@ -285,12 +285,12 @@ mod tests {
     use super::*;
     use crate::{
         classify::Lang,
-        event::{
+        kernel::probes::Hooks,
+        output::event::{
             Agent, ArgvCut, AttributionChanged, Boot, Cgroup, Container, ECS_VERSION, Ecs, Host,
             Log, Lost, Named, Network, Parent, Process, Rule, Server, Systemd, shared,
         },
-        probes::Hooks,
-        risk::Assessor,
+        pipeline::assess::Assessor,
     };
 
     fn same_as_serde(ev: &Event) {
@@ -432,7 +432,7 @@ mod tests {
                     programs: vec!["listen_state"],
                     attached: vec!["tracepoint/sock/inet_sock_set_state".into()],
                 }),
-                fold: Some(crate::event::FoldInfo {
+                fold: Some(crate::output::event::FoldInfo {
                     started: 5,
                     ended: 4,
                     started_total: 10,

@@ -9,7 +9,7 @@
 
 use std::fmt::Write as _;
 
-use crate::event::Event;
+use crate::output::event::Event;
 
 /// Facility `daemon` (3): portwatch is a system daemon reporting on services.
 const FACILITY: u8 = 3;

@@ -25,7 +25,7 @@ use std::{
 
 use anyhow::Context as _;
 
-use crate::{event::Event, spool::Pos};
+use crate::{output::event::Event, output::spool::Pos};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -185,7 +185,7 @@ impl SinkSpec {
 /// Settings of the network destinations: TLS files and the spool.
 #[derive(Clone, Debug)]
 pub struct Delivery {
-    pub tls: crate::tls::TlsFiles,
+    pub tls: crate::output::tls::TlsFiles,
     /// Each spooled destination gets a directory here.
     pub spool_dir: PathBuf,
     /// Bound of each destination's spool on disk.
@@ -198,9 +198,9 @@ pub const SPOOL_DIR: &str = "/var/lib/portwatch/spool";
 impl Default for Delivery {
     fn default() -> Delivery {
         Delivery {
-            tls: crate::tls::TlsFiles::default(),
+            tls: crate::output::tls::TlsFiles::default(),
             spool_dir: PathBuf::from(SPOOL_DIR),
-            spool_max_bytes: crate::spool::DEFAULT_MAX_BYTES,
+            spool_max_bytes: crate::output::spool::DEFAULT_MAX_BYTES,
         }
     }
 }
@@ -341,7 +341,7 @@ impl Output {
                     | SinkSpec::Relp(Endpoint::Tls(_))
             )
         }) {
-            Some(crate::tls::client_config(&delivery.tls)?)
+            Some(crate::output::tls::client_config(&delivery.tls)?)
         } else {
             None
         };
@@ -354,7 +354,7 @@ impl Output {
                     SinkSpec::Stdout | SinkSpec::File(_) => unreachable!("not spooled"),
                 };
                 let dir = delivery.spool_dir.join(spec.spool_name());
-                let spool = crate::spool::Spool::open(&dir, delivery.spool_max_bytes)?;
+                let spool = crate::output::spool::Spool::open(&dir, delivery.spool_max_bytes)?;
                 if spool.unacked() > 0 {
                     log::info!(
                         "{spec}: {} events from before the last stop wait in {}; sending them first",
@@ -366,8 +366,8 @@ impl Output {
                 // the start with its reason; a destination that is down is retried.
                 let link = match connect(endpoint, tls.as_ref()) {
                     Ok(l) => Some(l),
-                    Err(crate::tls::TlsError::Certificate(msg)) => anyhow::bail!("{msg}"),
-                    Err(crate::tls::TlsError::Io(e)) => {
+                    Err(crate::output::tls::TlsError::Certificate(msg)) => anyhow::bail!("{msg}"),
+                    Err(crate::output::tls::TlsError::Io(e)) => {
                         log::warn!(
                             "{spec}: not reachable yet ({e}); will retry (events wait in the \
                              spool at {})",
@@ -798,7 +798,7 @@ fn connect_unix_dgram(path: &Path) -> io::Result<UnixDatagram> {
 enum Link {
     Tcp(TcpStream),
     Unix(UnixStream),
-    Tls(Box<crate::tls::TlsStream>),
+    Tls(Box<crate::output::tls::TlsStream>),
 }
 
 impl Link {
@@ -860,12 +860,12 @@ fn connect_tcp(addr: &str) -> io::Result<TcpStream> {
 fn connect(
     e: &Endpoint,
     tls: Option<&Arc<rustls::ClientConfig>>,
-) -> Result<Link, crate::tls::TlsError> {
+) -> Result<Link, crate::output::tls::TlsError> {
     let link = match e {
         Endpoint::Tcp(addr) => Link::Tcp(connect_tcp(addr)?),
         Endpoint::Tls(addr) => {
             let config = tls.ok_or_else(|| io::Error::other("TLS is not set up"))?;
-            Link::Tls(Box::new(crate::tls::handshake(
+            Link::Tls(Box::new(crate::output::tls::handshake(
                 connect_tcp(addr)?,
                 addr,
                 config,
@@ -1138,7 +1138,7 @@ impl Writer {
     /// One syslog message (header and body) in `msg`.
     fn syslog_message(&mut self, inner: Format, ev: &Event) -> bool {
         self.msg.clear();
-        crate::syslog::header(ev, &mut self.msg);
+        crate::output::syslog::header(ev, &mut self.msg);
         let body_at = self.buf.len();
         let ok = self.body(inner, ev);
         self.msg.extend_from_slice(&self.buf[body_at..]);
@@ -1149,8 +1149,8 @@ impl Writer {
     /// The event's body in `format`, appended to `buf`.
     fn body(&mut self, format: Format, ev: &Event) -> bool {
         match format {
-            Format::Json => crate::json::write_event(&mut self.buf, ev).is_ok(),
-            Format::Ocsf => crate::ocsf::render(ev, &mut self.buf).is_ok(),
+            Format::Json => crate::output::json::write_event(&mut self.buf, ev).is_ok(),
+            Format::Ocsf => crate::output::ocsf::render(ev, &mut self.buf).is_ok(),
             Format::Text => {
                 self.line.clear();
                 text_line(&mut self.line, ev, self.color);
@@ -1178,14 +1178,14 @@ fn shrink(ev: &Event, level: u8, from: u64) -> Event {
     };
     let mut ev = ev.clone();
     if let Some(p) = &ev.process {
-        let mut p: crate::event::Process = (**p).clone();
+        let mut p: crate::output::event::Process = (**p).clone();
         if level >= 2 {
             p.command_line = None;
         } else {
             p.command_line = p.command_line.as_deref().map(cut);
         }
         p.args = None;
-        ev.process = Some(crate::event::shared(p));
+        ev.process = Some(crate::output::event::shared(p));
     }
     ev.message = ev.message.as_deref().map(cut);
     if let Some(f) = &mut ev.portwatch.fold {
@@ -1399,7 +1399,7 @@ const SEND_BYTES: usize = 64 * 1024;
 /// A spooled sink's spool, shared by the writer (which appends) and the sender (which
 /// reads and acknowledges).
 pub struct SpoolHandle {
-    spool: Mutex<crate::spool::Spool>,
+    spool: Mutex<crate::output::spool::Spool>,
     /// Signalled when records were appended, or the output is stopping.
     more: Condvar,
     /// Set when the writer has appended its last event (the agent is stopping).
@@ -1521,7 +1521,7 @@ impl Sender {
         max: usize,
         bytes: usize,
         wait: bool,
-    ) -> Result<(Vec<crate::spool::Record>, Pos), String> {
+    ) -> Result<(Vec<crate::output::spool::Record>, Pos), String> {
         let mut spool = lock(&self.spool.spool);
         let mut waited = false;
         loop {
@@ -1591,7 +1591,7 @@ impl Sender {
     fn relp_session(&mut self, link: &mut Link) -> Session {
         let mut rbuf = Vec::new();
         self.out.clear();
-        crate::relp::encode(&mut self.out, 1, "open", &crate::relp::open_offer());
+        crate::output::relp::encode(&mut self.out, 1, "open", &crate::output::relp::open_offer());
         link.write_all(&self.out)
             .and_then(|()| link.flush())
             .map_err(|e| format!("opening the RELP session: {e}"))?;
@@ -1600,7 +1600,7 @@ impl Sender {
             .ok_or("the relay did not answer the RELP open within 10 s")?;
         match (f.txnr, f.command.as_str()) {
             (1, "rsp") => {
-                let r = crate::relp::response(&f.data).map_err(|e| e.to_string())?;
+                let r = crate::output::relp::response(&f.data).map_err(|e| e.to_string())?;
                 if r.code != 200 {
                     return Err(format!(
                         "the relay refused the RELP session ({} {})",
@@ -1631,8 +1631,8 @@ impl Sender {
                     }
                     self.out.clear();
                     for r in &recs {
-                        txnr = crate::relp::next_txnr(txnr);
-                        crate::relp::encode(&mut self.out, txnr, "syslog", &r.payload);
+                        txnr = crate::output::relp::next_txnr(txnr);
+                        crate::output::relp::encode(&mut self.out, txnr, "syslog", &r.payload);
                         inflight.push_back((txnr, r.end, false));
                     }
                     link.write_all(&self.out)
@@ -1642,9 +1642,9 @@ impl Sender {
                 } else if inflight.is_empty() {
                     if self.finished() {
                         self.out.clear();
-                        crate::relp::encode(
+                        crate::output::relp::encode(
                             &mut self.out,
-                            crate::relp::next_txnr(txnr),
+                            crate::output::relp::next_txnr(txnr),
                             "close",
                             b"",
                         );
@@ -1657,7 +1657,8 @@ impl Sender {
             while let Some(f) = read_frame(link, &mut rbuf, None)? {
                 match f.command.as_str() {
                     "rsp" => {
-                        let r = crate::relp::response(&f.data).map_err(|e| e.to_string())?;
+                        let r =
+                            crate::output::relp::response(&f.data).map_err(|e| e.to_string())?;
                         let Some(entry) = inflight.iter_mut().find(|e| e.0 == f.txnr) else {
                             return Err(format!(
                                 "the relay answered transaction {} that was not sent",
@@ -1713,11 +1714,11 @@ fn read_frame(
     link: &mut Link,
     rbuf: &mut Vec<u8>,
     deadline: Option<Instant>,
-) -> Result<Option<crate::relp::Frame>, String> {
+) -> Result<Option<crate::output::relp::Frame>, String> {
     use io::Read as _;
     let mut chunk = [0u8; 4096];
     loop {
-        match crate::relp::parse_frame(rbuf) {
+        match crate::output::relp::parse_frame(rbuf) {
             Ok(Some((f, n))) => {
                 rbuf.drain(..n);
                 return Ok(Some(f));

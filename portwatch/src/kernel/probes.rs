@@ -38,7 +38,7 @@ use aya::{
 };
 use portwatch_common::{KernelOffsets, stat};
 
-use crate::{btf, procfs, sys};
+use crate::{attribution::procfs, kernel::btf, kernel::host};
 
 /// The eBPF object, built by build.rs from portwatch-ebpf and embedded in the binary.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portwatch.bpf.o"));
@@ -192,16 +192,16 @@ impl FoldMaps {
 }
 
 pub fn load(opts: &Options) -> anyhow::Result<Sensor> {
-    sys::require_root()?;
-    sys::raise_memlock();
-    sys::ensure_tracefs()?;
+    host::require_root()?;
+    host::raise_memlock();
+    host::ensure_tracefs()?;
     // aya's loader always parses the kernel BTF when created. The object has no BTF and
     // needs no CO-RE relocation (offsets come in as globals), so that copy is dropped at
     // once, before our own read: the two never coexist, which keeps peak memory down.
     let mut loader = EbpfLoader::new();
     loader.btf(None);
     let (offsets, fentry_probe) = {
-        let btf_bytes = sys::require_btf()?;
+        let btf_bytes = host::require_btf()?;
         let kernel_btf = btf::Btf::parse(&btf_bytes).context("parsing /sys/kernel/btf/vmlinux")?;
         // Whether this kernel loads fentry programs at all, asked with our own BTF parse:
         // aya's (needed to load the real ones) costs ~8 MiB of peak memory, not worth

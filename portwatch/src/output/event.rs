@@ -12,6 +12,8 @@ use std::{
 use serde::{Serialize, Serializer};
 use serde_json::value::RawValue;
 
+use crate::classify::{Outcome, Remediation, Severity};
+
 /// A part of many events (host, agent, process, container, user...): shared between
 /// them, and rendered to JSON once, the first time one of them is written, instead of
 /// once per event. At full listener churn, escaping the same keys and strings for every
@@ -245,7 +247,7 @@ pub struct Portwatch {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<Shared<Cgroup>>,
     /// Present when `process.command_line`/`process.args` were cut to fit
-    /// [`crate::procfs::ARGV_EVENT_BUDGET`]: what the whole command line was.
+    /// [`crate::attribution::procfs::ARGV_EVENT_BUDGET`]: what the whole command line was.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub process: Option<Shared<ArgvCut>>,
     /// Where the process fields came from: `proc` (read from /proc and matched to the
@@ -266,10 +268,10 @@ pub struct Portwatch {
     pub exposure_change: Option<ExposureChange>,
     /// The catalogue or policy entry the listener matched, and the outcome.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub risk: Option<crate::risk::Risk>,
+    pub risk: Option<Risk>,
     /// On alerts: remediation steps and the number of folded repeats.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub alert: Option<crate::risk::AlertInfo>,
+    pub alert: Option<AlertInfo>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lost: Option<Lost>,
     /// Found or ended by the resync that follows a loss (not seen live).
@@ -282,7 +284,7 @@ pub struct Portwatch {
     pub stats: Option<serde_json::Value>,
     /// On `sensor-started`: the hook set in use and why.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub hooks: Option<crate::probes::Hooks>,
+    pub hooks: Option<crate::kernel::probes::Hooks>,
     /// On `listeners-folded`: what the kernel counted instead of sending.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fold: Option<FoldInfo>,
@@ -302,7 +304,7 @@ pub struct ExposureOut {
     #[serde(flatten)]
     pub exposure: crate::classify::Exposure,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub firewall: Option<Arc<crate::firewall::Firewall>>,
+    pub firewall: Option<Arc<crate::classify::firewall::Firewall>>,
 }
 
 impl Deref for ExposureOut {
@@ -318,9 +320,9 @@ impl Deref for ExposureOut {
 pub struct ExposureChange {
     /// The verdict reported before (none: not evaluated then).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub before: Option<Arc<crate::firewall::Firewall>>,
+    pub before: Option<Arc<crate::classify::firewall::Firewall>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub after: Option<Arc<crate::firewall::Firewall>>,
+    pub after: Option<Arc<crate::classify::firewall::Firewall>>,
 }
 
 /// `portwatch.fold` on `listeners-folded`: starts a process made above its budget,
@@ -460,5 +462,36 @@ mod tests {
             serde_json::to_value(&p).unwrap()
         );
         assert_eq!(s.pid, 7, "fields read through");
+    }
+}
+
+/// What the classifier said about a listener, on its event.
+#[derive(Serialize, Debug, Clone)]
+pub struct Risk {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    pub outcome: Outcome,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub severity: Option<Severity>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allowed_by: Option<String>,
+}
+
+/// Alert details beyond ECS `rule.*` and `message`.
+#[derive(Serialize, Debug, Clone)]
+pub struct AlertInfo {
+    /// Alerts for the same rule, process, address and port folded since the last one.
+    pub repeats: u64,
+    #[serde(flatten)]
+    pub remediation: Remediation,
+}
+
+/// ECS `event.severity` (0-100) and `log.level` for a severity.
+pub fn ecs_severity(s: Severity) -> (u8, &'static str) {
+    match s {
+        Severity::Low => (21, "notice"),
+        Severity::Medium => (47, "warning"),
+        Severity::High => (73, "error"),
+        Severity::Critical => (99, "critical"),
     }
 }

@@ -252,7 +252,7 @@ pub fn probe(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::firewall::model::Family;
+    use crate::classify::firewall::model::Family;
 
     fn ifs(list: &[(&str, &str, u8)]) -> Vec<IfAddr> {
         list.iter()

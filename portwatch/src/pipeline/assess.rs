@@ -1,6 +1,7 @@
-//! The classify stage of the pipeline: exposure of each new listener, its verdict
-//! against the catalogue and the site policy, and the alert event for a person, folded
-//! when a service restarts in a loop.
+//! The pipeline's classify step: the exposure of each new listener (with the host
+//! firewall's verdict), its verdict against the catalogue and the site policy, and the
+//! alert event for a person, folded when a service restarts in a loop. It joins
+//! `classify` (pure decisions) to the event `output` carries.
 
 use std::{
     collections::HashMap,
@@ -10,16 +11,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde::Serialize;
-
 use crate::{
+    attribution::procfs,
+    attribution::scan,
+    classify::firewall::{self, Firewall, IfAddr, model::Ruleset, read, watch},
     classify::{
-        Classifier, Exposure, FoldDecision, FoldKey, Folder, Lang, Listener, Outcome, Policy,
-        Remediation, Scope, Severity, Transport, exposure, remediation,
+        Classifier, Exposure, FoldDecision, FoldKey, Folder, Lang, Listener, Policy, Scope,
+        Transport, exposure, remediation,
     },
-    event::{Event, ExposureOut, Log, Rule},
-    firewall::{self, Firewall, IfAddr, model::Ruleset, read, watch},
-    procfs, ring, snapshot,
+    kernel::ring,
+    output::event::{AlertInfo, Event, ExposureOut, Log, Risk, Rule, ecs_severity},
 };
 
 /// How long the address list of a network namespace is reused before it is read again.
@@ -42,27 +43,6 @@ struct FirewallCtx {
     watch: Option<std::sync::mpsc::Sender<watch::Request>>,
 }
 
-/// What the classifier said about a listener, on its event.
-#[derive(Serialize, Debug, Clone)]
-pub struct Risk {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub rule: Option<String>,
-    pub outcome: Outcome,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub severity: Option<Severity>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub allowed_by: Option<String>,
-}
-
-/// Alert details beyond ECS `rule.*` and `message`.
-#[derive(Serialize, Debug, Clone)]
-pub struct AlertInfo {
-    /// Alerts for the same rule, process, address and port folded since the last one.
-    pub repeats: u64,
-    #[serde(flatten)]
-    pub remediation: Remediation,
-}
-
 pub struct Assessor {
     classifier: Classifier,
     folder: Folder,
@@ -80,16 +60,6 @@ pub struct Assessor {
 /// (copies of a binary on catalogued ports) must not make the agent do that unbounded;
 /// past it an alert names no holder, so it has no `kill` step, only `ss`.
 const HOLDER_SCANS_PER_SEC: u32 = 20;
-
-/// ECS `event.severity` (0-100) and `log.level` for a severity.
-pub fn ecs_severity(s: Severity) -> (u8, &'static str) {
-    match s {
-        Severity::Low => (21, "notice"),
-        Severity::Medium => (47, "warning"),
-        Severity::High => (73, "error"),
-        Severity::Critical => (99, "critical"),
-    }
-}
 
 impl Assessor {
     pub fn new(policy: Option<Policy>, lang: Lang, host_netns: Option<u64>) -> Assessor {
@@ -321,7 +291,7 @@ impl Assessor {
         // Who holds the socket now, not who listened: the listener may have forked and
         // exited, or be gone, and `kill` of its pid would hit whoever has it now.
         let may_scan = inode.is_some() && may_scan_holders(&mut self.holder_scans);
-        let holders = inode.filter(|_| may_scan).and_then(snapshot::holders_of);
+        let holders = inode.filter(|_| may_scan).and_then(scan::holders_of);
         listener.holders = holders.as_deref();
         // pid 1 holds it: socket activation; name the .socket unit when a unit file says.
         let socket_unit = (pid == Some(1))

@@ -18,13 +18,13 @@ use std::{
 };
 
 use crate::{
-    event::{
+    attribution::procfs::{self, CgroupInfo, CgroupResolver, Users},
+    kernel::ring::Record,
+    output::event::{
         ArgvCut, AttributionChanged, Cgroup, Container, Named, Parent, Process, Shared, Systemd,
         shared,
     },
-    procfs::{self, CgroupInfo, CgroupResolver, Users},
-    ring::Record,
-    sys::{Clocks, rfc3339},
+    time::{Clocks, rfc3339},
 };
 
 pub const PROC_CACHE_MAX: usize = 8192;
@@ -545,7 +545,7 @@ mod tests {
             urgent: false,
             udplite: false,
             implicit: false,
-            transport: crate::ring::Transport::Tcp,
+            transport: crate::kernel::ring::Transport::Tcp,
             addr: std::net::Ipv4Addr::UNSPECIFIED.into(),
             port: 1,
             comm: comm.to_vec(),

@@ -17,18 +17,19 @@ use tokio::{
 };
 
 use crate::{
+    attribution::enrich::{Enricher, Owner},
+    attribution::procfs,
+    attribution::scan,
     classify::{Lang, Policy},
-    emit::{Closed, Format, Output},
-    enrich::{Enricher, Owner},
-    event::{
+    kernel::host,
+    kernel::probes::{self, KernelStats},
+    kernel::ring::{self, Record, Transport},
+    output::event::{
         Agent, Boot, ECS_VERSION, Ecs, Event, EventMeta, Host, Lost, Named, Network, Portwatch,
         Rule, Server, Shared, Socket, shared,
     },
-    probes::{self, KernelStats},
-    procfs,
-    ring::{self, Record, Transport},
-    risk::Assessor,
-    snapshot, sys,
+    output::sinks::{Closed, Format, Output},
+    pipeline::assess::Assessor,
 };
 
 /// Default budget: starts per second one process may report one by one before the
@@ -75,9 +76,9 @@ pub struct WatchOptions {
     pub policy: PolicyOptions,
     pub format: Format,
     /// Where events go (at least one).
-    pub sinks: Vec<crate::emit::SinkSpec>,
+    pub sinks: Vec<crate::output::sinks::SinkSpec>,
     /// TLS files and the spool of the network destinations.
-    pub delivery: crate::emit::Delivery,
+    pub delivery: crate::output::sinks::Delivery,
     /// Serve Prometheus metrics on this address.
     pub metrics: Option<String>,
     pub ring_bytes: u32,
@@ -124,7 +125,7 @@ struct Open {
     /// IPV6_V6ONLY of a `::` socket, to assess it again when the ruleset changes.
     v6only: Option<bool>,
     /// The firewall verdict last reported for it.
-    firewall: Option<Arc<crate::firewall::Firewall>>,
+    firewall: Option<Arc<crate::classify::firewall::Firewall>>,
 }
 
 /// Snapshot merge state: what the live stream reported while a /proc scan ran, and what
@@ -189,11 +190,11 @@ pub struct Pipeline {
     /// The hook set in use, for the `sensor-started` event.
     pub hooks: Option<probes::Hooks>,
     /// What was reported of the kernel's folds.
-    folds: crate::folds::Folds,
+    folds: crate::kernel::folds::Folds,
     /// Ports the kernel treats as important (one bit each), as loaded into RISKY_PORTS.
     important_ports: Vec<u64>,
     /// Requests to the firewall watcher thread, when the firewall is followed.
-    fw_watch: Option<std::sync::mpsc::Sender<crate::firewall::watch::Request>>,
+    fw_watch: Option<std::sync::mpsc::Sender<crate::classify::firewall::watch::Request>>,
 }
 
 fn host_info(boot_id: &str, machine_id: Option<String>) -> Shared<Host> {
@@ -210,7 +211,7 @@ impl Pipeline {
     pub fn new(output: Output, cgroup_root: PathBuf, policy: PolicyOptions) -> Pipeline {
         let boot_id = procfs::boot_id().unwrap_or_default();
         let machine_id = procfs::machine_id().ok();
-        let host_netns = snapshot::own_netns().ok();
+        let host_netns = scan::own_netns().ok();
         let assessor = Assessor::new(policy.rules, policy.lang, host_netns);
         let important_ports = assessor.important_ports();
         Pipeline {
@@ -224,13 +225,13 @@ impl Pipeline {
             }),
             host_netns,
             proc_pid: std::process::id(),
-            kernel_pid: sys::in_initial_pid_ns().then(std::process::id),
+            kernel_pid: host::in_initial_pid_ns().then(std::process::id),
             probe_inodes: Vec::new(),
             own_seen: Vec::new(),
             open: HashMap::new(),
             startup: Startup::default(),
             assessor,
-            folds: crate::folds::Folds::default(),
+            folds: crate::kernel::folds::Folds::default(),
             important_ports,
             kernel_seen: KernelStats::default(),
             lost_total: 0,
@@ -261,9 +262,12 @@ impl Pipeline {
             "exposure-changed" => (&["network"], &["change"]),
             _ => (&["host"], &["info"]),
         };
-        let now = self.enricher.clocks.wall_from_ktime(sys::monotonic_ns());
+        let now = self
+            .enricher
+            .clocks
+            .wall_from_ktime(crate::time::monotonic_ns());
         Event {
-            timestamp: sys::rfc3339(wall_ns),
+            timestamp: crate::time::rfc3339(wall_ns),
             message: None,
             event: EventMeta {
                 kind,
@@ -275,7 +279,7 @@ impl Pipeline {
                 sequence: 0,
                 duration: None,
                 severity: None,
-                created: sys::rfc3339(now),
+                created: crate::time::rfc3339(now),
             },
             log: None,
             network: None,
@@ -307,7 +311,10 @@ impl Pipeline {
 
     /// Classify a new listener's event, write it, then its alert right behind it.
     /// Returns the firewall verdict it carries, to compare with after a ruleset change.
-    fn write_assessed(&mut self, mut ev: Event) -> Option<Arc<crate::firewall::Firewall>> {
+    fn write_assessed(
+        &mut self,
+        mut ev: Event,
+    ) -> Option<Arc<crate::classify::firewall::Firewall>> {
         let alert = self.assessor.assess(&mut ev);
         let firewall = ev
             .portwatch
@@ -330,7 +337,7 @@ impl Pipeline {
     /// `watch`) re-evaluation when a namespace's ruleset changes.
     pub fn enable_firewall(
         &mut self,
-        watch: Option<std::sync::mpsc::Sender<crate::firewall::watch::Request>>,
+        watch: Option<std::sync::mpsc::Sender<crate::classify::firewall::watch::Request>>,
     ) {
         self.fw_watch = watch.clone();
         self.assessor.enable_firewall(watch);
@@ -339,7 +346,7 @@ impl Pipeline {
     /// A namespace's ruleset changed: assess its open listeners again and report each
     /// whose firewall verdict changed (`exposure-changed`), with the alert when one
     /// becomes exposed.
-    pub fn firewall_changed(&mut self, u: crate::firewall::watch::Update) {
+    pub fn firewall_changed(&mut self, u: crate::classify::firewall::watch::Update) {
         if !self.assessor.set_ruleset(u.netns, u.ruleset) {
             return;
         }
@@ -349,7 +356,10 @@ impl Pipeline {
             .filter(|(_, o)| o.netns == Some(u.netns))
             .map(|(k, _)| *k)
             .collect();
-        let now = self.enricher.clocks.wall_from_ktime(sys::monotonic_ns());
+        let now = self
+            .enricher
+            .clocks
+            .wall_from_ktime(crate::time::monotonic_ns());
         for key in keys {
             let Some(o) = self.open.get(&key) else {
                 continue;
@@ -373,7 +383,9 @@ impl Pipeline {
             let owner = o.owner.clone();
             let before = o.firewall.clone();
             let mut ev = self.listener_event("exposure-changed", now, l, &owner);
-            let state = |f: &Option<Arc<crate::firewall::Firewall>>| f.as_ref().map(|f| f.verdict);
+            let state = |f: &Option<Arc<crate::classify::firewall::Firewall>>| {
+                f.as_ref().map(|f| f.verdict)
+            };
             // Only a changed verdict is assessed (and may alert): assessing every open
             // listener would count each in the alert folder as if it had alerted again.
             if state(&before) == state(&self.assessor.firewall_now(&ev)) {
@@ -391,7 +403,7 @@ impl Pipeline {
             if let Some(o) = self.open.get_mut(&key) {
                 o.firewall = after.clone();
             }
-            let name = |f: &Option<Arc<crate::firewall::Firewall>>| {
+            let name = |f: &Option<Arc<crate::classify::firewall::Firewall>>| {
                 f.as_ref().map_or("not evaluated", |f| f.verdict.as_str())
             };
             let mut msg = format!(
@@ -408,7 +420,7 @@ impl Pipeline {
                 msg.push_str(&format!(" ({})", r.short()));
             }
             ev.message = Some(msg);
-            ev.portwatch.exposure_change = Some(crate::event::ExposureChange {
+            ev.portwatch.exposure_change = Some(crate::output::event::ExposureChange {
                 before,
                 after: after.clone(),
             });
@@ -418,7 +430,7 @@ impl Pipeline {
             // event above says so; no new alert.
             let exposed = after
                 .as_ref()
-                .is_some_and(|f| f.verdict != crate::firewall::State::Filtered);
+                .is_some_and(|f| f.verdict != crate::classify::firewall::State::Filtered);
             if let (true, Some(mut alert)) = (exposed, alert) {
                 alert.portwatch.urgent = true;
                 self.write(alert);
@@ -430,7 +442,7 @@ impl Pipeline {
     fn retain_watched(&self) {
         if let Some(w) = &self.fw_watch {
             let keep: HashSet<u64> = self.open.values().filter_map(|o| o.netns).collect();
-            let _ = w.send(crate::firewall::watch::Request::Retain(keep));
+            let _ = w.send(crate::classify::firewall::watch::Request::Retain(keep));
         }
     }
 
@@ -463,7 +475,7 @@ impl Pipeline {
 
     /// Refresh the metrics' gauges (each tick).
     /// Open listeners exposed beyond loopback whose firewall verdict is `state`.
-    fn exposed(&self, state: crate::firewall::State) -> u64 {
+    fn exposed(&self, state: crate::classify::firewall::State) -> u64 {
         self.open
             .values()
             .filter(|o| o.firewall.as_ref().is_some_and(|f| f.verdict == state))
@@ -478,9 +490,9 @@ impl Pipeline {
             hooks_attached: hooks as u64,
             hooks_degraded: degraded as u64,
             open_listeners: self.open.len() as u64,
-            exposed_accepted: self.exposed(crate::firewall::State::Accepted),
-            exposed_filtered: self.exposed(crate::firewall::State::Filtered),
-            exposed_unknown: self.exposed(crate::firewall::State::Unknown),
+            exposed_accepted: self.exposed(crate::classify::firewall::State::Accepted),
+            exposed_filtered: self.exposed(crate::classify::firewall::State::Filtered),
+            exposed_unknown: self.exposed(crate::classify::firewall::State::Unknown),
             process_cache: process_cache as u64,
             cgroup_cache: cgroup_cache as u64,
             ..crate::metrics::Gauges::from_output(self.output.shared())
@@ -497,13 +509,16 @@ impl Pipeline {
         self.output.finish()
     }
 
-    pub fn output_shared(&self) -> Arc<crate::emit::OutputShared> {
+    pub fn output_shared(&self) -> Arc<crate::output::sinks::OutputShared> {
         self.output.shared().clone()
     }
 
     /// `sensor-started`: the hook set in use (and why) in `portwatch.hooks`.
     pub fn sensor_started(&mut self, stats: serde_json::Value) {
-        let now = self.enricher.clocks.wall_from_ktime(sys::monotonic_ns());
+        let now = self
+            .enricher
+            .clocks
+            .wall_from_ktime(crate::time::monotonic_ns());
         let mut ev = self.base(now, "state", "sensor-started");
         ev.portwatch.stats = Some(stats);
         ev.portwatch.hooks = self.hooks.clone();
@@ -523,7 +538,10 @@ impl Pipeline {
             "listeners_open": self.open.len(),
             "resyncs": self.health.resyncs,
         });
-        let now = self.enricher.clocks.wall_from_ktime(sys::monotonic_ns());
+        let now = self
+            .enricher
+            .clocks
+            .wall_from_ktime(crate::time::monotonic_ns());
         let mut ev = self.base(now, "state", "sensor-stopped");
         ev.message = Some(format!("portwatch stopped ({why})"));
         ev.portwatch.stats = Some(stats);
@@ -534,7 +552,10 @@ impl Pipeline {
 
     /// A state event about the agent itself (`sensor-started`, `snapshot-complete`, ...).
     pub fn state(&mut self, action: &'static str, stats: serde_json::Value) {
-        let now = self.enricher.clocks.wall_from_ktime(sys::monotonic_ns());
+        let now = self
+            .enricher
+            .clocks
+            .wall_from_ktime(crate::time::monotonic_ns());
         let mut ev = self.base(now, "state", action);
         ev.portwatch.stats = Some(stats);
         self.write(ev);
@@ -746,8 +767,11 @@ impl Pipeline {
     /// With `resync` (after a loss) the scan is compared with the open-listener table:
     /// listeners it finds that the table lacks are reported (`portwatch.resync`), and
     /// listeners the table holds that the scan no longer finds get their end event.
-    pub fn merge_snapshot(&mut self, found: Vec<snapshot::Found>, took: Duration, resync: bool) {
-        let now = self.enricher.clocks.wall_from_ktime(sys::monotonic_ns());
+    pub fn merge_snapshot(&mut self, found: Vec<scan::Found>, took: Duration, resync: bool) {
+        let now = self
+            .enricher
+            .clocks
+            .wall_from_ktime(crate::time::monotonic_ns());
         let mut reported = 0u64;
         let mut skipped = 0u64;
         let mut owners = HashMap::new();
@@ -781,7 +805,7 @@ impl Pipeline {
                         user,
                         group: None,
                         transport,
-                        udplite: f.socket.transport == snapshot::Transport::UdpLite,
+                        udplite: f.socket.transport == scan::Transport::UdpLite,
                         addr,
                         port,
                         netns: Some(f.netns_ino),
@@ -872,7 +896,7 @@ impl Pipeline {
     /// attribution per owning pid set (a forked server shares one socket among many).
     fn present(
         &mut self,
-        f: &snapshot::Found,
+        f: &scan::Found,
         wall_ns: i128,
         owners: &mut HashMap<Vec<u32>, Owner>,
     ) -> (Event, Owner, Option<Shared<Named>>) {
@@ -906,7 +930,7 @@ impl Pipeline {
         };
         let l = Listener {
             transport,
-            udplite: f.socket.transport == snapshot::Transport::UdpLite,
+            udplite: f.socket.transport == scan::Transport::UdpLite,
             addr: f.socket.addr,
             port: f.socket.port,
             socket,
@@ -919,8 +943,11 @@ impl Pipeline {
 
     /// Events for everything listening now (the one-shot `portwatch snapshot`), each
     /// classified, with the alert it raises.
-    pub fn present_events(&mut self, found: &[snapshot::Found]) -> Vec<(Event, Option<Event>)> {
-        let now = self.enricher.clocks.wall_from_ktime(sys::monotonic_ns());
+    pub fn present_events(&mut self, found: &[scan::Found]) -> Vec<(Event, Option<Event>)> {
+        let now = self
+            .enricher
+            .clocks
+            .wall_from_ktime(crate::time::monotonic_ns());
         let mut owners = HashMap::new();
         let mut out = Vec::with_capacity(found.len());
         for f in found {
@@ -938,7 +965,7 @@ impl Pipeline {
 
     /// Periodic work: follow the wall clock, report losses, end the startup grace.
     pub fn tick(&mut self, stats: Option<KernelStats>, last: bool) {
-        self.enricher.clocks = sys::Clocks::now();
+        self.enricher.clocks = crate::time::Clocks::now();
         self.output.check_files();
         if self
             .health
@@ -965,7 +992,10 @@ impl Pipeline {
             self.report_losses(stats);
         }
         for (key, n) in self.assessor.quiet_folds(last) {
-            let now = self.enricher.clocks.wall_from_ktime(sys::monotonic_ns());
+            let now = self
+                .enricher
+                .clocks
+                .wall_from_ktime(crate::time::monotonic_ns());
             let mut ev = self.base(now, "alert", "risky-listener-repeated");
             ev.message = Some(format!(
                 "{n} more alerts for rule {} ({}/{} on {} by {}) were folded into the last one",
@@ -1106,7 +1136,7 @@ impl Pipeline {
 
     fn fold_event(
         &mut self,
-        r: &crate::folds::Report,
+        r: &crate::kernel::folds::Report,
         fold: &portwatch_common::Fold,
         budget: Option<portwatch_common::Budget>,
     ) {
@@ -1162,19 +1192,19 @@ impl Pipeline {
         let owner = self.enricher.owner_for_record(&rec);
         let user = Some(self.enricher.user(rec.uid));
         let group = Some(self.enricher.group(rec.gid));
-        let (ports, port_count) = crate::folds::ranges(&fold.ports);
+        let (ports, port_count) = crate::kernel::folds::ranges(&fold.ports);
         let clocks = &self.enricher.clocks;
-        let info = crate::event::FoldInfo {
+        let info = crate::output::event::FoldInfo {
             started: r.started,
             ended: r.ended,
             started_total: r.started_total,
             ended_total: r.ended_total,
             ports,
             port_count,
-            scope: crate::folds::scope_name(key.scope),
-            first: sys::rfc3339(clocks.wall_from_ktime(fold.first_ns)),
-            last: sys::rfc3339(clocks.wall_from_ktime(fold.last_ns)),
-            budget: crate::folds::budget_names(fold.reason),
+            scope: crate::kernel::folds::scope_name(key.scope),
+            first: crate::time::rfc3339(clocks.wall_from_ktime(fold.first_ns)),
+            last: crate::time::rfc3339(clocks.wall_from_ktime(fold.last_ns)),
+            budget: crate::kernel::folds::budget_names(fold.reason),
             final_: r.final_,
             process_sent: budget.map_or(0, |b| b.sent),
             process_folded: budget.map_or(0, |b| b.folded),
@@ -1197,7 +1227,7 @@ impl Pipeline {
             .unwrap_or_default();
         // Every risky port inside the fold is classified as a listener of its own.
         let mut alerts = Vec::new();
-        for port in crate::folds::ports(&fold.ports) {
+        for port in crate::kernel::folds::ports(&fold.ports) {
             if !self.important_ports_has(port) {
                 continue;
             }
@@ -1286,7 +1316,7 @@ impl Pipeline {
         self.health.last = Some(now);
         self.health.records_at_last = self.health.records;
         let out = self.output.shared().clone();
-        let (cpu, rss) = sys::self_usage();
+        let (cpu, rss) = host::self_usage();
         let stats = serde_json::json!({
             "hooks_attached": hooks,
             "degraded": degraded,
@@ -1309,10 +1339,13 @@ impl Pipeline {
             "cpu_seconds": cpu,
             "rss_bytes": rss,
         });
-        let wall = self.enricher.clocks.wall_from_ktime(sys::monotonic_ns());
+        let wall = self
+            .enricher
+            .clocks
+            .wall_from_ktime(crate::time::monotonic_ns());
         let mut ev = self.base(wall, "metric", "sensor-health");
         if !degraded.is_empty() {
-            ev.log = Some(crate::event::Log { level: "warning" });
+            ev.log = Some(crate::output::event::Log { level: "warning" });
             ev.message = Some(format!("running degraded: {}", degraded.join("; ")));
         }
         ev.portwatch.stats = Some(stats);
@@ -1325,7 +1358,10 @@ impl Pipeline {
         let Some(path) = self.rules_path.clone() else {
             return;
         };
-        let wall = self.enricher.clocks.wall_from_ktime(sys::monotonic_ns());
+        let wall = self
+            .enricher
+            .clocks
+            .wall_from_ktime(crate::time::monotonic_ns());
         match crate::classify::load_rules(&path) {
             Ok(policy) => {
                 self.assessor.set_policy(Some(policy));
@@ -1338,7 +1374,7 @@ impl Pipeline {
             Err(e) => {
                 log::error!("{e}; keeping the rules in force");
                 let mut ev = self.base(wall, "state", "config-error");
-                ev.log = Some(crate::event::Log { level: "error" });
+                ev.log = Some(crate::output::event::Log { level: "error" });
                 ev.message = Some(format!("{e}; the previous rules stay in force"));
                 self.write(ev);
             }
@@ -1376,9 +1412,12 @@ impl Pipeline {
         if let Some(m) = &self.metrics {
             m.lost(reason, count);
         }
-        let now = self.enricher.clocks.wall_from_ktime(sys::monotonic_ns());
+        let now = self
+            .enricher
+            .clocks
+            .wall_from_ktime(crate::time::monotonic_ns());
         let mut ev = self.base(now, "metric", "events-lost");
-        ev.log = Some(crate::event::Log { level: "warning" });
+        ev.log = Some(crate::output::event::Log { level: "warning" });
         let at = sink.map(|s| format!(" at {s}")).unwrap_or_default();
         let lane_text = lane.map(|l| format!(", {l} lane")).unwrap_or_default();
         ev.message = Some(format!(
@@ -1426,10 +1465,10 @@ fn o_transport(n: Option<&Network>) -> &'static str {
     n.map_or("?", |n| n.transport)
 }
 
-fn transport_of(t: snapshot::Transport) -> Transport {
+fn transport_of(t: scan::Transport) -> Transport {
     match t {
-        snapshot::Transport::Tcp => Transport::Tcp,
-        snapshot::Transport::Udp | snapshot::Transport::UdpLite => Transport::Udp,
+        scan::Transport::Tcp => Transport::Tcp,
+        scan::Transport::Udp | scan::Transport::UdpLite => Transport::Udp,
     }
 }
 
@@ -1505,7 +1544,7 @@ struct Rings {
 /// What the event loop needs besides the pipeline.
 struct RunConfig {
     /// New rulesets from the firewall watcher thread.
-    firewall: tokio::sync::mpsc::UnboundedReceiver<crate::firewall::watch::Update>,
+    firewall: tokio::sync::mpsc::UnboundedReceiver<crate::classify::firewall::watch::Update>,
     ring_bytes: u32,
     snapshot: bool,
     health_interval: Option<Duration>,
@@ -1536,7 +1575,7 @@ pub async fn watch(opts: WatchOptions) -> anyhow::Result<()> {
     })?;
     // Loaded and attached: what is left needs only /proc and namespaces. Done before any
     // other thread exists, so every thread runs with the reduced set.
-    sys::drop_capabilities(sys::RUNTIME_CAPS)?;
+    host::drop_capabilities(host::RUNTIME_CAPS)?;
     let probes::Sensor {
         ebpf,
         ring,
@@ -1562,7 +1601,7 @@ pub async fn watch(opts: WatchOptions) -> anyhow::Result<()> {
     // The host firewall: rulesets are read and followed by their own thread, which hands
     // the event loop whole new rulesets.
     let (fw_tx, fw_rx) = tokio::sync::mpsc::unbounded_channel();
-    let fw_watch = crate::firewall::watch::spawn(move |u| fw_tx.send(u).is_ok())
+    let fw_watch = crate::classify::firewall::watch::spawn(move |u| fw_tx.send(u).is_ok())
         .context("starting the firewall watcher thread")?;
     pipeline.enable_firewall(Some(fw_watch));
     folds.set_risky(pipeline.important_ports())?;
@@ -1697,12 +1736,11 @@ async fn self_check(
 }
 
 /// Start a /proc scan on a blocking thread; its result arrives on the returned channel.
-fn spawn_scan() -> tokio::sync::oneshot::Receiver<(std::io::Result<Vec<snapshot::Found>>, Duration)>
-{
+fn spawn_scan() -> tokio::sync::oneshot::Receiver<(std::io::Result<Vec<scan::Found>>, Duration)> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     tokio::task::spawn_blocking(move || {
         let t = Instant::now();
-        let res = snapshot::scan();
+        let res = scan::scan();
         // The receiver is gone only if the agent is already shutting down.
         let _ = tx.send((res, t.elapsed()));
     });
@@ -1735,7 +1773,7 @@ async fn run(
         ),
         None => None,
     };
-    let mut notifier = crate::notify::Notifier::from_env()
+    let mut notifier = crate::pipeline::notify::Notifier::from_env()
         .context("NOTIFY_SOCKET names a socket the agent cannot use")?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;

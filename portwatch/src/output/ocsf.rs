@@ -61,8 +61,8 @@ use serde::Serialize;
 
 use crate::{
     classify::{Lang, Step},
-    event::{ArgvCut, Cgroup, Event, Lost, Socket, Systemd},
-    risk::Risk,
+    output::event::Risk,
+    output::event::{ArgvCut, Cgroup, Event, Lost, Socket, Systemd},
 };
 
 /// OCSF schema version the documents follow (`metadata.version`).
@@ -410,11 +410,11 @@ struct Rest<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     attribution: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    attribution_changed: Option<&'a crate::event::AttributionChanged>,
+    attribution_changed: Option<&'a crate::output::event::AttributionChanged>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    exposure: Option<&'a crate::event::ExposureOut>,
+    exposure: Option<&'a crate::output::event::ExposureOut>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    exposure_change: Option<&'a crate::event::ExposureChange>,
+    exposure_change: Option<&'a crate::output::event::ExposureChange>,
     #[serde(skip_serializing_if = "Option::is_none")]
     risk: Option<&'a Risk>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -686,7 +686,7 @@ fn severity(ecs: Option<u8>, level: Option<&str>) -> (u8, &'static str) {
     (id, caption)
 }
 
-/// Milliseconds since the epoch of an RFC 3339 time (`sys::rfc3339` writes
+/// Milliseconds since the epoch of an RFC 3339 time (`crate::time::rfc3339` writes
 /// `YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ`; an offset instead of `Z` is accepted too).
 fn epoch_ms(s: &str) -> Option<i64> {
     let b = s.as_bytes();
@@ -762,12 +762,11 @@ mod tests {
     use super::*;
     use crate::{
         classify::Policy,
-        event::{
+        output::event::{
             Agent, Boot, Container as EcsContainer, ECS_VERSION, Ecs, EventMeta, Host, Log, Named,
             Network, Parent, Portwatch, Process as EcsProcess, Rule, Server, Shared, shared,
         },
-        risk::Assessor,
-        sys,
+        pipeline::assess::Assessor,
     };
 
     const TS: &str = "2026-11-27T01:09:40.451005964Z";
@@ -1044,7 +1043,7 @@ mod tests {
             slice: Some("system.slice".into()),
             user_manager: Some(1000),
         }));
-        ev.portwatch.process = Some(shared(crate::event::ArgvCut {
+        ev.portwatch.process = Some(shared(crate::output::event::ArgvCut {
             truncated: true,
             original_length: 65_009,
             original_args_count: 2,
@@ -1351,8 +1350,8 @@ mod tests {
 
     #[test]
     fn severity_ranges() {
-        // portwatch's own ECS values (risk::ecs_severity) land on the OCSF names.
-        use crate::{classify::Severity, risk::ecs_severity};
+        // portwatch's own ECS values (assess::ecs_severity) land on the OCSF names.
+        use crate::{classify::Severity, output::event::ecs_severity};
         for (s, want) in [
             (Severity::Low, (2, "Low")),
             (Severity::Medium, (3, "Medium")),
@@ -1383,7 +1382,7 @@ mod tests {
             1_795_741_780_451_005_964,
             4_102_444_799_999_999_999, // 2099-12-31T23:59:59.999999999
         ] {
-            let s = sys::rfc3339(ns);
+            let s = crate::time::rfc3339(ns);
             assert_eq!(epoch_ms(&s), Some((ns / 1_000_000) as i64), "{s}");
         }
         assert_eq!(epoch_ms(TS), Some(TS_MS));

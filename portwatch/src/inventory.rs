@@ -10,10 +10,11 @@ use std::{
 use anyhow::Context as _;
 
 use crate::{
-    agent::{Pipeline, PolicyOptions},
-    emit::{Format, Output, QUEUE_EVENTS, SinkSpec, sanitize},
-    event::Event,
-    procfs, snapshot,
+    attribution::procfs,
+    attribution::scan,
+    output::event::Event,
+    output::sinks::{Format, Output, QUEUE_EVENTS, SinkSpec, sanitize},
+    pipeline::agent::{Pipeline, PolicyOptions},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -34,14 +35,14 @@ pub fn snapshot_command(format: SnapshotFormat, policy: PolicyOptions) -> anyhow
         .ok()
         .flatten()
         .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup"));
-    let found = snapshot::scan().context("reading listeners from /proc")?;
+    let found = scan::scan().context("reading listeners from /proc")?;
     // Blocking output: nothing is live here, so nothing may be dropped.
     let mut output = Output::new(
         Format::Json,
         &[SinkSpec::Stdout],
         QUEUE_EVENTS,
         true,
-        &crate::emit::Delivery::default(),
+        &crate::output::sinks::Delivery::default(),
     )?;
     output.start()?;
     let mut pipeline = Pipeline::new(output, cgroup_root, policy);
@@ -65,7 +66,7 @@ pub fn snapshot_command(format: SnapshotFormat, policy: PolicyOptions) -> anyhow
                 }
             }
             match pipeline.finish_output() {
-                Err(e) if e.is::<crate::emit::Closed>() => {}
+                Err(e) if e.is::<crate::output::sinks::Closed>() => {}
                 other => other?,
             }
         }
