@@ -77,7 +77,7 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value_t = OutputMode::Stdout)]
     pub output: OutputMode,
     /// Rounds (tools alternate within each round; figures are medians over rounds).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = BenchArgs::DEFAULT_ROUNDS)]
     pub rounds: u32,
     /// Seconds per churn and traffic run.
     #[arg(long, default_value_t = 5.0)]
@@ -100,6 +100,17 @@ pub struct BenchArgs {
     #[arg(long)]
     pub no_kernel_cost: bool,
 }
+
+impl BenchArgs {
+    pub const DEFAULT_ROUNDS: u32 = 3;
+}
+
+/// The head of docs/BENCHMARKS.md, above the tables a full run writes.
+const BENCH_PAGE_HEAD: &str = "# Benchmarks\n\n\
+Written by `cargo xtask bench` (a full run: every workload and tool, default rounds).\n\
+Machines of this kind differ in speed from one week to the next: compare only the ratios\n\
+of one run, never absolute figures across runs. How to read the rows: README.md,\n\
+\"Performance\".\n";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Tool {
@@ -349,6 +360,20 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     fs::write(&jpath, serde_json::to_string_pretty(&json)?)
         .with_context(|| format!("writing {}", jpath.display()))?;
     fs::write(&mpath, &md).with_context(|| format!("writing {}", mpath.display()))?;
+    // The full run (every workload and tool, default rounds and durations) is the
+    // project's benchmark page; partial and quick runs stay in target/bench only.
+    let a = &ctx.cfg.args;
+    let full = !a.quick
+        && a.workloads.is_empty()
+        && a.tools.is_empty()
+        && !a.no_kernel_cost
+        && a.rounds == BenchArgs::DEFAULT_ROUNDS;
+    if full {
+        let page = crate::workspace_root().join("docs/BENCHMARKS.md");
+        fs::write(&page, format!("{BENCH_PAGE_HEAD}\n{md}"))
+            .with_context(|| format!("writing {}", page.display()))?;
+        step(&format!("wrote {}", page.display()));
+    }
     let _ = fs::remove_dir_all(&ctx.tmp);
     println!("{md}");
     step(&format!(
