@@ -30,7 +30,7 @@ use portwatch_common::{
 
 /// Important records; sized by the agent (`--urgent-ring-bytes`).
 #[map]
-pub static URGENT: RingBuf = RingBuf::with_byte_size(1 << 18, 0);
+pub static URGENT: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 
 /// One bit per port the agent calls risky (catalogue plus the rules' deny/risky lists).
 #[map]

@@ -257,10 +257,30 @@ fn check(events: &[Value], floods: &[Flood], transport: &str, scope_important: b
             "kernel's folded count"
         );
         assert_eq!(lost, 0, "nothing lost under the budget");
+        let losses: Vec<String> = events
+            .iter()
+            .filter(|e| action(e) == "events-lost")
+            .map(|e| e["portwatch"]["lost"].to_string())
+            .collect();
         assert_eq!(
             ended + folded_ends,
             f.count,
-            "flooder {p}: every end accounted for"
+            "flooder {p}: every end accounted for (fold reports: {}; losses: {losses:?})",
+            folds
+                .iter()
+                .map(|e| {
+                    let f = &e["portwatch"]["fold"];
+                    format!(
+                        "+{}/+{} ({}/{}{})",
+                        f["started"],
+                        f["ended"],
+                        f["started_total"],
+                        f["ended_total"],
+                        if f["final"] == true { " final" } else { "" }
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
         );
         // The exact port set: ports sent one by one plus the fold's set.
         let mut seen: BTreeSet<u16> = sent.iter().map(|e| port(e) as u16).collect();

@@ -160,10 +160,24 @@ pub struct Options {
     pub fold_user_above: u32,
 }
 
-/// Size of the urgent ring. Important records are few: budgets bound them per process
-/// and per user (at the default 1,000/s, 256 KiB holds ~1,800 records: almost 2 s of a
-/// user's whole budget).
-pub const URGENT_RING_BYTES: u32 = 1 << 18;
+/// Smallest urgent ring: 1 MiB, 8,192 records of 128 bytes (record and ring header).
+pub const URGENT_RING_MIN: u32 = 1 << 20;
+/// Largest urgent ring the budgets may ask for.
+pub const URGENT_RING_MAX: u32 = 1 << 24;
+
+/// Size of the urgent ring for these budgets. Important records are bounded by the
+/// budgets, but a budget is a second's allowance that may all arrive at once: a user's
+/// processes can send their whole budget of starts, and their ends, within milliseconds
+/// (two wildcard churners do, at the start of a flood). The ring holds that second whole,
+/// starts and ends, even while the agent reads nothing: at the default 4,000 starts/s per
+/// user, 8,000 records, 1 MiB. (256 KiB, a quarter of it, lost records in exactly that
+/// burst once each event also carried a firewall verdict.)
+pub fn urgent_ring_bytes(fold_above: u32, fold_user_above: u32) -> u32 {
+    const RECORD: u64 = (size_of::<portwatch_common::SocketRecord>() + 8) as u64;
+    let budget = u64::from(fold_above.max(fold_user_above));
+    let want = (budget * 2 * RECORD).next_power_of_two();
+    want.clamp(u64::from(URGENT_RING_MIN), u64::from(URGENT_RING_MAX)) as u32
+}
 
 /// The kernel maps behind priority and folding.
 pub struct FoldMaps {
@@ -244,7 +258,10 @@ pub fn load(opts: &Options) -> anyhow::Result<Sensor> {
         .override_global("FOLD_ABOVE", &opts.fold_above, true)
         .override_global("FOLD_USER_ABOVE", &opts.fold_user_above, true)
         .map_max_entries("EVENTS", opts.ring_bytes)
-        .map_max_entries("URGENT", URGENT_RING_BYTES)
+        .map_max_entries(
+            "URGENT",
+            urgent_ring_bytes(opts.fold_above, opts.fold_user_above),
+        )
         .load(OBJECT)
         .map_err(|e| {
             anyhow!(
@@ -769,6 +786,17 @@ mod tests {
     use std::collections::BTreeSet;
 
     use super::*;
+
+    #[test]
+    fn the_urgent_ring_holds_a_users_whole_second() {
+        // Default budgets: 1,000/s per process, 4,000/s per user.
+        assert_eq!(urgent_ring_bytes(1000, 4000), 1 << 20);
+        let record = size_of::<portwatch_common::SocketRecord>() as u32 + 8;
+        assert!(urgent_ring_bytes(1000, 4000) >= 4000 * 2 * record);
+        assert_eq!(urgent_ring_bytes(0, 0), URGENT_RING_MIN);
+        assert_eq!(urgent_ring_bytes(20_000, 80_000), 1 << 25 >> 1); // capped
+        assert!(urgent_ring_bytes(10_000, 10_000) >= 10_000 * 2 * record);
+    }
 
     /// Every program the object holds is in exactly one list of this file, by the name
     /// the kernel will report (at most 15 bytes), and every listed name is in it.
