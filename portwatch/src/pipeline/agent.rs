@@ -36,7 +36,7 @@ use crate::{
 /// kernel folds the rest (`--fold-above`). A service starting up opens a handful of
 /// listeners, a busy reverse proxy with SO_REUSEPORT a few per worker; 1,000 a second
 /// is far above any of them and far below what one process can churn (~250,000/s
-/// here), and the urgent ring holds almost 2 s of a whole user's default budget.
+/// here), and the urgent ring holds a whole second of a user's budget, starts and ends.
 pub const FOLD_ABOVE: u32 = 1000;
 
 /// Open listeners tracked to pair a start with its end. Beyond this many, new starts are
@@ -439,9 +439,14 @@ impl Pipeline {
     }
 
     /// Namespaces with an open listener: the firewall watcher keeps only those.
-    fn retain_watched(&self) {
+    /// The host's namespace is always kept. A namespace dropped here is forgotten by the
+    /// assessor too, so its next listener reads the ruleset again and has it followed
+    /// again (a cached ruleset nobody follows would go stale).
+    fn retain_watched(&mut self) {
         if let Some(w) = &self.fw_watch {
-            let keep: HashSet<u64> = self.open.values().filter_map(|o| o.netns).collect();
+            let mut keep: HashSet<u64> = self.open.values().filter_map(|o| o.netns).collect();
+            keep.extend(self.host_netns);
+            self.assessor.retain_rulesets(&keep);
             let _ = w.send(crate::classify::firewall::watch::Request::Retain(keep));
         }
     }

@@ -108,6 +108,13 @@ impl Assessor {
         true
     }
 
+    /// Forgets the rulesets of namespaces not in `keep` (no longer followed).
+    pub fn retain_rulesets(&mut self, keep: &std::collections::HashSet<u64>) {
+        if let Some(fw) = self.firewall.as_mut() {
+            fw.rulesets.retain(|n, _| keep.contains(n));
+        }
+    }
+
     /// The namespace's ruleset: cached, else read now (once per namespace; the watcher
     /// keeps it current from then on).
     fn ruleset(&mut self, netns: u64, pid: Option<u32>) -> Option<Arc<Ruleset>> {
