@@ -6,8 +6,12 @@
 //! The load, at `--rate` operations per second: short-lived TCP listeners and UDP binds
 //! in this process; long-lived ones (1-30 s) from a pool; and every second a child
 //! process (a re-run of `loadgen paced`) that opens its own listeners and exits, so
-//! processes come and go. At the end the load stops with some pool listeners still
-//! open, the agent's last `sensor-health` is compared with `portwatch snapshot`.
+//! processes come and go. The hostile phase runs throughout: every second another child,
+//! as user `nobody`, with one 65,000-byte argument of 0xFF bytes, binds a UDP socket
+//! for a moment (what a local user does to blow up the agent's memory and its log
+//! lines). At the end the load stops with some pool listeners still open, the agent's
+//! last `sensor-health` is compared with `portwatch snapshot`, and the longest line the
+//! agent wrote must stay under [`LINE_MAX`].
 
 use std::{
     collections::VecDeque,
@@ -22,6 +26,13 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use serde_json::Value;
+
+/// Longest event line the agent may write under the hostile phase: command lines and
+/// arguments are cut to 4 KiB in all, so a line stays well under this.
+const LINE_MAX: usize = 16 * 1024;
+
+/// The hostile child's argument: 65,000 bytes of 0xFF (not UTF-8, escaped by the agent).
+const HOSTILE_ARG_BYTES: usize = 65_000;
 
 #[derive(clap::Args, Debug)]
 pub struct SoakArgs {
@@ -75,10 +86,11 @@ pub fn run(args: &SoakArgs) -> anyhow::Result<()> {
     // The reader keeps only what the soak reports on; everything else is counted.
     let (tx, rx) = mpsc::channel::<Value>();
     let reader = thread::spawn(move || {
-        let mut lines = 0u64;
+        let (mut lines, mut longest) = (0u64, 0usize);
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
             lines += 1;
+            longest = longest.max(line.len());
             let Ok(v) = serde_json::from_str::<Value>(&line) else {
                 eprintln!("soak: the agent wrote a line that is not JSON: {line}");
                 continue;
@@ -92,7 +104,7 @@ pub fn run(args: &SoakArgs) -> anyhow::Result<()> {
                 break;
             }
         }
-        lines
+        (lines, longest)
     });
     let first = rx
         .recv_timeout(Duration::from_secs(30))
@@ -112,6 +124,7 @@ pub fn run(args: &SoakArgs) -> anyhow::Result<()> {
     let mut ops = 0u64;
     let mut health: Vec<(f64, Value)> = Vec::new();
     let mut lost_total = 0u64;
+    let mut hostile = 0u64;
     let mut last_print = start;
     while start.elapsed() < duration {
         let now = Instant::now();
@@ -140,6 +153,8 @@ pub fn run(args: &SoakArgs) -> anyhow::Result<()> {
                     .spawn()
                     .context("starting loadgen")?,
             );
+            children.push(hostile_child().context("starting the hostile child")?);
+            hostile += 1;
             children.retain_mut(|c| !matches!(c.try_wait(), Ok(Some(_))));
             next_child += Duration::from_secs(1);
         }
@@ -198,7 +213,7 @@ pub fn run(args: &SoakArgs) -> anyhow::Result<()> {
     while let Ok(v) = rx.recv_timeout(Duration::from_millis(500)) {
         collect(&v, start, &mut health, &mut lost_total);
     }
-    let lines = reader
+    let (lines, longest) = reader
         .join()
         .map_err(|_| anyhow::anyhow!("reader thread"))?;
 
@@ -214,6 +229,10 @@ pub fn run(args: &SoakArgs) -> anyhow::Result<()> {
         });
     println!("soak results ({load_secs:.0} s of load, {ops} ops in this process):");
     println!("  agent lines written        {lines}");
+    println!(
+        "  hostile children           {hostile} (one {HOSTILE_ARG_BYTES}-byte argument each); \
+         longest line {longest} bytes"
+    );
     println!("  events lost (reported)     {lost_total}");
     println!(
         "  RSS first / last / max     {:.1} / {:.1} / {:.1} MiB (health events every 5 s)",
@@ -227,16 +246,36 @@ pub fn run(args: &SoakArgs) -> anyhow::Result<()> {
     println!("  agent exit status          {status}");
     let flat = last_rss <= first_rss + 2.0;
     let matched = table == Some(reality as u64);
+    let short = longest <= LINE_MAX;
     println!(
-        "  verdict: RSS {}, table {}, loss {}",
+        "  verdict: RSS {}, table {}, loss {}, lines {}",
         if flat { "flat" } else { "GREW" },
         if matched { "matches" } else { "DIFFERS" },
-        if lost_total == 0 { "none" } else { "SOME" }
+        if lost_total == 0 { "none" } else { "SOME" },
+        if short { "bounded" } else { "TOO LONG" }
     );
-    if !(flat && matched && lost_total == 0 && status.success()) {
+    if !(flat && matched && short && lost_total == 0 && status.success()) {
         bail!("soak failed (see the figures above)");
     }
     Ok(())
+}
+
+/// A process of user `nobody` with one huge non-UTF-8 argument that binds a UDP socket
+/// on the wildcard address for 300 ms.
+fn hostile_child() -> std::io::Result<std::process::Child> {
+    use std::os::unix::{ffi::OsStringExt as _, process::CommandExt as _};
+    Command::new("python3")
+        .args([
+            "-c",
+            "import socket,time; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); \
+             s.bind(('0.0.0.0', 0)); time.sleep(0.3)",
+        ])
+        .arg(std::ffi::OsString::from_vec(vec![0xFF; HOSTILE_ARG_BYTES]))
+        .uid(65534)
+        .gid(65534)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
 }
 
 fn collect(v: &Value, start: Instant, health: &mut Vec<(f64, Value)>, lost: &mut u64) {
