@@ -502,9 +502,10 @@ fn sighup_reopens_the_output_and_reloads_rules() {
     );
 }
 
-/// Once attached, every thread of the agent holds only CAP_DAC_READ_SEARCH,
-/// CAP_SYS_PTRACE and CAP_SYS_ADMIN, bounding set included; its own self-check sockets
-/// never appear in the stream.
+/// Once attached, every thread of the agent holds only the runtime capabilities
+/// (CAP_DAC_READ_SEARCH, CAP_SYS_PTRACE, CAP_SYS_ADMIN, and CAP_NET_ADMIN and CAP_NET_RAW
+/// for the firewall tools), bounding set included: no CAP_BPF, CAP_PERFMON or
+/// CAP_SYS_RESOURCE after attach. Its own self-check sockets never appear in the stream.
 #[test]
 fn capabilities_are_dropped_after_attach_and_own_sockets_are_silent() {
     if !can_run_kernel_tests() {
@@ -516,7 +517,15 @@ fn capabilities_are_dropped_after_attach_and_own_sockets_are_silent() {
         started["portwatch"]["stats"]["self_check"], "passed",
         "{started}"
     );
-    let want = (1u64 << 2) | (1 << 19) | (1 << 21);
+    let want = (1u64 << 2) | (1 << 12) | (1 << 13) | (1 << 19) | (1 << 21);
+    let runtime: u64 = portwatch::kernel::host::RUNTIME_CAPS
+        .iter()
+        .map(|c| 1u64 << c)
+        .sum();
+    assert_eq!(
+        runtime, want,
+        "the runtime set changed: update this test with care"
+    );
     let pid = agent.pid();
     let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
