@@ -255,15 +255,12 @@ running 0 tests
         let o = parse(HOST, "?");
         let skipped = |t: &str| o.iter().find(|o| o.test == t).map(|o| o.skipped.clone());
         assert_eq!(
-            skipped("portwatch::kernel::btf::tests::offsets"),
+            skipped("portwatch::btf::tests::offsets"),
             Some(Some(
                 "skipped: /sys/kernel/btf/vmlinux is not readable on this machine".into()
             ))
         );
-        assert_eq!(
-            skipped("portwatch::attribution::procfs::tests::cgroup"),
-            Some(None)
-        );
+        assert_eq!(skipped("portwatch::procfs::tests::cgroup"), Some(None));
         assert!(
             skipped("hooks::both_hook_sets_report_identical_events").is_some_and(
                 |s| s.is_some_and(|s| s.starts_with("skipped: this kernel cannot run"))
@@ -302,7 +299,7 @@ test result: ok. 2 passed; 0 failed
         let nowhere = c.ran_nowhere();
         assert_eq!(nowhere.len(), 2, "{nowhere:?}");
         assert!(nowhere[0].starts_with("hooks::slow_one (host: ignored)"));
-        assert!(nowhere[1].starts_with("portwatch::kernel::btf::tests::offsets (host: skipped: "));
+        assert!(nowhere[1].starts_with("portwatch::btf::tests::offsets (host: skipped: "));
         let elsewhere = c.ran_elsewhere();
         assert_eq!(
             elsewhere,
