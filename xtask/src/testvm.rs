@@ -68,6 +68,17 @@ const VM_LEFT_OUT: &[(&str, &str)] = &[
         "destinations are user-space, and rsyslog is not in the initramfs (runs on the host)",
     ),
     (
+        "delivery",
+        "TLS, RELP and the disk spool are user-space and need rsyslog and openssl, which \
+         the initramfs does not carry (runs on the host)",
+    ),
+    (
+        "firewall",
+        "the verdict is user-space evaluation of the ruleset and needs nft, iptables and \
+         python3 in private network namespaces, which the busybox guest lacks (runs on the \
+         host)",
+    ),
+    (
         "local_user",
         "needs useradd and a delegated cgroup subtree, which the busybox guest lacks; \
          attribution and advice are user-space logic over the same events (runs on the host)",
