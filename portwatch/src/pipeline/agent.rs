@@ -447,7 +447,15 @@ impl Pipeline {
             let mut keep: HashSet<u64> = self.open.values().filter_map(|o| o.netns).collect();
             keep.extend(self.host_netns);
             self.assessor.retain_rulesets(&keep);
-            let _ = w.send(crate::classify::firewall::watch::Request::Retain(keep));
+            if w.send(crate::classify::firewall::watch::Request::Retain(keep))
+                .is_err()
+            {
+                // Said once: without the watcher, verdicts keep the rulesets read so far.
+                log::error!(
+                    "firewall: the ruleset watcher thread is gone; ruleset changes are no longer followed"
+                );
+                self.fw_watch = None;
+            }
         }
     }
 
@@ -1930,7 +1938,9 @@ async fn run(
             }
         }
     };
-    let _ = notifier.stopping();
+    if let Err(e) = notifier.stopping() {
+        log::warn!("telling the service manager the sensor is stopping: {e}");
+    }
     // Whatever the kernel wrote before we stopped still goes out.
     while drain(ring.get_mut(), urgent.get_mut(), pipeline) == BATCH_MAX {}
     Ok(why)

@@ -136,8 +136,13 @@ impl Assessor {
                 rs.unread.join("; ")
             );
         }
-        if let Some(w) = &fw.watch {
-            let _ = w.send(watch::Request::Watch { netns, ns });
+        if let Some(w) = &fw.watch
+            && w.send(watch::Request::Watch { netns, ns }).is_err()
+        {
+            log::error!(
+                "firewall: the ruleset watcher thread is gone; ruleset changes are no longer followed"
+            );
+            fw.watch = None;
         }
         fw.rulesets.insert(netns, rs.clone());
         Some(rs)
