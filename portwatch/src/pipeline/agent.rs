@@ -30,6 +30,7 @@ use crate::{
     },
     output::sinks::{Closed, Format, Output},
     pipeline::assess::Assessor,
+    pipeline::core::{Core, Step, Tracked},
 };
 
 /// Default budget: starts per second one process may report one by one before the
@@ -39,10 +40,7 @@ use crate::{
 /// here), and the urgent ring holds a whole second of a user's budget, starts and ends.
 pub const FOLD_ABOVE: u32 = 1000;
 
-/// Open listeners tracked to pair a start with its end. Beyond this many, new starts are
-/// not tracked (their end carries no duration) and the shortfall is reported as
-/// `events-lost` with reason `untracked`.
-pub const OPEN_MAX: usize = 65_536;
+pub use crate::pipeline::core::OPEN_MAX;
 /// Items handled per wake-up before yielding to signals and timers.
 const BATCH_MAX: usize = 4096;
 /// Wake-ups closer together than this mean events are streaming: switch to polling the
@@ -60,9 +58,6 @@ const NAP: Duration = Duration::from_micros(200);
 const POLL_QUIET: Duration = Duration::from_micros(500);
 /// Longest stretch spent polling before signals and timers get a turn.
 const POLL_MAX: Duration = Duration::from_millis(10);
-/// How long after the snapshot a live start for a socket it already reported is taken
-/// as a duplicate. Records reach the agent within milliseconds of the syscall.
-const SNAPSHOT_GRACE: Duration = Duration::from_secs(5);
 
 /// Site policy and language for alerts.
 pub struct PolicyOptions {
@@ -108,38 +103,22 @@ struct Listener {
     group: Option<Shared<Named>>,
 }
 
-struct Open {
-    ktime_ns: Option<u64>,
+/// What the driver keeps about an open listener (the core keeps its key, start time and
+/// namespace): its attribution for the end event, and what the end event needs when it
+/// has to be made up by a resync (the end itself was lost).
+#[derive(Debug)]
+struct Held {
     owner: Owner,
     user: Option<Shared<Named>>,
     group: Option<Shared<Named>>,
-    /// What the end event needs when it has to be made up by a resync (the end itself
-    /// was lost): the socket and, to know whether a scan covered it, its namespace.
     transport: Transport,
     udplite: bool,
     addr: std::net::IpAddr,
     port: u16,
-    netns: Option<u64>,
-    /// Keyed by socket inode (comparable with /proc), not by kernel address.
-    by_inode: bool,
     /// IPV6_V6ONLY of a `::` socket, to assess it again when the ruleset changes.
     v6only: Option<bool>,
     /// The firewall verdict last reported for it.
     firewall: Option<Arc<crate::classify::firewall::Firewall>>,
-}
-
-/// Snapshot merge state: what the live stream reported while a /proc scan ran, and what
-/// the scan reported (so a late live record for it is not a duplicate). Used at start and
-/// by the resync after a loss.
-#[derive(Default)]
-struct Startup {
-    live_started: HashSet<u64>,
-    live_stopped: HashSet<u64>,
-    reported: HashSet<u64>,
-    snapshot_running: bool,
-    /// The running scan is a resync, not the start-up snapshot.
-    resync: bool,
-    grace_until: Option<Instant>,
 }
 
 /// Running totals for `sensor-health`.
@@ -148,7 +127,6 @@ struct Health {
     records: u64,
     records_at_last: u64,
     last: Option<Instant>,
-    resyncs: u64,
     last_trim: Option<Instant>,
 }
 
@@ -166,24 +144,9 @@ pub struct Pipeline {
     host: Shared<Host>,
     agent: Shared<Agent>,
     host_netns: Option<u64>,
-    /// The agent's own sockets (self-check, sinks, metrics) are never reported. /proc
-    /// names the agent `proc_pid`; the kernel names it by its pid in the initial pid
-    /// namespace, `kernel_pid`: the same on a host, different inside a container, where
-    /// it is learned from the self-check's sockets (matched by inode).
-    proc_pid: u32,
-    kernel_pid: Option<u32>,
-    probe_inodes: Vec<u64>,
-    /// Own records seen (kind, socket inode), for the self-check.
-    own_seen: Vec<(Kind, u64)>,
-    open: HashMap<u64, Open>,
-    startup: Startup,
+    /// Open listeners, the merge with /proc, own sockets and loss accounting.
+    core: Core<Held>,
     assessor: Assessor,
-    kernel_seen: KernelStats,
-    lost_total: u64,
-    decode_errors: u64,
-    untracked: u64,
-    /// A loss made the open-listener table doubtful: re-read /proc.
-    resync_wanted: bool,
     health: Health,
     rules_path: Option<PathBuf>,
     metrics: Option<Arc<crate::metrics::Metrics>>,
@@ -224,26 +187,18 @@ impl Pipeline {
                 version: env!("CARGO_PKG_VERSION"),
             }),
             host_netns,
-            proc_pid: std::process::id(),
-            kernel_pid: host::in_initial_pid_ns().then(std::process::id),
-            probe_inodes: Vec::new(),
-            own_seen: Vec::new(),
-            open: HashMap::new(),
-            startup: Startup::default(),
+            core: Core::new(
+                std::process::id(),
+                host::in_initial_pid_ns().then(std::process::id),
+            ),
             assessor,
             folds: crate::kernel::folds::Folds::default(),
             important_ports,
-            kernel_seen: KernelStats::default(),
-            lost_total: 0,
-            decode_errors: 0,
-            untracked: 0,
-            resync_wanted: false,
             health: Health {
                 started: Instant::now(),
                 records: 0,
                 records_at_last: 0,
                 last: None,
-                resyncs: 0,
                 last_trim: None,
             },
             rules_path: policy.rules_path,
@@ -351,8 +306,8 @@ impl Pipeline {
             return;
         }
         let keys: Vec<u64> = self
-            .open
-            .iter()
+            .core
+            .open()
             .filter(|(_, o)| o.netns == Some(u.netns))
             .map(|(k, _)| *k)
             .collect();
@@ -361,27 +316,28 @@ impl Pipeline {
             .clocks
             .wall_from_ktime(crate::time::monotonic_ns());
         for key in keys {
-            let Some(o) = self.open.get(&key) else {
+            let Some(o) = self.core.open_get(key) else {
                 continue;
             };
             let socket = Socket {
                 inode: o.by_inode.then_some(key),
                 netns: o.netns,
                 host_netns: o.netns.zip(self.host_netns).map(|(a, b)| a == b),
-                v6only: o.v6only,
+                v6only: o.held.v6only,
                 ..Socket::default()
             };
+            let h = &o.held;
             let l = Listener {
-                transport: o.transport,
-                udplite: o.udplite,
-                addr: o.addr,
-                port: o.port,
+                transport: h.transport,
+                udplite: h.udplite,
+                addr: h.addr,
+                port: h.port,
                 socket,
-                user: o.user.clone(),
-                group: o.group.clone(),
+                user: h.user.clone(),
+                group: h.group.clone(),
             };
-            let owner = o.owner.clone();
-            let before = o.firewall.clone();
+            let owner = h.owner.clone();
+            let before = h.firewall.clone();
             let mut ev = self.listener_event("exposure-changed", now, l, &owner);
             let state = |f: &Option<Arc<crate::classify::firewall::Firewall>>| {
                 f.as_ref().map(|f| f.verdict)
@@ -400,8 +356,8 @@ impl Pipeline {
             if state(&before) == state(&after) {
                 continue;
             }
-            if let Some(o) = self.open.get_mut(&key) {
-                o.firewall = after.clone();
+            if let Some(o) = self.core.open_get_mut(key) {
+                o.held.firewall = after.clone();
             }
             let name = |f: &Option<Arc<crate::classify::firewall::Firewall>>| {
                 f.as_ref().map_or("not evaluated", |f| f.verdict.as_str())
@@ -444,7 +400,7 @@ impl Pipeline {
     /// again (a cached ruleset nobody follows would go stale).
     fn retain_watched(&mut self) {
         if let Some(w) = &self.fw_watch {
-            let mut keep: HashSet<u64> = self.open.values().filter_map(|o| o.netns).collect();
+            let mut keep: HashSet<u64> = self.core.open().filter_map(|(_, o)| o.netns).collect();
             keep.extend(self.host_netns);
             self.assessor.retain_rulesets(&keep);
             if w.send(crate::classify::firewall::watch::Request::Retain(keep))
@@ -489,9 +445,9 @@ impl Pipeline {
     /// Refresh the metrics' gauges (each tick).
     /// Open listeners exposed beyond loopback whose firewall verdict is `state`.
     fn exposed(&self, state: crate::classify::firewall::State) -> u64 {
-        self.open
-            .values()
-            .filter(|o| o.firewall.as_ref().is_some_and(|f| f.verdict == state))
+        self.core
+            .open()
+            .filter(|(_, o)| o.held.firewall.as_ref().is_some_and(|f| f.verdict == state))
             .count() as u64
     }
 
@@ -502,7 +458,7 @@ impl Pipeline {
         m.set_gauges(crate::metrics::Gauges {
             hooks_attached: hooks as u64,
             hooks_degraded: degraded as u64,
-            open_listeners: self.open.len() as u64,
+            open_listeners: self.core.open_len() as u64,
             exposed_accepted: self.exposed(crate::classify::firewall::State::Accepted),
             exposed_filtered: self.exposed(crate::classify::firewall::State::Filtered),
             exposed_unknown: self.exposed(crate::classify::firewall::State::Unknown),
@@ -547,9 +503,9 @@ impl Pipeline {
             "uptime_s": self.health.started.elapsed().as_secs_f64(),
             "records_received": self.health.records,
             "events_written": out.sinks.iter().map(|s| s.written.load(Ordering::Relaxed)).max(),
-            "lost_total": self.lost_total,
-            "listeners_open": self.open.len(),
-            "resyncs": self.health.resyncs,
+            "lost_total": self.core.lost_total(),
+            "listeners_open": self.core.open_len(),
+            "resyncs": self.core.resyncs(),
         });
         let now = self
             .enricher
@@ -614,34 +570,77 @@ impl Pipeline {
         ev
     }
 
-    fn key(r: &Record) -> u64 {
-        r.inode.unwrap_or(r.sock_key)
-    }
-
     pub fn handle(&mut self, bytes: &[u8]) {
         self.health.records += 1;
         let r = match ring::decode(bytes) {
             Ok(r) => r,
             Err(e) => {
-                self.decode_errors += 1;
+                self.core.decode_failed();
                 log::warn!("dropping undecodable record: {e}");
                 return;
             }
         };
-        let probe = r.inode.is_some_and(|i| self.probe_inodes.contains(&i));
-        if probe {
-            self.kernel_pid = Some(r.pid);
-        }
-        if probe || self.kernel_pid == Some(r.pid) {
-            // The agent's own sockets: noted for the self-check, never reported.
-            if self.own_seen.len() < 64 {
-                self.own_seen.push((r.kind, r.inode.unwrap_or(0)));
-            }
-            return;
-        }
-        let key = Self::key(&r);
+        let step = self.core.record(&r);
+        let (key, ended_ns) = match step {
+            Step::Own | Step::Duplicate | Step::NotListener => return,
+            Step::Start { key, ended_ns } => (key, ended_ns),
+            Step::End {
+                tracked,
+                duration_ns,
+            } => return self.report_end(&r, tracked.map(|t| t.held), duration_ns),
+        };
         let wall = self.enricher.clocks.wall_from_ktime(r.ktime_ns);
-        let socket = Socket {
+        let owner = self.enricher.owner_for_record(&r);
+        let user = Some(self.enricher.user(r.uid));
+        let group = Some(self.enricher.group(r.gid));
+        let action = if r.kind == Kind::ListenStarted {
+            "listen-started"
+        } else {
+            "udp-bound"
+        };
+        let l = Listener {
+            transport: r.transport,
+            udplite: r.udplite,
+            addr: r.addr,
+            port: r.port,
+            socket: self.record_socket(&r),
+            user: user.clone(),
+            group: group.clone(),
+        };
+        let mut ev = self.listener_event(action, wall, l, &owner);
+        ev.portwatch.urgent |= r.urgent;
+        if let Some(end) = ended_ns {
+            // Its end reached the agent first (and was reported): over already.
+            ev.event.duration = Some(end.saturating_sub(r.ktime_ns));
+        }
+        let firewall = self.write_assessed(ev);
+        if ended_ns.is_none() {
+            let held = Held {
+                owner,
+                user,
+                group,
+                transport: r.transport,
+                udplite: r.udplite,
+                addr: r.addr,
+                port: r.port,
+                v6only: r.addr.is_ipv6().then_some(r.v6only),
+                firewall,
+            };
+            self.core.track(
+                key,
+                Tracked {
+                    ktime_ns: Some(r.ktime_ns),
+                    netns: r.netns.map(u64::from),
+                    by_inode: r.inode.is_some(),
+                    held,
+                },
+            );
+        }
+    }
+
+    /// `portwatch.socket` of a live record.
+    fn record_socket(&self, r: &Record) -> Socket {
+        Socket {
             inode: r.inode,
             netns: r.netns.map(u64::from),
             host_netns: r.netns.zip(self.host_netns).map(|(a, b)| u64::from(a) == b),
@@ -650,128 +649,54 @@ impl Pipeline {
             implicit_bind: r.implicit,
             thread_id: Some(r.tid),
             pids: Vec::new(),
-        };
-        match r.kind {
-            Kind::ListenStarted | Kind::UdpBound => {
-                if self.startup.snapshot_running {
-                    self.startup.live_started.insert(key);
-                } else if self.startup.reported.remove(&key) {
-                    return; // the snapshot already reported this socket
-                }
-                if r.implicit && self.open.contains_key(&key) {
-                    // An unconnected send from a socket already known (the snapshot
-                    // found it bound before the agent started).
-                    return;
-                }
-                let owner = self.enricher.owner_for_record(&r);
-                let user = Some(self.enricher.user(r.uid));
-                let group = Some(self.enricher.group(r.gid));
-                let action = if r.kind == Kind::ListenStarted {
-                    "listen-started"
-                } else {
-                    "udp-bound"
-                };
-                let l = Listener {
-                    transport: r.transport,
-                    udplite: r.udplite,
-                    addr: r.addr,
-                    port: r.port,
-                    socket,
-                    user: user.clone(),
-                    group: group.clone(),
-                };
-                let mut ev = self.listener_event(action, wall, l, &owner);
-                ev.portwatch.urgent |= r.urgent;
-                let firewall = self.write_assessed(ev);
-                if self.open.len() < OPEN_MAX {
-                    self.open.insert(
-                        key,
-                        Open {
-                            ktime_ns: Some(r.ktime_ns),
-                            owner,
-                            user,
-                            group,
-                            transport: r.transport,
-                            udplite: r.udplite,
-                            addr: r.addr,
-                            port: r.port,
-                            netns: r.netns.map(u64::from),
-                            by_inode: r.inode.is_some(),
-                            v6only: r.addr.is_ipv6().then_some(r.v6only),
-                            firewall,
-                        },
-                    );
-                } else {
-                    self.untracked += 1;
-                }
-            }
-            Kind::ListenStopped | Kind::UdpReleased => {
-                // A release whose bind the kernel side never saw is reported for the
-                // sockets we know (from the snapshot), and while the startup snapshot
-                // runs (it may be one the snapshot is about to find); the rest are client
-                // sockets bound implicitly by a send.
-                let scanning_at_start = self.startup.snapshot_running && !self.startup.resync;
-                if r.untracked && !scanning_at_start && !self.open.contains_key(&key) {
-                    return;
-                }
-                if self.startup.snapshot_running {
-                    self.startup.live_stopped.insert(key);
-                }
-                self.startup.reported.remove(&key);
-                let (owner, user, group, duration) = match self.open.remove(&key) {
-                    Some(o) => {
-                        let d = o.ktime_ns.map(|t| r.ktime_ns.saturating_sub(t));
-                        (o.owner, o.user, o.group, d)
-                    }
-                    // Started before the agent: the closing task is the best owner we have.
-                    None => {
-                        let owner = self.enricher.owner_for_record(&r);
-                        let user = Some(self.enricher.user(r.uid));
-                        let group = Some(self.enricher.group(r.gid));
-                        (owner, user, group, None)
-                    }
-                };
-                let action = if r.kind == Kind::ListenStopped {
-                    "listen-stopped"
-                } else {
-                    "udp-released"
-                };
-                let l = Listener {
-                    transport: r.transport,
-                    udplite: r.udplite,
-                    addr: r.addr,
-                    port: r.port,
-                    socket,
-                    user,
-                    group,
-                };
-                let mut ev = self.listener_event(action, wall, l, &owner);
-                ev.portwatch.urgent |= r.urgent;
-                ev.event.duration = duration;
-                self.write(ev);
-            }
         }
+    }
+
+    /// The end of a listener: attributed as its start was, or, when it started before the
+    /// agent, to the closing task (the best owner there is).
+    fn report_end(&mut self, r: &Record, held: Option<Held>, duration_ns: Option<u64>) {
+        let wall = self.enricher.clocks.wall_from_ktime(r.ktime_ns);
+        let (owner, user, group) = match held {
+            Some(h) => (h.owner, h.user, h.group),
+            None => (
+                self.enricher.owner_for_record(r),
+                Some(self.enricher.user(r.uid)),
+                Some(self.enricher.group(r.gid)),
+            ),
+        };
+        let action = if r.kind == Kind::ListenStopped {
+            "listen-stopped"
+        } else {
+            "udp-released"
+        };
+        let l = Listener {
+            transport: r.transport,
+            udplite: r.udplite,
+            addr: r.addr,
+            port: r.port,
+            socket: self.record_socket(r),
+            user,
+            group,
+        };
+        let mut ev = self.listener_event(action, wall, l, &owner);
+        ev.portwatch.urgent |= r.urgent;
+        ev.event.duration = duration_ns;
+        self.write(ev);
     }
 
     /// The self-check's sockets, by inode: their records name the agent's kernel pid.
     fn expect_own(&mut self, inodes: &[u64]) {
-        self.probe_inodes = inodes.to_vec();
+        self.core.expect_own(inodes);
     }
 
     /// Whether the start of the agent's own listener (inode `tcp`) and bind (`udp`) came.
     fn own_seen(&self, tcp: u64, udp: u64) -> (bool, bool) {
-        let seen = |k: Kind, inode: u64| {
-            self.own_seen
-                .iter()
-                .any(|&(kind, i)| kind == k && i == inode)
-        };
-        (seen(Kind::ListenStarted, tcp), seen(Kind::UdpBound, udp))
+        self.core.own_seen(tcp, udp)
     }
 
     /// A /proc scan starts: at start-up, or (`resync`) after a loss.
     pub fn snapshot_started(&mut self, resync: bool) {
-        self.startup.snapshot_running = true;
-        self.startup.resync = resync;
+        self.core.scan_started(resync);
     }
 
     /// Merge the /proc snapshot: report each listener the live stream has not already
@@ -785,111 +710,72 @@ impl Pipeline {
             .enricher
             .clocks
             .wall_from_ktime(crate::time::monotonic_ns());
-        let mut reported = 0u64;
-        let mut skipped = 0u64;
+        let merge = self.core.merge(&found, resync, Instant::now());
         let mut owners = HashMap::new();
-        let mut seen = HashSet::new();
-        let mut scanned_netns = HashSet::new();
-        for f in found {
-            let key = f.socket.inode;
-            scanned_netns.insert(f.netns_ino);
-            seen.insert(key);
-            if f.owners.contains(&self.proc_pid)
-                || (key != 0
-                    && (self.startup.live_started.contains(&key)
-                        || self.startup.live_stopped.contains(&key)
-                        || (resync && self.open.contains_key(&key))))
-            {
-                skipped += 1;
-                continue;
-            }
-            let (mut ev, owner, user) = self.present(&f, now, &mut owners);
+        for &i in &merge.report {
+            let f = &found[i];
+            let (mut ev, owner, user) = self.present(f, now, &mut owners);
             ev.portwatch.resync = resync;
-            let transport = transport_of(f.socket.transport);
-            let (addr, port) = (f.socket.addr, f.socket.port);
             let firewall = self.write_assessed(ev);
-            reported += 1;
+            let key = f.socket.inode;
             if key != 0 {
-                self.startup.reported.insert(key);
-                if self.open.len() < OPEN_MAX {
-                    let open = Open {
-                        ktime_ns: None,
-                        owner,
-                        user,
-                        group: None,
-                        transport,
-                        udplite: f.socket.transport == scan::Transport::UdpLite,
-                        addr,
-                        port,
-                        netns: Some(f.netns_ino),
-                        by_inode: true,
-                        v6only: f.v6only,
-                        firewall,
-                    };
-                    self.open.insert(key, open);
-                }
+                let held = Held {
+                    owner,
+                    user,
+                    group: None,
+                    transport: transport_of(f.socket.transport),
+                    udplite: f.socket.transport == scan::Transport::UdpLite,
+                    addr: f.socket.addr,
+                    port: f.socket.port,
+                    v6only: f.v6only,
+                    firewall,
+                };
+                let tracked = Tracked {
+                    ktime_ns: None,
+                    netns: Some(f.netns_ino),
+                    by_inode: true,
+                    held,
+                };
+                self.core.track(key, tracked);
             }
         }
-        let mut ended = 0u64;
-        if resync {
-            // Open in the table, in a namespace the scan read, started before the scan
-            // and not found by it: its end was among the events lost.
-            let gone: Vec<u64> = self
-                .open
-                .iter()
-                .filter(|(key, o)| {
-                    o.by_inode
-                        && o.netns.is_some_and(|n| scanned_netns.contains(&n))
-                        && !seen.contains(key)
-                        && !self.startup.live_started.contains(key)
-                })
-                .map(|(key, _)| *key)
-                .collect();
-            for key in gone {
-                let Some(o) = self.open.remove(&key) else {
-                    continue;
-                };
-                let socket = Socket {
-                    inode: Some(key),
-                    netns: o.netns,
-                    host_netns: o.netns.zip(self.host_netns).map(|(a, b)| a == b),
-                    ..Socket::default()
-                };
-                let action = match o.transport {
-                    Transport::Tcp => "listen-stopped",
-                    Transport::Udp => "udp-released",
-                };
-                let l = Listener {
-                    transport: o.transport,
-                    udplite: o.udplite,
-                    addr: o.addr,
-                    port: o.port,
-                    socket,
-                    user: o.user,
-                    group: o.group,
-                };
-                let mut ev = self.listener_event(action, now, l, &o.owner);
-                ev.portwatch.resync = true;
-                ev.message = Some(
-                    "closed at an unknown time while events were being lost (found by resync)"
-                        .into(),
-                );
-                self.write(ev);
-                ended += 1;
-            }
-            self.health.resyncs += 1;
+        let ended = merge.gone.len();
+        for (key, o) in merge.gone {
+            let socket = Socket {
+                inode: Some(key),
+                netns: o.netns,
+                host_netns: o.netns.zip(self.host_netns).map(|(a, b)| a == b),
+                ..Socket::default()
+            };
+            let h = o.held;
+            let action = match h.transport {
+                Transport::Tcp => "listen-stopped",
+                Transport::Udp => "udp-released",
+            };
+            let l = Listener {
+                transport: h.transport,
+                udplite: h.udplite,
+                addr: h.addr,
+                port: h.port,
+                socket,
+                user: h.user,
+                group: h.group,
+            };
+            let mut ev = self.listener_event(action, now, l, &h.owner);
+            ev.portwatch.resync = true;
+            ev.message = Some(
+                "closed at an unknown time while events were being lost (found by resync)".into(),
+            );
+            self.write(ev);
         }
-        self.startup.snapshot_running = false;
-        self.startup.live_started.clear();
-        self.startup.live_stopped.clear();
-        self.startup.grace_until = Some(Instant::now() + SNAPSHOT_GRACE);
+        let reported = merge.report.len();
         if resync {
             self.state(
                 "resync-complete",
                 serde_json::json!({
                     "listeners_found": reported,
                     "listeners_ended": ended,
-                    "already_known": skipped,
+                    "already_known": merge.skipped,
                     "duration_ms": took.as_secs_f64() * 1e3,
                 }),
             );
@@ -898,7 +784,7 @@ impl Pipeline {
                 "snapshot-complete",
                 serde_json::json!({
                     "listeners": reported,
-                    "already_reported_live": skipped,
+                    "already_reported_live": merge.skipped,
                     "duration_ms": took.as_secs_f64() * 1e3,
                 }),
             );
@@ -989,14 +875,7 @@ impl Pipeline {
             // SAFETY: malloc_trim only releases free heap memory (~1 ms here).
             unsafe { libc::malloc_trim(0) };
         }
-        if self
-            .startup
-            .grace_until
-            .is_some_and(|t| Instant::now() >= t)
-        {
-            self.startup.reported.clear();
-            self.startup.grace_until = None;
-        }
+        self.core.tick(Instant::now());
         // Loss reports wait until every destination's queue has room for them: a report
         // dropped by a full queue would take its count with it. Until then the counts
         // keep adding up (the kernel's in `stats`, ours in the fields and atomics).
@@ -1045,38 +924,8 @@ impl Pipeline {
     /// `events-lost` for everything lost since the last report, by reason (and, for
     /// output losses, by destination).
     fn report_losses(&mut self, stats: Option<KernelStats>) {
-        if let Some(s) = stats {
-            let ring = s.ring_full - self.kernel_seen.ring_full;
-            if ring > 0 {
-                self.lost_lane(ring, "ring-buffer-full", None, "bulk");
-            }
-            let urgent = s.urgent_full - self.kernel_seen.urgent_full;
-            if urgent > 0 {
-                self.lost_lane(urgent, "ring-buffer-full", None, "urgent");
-            }
-            let untracked = (s.pending_full - self.kernel_seen.pending_full)
-                + (s.bound_full - self.kernel_seen.bound_full)
-                + (s.calls_full - self.kernel_seen.calls_full);
-            if untracked > 0 {
-                self.lost(untracked, "kernel-map-full");
-            }
-            // Ends of folded listeners counted after their fold was reported and deleted
-            // (the grace of two reports should leave none): not in any report.
-            let orphan = s.fold_end_orphan - self.kernel_seen.fold_end_orphan;
-            if orphan > 0 {
-                self.lost(orphan, "folded-end-unreported");
-            }
-            // Starts or ends went missing: the open-listener table may be wrong.
-            self.resync_wanted |= ring > 0 || urgent > 0 || untracked > 0;
-            self.kernel_seen = s;
-        }
-        if self.decode_errors > 0 {
-            let n = std::mem::take(&mut self.decode_errors);
-            self.lost(n, "decode-error");
-        }
-        if self.untracked > 0 {
-            let n = std::mem::take(&mut self.untracked);
-            self.lost(n, "untracked");
+        for loss in self.core.losses(stats) {
+            self.lost_event(loss.count, loss.reason, None, loss.lane);
         }
         // Output-side losses (reported only when every queue has room: see tick).
         let out = self.output.shared().clone();
@@ -1316,7 +1165,7 @@ impl Pipeline {
 
     /// Whether a resync is due (a loss since the last one); clears the request.
     pub fn take_resync(&mut self) -> bool {
-        std::mem::take(&mut self.resync_wanted)
+        self.core.take_resync()
     }
 
     /// `sensor-health`: what a monitoring system needs to trust the stream.
@@ -1336,7 +1185,7 @@ impl Pipeline {
             "records_received": self.health.records,
             "records_per_sec": (rate * 10.0).round() / 10.0,
             "events_written": out.sinks.iter().map(|s| s.written.load(Ordering::Relaxed)).max(),
-            "lost_total": self.lost_total,
+            "lost_total": self.core.lost_total(),
             "queue_depth": out.sinks.iter().map(|s| s.depth.load(Ordering::Relaxed)).max(),
             "output_write_errors": out.sinks.iter().map(|s| s.write_errors.load(Ordering::Relaxed)).sum::<u64>(),
             "sinks": out.sinks.iter().map(|s| serde_json::json!({
@@ -1347,8 +1196,8 @@ impl Pipeline {
                 "spooled": s.spooled.load(Ordering::Relaxed),
                 "write_errors": s.write_errors.load(Ordering::Relaxed),
             })).collect::<Vec<_>>(),
-            "listeners_open": self.open.len(),
-            "resyncs": self.health.resyncs,
+            "listeners_open": self.core.open_len(),
+            "resyncs": self.core.resyncs(),
             "cpu_seconds": cpu,
             "rss_bytes": rss,
         });
@@ -1394,10 +1243,6 @@ impl Pipeline {
         }
     }
 
-    fn lost(&mut self, count: u64, reason: &'static str) {
-        self.lost_in(count, reason, None);
-    }
-
     /// An `events-lost` event; `sink` names the output that lost them, for output losses
     /// (the other sinks may have written those events).
     fn lost_in(&mut self, count: u64, reason: &'static str, sink: Option<&str>) {
@@ -1421,7 +1266,7 @@ impl Pipeline {
         sink: Option<&str>,
         lane: Option<&'static str>,
     ) {
-        self.lost_total += count;
+        let total = self.core.count_lost(count);
         if let Some(m) = &self.metrics {
             m.lost(reason, count);
         }
@@ -1434,12 +1279,11 @@ impl Pipeline {
         let at = sink.map(|s| format!(" at {s}")).unwrap_or_default();
         let lane_text = lane.map(|l| format!(", {l} lane")).unwrap_or_default();
         ev.message = Some(format!(
-            "{count} events lost{at} ({reason}{lane_text}); {} since start",
-            self.lost_total
+            "{count} events lost{at} ({reason}{lane_text}); {total} since start"
         ));
         ev.portwatch.lost = Some(Lost {
             count,
-            total: self.lost_total,
+            total,
             reason,
             sink: sink.map(str::to_owned),
             lane,

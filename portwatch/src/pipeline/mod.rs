@@ -4,4 +4,5 @@
 
 pub mod agent;
 pub mod assess;
+pub mod core;
 pub mod notify;
