@@ -13,8 +13,8 @@ use crate::{
     attribution::procfs,
     attribution::scan,
     output::event::Event,
-    output::sinks::{Format, Output, QUEUE_EVENTS, SinkSpec, sanitize},
-    pipeline::agent::{Pipeline, PolicyOptions},
+    output::sinks::sanitize,
+    pipeline::{agent::PolicyOptions, assess::Assessor, core::Core, events::Events},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -36,18 +36,7 @@ pub fn snapshot_command(format: SnapshotFormat, policy: PolicyOptions) -> anyhow
         .flatten()
         .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup"));
     let found = scan::scan().context("reading listeners from /proc")?;
-    // Blocking output: nothing is live here, so nothing may be dropped.
-    let mut output = Output::new(
-        Format::Json,
-        &[SinkSpec::Stdout],
-        QUEUE_EVENTS,
-        true,
-        &crate::output::sinks::Delivery::default(),
-    )?;
-    output.start()?;
-    let mut pipeline = Pipeline::new(output, cgroup_root, policy);
-    pipeline.enable_firewall(None);
-    let mut events = pipeline.present_events(&found);
+    let mut events = present_events(&found, cgroup_root, policy);
     events.sort_by(|a, b| sort_key(a).cmp(&sort_key(b)));
     let mut seq = 0;
     for (ev, alert) in events.iter_mut() {
@@ -59,15 +48,18 @@ pub fn snapshot_command(format: SnapshotFormat, policy: PolicyOptions) -> anyhow
     let alerts = events.iter().filter(|(_, a)| a.is_some()).count();
     match format {
         SnapshotFormat::Json => {
-            for (ev, alert) in events {
-                pipeline.write_now(ev);
-                if let Some(a) = alert {
-                    pipeline.write_now(a);
-                }
+            let mut buf = Vec::new();
+            for ev in events
+                .iter()
+                .flat_map(|(ev, alert)| std::iter::once(ev).chain(alert))
+            {
+                crate::output::json::write_event(&mut buf, ev).context("rendering an event")?;
+                buf.push(b'\n');
             }
-            match pipeline.finish_output() {
-                Err(e) if e.is::<crate::output::sinks::Closed>() => {}
-                other => other?,
+            let mut out = io::stdout().lock();
+            match out.write_all(&buf).and_then(|()| out.flush()) {
+                Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {}
+                other => other.context("writing the events")?,
             }
         }
         SnapshotFormat::Table => {
@@ -80,6 +72,34 @@ pub fn snapshot_command(format: SnapshotFormat, policy: PolicyOptions) -> anyhow
         }
     }
     Ok(alerts)
+}
+
+/// Each listener found, as the `listener-present` event `watch` writes at start, classified
+/// (firewall verdict included), with the alert it raises. The agent's own sockets are left
+/// out by the same merge `watch` uses.
+fn present_events(
+    found: &[scan::Found],
+    cgroup_root: PathBuf,
+    policy: PolicyOptions,
+) -> Vec<(Event, Option<Event>)> {
+    let mut events = Events::new(cgroup_root, Vec::new());
+    let mut assessor = Assessor::new(policy.rules, policy.lang, events.host_netns);
+    events.important_ports = assessor.important_ports();
+    assessor.enable_firewall(None);
+    let mut core: Core<()> = Core::new(std::process::id(), None);
+    core.scan_started(false);
+    let merge = core.merge(found, false, std::time::Instant::now());
+    let now = events.now();
+    let mut owners = std::collections::HashMap::new();
+    merge
+        .report
+        .into_iter()
+        .map(|i| {
+            let mut ev = events.present(&found[i], now, &mut owners).0;
+            let alert = assessor.assess(&mut ev);
+            (ev, alert)
+        })
+        .collect()
 }
 
 /// Worst first: alert severity, then risky-but-quiet, then by transport and port.

@@ -17,20 +17,17 @@ use tokio::{
 };
 
 use crate::{
-    attribution::enrich::{Enricher, Owner},
-    attribution::procfs,
+    attribution::enrich::Owner,
     attribution::scan,
     classify::{Lang, Policy},
     kernel::host,
     kernel::probes::{self, KernelStats},
     kernel::ring::{self, Record, Transport},
-    output::event::{
-        Agent, Boot, ECS_VERSION, Ecs, Event, EventMeta, Host, Lost, Named, Network, Portwatch,
-        Rule, Server, Shared, Socket, shared,
-    },
+    output::event::{Event, Lost, Named, Network, Rule, Server, Shared, Socket},
     output::sinks::{Closed, Format, Output},
     pipeline::assess::Assessor,
     pipeline::core::{Core, Step, Tracked},
+    pipeline::events::{Events, Listener, transport_of},
 };
 
 /// Default budget: starts per second one process may report one by one before the
@@ -91,18 +88,6 @@ pub struct WatchOptions {
     pub fold_user_above: u32,
 }
 
-/// The socket half of a listener event.
-struct Listener {
-    transport: Transport,
-    /// UDP-Lite (handled as UDP, reported as `udplite`).
-    udplite: bool,
-    addr: std::net::IpAddr,
-    port: u16,
-    socket: Socket,
-    user: Option<Shared<Named>>,
-    group: Option<Shared<Named>>,
-}
-
 /// What the driver keeps about an open listener (the core keeps its key, start time and
 /// namespace): its attribution for the end event, and what the end event needs when it
 /// has to be made up by a resync (the end itself was lost).
@@ -139,11 +124,9 @@ const TRIM_EVERY: Duration = Duration::from_secs(30);
 const LOSS_REPORTS_MAX: usize = 32;
 
 pub struct Pipeline {
-    enricher: Enricher,
+    /// Attribution and the fields every event carries.
+    ev: Events,
     output: Output,
-    host: Shared<Host>,
-    agent: Shared<Agent>,
-    host_netns: Option<u64>,
     /// Open listeners, the merge with /proc, own sockets and loss accounting.
     core: Core<Held>,
     assessor: Assessor,
@@ -154,46 +137,24 @@ pub struct Pipeline {
     pub hooks: Option<probes::Hooks>,
     /// What was reported of the kernel's folds.
     folds: crate::kernel::folds::Folds,
-    /// Ports the kernel treats as important (one bit each), as loaded into RISKY_PORTS.
-    important_ports: Vec<u64>,
     /// Requests to the firewall watcher thread, when the firewall is followed.
     fw_watch: Option<std::sync::mpsc::Sender<crate::classify::firewall::watch::Request>>,
 }
 
-fn host_info(boot_id: &str, machine_id: Option<String>) -> Shared<Host> {
-    shared(Host {
-        name: procfs::hostname(),
-        id: machine_id,
-        boot: (!boot_id.is_empty()).then(|| Boot {
-            id: boot_id.to_owned(),
-        }),
-    })
-}
-
 impl Pipeline {
     pub fn new(output: Output, cgroup_root: PathBuf, policy: PolicyOptions) -> Pipeline {
-        let boot_id = procfs::boot_id().unwrap_or_default();
-        let machine_id = procfs::machine_id().ok();
-        let host_netns = scan::own_netns().ok();
-        let assessor = Assessor::new(policy.rules, policy.lang, host_netns);
-        let important_ports = assessor.important_ports();
+        let mut ev = Events::new(cgroup_root, Vec::new());
+        let assessor = Assessor::new(policy.rules, policy.lang, ev.host_netns);
+        ev.important_ports = assessor.important_ports();
         Pipeline {
-            enricher: Enricher::new(cgroup_root, machine_id.as_deref().unwrap_or(""), &boot_id),
+            ev,
             output,
-            host: host_info(&boot_id, machine_id),
-            agent: shared(Agent {
-                type_: "portwatch",
-                name: "portwatch",
-                version: env!("CARGO_PKG_VERSION"),
-            }),
-            host_netns,
             core: Core::new(
                 std::process::id(),
                 host::in_initial_pid_ns().then(std::process::id),
             ),
             assessor,
             folds: crate::kernel::folds::Folds::default(),
-            important_ports,
             health: Health {
                 started: Instant::now(),
                 records: 0,
@@ -205,51 +166,6 @@ impl Pipeline {
             metrics: None,
             hooks: None,
             fw_watch: None,
-        }
-    }
-
-    /// An event with the common fields; `event.sequence` is set when it is written.
-    fn base(&mut self, wall_ns: i128, kind: &'static str, action: &'static str) -> Event {
-        let (category, type_): (&'static [&'static str], &'static [&'static str]) = match action {
-            "listen-started" | "udp-bound" => (&["network"], &["start"]),
-            "listen-stopped" | "udp-released" => (&["network"], &["end"]),
-            "listener-present" => (&["network"], &["info"]),
-            "exposure-changed" => (&["network"], &["change"]),
-            _ => (&["host"], &["info"]),
-        };
-        let now = self
-            .enricher
-            .clocks
-            .wall_from_ktime(crate::time::monotonic_ns());
-        Event {
-            timestamp: crate::time::rfc3339(wall_ns),
-            message: None,
-            event: EventMeta {
-                kind,
-                category,
-                type_,
-                action,
-                dataset: "portwatch.listener",
-                module: "portwatch",
-                sequence: 0,
-                duration: None,
-                severity: None,
-                created: crate::time::rfc3339(now),
-            },
-            log: None,
-            network: None,
-            server: None,
-            process: None,
-            user: None,
-            group: None,
-            container: None,
-            rule: None,
-            host: self.host.clone(),
-            agent: self.agent.clone(),
-            ecs: Ecs {
-                version: ECS_VERSION,
-            },
-            portwatch: Portwatch::default(),
         }
     }
 
@@ -311,10 +227,7 @@ impl Pipeline {
             .filter(|(_, o)| o.netns == Some(u.netns))
             .map(|(k, _)| *k)
             .collect();
-        let now = self
-            .enricher
-            .clocks
-            .wall_from_ktime(crate::time::monotonic_ns());
+        let now = self.ev.now();
         for key in keys {
             let Some(o) = self.core.open_get(key) else {
                 continue;
@@ -322,7 +235,7 @@ impl Pipeline {
             let socket = Socket {
                 inode: o.by_inode.then_some(key),
                 netns: o.netns,
-                host_netns: o.netns.zip(self.host_netns).map(|(a, b)| a == b),
+                host_netns: o.netns.zip(self.ev.host_netns).map(|(a, b)| a == b),
                 v6only: o.held.v6only,
                 ..Socket::default()
             };
@@ -338,7 +251,7 @@ impl Pipeline {
             };
             let owner = h.owner.clone();
             let before = h.firewall.clone();
-            let mut ev = self.listener_event("exposure-changed", now, l, &owner);
+            let mut ev = self.ev.listener_event("exposure-changed", now, l, &owner);
             let state = |f: &Option<Arc<crate::classify::firewall::Firewall>>| {
                 f.as_ref().map(|f| f.verdict)
             };
@@ -401,7 +314,7 @@ impl Pipeline {
     fn retain_watched(&mut self) {
         if let Some(w) = &self.fw_watch {
             let mut keep: HashSet<u64> = self.core.open().filter_map(|(_, o)| o.netns).collect();
-            keep.extend(self.host_netns);
+            keep.extend(self.ev.host_netns);
             self.assessor.retain_rulesets(&keep);
             if w.send(crate::classify::firewall::watch::Request::Retain(keep))
                 .is_err()
@@ -415,26 +328,9 @@ impl Pipeline {
         }
     }
 
-    /// The kernel's rule for the urgent lane (portwatch-ebpf/src/deliver.rs), for events
-    /// made here (the snapshot): a port the catalogue or the rules call risky, or an
-    /// address that is not loopback.
-    fn important(&self, addr: std::net::IpAddr, port: u16) -> bool {
-        let loopback = match addr {
-            std::net::IpAddr::V4(a) => a.is_loopback(),
-            std::net::IpAddr::V6(a) => {
-                a.is_loopback() || a.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
-            }
-        };
-        !loopback
-            || self
-                .important_ports
-                .get(usize::from(port) / 64)
-                .is_some_and(|w| w & (1 << (port % 64)) != 0)
-    }
-
     /// The important-port bitmap for the kernel (RISKY_PORTS), from the rules in force.
     pub fn important_ports(&self) -> &[u64] {
-        &self.important_ports
+        &self.ev.important_ports
     }
 
     /// Count into `metrics` from now on.
@@ -454,7 +350,7 @@ impl Pipeline {
     fn update_gauges(&self, hooks: usize, degraded: usize) {
         let Some(m) = &self.metrics else { return };
         m.beat();
-        let (process_cache, cgroup_cache) = self.enricher.cache_sizes();
+        let (process_cache, cgroup_cache) = self.ev.enricher.cache_sizes();
         m.set_gauges(crate::metrics::Gauges {
             hooks_attached: hooks as u64,
             hooks_degraded: degraded as u64,
@@ -484,11 +380,8 @@ impl Pipeline {
 
     /// `sensor-started`: the hook set in use (and why) in `portwatch.hooks`.
     pub fn sensor_started(&mut self, stats: serde_json::Value) {
-        let now = self
-            .enricher
-            .clocks
-            .wall_from_ktime(crate::time::monotonic_ns());
-        let mut ev = self.base(now, "state", "sensor-started");
+        let now = self.ev.now();
+        let mut ev = self.ev.base(now, "state", "sensor-started");
         ev.portwatch.stats = Some(stats);
         ev.portwatch.hooks = self.hooks.clone();
         self.write(ev);
@@ -507,11 +400,8 @@ impl Pipeline {
             "listeners_open": self.core.open_len(),
             "resyncs": self.core.resyncs(),
         });
-        let now = self
-            .enricher
-            .clocks
-            .wall_from_ktime(crate::time::monotonic_ns());
-        let mut ev = self.base(now, "state", "sensor-stopped");
+        let now = self.ev.now();
+        let mut ev = self.ev.base(now, "state", "sensor-stopped");
         ev.message = Some(format!("portwatch stopped ({why})"));
         ev.portwatch.stats = Some(stats);
         self.output.set_blocking();
@@ -521,53 +411,10 @@ impl Pipeline {
 
     /// A state event about the agent itself (`sensor-started`, `snapshot-complete`, ...).
     pub fn state(&mut self, action: &'static str, stats: serde_json::Value) {
-        let now = self
-            .enricher
-            .clocks
-            .wall_from_ktime(crate::time::monotonic_ns());
-        let mut ev = self.base(now, "state", action);
+        let now = self.ev.now();
+        let mut ev = self.ev.base(now, "state", action);
         ev.portwatch.stats = Some(stats);
         self.write(ev);
-    }
-
-    fn listener_event(
-        &mut self,
-        action: &'static str,
-        wall_ns: i128,
-        l: Listener,
-        owner: &Owner,
-    ) -> Event {
-        let Listener {
-            transport,
-            udplite,
-            addr,
-            port,
-            socket,
-            user,
-            group,
-        } = l;
-        let mut ev = self.base(wall_ns, "event", action);
-        ev.network = Some(Network {
-            transport: if udplite {
-                "udplite"
-            } else {
-                transport.as_str()
-            },
-            type_: if addr.is_ipv4() { "ipv4" } else { "ipv6" },
-        });
-        ev.server = Some(Server { ip: addr, port });
-        ev.process = owner.process.clone();
-        ev.user = user;
-        ev.group = group;
-        ev.container = owner.container.clone();
-        ev.portwatch.systemd = owner.systemd.clone();
-        ev.portwatch.cgroup = owner.cgroup.clone();
-        ev.portwatch.process = owner.argv_cut.clone();
-        ev.portwatch.attribution = Some(owner.attribution);
-        ev.portwatch.attribution_changed = owner.changed.clone();
-        ev.portwatch.socket = Some(socket);
-        ev.portwatch.urgent = self.important(addr, port);
-        ev
     }
 
     pub fn handle(&mut self, bytes: &[u8]) {
@@ -589,10 +436,10 @@ impl Pipeline {
                 duration_ns,
             } => return self.report_end(&r, tracked.map(|t| t.held), duration_ns),
         };
-        let wall = self.enricher.clocks.wall_from_ktime(r.ktime_ns);
-        let owner = self.enricher.owner_for_record(&r);
-        let user = Some(self.enricher.user(r.uid));
-        let group = Some(self.enricher.group(r.gid));
+        let wall = self.ev.enricher.clocks.wall_from_ktime(r.ktime_ns);
+        let owner = self.ev.enricher.owner_for_record(&r);
+        let user = Some(self.ev.enricher.user(r.uid));
+        let group = Some(self.ev.enricher.group(r.gid));
         let action = if r.kind == Kind::ListenStarted {
             "listen-started"
         } else {
@@ -607,7 +454,7 @@ impl Pipeline {
             user: user.clone(),
             group: group.clone(),
         };
-        let mut ev = self.listener_event(action, wall, l, &owner);
+        let mut ev = self.ev.listener_event(action, wall, l, &owner);
         ev.portwatch.urgent |= r.urgent;
         if let Some(end) = ended_ns {
             // Its end reached the agent first (and was reported): over already.
@@ -643,7 +490,10 @@ impl Pipeline {
         Socket {
             inode: r.inode,
             netns: r.netns.map(u64::from),
-            host_netns: r.netns.zip(self.host_netns).map(|(a, b)| u64::from(a) == b),
+            host_netns: r
+                .netns
+                .zip(self.ev.host_netns)
+                .map(|(a, b)| u64::from(a) == b),
             v6only: (r.addr.is_ipv6()).then_some(r.v6only),
             kernel: r.kthread,
             implicit_bind: r.implicit,
@@ -655,13 +505,13 @@ impl Pipeline {
     /// The end of a listener: attributed as its start was, or, when it started before the
     /// agent, to the closing task (the best owner there is).
     fn report_end(&mut self, r: &Record, held: Option<Held>, duration_ns: Option<u64>) {
-        let wall = self.enricher.clocks.wall_from_ktime(r.ktime_ns);
+        let wall = self.ev.enricher.clocks.wall_from_ktime(r.ktime_ns);
         let (owner, user, group) = match held {
             Some(h) => (h.owner, h.user, h.group),
             None => (
-                self.enricher.owner_for_record(r),
-                Some(self.enricher.user(r.uid)),
-                Some(self.enricher.group(r.gid)),
+                self.ev.enricher.owner_for_record(r),
+                Some(self.ev.enricher.user(r.uid)),
+                Some(self.ev.enricher.group(r.gid)),
             ),
         };
         let action = if r.kind == Kind::ListenStopped {
@@ -678,7 +528,7 @@ impl Pipeline {
             user,
             group,
         };
-        let mut ev = self.listener_event(action, wall, l, &owner);
+        let mut ev = self.ev.listener_event(action, wall, l, &owner);
         ev.portwatch.urgent |= r.urgent;
         ev.event.duration = duration_ns;
         self.write(ev);
@@ -706,15 +556,12 @@ impl Pipeline {
     /// listeners it finds that the table lacks are reported (`portwatch.resync`), and
     /// listeners the table holds that the scan no longer finds get their end event.
     pub fn merge_snapshot(&mut self, found: Vec<scan::Found>, took: Duration, resync: bool) {
-        let now = self
-            .enricher
-            .clocks
-            .wall_from_ktime(crate::time::monotonic_ns());
+        let now = self.ev.now();
         let merge = self.core.merge(&found, resync, Instant::now());
         let mut owners = HashMap::new();
         for &i in &merge.report {
             let f = &found[i];
-            let (mut ev, owner, user) = self.present(f, now, &mut owners);
+            let (mut ev, owner, user) = self.ev.present(f, now, &mut owners);
             ev.portwatch.resync = resync;
             let firewall = self.write_assessed(ev);
             let key = f.socket.inode;
@@ -744,7 +591,7 @@ impl Pipeline {
             let socket = Socket {
                 inode: Some(key),
                 netns: o.netns,
-                host_netns: o.netns.zip(self.host_netns).map(|(a, b)| a == b),
+                host_netns: o.netns.zip(self.ev.host_netns).map(|(a, b)| a == b),
                 ..Socket::default()
             };
             let h = o.held;
@@ -761,7 +608,7 @@ impl Pipeline {
                 user: h.user,
                 group: h.group,
             };
-            let mut ev = self.listener_event(action, now, l, &h.owner);
+            let mut ev = self.ev.listener_event(action, now, l, &h.owner);
             ev.portwatch.resync = true;
             ev.message = Some(
                 "closed at an unknown time while events were being lost (found by resync)".into(),
@@ -791,80 +638,9 @@ impl Pipeline {
         }
     }
 
-    /// The `listener-present` event for one socket found in /proc. `owners` caches
-    /// attribution per owning pid set (a forked server shares one socket among many).
-    fn present(
-        &mut self,
-        f: &scan::Found,
-        wall_ns: i128,
-        owners: &mut HashMap<Vec<u32>, Owner>,
-    ) -> (Event, Owner, Option<Shared<Named>>) {
-        let owner = match owners.get(&f.owners) {
-            Some(o) => o.clone(),
-            None => {
-                let o = if f.owner_hidden {
-                    Owner {
-                        attribution: "unknown",
-                        ..Owner::default()
-                    }
-                } else {
-                    self.enricher.owner_for_pids(&f.owners)
-                };
-                owners.insert(f.owners.clone(), o.clone());
-                o
-            }
-        };
-        let transport = transport_of(f.socket.transport);
-        let user = Some(self.enricher.user(f.socket.uid));
-        let inode = f.socket.inode;
-        let socket = Socket {
-            inode: (inode != 0).then_some(inode),
-            netns: Some(f.netns_ino),
-            host_netns: self.host_netns.map(|h| h == f.netns_ino),
-            v6only: f.v6only,
-            kernel: owner.kernel,
-            implicit_bind: false,
-            thread_id: None,
-            pids: f.owners.clone(),
-        };
-        let l = Listener {
-            transport,
-            udplite: f.socket.transport == scan::Transport::UdpLite,
-            addr: f.socket.addr,
-            port: f.socket.port,
-            socket,
-            user: user.clone(),
-            group: None,
-        };
-        let ev = self.listener_event("listener-present", wall_ns, l, &owner);
-        (ev, owner, user)
-    }
-
-    /// Events for everything listening now (the one-shot `portwatch snapshot`), each
-    /// classified, with the alert it raises.
-    pub fn present_events(&mut self, found: &[scan::Found]) -> Vec<(Event, Option<Event>)> {
-        let now = self
-            .enricher
-            .clocks
-            .wall_from_ktime(crate::time::monotonic_ns());
-        let mut owners = HashMap::new();
-        let mut out = Vec::with_capacity(found.len());
-        for f in found {
-            let mut ev = self.present(f, now, &mut owners).0;
-            let alert = self.assessor.assess(&mut ev);
-            out.push((ev, alert));
-        }
-        out
-    }
-
-    /// Write one event (one-shot commands).
-    pub fn write_now(&mut self, ev: Event) {
-        self.write(ev);
-    }
-
     /// Periodic work: follow the wall clock, report losses, end the startup grace.
     pub fn tick(&mut self, stats: Option<KernelStats>, last: bool) {
-        self.enricher.clocks = crate::time::Clocks::now();
+        self.ev.enricher.clocks = crate::time::Clocks::now();
         self.output.check_files();
         if self
             .health
@@ -884,11 +660,8 @@ impl Pipeline {
             self.report_losses(stats);
         }
         for (key, n) in self.assessor.quiet_folds(last) {
-            let now = self
-                .enricher
-                .clocks
-                .wall_from_ktime(crate::time::monotonic_ns());
-            let mut ev = self.base(now, "alert", "risky-listener-repeated");
+            let now = self.ev.now();
+            let mut ev = self.ev.base(now, "alert", "risky-listener-repeated");
             ev.message = Some(format!(
                 "{n} more alerts for rule {} ({}/{} on {} by {}) were folded into the last one",
                 key.rule,
@@ -970,7 +743,7 @@ impl Pipeline {
             return;
         }
         let refs: Vec<_> = kernel.iter().map(|(k, f)| (*k, f)).collect();
-        let enricher = &self.enricher;
+        let enricher = &self.ev.enricher;
         let (reports, delete) = self.folds.reports(&refs, Instant::now(), last, |k| {
             enricher.alive(k.tgid, k.start_boottime_ns)
         });
@@ -1051,11 +824,11 @@ impl Pipeline {
             port: 0,
             comm: fold.comm[..comm_len].to_vec(),
         };
-        let owner = self.enricher.owner_for_record(&rec);
-        let user = Some(self.enricher.user(rec.uid));
-        let group = Some(self.enricher.group(rec.gid));
+        let owner = self.ev.enricher.owner_for_record(&rec);
+        let user = Some(self.ev.enricher.user(rec.uid));
+        let group = Some(self.ev.enricher.group(rec.gid));
         let (ports, port_count) = crate::kernel::folds::ranges(&fold.ports);
-        let clocks = &self.enricher.clocks;
+        let clocks = &self.ev.enricher.clocks;
         let info = crate::output::event::FoldInfo {
             started: r.started,
             ended: r.ended,
@@ -1072,12 +845,12 @@ impl Pipeline {
             process_folded: budget.map_or(0, |b| b.folded),
             process_lost: budget.map_or(0, |b| b.lost),
         };
-        let wall = self.enricher.clocks.wall_from_ktime(fold.last_ns);
+        let wall = self.ev.enricher.clocks.wall_from_ktime(fold.last_ns);
         let socket = Socket {
             netns: rec.netns.map(u64::from),
             host_netns: rec
                 .netns
-                .zip(self.host_netns)
+                .zip(self.ev.host_netns)
                 .map(|(a, b)| u64::from(a) == b),
             kernel: rec.kthread,
             ..Socket::default()
@@ -1102,7 +875,7 @@ impl Pipeline {
                 user: user.clone(),
                 group: group.clone(),
             };
-            let mut probe = self.listener_event(
+            let mut probe = self.ev.listener_event(
                 if transport == Transport::Tcp {
                     "listen-started"
                 } else {
@@ -1127,7 +900,7 @@ impl Pipeline {
             user,
             group,
         };
-        let mut ev = self.listener_event("listeners-folded", wall, l, &owner);
+        let mut ev = self.ev.listener_event("listeners-folded", wall, l, &owner);
         ev.server = None;
         ev.event.category = &["network"];
         ev.event.type_ = &["info"];
@@ -1158,7 +931,8 @@ impl Pipeline {
     }
 
     fn important_ports_has(&self, port: u16) -> bool {
-        self.important_ports
+        self.ev
+            .important_ports
             .get(usize::from(port) / 64)
             .is_some_and(|w| w & (1 << (port % 64)) != 0)
     }
@@ -1201,11 +975,8 @@ impl Pipeline {
             "cpu_seconds": cpu,
             "rss_bytes": rss,
         });
-        let wall = self
-            .enricher
-            .clocks
-            .wall_from_ktime(crate::time::monotonic_ns());
-        let mut ev = self.base(wall, "metric", "sensor-health");
+        let wall = self.ev.now();
+        let mut ev = self.ev.base(wall, "metric", "sensor-health");
         if !degraded.is_empty() {
             ev.log = Some(crate::output::event::Log { level: "warning" });
             ev.message = Some(format!("running degraded: {}", degraded.join("; ")));
@@ -1220,22 +991,19 @@ impl Pipeline {
         let Some(path) = self.rules_path.clone() else {
             return;
         };
-        let wall = self
-            .enricher
-            .clocks
-            .wall_from_ktime(crate::time::monotonic_ns());
+        let wall = self.ev.now();
         match crate::classify::load_rules(&path) {
             Ok(policy) => {
                 self.assessor.set_policy(Some(policy));
-                self.important_ports = self.assessor.important_ports();
+                self.ev.important_ports = self.assessor.important_ports();
                 log::info!("rules reloaded from {}", path.display());
-                let mut ev = self.base(wall, "state", "rules-reloaded");
+                let mut ev = self.ev.base(wall, "state", "rules-reloaded");
                 ev.message = Some(format!("rules reloaded from {}", path.display()));
                 self.write(ev);
             }
             Err(e) => {
                 log::error!("{e}; keeping the rules in force");
-                let mut ev = self.base(wall, "state", "config-error");
+                let mut ev = self.ev.base(wall, "state", "config-error");
                 ev.log = Some(crate::output::event::Log { level: "error" });
                 ev.message = Some(format!("{e}; the previous rules stay in force"));
                 self.write(ev);
@@ -1270,11 +1038,8 @@ impl Pipeline {
         if let Some(m) = &self.metrics {
             m.lost(reason, count);
         }
-        let now = self
-            .enricher
-            .clocks
-            .wall_from_ktime(crate::time::monotonic_ns());
-        let mut ev = self.base(now, "metric", "events-lost");
+        let now = self.ev.now();
+        let mut ev = self.ev.base(now, "metric", "events-lost");
         ev.log = Some(crate::output::event::Log { level: "warning" });
         let at = sink.map(|s| format!(" at {s}")).unwrap_or_default();
         let lane_text = lane.map(|l| format!(", {l} lane")).unwrap_or_default();
@@ -1320,13 +1085,6 @@ fn short_ports(ranges: &str, count: u32) -> String {
 
 fn o_transport(n: Option<&Network>) -> &'static str {
     n.map_or("?", |n| n.transport)
-}
-
-fn transport_of(t: scan::Transport) -> Transport {
-    match t {
-        scan::Transport::Tcp => Transport::Tcp,
-        scan::Transport::Udp | scan::Transport::UdpLite => Transport::Udp,
-    }
 }
 
 /// How long the start-up self-check waits for the agent's own listener and bind.

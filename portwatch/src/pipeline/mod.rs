@@ -5,4 +5,5 @@
 pub mod agent;
 pub mod assess;
 pub mod core;
+pub mod events;
 pub mod notify;
