@@ -87,9 +87,9 @@ pub fn proc_net(data: &[u8]) {
         return;
     };
     let transport = if sel & 1 == 0 {
-        scan::Transport::Tcp
+        scan::Protocol::Tcp
     } else {
-        scan::Transport::Udp
+        scan::Protocol::Udp
     };
     let ipv6 = sel & 2 != 0;
     match scan::parse_proc_net(text, transport, ipv6) {
@@ -98,7 +98,7 @@ pub fn proc_net(data: &[u8]) {
                 assert_eq!(s.transport, transport);
                 assert_eq!(s.ipv6, ipv6);
                 assert_eq!(s.addr.is_ipv6(), ipv6, "{s:?}");
-                if transport == scan::Transport::Udp {
+                if transport == scan::Protocol::Udp {
                     assert_ne!(s.port, 0, "an unbound UDP socket is not a listener");
                 }
             }
@@ -267,27 +267,28 @@ pub fn emit(data: &[u8]) {
         executable: Some(exe.clone()),
         command_line: Some(args.join(" ")),
         args: Some(args.clone()),
-        start: None,
+        start_ns: None,
         entity_id: Some("0123456789abcdef".into()),
         executable_owner: None,
     };
     let ev = event::Event {
-        timestamp: "2026-11-27T01:09:40.451005964Z".into(),
+        time_ns: 1_795_741_780_451_005_964,
         message: None,
         event: event::EventMeta {
-            kind: "event",
+            kind: event::Kind::Event,
             category: &["network"],
             type_: &["start"],
-            action: "listen-started",
+            action: event::Action::ListenStarted,
             dataset: "portwatch.listener",
             module: "portwatch",
             sequence: 1,
-            created: "2026-11-27T01:09:40.451276043Z".into(),
-            ..Default::default()
+            duration: None,
+            severity: None,
+            created_ns: 1_795_741_780_451_276_043,
         },
         log: None,
         network: Some(event::Network {
-            transport: "tcp",
+            transport: portwatch::socket::Protocol::Tcp,
             type_: "ipv4",
         }),
         server: Some(event::Server {

@@ -3,6 +3,7 @@
 //! `ss -tulp state listening` audit, made complete.
 
 use std::{
+    cmp::Reverse,
     io::{self, IsTerminal, Write},
     path::PathBuf,
 };
@@ -103,12 +104,19 @@ fn present_events(
 }
 
 /// Worst first: alert severity, then risky-but-quiet, then by transport and port.
-fn sort_key((e, alert): &(Event, Option<Event>)) -> (u8, u8, &'static str, u16) {
-    let severity = alert.as_ref().and_then(|a| a.event.severity).unwrap_or(0);
-    let risky = u8::from(e.portwatch.risk.is_some());
-    let transport = e.network.as_ref().map_or("", |n| n.transport);
+fn sort_key(
+    (e, alert): &(Event, Option<Event>),
+) -> (
+    Reverse<Option<crate::classify::Severity>>,
+    Reverse<bool>,
+    &'static str,
+    u16,
+) {
+    let severity = alert.as_ref().and_then(|a| a.event.severity);
+    let risky = e.portwatch.risk.is_some();
+    let transport = e.network.as_ref().map_or("", |n| n.transport.as_str());
     let port = e.server.as_ref().map_or(0, |s| s.port);
-    (u8::MAX - severity, 1 - risky, transport, port)
+    (Reverse(severity), Reverse(risky), transport, port)
 }
 
 /// Plain columns, widths fitted to the content; every string from the host is sanitised.
@@ -137,9 +145,9 @@ pub fn render_table(events: &[(Event, Option<Event>)], color: bool) -> String {
         };
         let (proto, addr) = match (&e.network, &e.server) {
             (Some(n), Some(s)) if s.ip.is_ipv6() => {
-                (n.transport.to_owned(), format!("[{}]:{}", s.ip, s.port))
+                (n.transport.to_string(), format!("[{}]:{}", s.ip, s.port))
             }
-            (Some(n), Some(s)) => (n.transport.to_owned(), format!("{}:{}", s.ip, s.port)),
+            (Some(n), Some(s)) => (n.transport.to_string(), format!("{}:{}", s.ip, s.port)),
             _ => continue,
         };
         let socket = e.portwatch.socket.as_ref();
@@ -172,7 +180,11 @@ pub fn render_table(events: &[(Event, Option<Event>)], color: bool) -> String {
             None => "?".into(),
         };
         let risk = match (alert, &e.portwatch.risk) {
-            (Some(a), _) => a.log.as_ref().map_or("alert", |l| l.level).to_uppercase(),
+            (Some(a), _) => a
+                .log
+                .as_ref()
+                .map_or("alert", |l| l.level.as_str())
+                .to_uppercase(),
             (None, Some(r)) if r.allowed_by.is_some() => "allowed".into(),
             (None, Some(_)) => "ok".into(),
             (None, None) => "-".into(),

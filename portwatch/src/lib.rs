@@ -19,4 +19,5 @@ pub mod kernel;
 pub mod metrics;
 pub mod output;
 pub mod pipeline;
+pub mod socket;
 pub mod time;

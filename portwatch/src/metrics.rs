@@ -39,7 +39,10 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
-use crate::output::sinks::OutputShared;
+use crate::{
+    output::{event::Action, sinks::OutputShared},
+    socket::Protocol,
+};
 
 /// `Content-Type` of the OpenMetrics text format (the crate names only the Prometheus
 /// one).
@@ -52,49 +55,36 @@ const NO_TRANSPORT: &str = "none";
 /// Every (action, transport) the agent writes, each with a counter made at start so that
 /// a scrape shows it at 0 before the first one (Prometheus' advice: no series appearing
 /// from nowhere) and the hot path needs no lookup. Index = [`event_slot`].
-const EVENT_SERIES: &[(&str, &str)] = &[
-    ("listen-started", "tcp"),
-    ("listen-stopped", "tcp"),
-    ("udp-bound", "udp"),
-    ("udp-released", "udp"),
-    ("listener-present", "tcp"),
-    ("listener-present", "udp"),
-    ("risky-listener", "tcp"),
-    ("risky-listener", "udp"),
-    ("risky-listener-repeated", "tcp"),
-    ("risky-listener-repeated", "udp"),
-    ("events-lost", NO_TRANSPORT),
-    ("sensor-started", NO_TRANSPORT),
-    ("sensor-health", NO_TRANSPORT),
-    ("snapshot-complete", NO_TRANSPORT),
-    ("resync-complete", NO_TRANSPORT),
-    ("rules-reloaded", NO_TRANSPORT),
-    ("config-error", NO_TRANSPORT),
+const EVENT_SERIES: &[(Action, Option<Protocol>)] = &[
+    (Action::ListenStarted, Some(Protocol::Tcp)),
+    (Action::ListenStopped, Some(Protocol::Tcp)),
+    (Action::UdpBound, Some(Protocol::Udp)),
+    (Action::UdpReleased, Some(Protocol::Udp)),
+    (Action::ListenerPresent, Some(Protocol::Tcp)),
+    (Action::ListenerPresent, Some(Protocol::Udp)),
+    (Action::RiskyListener, Some(Protocol::Tcp)),
+    (Action::RiskyListener, Some(Protocol::Udp)),
+    (Action::RiskyListenerRepeated, Some(Protocol::Tcp)),
+    (Action::RiskyListenerRepeated, Some(Protocol::Udp)),
+    (Action::EventsLost, None),
+    (Action::SensorStarted, None),
+    (Action::SensorHealth, None),
+    (Action::SnapshotComplete, None),
+    (Action::ResyncComplete, None),
+    (Action::RulesReloaded, None),
+    (Action::ConfigError, None),
 ];
 
 /// Where [`EVENT_SERIES`] keeps (action, transport); None for a pair not in it (counted
 /// through the family: correct, only slower).
-fn event_slot(action: &str, transport: Option<&str>) -> Option<usize> {
-    Some(match (action, transport) {
-        ("listen-started", Some("tcp")) => 0,
-        ("listen-stopped", Some("tcp")) => 1,
-        ("udp-bound", Some("udp")) => 2,
-        ("udp-released", Some("udp")) => 3,
-        ("listener-present", Some("tcp")) => 4,
-        ("listener-present", Some("udp")) => 5,
-        ("risky-listener", Some("tcp")) => 6,
-        ("risky-listener", Some("udp")) => 7,
-        ("risky-listener-repeated", Some("tcp")) => 8,
-        ("risky-listener-repeated", Some("udp")) => 9,
-        ("events-lost", None) => 10,
-        ("sensor-started", None) => 11,
-        ("sensor-health", None) => 12,
-        ("snapshot-complete", None) => 13,
-        ("resync-complete", None) => 14,
-        ("rules-reloaded", None) => 15,
-        ("config-error", None) => 16,
-        _ => return None,
-    })
+fn event_slot(action: Action, transport: Option<Protocol>) -> Option<usize> {
+    EVENT_SERIES
+        .iter()
+        .position(|&(a, t)| a == action && t == transport)
+}
+
+fn transport_label(t: Option<Protocol>) -> &'static str {
+    t.map_or(NO_TRANSPORT, Protocol::as_str)
 }
 
 /// Loss reasons (as in `portwatch.lost.reason`) and the side of the ring buffer where
@@ -235,7 +225,10 @@ impl Metrics {
         let event_counters = EVENT_SERIES
             .iter()
             .map(|&(action, transport)| {
-                events.get_or_create_owned(&EventLabels { action, transport })
+                events.get_or_create_owned(&EventLabels {
+                    action: action.as_str(),
+                    transport: transport_label(transport),
+                })
             })
             .collect();
         registry.register(
@@ -361,7 +354,7 @@ impl Metrics {
     /// One event produced for output: its `event.action` and `network.transport`.
     /// For the agent's event actions this is one atomic add.
     #[inline]
-    pub fn event(&self, action: &'static str, transport: Option<&'static str>) {
+    pub fn event(&self, action: Action, transport: Option<Protocol>) {
         match event_slot(action, transport) {
             Some(i) => {
                 self.event_counters[i].inc();
@@ -373,10 +366,10 @@ impl Metrics {
     }
 
     #[cold]
-    fn event_slow(&self, action: &'static str, transport: Option<&'static str>) {
+    fn event_slow(&self, action: Action, transport: Option<Protocol>) {
         let labels = EventLabels {
-            action,
-            transport: transport.unwrap_or(NO_TRANSPORT),
+            action: action.as_str(),
+            transport: transport_label(transport),
         };
         self.events.get_or_create(&labels).inc();
     }
@@ -977,12 +970,12 @@ mod tests {
     fn recorded() -> Arc<Metrics> {
         let m = Arc::new(Metrics::new());
         for _ in 0..3 {
-            m.event("listen-started", Some("tcp"));
+            m.event(Action::ListenStarted, Some(Protocol::Tcp));
         }
-        m.event("udp-bound", Some("udp"));
-        m.event("sensor-health", None);
+        m.event(Action::UdpBound, Some(Protocol::Udp));
+        m.event(Action::SensorHealth, None);
         // Not in the fixed table: counted all the same.
-        m.event("something-new", Some("udp"));
+        m.event(Action::ListenersFolded, Some(Protocol::Udp));
         m.alert("mysql");
         m.alert("mysql");
         m.alert("rule \"quoted\"\\x");
@@ -1009,15 +1002,14 @@ mod tests {
     #[test]
     fn every_fixed_series_has_its_slot() {
         for (i, &(action, transport)) in EVENT_SERIES.iter().enumerate() {
-            let transport = (transport != NO_TRANSPORT).then_some(transport);
             assert_eq!(
                 event_slot(action, transport),
                 Some(i),
                 "{action} {transport:?}"
             );
         }
-        assert_eq!(event_slot("listen-started", Some("udp")), None);
-        assert_eq!(event_slot("listen-started", None), None);
+        assert_eq!(event_slot(Action::ListenStarted, Some(Protocol::Udp)), None);
+        assert_eq!(event_slot(Action::ListenStarted, None), None);
     }
 
     #[test]
@@ -1090,7 +1082,7 @@ mod tests {
         assert_eq!(ev("listen-started", "tcp"), Some(3.0));
         assert_eq!(ev("udp-bound", "udp"), Some(1.0));
         assert_eq!(ev("sensor-health", "none"), Some(1.0));
-        assert_eq!(ev("something-new", "udp"), Some(1.0));
+        assert_eq!(ev("listeners-folded", "udp"), Some(1.0));
         // Made at start: present at 0 before the first one.
         assert_eq!(ev("listen-stopped", "tcp"), Some(0.0));
         assert_eq!(ev("risky-listener", "udp"), Some(0.0));

@@ -24,7 +24,7 @@ use crate::{
         ArgvCut, AttributionChanged, Cgroup, Container, Named, Parent, Process, Shared, Systemd,
         shared,
     },
-    time::{Clocks, rfc3339},
+    time::Clocks,
 };
 
 pub const PROC_CACHE_MAX: usize = 8192;
@@ -84,7 +84,6 @@ impl Owner {
                 + p.args
                     .as_ref()
                     .map_or(0, |a| a.iter().map(|s| s.len() + 24).sum())
-                + p.start.as_ref().map_or(0, String::len)
                 + 64
         });
         let c = self
@@ -271,7 +270,7 @@ impl Enricher {
                     p.parent = Some(Parent { pid: ppid });
                 }
                 if let Some(ns) = r.start_boottime_ns {
-                    p.start = Some(rfc3339(self.clocks.wall_from_boottime(ns)));
+                    p.start_ns = Some(self.clocks.wall_from_boottime(ns));
                 }
                 let kernel_cgroup = cg.cgroup.as_ref().and_then(|c| c.path.clone());
                 let changed = drift(r, &kernel_comm, kernel_cgroup.as_deref(), &mut p);
@@ -301,9 +300,9 @@ impl Enricher {
                     pid: r.pid,
                     name: Some(kernel_comm),
                     parent: r.ppid.map(|pid| Parent { pid }),
-                    start: r
+                    start_ns: r
                         .start_boottime_ns
-                        .map(|ns| rfc3339(self.clocks.wall_from_boottime(ns))),
+                        .map(|ns| self.clocks.wall_from_boottime(ns)),
                     entity_id: start_ticks.map(|t| self.entity_id(r.pid, t)),
                     ..Process::default()
                 };
@@ -337,10 +336,10 @@ impl Enricher {
             };
         };
         let (mut p, argv_cut) = self.read_process(pid, st.comm, st.ppid, st.start_ticks);
-        p.start = Some(rfc3339(
+        p.start_ns = Some(
             self.clocks
                 .wall_from_boottime(st.start_ticks * self.ns_per_tick),
-        ));
+        );
         let cg = procfs::read_cgroup(pid)
             .ok()
             .map(|path| self.cgroup_from_path(None, path));
@@ -385,7 +384,7 @@ impl Enricher {
             executable: exe,
             command_line,
             args,
-            start: None,
+            start_ns: None,
             entity_id: Some(self.entity_id(pid, start_ticks)),
             executable_owner,
         };

@@ -14,16 +14,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-/// Transport protocol of a socket.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Transport {
-    /// TCP (from /proc/net/tcp and tcp6).
-    Tcp,
-    /// UDP (from /proc/net/udp and udp6).
-    Udp,
-    /// UDP-Lite (from /proc/net/udplite and udplite6): bound like UDP, protocol 136.
-    UdpLite,
-}
+pub use crate::socket::Protocol;
 
 /// One socket line from `/proc/<pid>/net/{tcp,tcp6,udp,udp6}` that is a listener:
 /// TCP in state 0A (LISTEN); UDP with a non-zero local port and state 07 (unconnected;
@@ -31,7 +22,7 @@ pub enum Transport {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProcSocket {
     /// TCP or UDP.
-    pub transport: Transport,
+    pub transport: Protocol,
     /// Local address. IPv4-mapped addresses from tcp6/udp6 stay IPv6
     /// (`IpAddr::to_canonical` turns them into IPv4).
     pub addr: IpAddr,
@@ -110,13 +101,13 @@ const COL_UID: usize = 7;
 const COL_INODE: usize = 9;
 
 /// The files read for each namespace: name, transport, IPv6.
-const NET_FILES: [(&str, Transport, bool); 6] = [
-    ("tcp", Transport::Tcp, false),
-    ("tcp6", Transport::Tcp, true),
-    ("udp", Transport::Udp, false),
-    ("udp6", Transport::Udp, true),
-    ("udplite", Transport::UdpLite, false),
-    ("udplite6", Transport::UdpLite, true),
+const NET_FILES: [(&str, Protocol, bool); 6] = [
+    ("tcp", Protocol::Tcp, false),
+    ("tcp6", Protocol::Tcp, true),
+    ("udp", Protocol::Udp, false),
+    ("udp6", Protocol::Udp, true),
+    ("udplite", Protocol::UdpLite, false),
+    ("udplite6", Protocol::UdpLite, true),
 ];
 
 enum LineError<'a> {
@@ -135,7 +126,7 @@ enum LineError<'a> {
 /// otherwise the first line must be the header. Blank lines are ignored.
 pub fn parse_proc_net(
     text: &str,
-    transport: Transport,
+    transport: Protocol,
     ipv6: bool,
 ) -> Result<Vec<ProcSocket>, ParseError> {
     let mut lines = text.lines();
@@ -182,7 +173,7 @@ pub fn parse_proc_net(
 
 fn parse_line(
     line: &str,
-    transport: Transport,
+    transport: Protocol,
     ipv6: bool,
 ) -> Result<Option<ProcSocket>, LineError<'_>> {
     let mut cols = [""; MIN_COLUMNS];
@@ -214,9 +205,9 @@ fn parse_line(
         .map_err(|_| field_err("inode", COL_INODE, "expected a decimal u64"))?;
 
     let listening = match transport {
-        Transport::Tcp => state == TCP_LISTEN,
+        Protocol::Tcp => state == TCP_LISTEN,
         // Port 0 would be a socket that was never bound (nothing can reach it).
-        Transport::Udp | Transport::UdpLite => {
+        Protocol::Udp | Protocol::UdpLite => {
             state == TCP_CLOSE && port != 0 && remote_port == 0 && remote_addr.is_unspecified()
         }
     };
@@ -694,7 +685,7 @@ fn open_net_files(dir: &str) -> io::Result<NetFiles> {
             // With IPv6 disabled (ipv6.disable=1) the kernel creates no tcp6/udp6; a
             // kernel may be built without UDP-Lite.
             Err(e)
-                if (ipv6 || transport == Transport::UdpLite)
+                if (ipv6 || transport == Protocol::UdpLite)
                     && e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
@@ -879,9 +870,9 @@ mod tests {
 
     #[test]
     fn tcp_sample_keeps_listeners_only() {
-        let got = parse_proc_net(TCP_SAMPLE, Transport::Tcp, false).unwrap();
+        let got = parse_proc_net(TCP_SAMPLE, Protocol::Tcp, false).unwrap();
         let expect = |addr: &str, port, uid, inode| ProcSocket {
-            transport: Transport::Tcp,
+            transport: Protocol::Tcp,
             addr: ip(addr),
             port,
             uid,
@@ -901,7 +892,7 @@ mod tests {
 
     #[test]
     fn tcp6_sample_decodes_v6_and_v4_mapped() {
-        let got = parse_proc_net(TCP6_SAMPLE, Transport::Tcp, true).unwrap();
+        let got = parse_proc_net(TCP6_SAMPLE, Protocol::Tcp, true).unwrap();
         let summary: Vec<_> = got
             .iter()
             .map(|s| (s.addr, s.port, s.uid, s.inode))
@@ -914,16 +905,16 @@ mod tests {
                 (ip("::"), 8080, 1000, 12831),
             ]
         );
-        assert!(got.iter().all(|s| s.ipv6 && s.transport == Transport::Tcp));
+        assert!(got.iter().all(|s| s.ipv6 && s.transport == Protocol::Tcp));
     }
 
     #[test]
     fn udp_sample_keeps_bound_unconnected_only() {
-        let got = parse_proc_net(UDP_SAMPLE, Transport::Udp, false).unwrap();
+        let got = parse_proc_net(UDP_SAMPLE, Protocol::Udp, false).unwrap();
         assert_eq!(
             got,
             vec![ProcSocket {
-                transport: Transport::Udp,
+                transport: Protocol::Udp,
                 addr: ip("0.0.0.0"),
                 port: 53,
                 uid: 0,
@@ -931,7 +922,7 @@ mod tests {
                 ipv6: false,
             }]
         );
-        let got = parse_proc_net(UDP6_SAMPLE, Transport::Udp, true).unwrap();
+        let got = parse_proc_net(UDP6_SAMPLE, Protocol::Udp, true).unwrap();
         assert_eq!(got.len(), 1);
         assert_eq!(
             (got[0].addr, got[0].port, got[0].ipv6),
@@ -945,7 +936,7 @@ mod tests {
         let good = TCP_SAMPLE.lines().nth(1).unwrap();
         let truncated = "   1: 0100007F:2CAB 00000000:0000 0A 00000000:00000000 00:00000000";
         let text = format!("{header}\n{good}\n{truncated}\n");
-        let err = parse_proc_net(&text, Transport::Tcp, false).unwrap_err();
+        let err = parse_proc_net(&text, Protocol::Tcp, false).unwrap_err();
         assert!(
             matches!(err, ParseError::Truncated { line: 3, found: 6 }),
             "{err}"
@@ -987,23 +978,23 @@ mod tests {
         ];
         for (line, column) in cases {
             let text = format!("{header}\n{good}\n\n{line}\n");
-            match parse_proc_net(&text, Transport::Tcp, false) {
+            match parse_proc_net(&text, Protocol::Tcp, false) {
                 Err(ParseError::Field { line: 4, field, .. }) => assert_eq!(field, column),
                 other => panic!("{line:?}: {other:?}"),
             }
         }
 
-        let err = parse_proc_net(good, Transport::Tcp, false).unwrap_err();
+        let err = parse_proc_net(good, Protocol::Tcp, false).unwrap_err();
         assert!(matches!(err, ParseError::Header { .. }), "{err}");
         assert_eq!(err.line(), Some(1));
     }
 
     #[test]
     fn empty_and_header_only_files_have_no_sockets() {
-        assert_eq!(parse_proc_net("", Transport::Tcp, false).unwrap(), vec![]);
+        assert_eq!(parse_proc_net("", Protocol::Tcp, false).unwrap(), vec![]);
         let header = UDP6_SAMPLE.lines().next().unwrap();
         assert_eq!(
-            parse_proc_net(&format!("{header}\n"), Transport::Udp, true).unwrap(),
+            parse_proc_net(&format!("{header}\n"), Protocol::Udp, true).unwrap(),
             vec![]
         );
     }
@@ -1023,12 +1014,12 @@ mod tests {
         let found = scan().unwrap();
         for (transport, port, inode) in [
             (
-                Transport::Tcp,
+                Protocol::Tcp,
                 tcp.local_addr().unwrap().port(),
                 socket_inode(&tcp),
             ),
             (
-                Transport::Udp,
+                Protocol::Udp,
                 udp.local_addr().unwrap().port(),
                 socket_inode(&udp),
             ),
@@ -1127,8 +1118,8 @@ mod tests {
         let in_ns: Vec<_> = found.iter().filter(|f| f.netns_ino == ino).collect();
         assert_eq!(in_ns.len(), 2, "{in_ns:?}");
         for (transport, port) in [
-            (Transport::Tcp, tcp.local_addr().unwrap().port()),
-            (Transport::Udp, udp.local_addr().unwrap().port()),
+            (Protocol::Tcp, tcp.local_addr().unwrap().port()),
+            (Protocol::Udp, udp.local_addr().unwrap().port()),
         ] {
             let f = in_ns
                 .iter()

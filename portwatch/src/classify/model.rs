@@ -5,39 +5,7 @@ use std::fmt;
 use serde::de::{self, Deserializer, IntoDeserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
-/// Transport protocol of a listening socket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Transport {
-    /// A TCP socket in LISTEN state.
-    Tcp,
-    /// A bound UDP socket.
-    Udp,
-}
-
-impl Transport {
-    /// Lowercase name as used in `11211/udp` and in firewall commands.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Transport::Tcp => "tcp",
-            Transport::Udp => "udp",
-        }
-    }
-
-    /// Index used by the classifier's per-transport port tables.
-    pub(crate) fn index(self) -> usize {
-        match self {
-            Transport::Tcp => 0,
-            Transport::Udp => 1,
-        }
-    }
-}
-
-impl fmt::Display for Transport {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use crate::socket::Transport;
 
 /// How bad an exposed service is. Ordered: `Low < Medium < High < Critical`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

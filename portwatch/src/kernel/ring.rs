@@ -25,20 +25,7 @@ pub enum DecodeError {
     UnknownProtocol(u16),
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Transport {
-    Tcp,
-    Udp,
-}
-
-impl Transport {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Transport::Tcp => "tcp",
-            Transport::Udp => "udp",
-        }
-    }
-}
+pub use crate::socket::Transport;
 
 /// A decoded kernel record. `Option` fields are `None` when the kernel could not read
 /// them (see the FLAG_* bits): unknown is never replaced by a guess.

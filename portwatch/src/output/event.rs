@@ -60,13 +60,215 @@ impl<T: Serialize> Serialize for Rendered<T> {
     }
 }
 
+/// What happened: `event.action`. Each action has one ECS `event.kind`, category and
+/// type, so they are derived from it, never set apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Action {
+    ListenStarted,
+    ListenStopped,
+    UdpBound,
+    UdpReleased,
+    ListenerPresent,
+    ExposureChanged,
+    ListenersFolded,
+    RiskyListener,
+    RiskyListenerRepeated,
+    EventsLost,
+    SensorHealth,
+    SensorStarted,
+    SensorStopped,
+    SnapshotComplete,
+    ResyncComplete,
+    RulesReloaded,
+    ConfigError,
+}
+
+impl Action {
+    pub const ALL: [Action; 17] = [
+        Action::ListenStarted,
+        Action::ListenStopped,
+        Action::UdpBound,
+        Action::UdpReleased,
+        Action::ListenerPresent,
+        Action::ExposureChanged,
+        Action::ListenersFolded,
+        Action::RiskyListener,
+        Action::RiskyListenerRepeated,
+        Action::EventsLost,
+        Action::SensorHealth,
+        Action::SensorStarted,
+        Action::SensorStopped,
+        Action::SnapshotComplete,
+        Action::ResyncComplete,
+        Action::RulesReloaded,
+        Action::ConfigError,
+    ];
+
+    /// `event.action`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::ListenStarted => "listen-started",
+            Action::ListenStopped => "listen-stopped",
+            Action::UdpBound => "udp-bound",
+            Action::UdpReleased => "udp-released",
+            Action::ListenerPresent => "listener-present",
+            Action::ExposureChanged => "exposure-changed",
+            Action::ListenersFolded => "listeners-folded",
+            Action::RiskyListener => "risky-listener",
+            Action::RiskyListenerRepeated => "risky-listener-repeated",
+            Action::EventsLost => "events-lost",
+            Action::SensorHealth => "sensor-health",
+            Action::SensorStarted => "sensor-started",
+            Action::SensorStopped => "sensor-stopped",
+            Action::SnapshotComplete => "snapshot-complete",
+            Action::ResyncComplete => "resync-complete",
+            Action::RulesReloaded => "rules-reloaded",
+            Action::ConfigError => "config-error",
+        }
+    }
+
+    /// ECS `event.kind`.
+    pub fn kind(self) -> Kind {
+        match self {
+            Action::ListenStarted
+            | Action::ListenStopped
+            | Action::UdpBound
+            | Action::UdpReleased
+            | Action::ListenerPresent
+            | Action::ExposureChanged
+            | Action::ListenersFolded => Kind::Event,
+            Action::RiskyListener | Action::RiskyListenerRepeated => Kind::Alert,
+            Action::EventsLost | Action::SensorHealth => Kind::Metric,
+            Action::SensorStarted
+            | Action::SensorStopped
+            | Action::SnapshotComplete
+            | Action::ResyncComplete
+            | Action::RulesReloaded
+            | Action::ConfigError => Kind::State,
+        }
+    }
+
+    /// ECS `event.category` and `event.type`.
+    pub fn category_type(self) -> (&'static [&'static str], &'static [&'static str]) {
+        match self {
+            Action::ListenStarted | Action::UdpBound => (&["network"], &["start"]),
+            Action::ListenStopped | Action::UdpReleased => (&["network"], &["end"]),
+            Action::ListenerPresent => (&["network"], &["info"]),
+            Action::ExposureChanged => (&["network"], &["change"]),
+            _ => (&["host"], &["info"]),
+        }
+    }
+
+    /// The start of a listener (live).
+    pub fn is_start(self) -> bool {
+        matches!(self, Action::ListenStarted | Action::UdpBound)
+    }
+
+    /// The end of a listener.
+    pub fn is_end(self) -> bool {
+        matches!(self, Action::ListenStopped | Action::UdpReleased)
+    }
+}
+
+impl Serialize for Action {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// ECS `event.kind`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Kind {
+    #[default]
+    Event,
+    Alert,
+    State,
+    Metric,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Event => "event",
+            Kind::Alert => "alert",
+            Kind::State => "state",
+            Kind::Metric => "metric",
+        }
+    }
+}
+
+impl Serialize for Kind {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// ECS `log.level` (syslog's names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Level {
+    Notice,
+    Warning,
+    Error,
+    Critical,
+}
+
+impl Level {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::Notice => "notice",
+            Level::Warning => "warning",
+            Level::Error => "error",
+            Level::Critical => "critical",
+        }
+    }
+}
+
+impl Serialize for Level {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// Nanoseconds since the epoch, written as RFC 3339 (`@timestamp`, `event.created`).
+fn rfc3339<S: Serializer>(ns: &i128, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&crate::time::rfc3339(*ns))
+}
+
+fn rfc3339_opt<S: Serializer>(ns: &Option<i128>, s: S) -> Result<S::Ok, S::Error> {
+    match ns {
+        Some(ns) => rfc3339(ns, s),
+        None => s.serialize_none(),
+    }
+}
+
+/// An alert's severity, written as ECS `event.severity` (0-100).
+fn ecs_severity_num<S: Serializer>(sev: &Option<Severity>, s: S) -> Result<S::Ok, S::Error> {
+    match sev {
+        Some(v) => s.serialize_u8(ecs_severity(*v).0),
+        None => s.serialize_none(),
+    }
+}
+
+macro_rules! display_as_str {
+    ($($t:ty),*) => {$(
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.pad(self.as_str())
+            }
+        }
+    )*};
+}
+display_as_str!(Action, Kind, Level, crate::socket::Protocol);
+
 /// ECS version the field names follow.
 pub const ECS_VERSION: &str = "8.11.0";
 
 #[derive(Serialize, Debug, Clone)]
 pub struct Event {
-    #[serde(rename = "@timestamp")]
-    pub timestamp: String,
+    /// When it happened (the kernel's time of the syscall, for a live listener event),
+    /// nanoseconds since the epoch.
+    #[serde(rename = "@timestamp", serialize_with = "rfc3339")]
+    pub time_ns: i128,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
     pub event: EventMeta,
@@ -92,34 +294,39 @@ pub struct Event {
     pub portwatch: Portwatch,
 }
 
-#[derive(Serialize, Debug, Default, Clone)]
+#[derive(Serialize, Debug, Clone)]
 pub struct EventMeta {
-    /// ECS `event.kind`: `event`, `alert`, `state` or `metric`.
-    pub kind: &'static str,
+    pub kind: Kind,
     pub category: &'static [&'static str],
     #[serde(rename = "type")]
     pub type_: &'static [&'static str],
-    pub action: &'static str,
+    pub action: Action,
     pub dataset: &'static str,
     pub module: &'static str,
     pub sequence: u64,
     /// Nanoseconds a listener lived (on its end event, when its start was seen).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub duration: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub severity: Option<u8>,
-    /// When the agent wrote the event (the kernel time is `@timestamp`).
-    pub created: String,
+    /// An alert's severity (written as ECS's 0-100 number).
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "ecs_severity_num"
+    )]
+    pub severity: Option<Severity>,
+    /// When the agent made the event (the kernel time is `@timestamp`), nanoseconds
+    /// since the epoch.
+    #[serde(rename = "created", serialize_with = "rfc3339")]
+    pub created_ns: i128,
 }
 
 #[derive(Serialize, Debug, Clone)]
 pub struct Log {
-    pub level: &'static str,
+    pub level: Level,
 }
 
 #[derive(Serialize, Debug, Clone)]
 pub struct Network {
-    pub transport: &'static str,
+    pub transport: crate::socket::Protocol,
     #[serde(rename = "type")]
     pub type_: &'static str,
 }
@@ -143,8 +350,13 @@ pub struct Process {
     pub command_line: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub args: Option<Vec<String>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub start: Option<String>,
+    /// When the process started, nanoseconds since the epoch.
+    #[serde(
+        rename = "start",
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "rfc3339_opt"
+    )]
+    pub start_ns: Option<i128>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub entity_id: Option<String>,
     /// Owner (uid) of the executable file, for `[[allow]]` rules by process name; not
@@ -487,11 +699,11 @@ pub struct AlertInfo {
 }
 
 /// ECS `event.severity` (0-100) and `log.level` for a severity.
-pub fn ecs_severity(s: Severity) -> (u8, &'static str) {
+pub fn ecs_severity(s: Severity) -> (u8, Level) {
     match s {
-        Severity::Low => (21, "notice"),
-        Severity::Medium => (47, "warning"),
-        Severity::High => (73, "error"),
-        Severity::Critical => (99, "critical"),
+        Severity::Low => (21, Level::Notice),
+        Severity::Medium => (47, Level::Warning),
+        Severity::High => (73, Level::Error),
+        Severity::Critical => (99, Level::Critical),
     }
 }

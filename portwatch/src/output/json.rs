@@ -17,7 +17,7 @@ use crate::output::event::{Event, EventMeta, Portwatch, Socket};
 /// Append `ev` as one JSON document (no newline).
 pub fn write_event(out: &mut Vec<u8>, ev: &Event) -> serde_json::Result<()> {
     out.extend_from_slice(b"{\"@timestamp\":");
-    string(out, &ev.timestamp);
+    time(out, ev.time_ns);
     if let Some(m) = &ev.message {
         out.extend_from_slice(b",\"message\":");
         string(out, m);
@@ -26,12 +26,12 @@ pub fn write_event(out: &mut Vec<u8>, ev: &Event) -> serde_json::Result<()> {
     event_meta(out, &ev.event);
     if let Some(l) = &ev.log {
         out.extend_from_slice(b",\"log\":{\"level\":");
-        string(out, l.level);
+        string(out, l.level.as_str());
         out.push(b'}');
     }
     if let Some(n) = &ev.network {
         out.extend_from_slice(b",\"network\":{\"transport\":");
-        string(out, n.transport);
+        string(out, n.transport.as_str());
         out.extend_from_slice(b",\"type\":");
         string(out, n.type_);
         out.push(b'}');
@@ -58,15 +58,22 @@ pub fn write_event(out: &mut Vec<u8>, ev: &Event) -> serde_json::Result<()> {
     Ok(())
 }
 
+/// An RFC 3339 time, quoted (nothing in it needs escaping).
+fn time(out: &mut Vec<u8>, ns: i128) {
+    out.push(b'"');
+    crate::time::write_rfc3339(out, ns);
+    out.push(b'"');
+}
+
 fn event_meta(out: &mut Vec<u8>, m: &EventMeta) {
     out.extend_from_slice(b"{\"kind\":");
-    string(out, m.kind);
+    string(out, m.kind.as_str());
     out.extend_from_slice(b",\"category\":");
     strings(out, m.category);
     out.extend_from_slice(b",\"type\":");
     strings(out, m.type_);
     out.extend_from_slice(b",\"action\":");
-    string(out, m.action);
+    string(out, m.action.as_str());
     out.extend_from_slice(b",\"dataset\":");
     string(out, m.dataset);
     out.extend_from_slice(b",\"module\":");
@@ -79,10 +86,10 @@ fn event_meta(out: &mut Vec<u8>, m: &EventMeta) {
     }
     if let Some(s) = m.severity {
         out.extend_from_slice(b",\"severity\":");
-        uint(out, u64::from(s));
+        uint(out, u64::from(crate::output::event::ecs_severity(s).0));
     }
     out.extend_from_slice(b",\"created\":");
-    string(out, &m.created);
+    time(out, m.created_ns);
     out.push(b'}');
 }
 
@@ -283,6 +290,8 @@ mod tests {
     use std::net::Ipv6Addr;
 
     use super::*;
+    use crate::output::event::{Action, Kind, Level};
+    use crate::socket::Protocol;
     use crate::{
         classify::Lang,
         kernel::probes::Hooks,
@@ -309,23 +318,25 @@ mod tests {
     fn everything() -> Event {
         let hostile = "a \"quoted\"\\ \u{1b}[31m\n\ttab \u{7f} é \u{0}";
         Event {
-            timestamp: "2026-11-27T01:09:40.451005964Z".into(),
+            time_ns: 1_795_741_780_451_005_964,
             message: Some(hostile.into()),
             event: EventMeta {
-                kind: "event",
+                kind: Kind::Event,
                 category: &["network"],
                 type_: &["start", "info"],
-                action: "listen-started",
+                action: Action::ListenStarted,
                 dataset: "portwatch.listener",
                 module: "portwatch",
                 sequence: u64::MAX,
                 duration: Some(72_408),
-                severity: Some(73),
-                created: "2026-11-27T01:09:40.451276043Z".into(),
+                severity: Some(crate::classify::Severity::High),
+                created_ns: 1_795_741_780_451_276_043,
             },
-            log: Some(Log { level: "warning" }),
+            log: Some(Log {
+                level: Level::Warning,
+            }),
             network: Some(Network {
-                transport: "tcp",
+                transport: Protocol::Tcp,
                 type_: "ipv4",
             }),
             server: Some(Server {
@@ -339,7 +350,7 @@ mod tests {
                 executable: Some("/usr/bin/memcached".into()),
                 command_line: Some(hostile.into()),
                 args: Some(vec![hostile.into(), "-p".into()]),
-                start: Some("2026-11-27T01:09:40.358453171Z".into()),
+                start_ns: Some(1_795_741_780_358_453_171),
                 entity_id: Some("7b72bf9fd06433c9".into()),
                 executable_owner: Some(0),
             })),

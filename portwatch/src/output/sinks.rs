@@ -25,7 +25,11 @@ use std::{
 
 use anyhow::Context as _;
 
-use crate::{output::event::Event, output::spool::Pos};
+use crate::{
+    classify::Severity,
+    output::event::{Action, Event, Kind},
+    output::spool::Pos,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -1258,18 +1262,19 @@ pub fn is_invisible_format(c: char) -> bool {
 }
 
 fn text_line(out: &mut String, ev: &Event, color: bool) {
-    let ts = ev.timestamp.get(11..23).unwrap_or(&ev.timestamp);
-    let alert = ev.event.kind == "alert";
+    let time = crate::time::rfc3339(ev.time_ns);
+    let ts = time.get(11..23).unwrap_or(&time);
+    let alert = ev.event.kind == Kind::Alert;
     let (on, off) = match (color, alert, ev.event.severity) {
-        (true, true, Some(s)) if s >= 70 => ("\x1b[1;31m", "\x1b[0m"),
+        (true, true, Some(Severity::High | Severity::Critical)) => ("\x1b[1;31m", "\x1b[0m"),
         (true, true, _) => ("\x1b[1;33m", "\x1b[0m"),
-        (true, false, _) if ev.event.action == "events-lost" => ("\x1b[35m", "\x1b[0m"),
+        (true, false, _) if ev.event.action == Action::EventsLost => ("\x1b[35m", "\x1b[0m"),
         (true, false, _) => ("", ""),
         (false, _, _) => ("", ""),
     };
     let _ = write!(out, "{ts} {on}{:<16}{off}", ev.event.action);
     if let (true, Some(level)) = (alert, &ev.log) {
-        let _ = write!(out, " {on}{}{off}", level.level.to_uppercase());
+        let _ = write!(out, " {on}{}{off}", level.level.as_str().to_uppercase());
     }
     if let (Some(n), Some(s)) = (&ev.network, &ev.server) {
         let ip = if s.ip.is_ipv6() {

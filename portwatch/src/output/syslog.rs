@@ -9,7 +9,7 @@
 
 use std::fmt::Write as _;
 
-use crate::output::event::Event;
+use crate::output::event::{Event, Level};
 
 /// Facility `daemon` (3): portwatch is a system daemon reporting on services.
 const FACILITY: u8 = 3;
@@ -18,11 +18,11 @@ pub const SD_ID: &str = "portwatch@32473";
 /// RFC 5424 severity from the event's `log.level` (alerts and losses carry one).
 fn severity(ev: &Event) -> u8 {
     match ev.log.as_ref().map(|l| l.level) {
-        Some("critical") => 2,
-        Some("error") => 3,
-        Some("warning") => 4,
-        Some("notice") => 5,
-        _ => 6, // informational
+        Some(Level::Critical) => 2,
+        Some(Level::Error) => 3,
+        Some(Level::Warning) => 4,
+        Some(Level::Notice) => 5,
+        None => 6, // informational
     }
 }
 
@@ -33,18 +33,18 @@ pub fn header(ev: &Event, out: &mut Vec<u8>) {
     let _ = write!(
         h,
         "<{pri}>1 {} {} portwatch {} {} ",
-        timestamp(&ev.timestamp),
+        timestamp(&crate::time::rfc3339(ev.time_ns)),
         token(&ev.host.name, 255),
         std::process::id(),
-        token(ev.event.action, 32),
+        token(ev.event.action.as_str(), 32),
     );
     h.push('[');
     h.push_str(SD_ID);
-    param(&mut h, "kind", ev.event.kind);
-    param(&mut h, "action", ev.event.action);
+    param(&mut h, "kind", ev.event.kind.as_str());
+    param(&mut h, "action", ev.event.action.as_str());
     param(&mut h, "sequence", &ev.event.sequence.to_string());
     if let Some(n) = &ev.network {
-        param(&mut h, "transport", n.transport);
+        param(&mut h, "transport", n.transport.as_str());
     }
     if let Some(s) = &ev.server {
         param(&mut h, "ip", &s.ip.to_string());

@@ -23,11 +23,14 @@ use crate::{
     kernel::host,
     kernel::probes::{self, KernelStats},
     kernel::ring::{self, Record, Transport},
-    output::event::{Event, Lost, Named, Network, Rule, Server, Shared, Socket},
+    output::event::{
+        Action, Event, Kind as EventKind, Level, Lost, Named, Network, Rule, Server, Shared, Socket,
+    },
     output::sinks::{Closed, Format, Output},
     pipeline::assess::Assessor,
     pipeline::core::{Core, Step, Tracked},
-    pipeline::events::{Events, Listener, transport_of},
+    pipeline::events::{Events, Listener},
+    socket::Protocol,
 };
 
 /// Default budget: starts per second one process may report one by one before the
@@ -173,7 +176,11 @@ impl Pipeline {
     fn write(&mut self, ev: Event) {
         if let Some(m) = &self.metrics {
             m.event(ev.event.action, ev.network.as_ref().map(|n| n.transport));
-            if let Some(r) = ev.rule.as_ref().filter(|_| ev.event.kind == "alert") {
+            if let Some(r) = ev
+                .rule
+                .as_ref()
+                .filter(|_| ev.event.kind == EventKind::Alert)
+            {
                 m.alert(&r.id);
             }
         }
@@ -251,7 +258,9 @@ impl Pipeline {
             };
             let owner = h.owner.clone();
             let before = h.firewall.clone();
-            let mut ev = self.ev.listener_event("exposure-changed", now, l, &owner);
+            let mut ev = self
+                .ev
+                .listener_event(Action::ExposureChanged, now, l, &owner);
             let state = |f: &Option<Arc<crate::classify::firewall::Firewall>>| {
                 f.as_ref().map(|f| f.verdict)
             };
@@ -381,7 +390,7 @@ impl Pipeline {
     /// `sensor-started`: the hook set in use (and why) in `portwatch.hooks`.
     pub fn sensor_started(&mut self, stats: serde_json::Value) {
         let now = self.ev.now();
-        let mut ev = self.ev.base(now, "state", "sensor-started");
+        let mut ev = self.ev.base(now, Action::SensorStarted);
         ev.portwatch.stats = Some(stats);
         ev.portwatch.hooks = self.hooks.clone();
         self.write(ev);
@@ -401,7 +410,7 @@ impl Pipeline {
             "resyncs": self.core.resyncs(),
         });
         let now = self.ev.now();
-        let mut ev = self.ev.base(now, "state", "sensor-stopped");
+        let mut ev = self.ev.base(now, Action::SensorStopped);
         ev.message = Some(format!("portwatch stopped ({why})"));
         ev.portwatch.stats = Some(stats);
         self.output.set_blocking();
@@ -410,9 +419,9 @@ impl Pipeline {
     }
 
     /// A state event about the agent itself (`sensor-started`, `snapshot-complete`, ...).
-    pub fn state(&mut self, action: &'static str, stats: serde_json::Value) {
+    pub fn state(&mut self, action: Action, stats: serde_json::Value) {
         let now = self.ev.now();
-        let mut ev = self.ev.base(now, "state", action);
+        let mut ev = self.ev.base(now, action);
         ev.portwatch.stats = Some(stats);
         self.write(ev);
     }
@@ -441,9 +450,9 @@ impl Pipeline {
         let user = Some(self.ev.enricher.user(r.uid));
         let group = Some(self.ev.enricher.group(r.gid));
         let action = if r.kind == Kind::ListenStarted {
-            "listen-started"
+            Action::ListenStarted
         } else {
-            "udp-bound"
+            Action::UdpBound
         };
         let l = Listener {
             transport: r.transport,
@@ -515,9 +524,9 @@ impl Pipeline {
             ),
         };
         let action = if r.kind == Kind::ListenStopped {
-            "listen-stopped"
+            Action::ListenStopped
         } else {
-            "udp-released"
+            Action::UdpReleased
         };
         let l = Listener {
             transport: r.transport,
@@ -570,8 +579,8 @@ impl Pipeline {
                     owner,
                     user,
                     group: None,
-                    transport: transport_of(f.socket.transport),
-                    udplite: f.socket.transport == scan::Transport::UdpLite,
+                    transport: f.socket.transport.transport(),
+                    udplite: f.socket.transport.is_udplite(),
                     addr: f.socket.addr,
                     port: f.socket.port,
                     v6only: f.v6only,
@@ -596,8 +605,8 @@ impl Pipeline {
             };
             let h = o.held;
             let action = match h.transport {
-                Transport::Tcp => "listen-stopped",
-                Transport::Udp => "udp-released",
+                Transport::Tcp => Action::ListenStopped,
+                Transport::Udp => Action::UdpReleased,
             };
             let l = Listener {
                 transport: h.transport,
@@ -618,7 +627,7 @@ impl Pipeline {
         let reported = merge.report.len();
         if resync {
             self.state(
-                "resync-complete",
+                Action::ResyncComplete,
                 serde_json::json!({
                     "listeners_found": reported,
                     "listeners_ended": ended,
@@ -628,7 +637,7 @@ impl Pipeline {
             );
         } else {
             self.state(
-                "snapshot-complete",
+                Action::SnapshotComplete,
                 serde_json::json!({
                     "listeners": reported,
                     "already_reported_live": merge.skipped,
@@ -661,7 +670,7 @@ impl Pipeline {
         }
         for (key, n) in self.assessor.quiet_folds(last) {
             let now = self.ev.now();
-            let mut ev = self.ev.base(now, "alert", "risky-listener-repeated");
+            let mut ev = self.ev.base(now, Action::RiskyListenerRepeated);
             ev.message = Some(format!(
                 "{n} more alerts for rule {} ({}/{} on {} by {}) were folded into the last one",
                 key.rule,
@@ -675,7 +684,7 @@ impl Pipeline {
                 }
             ));
             ev.network = Some(Network {
-                transport: key.transport.as_str(),
+                transport: Protocol::new(key.transport, false),
                 type_: if key.addr.is_ipv4() { "ipv4" } else { "ipv6" },
             });
             ev.server = Some(Server {
@@ -877,9 +886,9 @@ impl Pipeline {
             };
             let mut probe = self.ev.listener_event(
                 if transport == Transport::Tcp {
-                    "listen-started"
+                    Action::ListenStarted
                 } else {
-                    "udp-bound"
+                    Action::UdpBound
                 },
                 wall,
                 l,
@@ -900,7 +909,9 @@ impl Pipeline {
             user,
             group,
         };
-        let mut ev = self.ev.listener_event("listeners-folded", wall, l, &owner);
+        let mut ev = self
+            .ev
+            .listener_event(Action::ListenersFolded, wall, l, &owner);
         ev.server = None;
         ev.event.category = &["network"];
         ev.event.type_ = &["info"];
@@ -976,9 +987,11 @@ impl Pipeline {
             "rss_bytes": rss,
         });
         let wall = self.ev.now();
-        let mut ev = self.ev.base(wall, "metric", "sensor-health");
+        let mut ev = self.ev.base(wall, Action::SensorHealth);
         if !degraded.is_empty() {
-            ev.log = Some(crate::output::event::Log { level: "warning" });
+            ev.log = Some(crate::output::event::Log {
+                level: Level::Warning,
+            });
             ev.message = Some(format!("running degraded: {}", degraded.join("; ")));
         }
         ev.portwatch.stats = Some(stats);
@@ -997,14 +1010,16 @@ impl Pipeline {
                 self.assessor.set_policy(Some(policy));
                 self.ev.important_ports = self.assessor.important_ports();
                 log::info!("rules reloaded from {}", path.display());
-                let mut ev = self.ev.base(wall, "state", "rules-reloaded");
+                let mut ev = self.ev.base(wall, Action::RulesReloaded);
                 ev.message = Some(format!("rules reloaded from {}", path.display()));
                 self.write(ev);
             }
             Err(e) => {
                 log::error!("{e}; keeping the rules in force");
-                let mut ev = self.ev.base(wall, "state", "config-error");
-                ev.log = Some(crate::output::event::Log { level: "error" });
+                let mut ev = self.ev.base(wall, Action::ConfigError);
+                ev.log = Some(crate::output::event::Log {
+                    level: Level::Error,
+                });
                 ev.message = Some(format!("{e}; the previous rules stay in force"));
                 self.write(ev);
             }
@@ -1039,8 +1054,10 @@ impl Pipeline {
             m.lost(reason, count);
         }
         let now = self.ev.now();
-        let mut ev = self.ev.base(now, "metric", "events-lost");
-        ev.log = Some(crate::output::event::Log { level: "warning" });
+        let mut ev = self.ev.base(now, Action::EventsLost);
+        ev.log = Some(crate::output::event::Log {
+            level: Level::Warning,
+        });
         let at = sink.map(|s| format!(" at {s}")).unwrap_or_default();
         let lane_text = lane.map(|l| format!(", {l} lane")).unwrap_or_default();
         ev.message = Some(format!(
@@ -1084,7 +1101,7 @@ fn short_ports(ranges: &str, count: u32) -> String {
 }
 
 fn o_transport(n: Option<&Network>) -> &'static str {
-    n.map_or("?", |n| n.transport)
+    n.map_or("?", |n| n.transport.as_str())
 }
 
 /// How long the start-up self-check waits for the agent's own listener and bind.

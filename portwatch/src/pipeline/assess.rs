@@ -19,8 +19,7 @@ use crate::{
         Classifier, Exposure, FoldDecision, FoldKey, Folder, Lang, Listener, Policy, Scope,
         Transport, exposure, remediation,
     },
-    kernel::ring,
-    output::event::{AlertInfo, Event, ExposureOut, Log, Risk, Rule, ecs_severity},
+    output::event::{Action, AlertInfo, Event, ExposureOut, Log, Risk, Rule, ecs_severity},
 };
 
 /// How long the address list of a network namespace is reused before it is read again.
@@ -215,10 +214,7 @@ impl Assessor {
     /// asks this of every open listener, and only a changed verdict is assessed again).
     pub fn firewall_now(&mut self, ev: &Event) -> Option<Arc<Firewall>> {
         let (network, server) = (ev.network.as_ref()?, ev.server.as_ref()?);
-        let transport = match network.transport {
-            "udp" | "udplite" => Transport::Udp,
-            _ => Transport::Tcp,
-        };
+        let transport = network.transport.transport();
         let socket = ev.portwatch.socket.as_ref();
         let (v6only, netns) = (socket.and_then(|s| s.v6only), socket.and_then(|s| s.netns));
         let pid = ev.process.as_ref().map(|p| p.pid);
@@ -233,10 +229,7 @@ impl Assessor {
 
     pub fn assess(&mut self, ev: &mut Event) -> Option<Event> {
         let (network, server) = (ev.network.as_ref()?, ev.server.as_ref()?);
-        let transport = match network.transport {
-            "udp" | "udplite" => Transport::Udp,
-            _ => Transport::Tcp,
-        };
+        let transport = network.transport.transport();
         let addr: IpAddr = server.ip;
         let port = server.port;
         let socket = ev.portwatch.socket.as_ref();
@@ -312,13 +305,13 @@ impl Assessor {
         listener.socket_unit = socket_unit.as_deref();
         let fix = remediation::remediation(&listener, &verdict, self.lang);
         let mut alert = ev.clone();
-        alert.event.kind = "alert";
-        alert.event.action = "risky-listener";
+        alert.event.action = Action::RiskyListener;
+        alert.event.kind = Action::RiskyListener.kind();
         alert.event.category = &["network", "intrusion_detection"];
         alert.event.type_ = &["info"];
         if let Some(s) = verdict.severity {
-            let (num, level) = ecs_severity(s);
-            alert.event.severity = Some(num);
+            let (_, level) = ecs_severity(s);
+            alert.event.severity = Some(s);
             alert.log = Some(Log { level });
         }
         alert.message = Some(fix.message.clone());
@@ -372,14 +365,6 @@ fn may_scan_holders(budget: &mut (Instant, u32)) -> bool {
     }
     *n += 1;
     *n <= HOLDER_SCANS_PER_SEC
-}
-
-/// Same transport type on both sides of the classifier boundary.
-pub fn transport(t: ring::Transport) -> Transport {
-    match t {
-        ring::Transport::Tcp => Transport::Tcp,
-        ring::Transport::Udp => Transport::Udp,
-    }
 }
 
 #[cfg(test)]

@@ -491,7 +491,7 @@ mod tests {
         Found {
             netns_ino: netns,
             socket: ProcSocket {
-                transport: scan::Transport::Tcp,
+                transport: scan::Protocol::Tcp,
                 addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
                 port: 11211,
                 uid: 0,
@@ -752,7 +752,7 @@ mod tests {
         let mut c = core();
         c.scan_started(false);
         let mut f = found(40, NS, &[100]);
-        f.socket.transport = scan::Transport::Udp;
+        f.socket.transport = scan::Protocol::Udp;
         merge(&mut c, &[f], false, Instant::now());
         c.tick(Instant::now() + SNAPSHOT_GRACE * 2);
         let mut r = rec(Kind::UdpBound, 40, 5, 100);

@@ -12,9 +12,10 @@ use crate::{
     },
     kernel::ring::Transport,
     output::event::{
-        Agent, Boot, ECS_VERSION, Ecs, Event, EventMeta, Host, Named, Network, Portwatch, Server,
-        Shared, Socket, shared,
+        Action, Agent, Boot, ECS_VERSION, Ecs, Event, EventMeta, Host, Named, Network, Portwatch,
+        Server, Shared, Socket, shared,
     },
+    socket::Protocol,
 };
 
 /// The socket half of a listener event.
@@ -75,23 +76,13 @@ impl Events {
     }
 
     /// An event with the common fields; `event.sequence` is set when it is written.
-    pub fn base(&mut self, wall_ns: i128, kind: &'static str, action: &'static str) -> Event {
-        let (category, type_): (&'static [&'static str], &'static [&'static str]) = match action {
-            "listen-started" | "udp-bound" => (&["network"], &["start"]),
-            "listen-stopped" | "udp-released" => (&["network"], &["end"]),
-            "listener-present" => (&["network"], &["info"]),
-            "exposure-changed" => (&["network"], &["change"]),
-            _ => (&["host"], &["info"]),
-        };
-        let now = self
-            .enricher
-            .clocks
-            .wall_from_ktime(crate::time::monotonic_ns());
+    pub fn base(&mut self, wall_ns: i128, action: Action) -> Event {
+        let (category, type_) = action.category_type();
         Event {
-            timestamp: crate::time::rfc3339(wall_ns),
+            time_ns: wall_ns,
             message: None,
             event: EventMeta {
-                kind,
+                kind: action.kind(),
                 category,
                 type_,
                 action,
@@ -100,7 +91,7 @@ impl Events {
                 sequence: 0,
                 duration: None,
                 severity: None,
-                created: crate::time::rfc3339(now),
+                created_ns: self.now(),
             },
             log: None,
             network: None,
@@ -121,7 +112,7 @@ impl Events {
 
     pub(crate) fn listener_event(
         &mut self,
-        action: &'static str,
+        action: Action,
         wall_ns: i128,
         l: Listener,
         owner: &Owner,
@@ -135,13 +126,9 @@ impl Events {
             user,
             group,
         } = l;
-        let mut ev = self.base(wall_ns, "event", action);
+        let mut ev = self.base(wall_ns, action);
         ev.network = Some(Network {
-            transport: if udplite {
-                "udplite"
-            } else {
-                transport.as_str()
-            },
+            transport: Protocol::new(transport, udplite),
             type_: if addr.is_ipv4() { "ipv4" } else { "ipv6" },
         });
         ev.server = Some(Server { ip: addr, port });
@@ -182,7 +169,7 @@ impl Events {
                 o
             }
         };
-        let transport = transport_of(f.socket.transport);
+        let transport = f.socket.transport.transport();
         let user = Some(self.enricher.user(f.socket.uid));
         let inode = f.socket.inode;
         let socket = Socket {
@@ -197,14 +184,14 @@ impl Events {
         };
         let l = Listener {
             transport,
-            udplite: f.socket.transport == scan::Transport::UdpLite,
+            udplite: f.socket.transport.is_udplite(),
             addr: f.socket.addr,
             port: f.socket.port,
             socket,
             user: user.clone(),
             group: None,
         };
-        let ev = self.listener_event("listener-present", wall_ns, l, &owner);
+        let ev = self.listener_event(Action::ListenerPresent, wall_ns, l, &owner);
         (ev, owner, user)
     }
 
@@ -223,13 +210,5 @@ impl Events {
                 .important_ports
                 .get(usize::from(port) / 64)
                 .is_some_and(|w| w & (1 << (port % 64)) != 0)
-    }
-}
-
-/// The transport of a socket found in /proc (UDP-Lite is handled as UDP).
-pub fn transport_of(t: scan::Transport) -> Transport {
-    match t {
-        scan::Transport::Tcp => Transport::Tcp,
-        scan::Transport::Udp | scan::Transport::UdpLite => Transport::Udp,
     }
 }
