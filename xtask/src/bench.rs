@@ -92,7 +92,8 @@ pub struct BenchArgs {
     /// flood-evasion).
     #[arg(long, value_delimiter = ',')]
     pub workloads: Vec<String>,
-    /// Only these tools (none, portwatch, portwatch-nofold, floor, bpftrace, ss; in
+    /// Only these tools (none, portwatch, portwatch-nofold, floor, floor-cgroup, bpftrace,
+    /// ss; in
     /// flood-evasion: portwatch-file, portwatch-slow-pipe, bpftrace, ss).
     #[arg(long, value_delimiter = ',')]
     pub tools: Vec<String>,
@@ -120,6 +121,9 @@ enum Tool {
     PortwatchNoFold,
     /// Do-nothing programs at portwatch's hooks: what the hooks alone cost.
     Floor,
+    /// The floor without its state tracepoint (cgroup hooks only): what the tracepoint
+    /// alone costs, on TCP workloads.
+    FloorCgroup,
     Bpftrace,
     Ss,
     /// flood-evasion: portwatch writing to a file the bench follows like `tail -f`.
@@ -135,6 +139,7 @@ impl Tool {
             Tool::Portwatch => "portwatch",
             Tool::PortwatchNoFold => "portwatch-nofold",
             Tool::Floor => "floor",
+            Tool::FloorCgroup => "floor-cgroup",
             Tool::Bpftrace => "bpftrace",
             Tool::Ss => "ss",
             Tool::PortwatchFile => "portwatch-file",
@@ -162,7 +167,7 @@ struct Ctx {
     have_bpftrace: bool,
     have_ss: bool,
     /// Consecutive start failures per tool: after two the tool is skipped.
-    failures: [u32; 8],
+    failures: [u32; 9],
     seq: u32,
 }
 
@@ -225,7 +230,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         logs: cfg.out_dir.join("logs"),
         have_bpftrace: tool_works("bpftrace", "--version"),
         have_ss: tool_works("ss", "-V"),
-        failures: [0; 8],
+        failures: [0; 9],
         seq: 0,
         cfg,
     };
@@ -483,6 +488,7 @@ fn tools_for(ctx: &Ctx, w: &Workload) -> Vec<Tool> {
             Tool::Portwatch,
             Tool::PortwatchNoFold,
             Tool::Floor,
+            Tool::FloorCgroup,
             Tool::Bpftrace,
             Tool::Ss,
         ]
@@ -490,7 +496,16 @@ fn tools_for(ctx: &Ctx, w: &Workload) -> Vec<Tool> {
     if w.kind == Kind::Paced {
         // Fixed rate: nothing to compare throughput with; latency and capture only (a
         // paced stream is under any budget: folding changes nothing there).
-        t.retain(|t| !matches!(t, Tool::None | Tool::Floor | Tool::PortwatchNoFold));
+        t.retain(|t| {
+            !matches!(
+                t,
+                Tool::None | Tool::Floor | Tool::FloorCgroup | Tool::PortwatchNoFold
+            )
+        });
+    }
+    if !matches!(w.kind, Kind::TcpChurn | Kind::TcpTraffic) {
+        // The tracepoint sees TCP state changes only.
+        t.retain(|t| *t != Tool::FloorCgroup);
     }
     if w.kind == Kind::TcpTraffic {
         // Six listeners in all: folding changes nothing there.
@@ -514,7 +529,8 @@ fn estimate_secs(cfg: &Config, ws: &[Workload]) -> f64 {
             // Tools, and seconds each beyond the load (the floor's self-check takes 3 s).
             let (n, extra) = match w.kind {
                 Kind::Paced => (3.0, 1.5),
-                Kind::TcpTraffic => (5.0, 2.1),
+                Kind::TcpTraffic => (6.0, 2.1),
+                Kind::TcpChurn => (7.0, 2.0),
                 k if k.is_flood() => (4.0, 2.5),
                 _ => (6.0, 2.0),
             };
@@ -540,6 +556,7 @@ fn tool_index(t: Tool) -> usize {
         Tool::Ss => 5,
         Tool::PortwatchFile => 6,
         Tool::PortwatchSlowPipe => 7,
+        Tool::FloorCgroup => 8,
     }
 }
 
@@ -588,10 +605,11 @@ fn run_one(ctx: &mut Ctx, w: &Workload, tool: Tool, round: u32, kernel_stats: bo
         }
         match tool {
             Tool::None => run.load = Some(do_load()?),
-            Tool::Portwatch | Tool::PortwatchNoFold | Tool::Floor => {
+            Tool::Portwatch | Tool::PortwatchNoFold | Tool::Floor | Tool::FloorCgroup => {
                 let extra: &[&str] = match tool {
                     Tool::PortwatchNoFold => &["--fold-above", "0"],
                     Tool::Floor => &["--hooks", "floor", "--allow-degraded"],
+                    Tool::FloorCgroup => &["--hooks", "floor-cgroup", "--allow-degraded"],
                     _ => &[],
                 };
                 let o = agent::AgentOpts {

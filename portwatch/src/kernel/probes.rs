@@ -116,6 +116,10 @@ pub enum HooksChoice {
     /// fails: use --allow-degraded). For the benchmark's floor run.
     #[value(hide = true)]
     Floor,
+    /// The floor set without its tracepoint: the cgroup hooks alone. For the benchmark,
+    /// to show what the `sock:inet_sock_set_state` tracepoint costs by itself.
+    #[value(hide = true)]
+    FloorCgroup,
 }
 
 /// Which hooks are attached, and why: reported in the `sensor-started` event.
@@ -221,7 +225,10 @@ pub fn load(opts: &Options) -> anyhow::Result<Sensor> {
         // aya's (needed to load the real ones) costs ~8 MiB of peak memory, not worth
         // paying on kernels that refuse fentry anyway.
         let probe = match opts.hooks {
-            HooksChoice::Stable | HooksChoice::DirectKprobe | HooksChoice::Floor => None,
+            HooksChoice::Stable
+            | HooksChoice::DirectKprobe
+            | HooksChoice::Floor
+            | HooksChoice::FloorCgroup => None,
             _ => Some(match kernel_btf.func_id(FENTRY_HOOKS[0].1) {
                 Some(id) => fentry_loads(id),
                 None => Err(format!(
@@ -346,6 +353,19 @@ fn choose_and_attach(
             "asked for with --hooks floor: do-nothing programs, nothing is reported".into(),
         )?;
         hooks.set = "floor";
+        return Ok(hooks);
+    }
+    if choice == HooksChoice::FloorCgroup {
+        let mut hooks = attach_cgroup_set(
+            ebpf,
+            cgroup_root,
+            &FLOOR_PROGRAMS,
+            false,
+            "asked for with --hooks floor-cgroup: do-nothing programs at the cgroup hooks \
+             only, nothing is reported"
+                .into(),
+        )?;
+        hooks.set = "floor-cgroup";
         return Ok(hooks);
     }
     let direct = match btf::missing_direct(offsets) {
@@ -562,6 +582,18 @@ fn attach_cgroup_tracepoint_set(
     names: &[&'static str; 7],
     reason: String,
 ) -> anyhow::Result<Hooks> {
+    attach_cgroup_set(ebpf, cgroup_root, names, true, reason)
+}
+
+/// The cgroup hooks of a set, and its state tracepoint unless `tracepoint` is false
+/// (only the floor-cgroup bench run leaves it out).
+fn attach_cgroup_set(
+    ebpf: &mut Ebpf,
+    cgroup_root: &Path,
+    names: &[&'static str; 7],
+    tracepoint: bool,
+    reason: String,
+) -> anyhow::Result<Hooks> {
     let [state, sockops, bind4, bind6, release, send4, send6] = *names;
     let cgroup = File::open(cgroup_root)
         .with_context(|| format!("opening cgroup2 root {}", cgroup_root.display()))?;
@@ -601,14 +633,17 @@ fn attach_cgroup_tracepoint_set(
     let sends = attach_sends(ebpf, cgroup_root, [send4, send6])?;
     // The state tracepoint goes last: a LISTEN it parks must always be followed by the
     // sock_ops confirmation, or its close would be mistaken for a failed listen().
-    attach_tracepoint(ebpf, state, "sock", "inet_sock_set_state")?;
-    let mut attached: Vec<String> = vec![
-        "tracepoint/sock/inet_sock_set_state".into(),
+    let mut attached: Vec<String> = Vec::new();
+    if tracepoint {
+        attach_tracepoint(ebpf, state, "sock", "inet_sock_set_state")?;
+        attached.push("tracepoint/sock/inet_sock_set_state".into());
+    }
+    attached.extend([
         "cgroup/sock_ops".into(),
         "cgroup/post_bind4".into(),
         "cgroup/post_bind6".into(),
         "cgroup/sock_release".into(),
-    ];
+    ]);
     attached.extend(sends);
     Ok(Hooks {
         set: "stable",

@@ -182,6 +182,7 @@ pub fn build(cfg: &Config, workloads: &[Workload], runs: &[Run], kruns: &[Run]) 
                 "portwatch",
                 "portwatch-nofold",
                 "floor",
+                "floor-cgroup",
                 "portwatch-file",
                 "portwatch-slow-pipe",
                 "bpftrace",
@@ -826,6 +827,17 @@ fn floor_section(s: &mut String, rep: &Report) {
             f(pw),
             pw.map_or("n/a".into(), |p| format!("{:+.3}", p - fl)),
             f(ratio(w, "portwatch-nofold")),
+        ));
+    }
+    for r in rep.rows.iter().filter(|r| r.tool == "floor-cgroup") {
+        let w = &r.workload;
+        let (Some(fc), Some(fl)) = (r.ratio_vs_none, ratio(w, "floor")) else {
+            continue;
+        };
+        lines.push(format!(
+            "- {w}: the floor without its `sock:inet_sock_set_state` tracepoint (cgroup hooks \
+             only) {fc:.3} vs the whole floor {fl:.3}: the tracepoint alone costs {:.3}",
+            fc - fl
         ));
     }
     if lines.is_empty() {
