@@ -237,6 +237,9 @@ struct Shared {
     col: Collected,
 }
 
+/// A connection's thread: Err says why it ended badly.
+type Conn = JoinHandle<Result<(), String>>;
+
 struct Receiver {
     port: u16,
     shared: Arc<Mutex<Shared>>,
@@ -244,7 +247,7 @@ struct Receiver {
     started: Arc<AtomicBool>,
     connections: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
-    accept: Option<JoinHandle<Vec<JoinHandle<Result<(), String>>>>>,
+    accept: Option<JoinHandle<Vec<Conn>>>,
 }
 
 trait Stream: Read + Write + Send {}
@@ -372,17 +375,17 @@ fn serve(
                     "open" => {
                         let offer = "200 OK\nrelp_version=0\nrelp_software=portwatch-bench\n\
                                      commands=syslog";
-                        let _ = write!(acks, "{txnr} rsp {} {offer}\n", offer.len());
+                        let _ = writeln!(acks, "{txnr} rsp {} {offer}", offer.len());
                     }
                     "syslog" => {
-                        let _ = write!(acks, "{txnr} rsp 6 200 OK\n");
+                        let _ = writeln!(acks, "{txnr} rsp 6 200 OK");
                         match json_start.find(&buf[d0..d1]) {
                             Some(j) => events.push((d0 + j, d1)),
                             None => return Err("receiver: a syslog frame without JSON".into()),
                         }
                     }
                     "close" => {
-                        let _ = write!(acks, "{txnr} rsp 0\n");
+                        let _ = writeln!(acks, "{txnr} rsp 0");
                         closed = true;
                     }
                     other => return Err(format!("receiver: unexpected RELP command {other}")),
@@ -711,7 +714,7 @@ mod tests {
 
     #[test]
     fn relp_frames_parse_whole_or_not_at_all() {
-        let open = b"1 open 16 relp_version=0\n2 syslog 3 abc\n3 close 0\n";
+        let open = b"1 open 14 relp_version=0\n2 syslog 3 abc\n3 close 0\n";
         let (t, c, d, used) = relp_frame(open).unwrap().unwrap();
         assert_eq!((t, c, &open[d.0..d.1]), (1, "open", &b"relp_version=0"[..]));
         let (t, c, d, used2) = relp_frame(&open[used..]).unwrap().unwrap();
