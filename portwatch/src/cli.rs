@@ -53,7 +53,7 @@ pub enum Command {
         #[arg(long, value_name = "ENDPOINT")]
         forward: Vec<crate::output::sinks::Endpoint>,
         /// Send each event as RFC 5424 syslog over RELP to HOST:PORT (or tls:HOST:PORT):
-        /// delivered only once the relay acknowledged it (rsyslog imrelp, syslog-ng).
+        /// delivered only once the relay acknowledged it (rsyslog imrelp).
         /// Repeatable.
         #[arg(long, value_name = "ENDPOINT", value_parser = crate::output::sinks::Endpoint::parse_relp)]
         relp: Vec<crate::output::sinks::Endpoint>,

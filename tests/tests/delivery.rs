@@ -54,6 +54,15 @@ fn relay_tools() -> bool {
     missing.is_empty()
 }
 
+/// The relay tools, or a failed test that names what to install: the tests added since
+/// do not skip.
+fn require_relay_tools() {
+    assert!(
+        relay_tools(),
+        "the relay tools are missing (see the line above); cargo xtask setup installs them"
+    );
+}
+
 fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl")
         .current_dir(dir)
@@ -67,13 +76,15 @@ fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
-/// A CA, a server certificate it signed for `localhost` only, and a second CA that
-/// signed nothing of this.
+/// A CA, a server certificate it signed for `localhost` only, a client certificate it
+/// signed (an agent's), and a second CA that signed nothing of this.
 struct Certs {
     ca: PathBuf,
     other_ca: PathBuf,
     cert: PathBuf,
     key: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
 }
 
 impl Certs {
@@ -131,11 +142,50 @@ impl Certs {
                 "ext.cnf",
             ],
         );
+        let mut a = vec!["req"];
+        a.extend(ec);
+        a.extend([
+            "-keyout",
+            "client.key",
+            "-out",
+            "client.csr",
+            "-subj",
+            "/CN=portwatch test agent",
+        ]);
+        openssl(dir, &a);
+        std::fs::write(
+            dir.join("client-ext.cnf"),
+            "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\n\
+             extendedKeyUsage=clientAuth\n",
+        )
+        .unwrap();
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "client.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "client.pem",
+                "-days",
+                "2",
+                "-extfile",
+                "client-ext.cnf",
+            ],
+        );
         Certs {
             ca: dir.join("ca.pem"),
             other_ca: dir.join("other-ca.pem"),
             cert: dir.join("server.pem"),
             key: dir.join("server.key"),
+            client_cert: dir.join("client.pem"),
+            client_key: dir.join("client.key"),
         }
     }
 }
@@ -151,6 +201,8 @@ struct Rsyslog {
     out: PathBuf,
     tls: u16,
     relp: u16,
+    /// The ports start() waits for.
+    inputs: Vec<u16>,
 }
 
 impl Rsyslog {
@@ -183,6 +235,44 @@ template(name="msg" type="string" string="%inputname% %msg%\n")
             out,
             tls,
             relp,
+            inputs: vec![tls, relp],
+        }
+    }
+
+    /// One RELP input with TLS on (`imrelp` `tls="on"`), with librelp's `tlslib`
+    /// (`gnutls` or `openssl`: Debian's librelp is built with both), in a directory of its
+    /// own under `dir`. Like the fleet relay (packaging/relay), it asks every client for
+    /// a certificate the CA signed (`tls.authMode="certvalid"`).
+    fn relp_tls(dir: &Path, certs: &Certs, tlslib: &str) -> Rsyslog {
+        let dir = dir.join(format!("rsyslog-{tlslib}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let relp = free_port();
+        let out = dir.join("out.log");
+        let conf = format!(
+            r#"global(workDirectory="{d}" maxMessageSize="64k")
+module(load="imrelp" tls.tlslib="{tlslib}")
+input(type="imrelp" address="127.0.0.1" port="{relp}" tls="on"
+      tls.caCert="{ca}" tls.myCert="{cert}" tls.myPrivKey="{key}"
+      tls.authMode="certvalid")
+template(name="msg" type="string" string="%inputname% %msg%\n")
+*.* action(type="omfile" file="{out}" template="msg")
+"#,
+            d = dir.display(),
+            ca = certs.ca.display(),
+            cert = certs.cert.display(),
+            key = certs.key.display(),
+            out = out.display(),
+        );
+        let conf_path = dir.join("rsyslog.conf");
+        std::fs::write(&conf_path, conf).unwrap();
+        Rsyslog {
+            child: None,
+            conf: conf_path,
+            dir,
+            out,
+            tls: 0,
+            relp,
+            inputs: vec![relp],
         }
     }
 
@@ -204,11 +294,11 @@ template(name="msg" type="string" string="%inputname% %msg%\n")
             .spawn()
             .unwrap();
         self.child = Some(child);
-        let (tls, relp) = (self.tls, self.relp);
         poll(Duration::from_secs(10), || {
-            (TcpListener::bind(("127.0.0.1", tls)).is_err()
-                && TcpListener::bind(("127.0.0.1", relp)).is_err())
-            .then_some(())
+            self.inputs
+                .iter()
+                .all(|&p| TcpListener::bind(("127.0.0.1", p)).is_err())
+                .then_some(())
         })
         .unwrap_or_else(|| {
             panic!(
@@ -430,6 +520,106 @@ fn forward_over_tls_reaches_a_tls_listener_and_bad_certificates_fail_in_one_line
     let _ = server.wait();
     assert!(status.success());
     got.expect("the event as a JSON line over TLS");
+}
+
+/// RELP over TLS to rsyslog's imrelp (`tls="on"`), once with each TLS library librelp
+/// has on Debian 12 (GnuTLS and OpenSSL), the agent showing its client certificate as
+/// the fleet relay asks: every `event.sequence` the agent wrote arrives, none is lost.
+/// A wrong CA and a wrong name each stop the start with one line.
+#[test]
+fn relp_over_tls_reaches_rsyslog_and_bad_certificates_fail_in_one_line() {
+    if !can_run_kernel_tests() {
+        return;
+    }
+    require_relay_tools();
+    let dir = tempfile::tempdir().unwrap();
+    let certs = Certs::make(dir.path());
+    let (ca, other) = (certs.ca.to_str().unwrap(), certs.other_ca.to_str().unwrap());
+    let (cert, key) = (
+        certs.client_cert.to_str().unwrap(),
+        certs.client_key.to_str().unwrap(),
+    );
+    for tlslib in ["gnutls", "openssl"] {
+        let mut rs = Rsyslog::relp_tls(dir.path(), &certs, tlslib);
+        rs.start();
+        let target = format!("tls:localhost:{}", rs.relp);
+        let sink = format!("relp:{target}");
+        let mut agent = Agent::start(&[
+            "--no-snapshot",
+            "--stdout",
+            "--relp",
+            &target,
+            "--tls-ca",
+            ca,
+            "--tls-cert",
+            cert,
+            "--tls-key",
+            key,
+        ]);
+        churn(100, 2.0);
+        // Everything the agent wrote to stdout also reached the relay, numbered alike.
+        let delivered = poll(Duration::from_secs(20), || {
+            agent.wait_for(Duration::from_millis(200), |_| false);
+            let n = agent.seen.len() as u64;
+            (rs.sequences("imrelp").into_iter().max() >= Some(n)).then_some(n)
+        });
+        let (status, events) = agent.stop();
+        assert!(status.success(), "{tlslib}: the agent failed");
+        assert!(
+            delivered.is_some(),
+            "{tlslib}: the relay did not get every event: {}",
+            std::fs::read_to_string(rs.dir.join("rsyslog.err")).unwrap_or_default()
+        );
+        let seqs = poll(Duration::from_secs(10), || {
+            let s = rs.sequences("imrelp");
+            (s.iter().max() == Some(&(events.len() as u64))).then_some(s)
+        })
+        .unwrap_or_else(|| rs.sequences("imrelp"));
+        let max = assert_gap_free(&seqs);
+        assert_eq!(
+            max,
+            events.len() as u64,
+            "{tlslib}: relay and agent count alike"
+        );
+        assert!(max > 300, "{tlslib}: {max} events in 2 s of churn");
+        assert!(
+            lost_at(&events, &sink).is_empty(),
+            "{tlslib}: {:?}",
+            lost_at(&events, &sink)
+        );
+        eprintln!("relp over TLS ({tlslib}): {max} events, all arrived");
+
+        one_line_error(
+            Agent::try_start(&[
+                "--no-snapshot",
+                "--relp",
+                &target,
+                "--tls-ca",
+                other,
+                "--tls-cert",
+                cert,
+                "--tls-key",
+                key,
+            ]),
+            &["not signed by a CA", "--tls-ca"],
+        );
+        let by_ip = format!("tls:127.0.0.1:{}", rs.relp);
+        one_line_error(
+            Agent::try_start(&[
+                "--no-snapshot",
+                "--relp",
+                &by_ip,
+                "--tls-ca",
+                ca,
+                "--tls-cert",
+                cert,
+                "--tls-key",
+                key,
+            ]),
+            &["not valid for the name `127.0.0.1`"],
+        );
+        rs.stop();
+    }
 }
 
 /// RELP to rsyslog's imrelp under a steady stream (200 events/s): the relay is stopped
@@ -705,4 +895,78 @@ fn fleet_relay_config_passes_rsyslogd_check() {
         out.status.success() && !text.contains("error"),
         "rsyslogd -N1: {text}"
     );
+}
+
+/// Where `cargo xtask setup` unpacks Debian's syslog-ng-core and syslog-ng-mod-rdkafka
+/// (xtask/src/main.rs `SYSLOG_NG_ROOT`): installed with apt they would remove rsyslog.
+const SYSLOG_NG_ROOT: &str = "/opt/portwatch-test-tools/syslog-ng";
+
+/// The syslog-ng fleet relay configuration in packaging/relay passes syslog-ng's own
+/// check (`syslog-ng --syntax-only`), its example certificate paths pointed at real
+/// files (syslog-ng opens them while checking), with the modules it loads (afsocket's
+/// TLS, kafka-c) from the unpacked package. A configuration with a typo fails the same
+/// check, so a pass means something. No syslog-ng: the test fails, it does not skip.
+#[test]
+fn fleet_relay_config_passes_syslog_ng_check() {
+    let root = Path::new(SYSLOG_NG_ROOT);
+    let bin = root.join("usr/sbin/syslog-ng");
+    assert!(
+        bin.exists() && have("openssl"),
+        "{} or openssl is missing: cargo xtask setup unpacks syslog-ng there (apt-get \
+         download syslog-ng-core syslog-ng-mod-rdkafka, dpkg-deb -x)",
+        bin.display()
+    );
+    let libs = root.join("usr/lib/syslog-ng");
+    let modules: Vec<PathBuf> = std::fs::read_dir(&libs)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.join("libafsocket.so").exists())
+        .collect();
+    assert_eq!(
+        modules.len(),
+        1,
+        "one module directory in {}",
+        libs.display()
+    );
+    assert!(
+        modules[0].join("libkafka.so").exists(),
+        "syslog-ng-mod-rdkafka is not unpacked in {}",
+        root.display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let certs = Certs::make(dir.path());
+    let example =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/relay/syslog-ng-relay.conf");
+    let conf = std::fs::read_to_string(&example)
+        .unwrap()
+        .replace(
+            "/etc/syslog-ng/tls/fleet-ca.pem",
+            certs.ca.to_str().unwrap(),
+        )
+        .replace("/etc/syslog-ng/tls/relay.pem", certs.cert.to_str().unwrap())
+        .replace("/etc/syslog-ng/tls/relay.key", certs.key.to_str().unwrap())
+        .replace("/var/lib/syslog-ng/portwatch", dir.path().to_str().unwrap());
+    let check = |conf: &str| {
+        let path = dir.path().join("relay.conf");
+        std::fs::write(&path, conf).unwrap();
+        let out = Command::new(&bin)
+            .arg("--syntax-only")
+            .arg(format!("--module-path={}", modules[0].display()))
+            .arg("--cfgfile")
+            .arg(&path)
+            .env("LD_LIBRARY_PATH", &libs)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr).into_owned()
+            + &String::from_utf8_lossy(&out.stdout);
+        (out.status.success(), text)
+    };
+    let (ok, text) = check(&conf);
+    assert!(
+        ok && !text.to_lowercase().contains("error") && !text.contains("WARNING"),
+        "syslog-ng --syntax-only: {text}"
+    );
+    let (ok, text) = check(&conf.replace("kafka-c(", "kafka-cc("));
+    assert!(!ok, "a misspelt driver passed syslog-ng's check: {text}");
 }

@@ -27,13 +27,19 @@
 //! cargo xtask bench --output null --ring-bytes 4194304
 //! cargo xtask bench --workloads tcp-churn,paced --tools none,portwatch --rounds 5
 //! cargo xtask bench --quick --workloads tcp-churn-1p,flood-evasion --no-kernel-cost
+//! cargo xtask bench --quick --workloads delivery --no-kernel-cost   # TLS forward, RELP
 //! ```
+//!
+//! `delivery-*` (bench/delivery.rs): the agent sending to a network destination (TLS
+//! forward, RELP, RELP over TLS) that the bench receives and acknowledges in process:
+//! delivered/s, latency to the acknowledgement, agent CPU per 1,000 events.
 //!
 //! `cargo xtask` is an unoptimised build; the bench re-executes itself from
 //! target/release/xtask so that its reader of the agent's output (about 1 µs a line
 //! optimised, 10 µs not) is never the bottleneck it is measuring.
 
 mod agent;
+mod delivery;
 mod flood;
 mod load;
 mod peers;
@@ -89,12 +95,12 @@ pub struct BenchArgs {
     #[arg(long)]
     pub quick: bool,
     /// Only these workloads (comma-separated ids or prefixes, e.g. tcp-churn,paced,
-    /// flood-evasion).
+    /// flood-evasion, delivery).
     #[arg(long, value_delimiter = ',')]
     pub workloads: Vec<String>,
     /// Only these tools (none, portwatch, portwatch-nofold, floor, floor-cgroup, bpftrace,
-    /// ss; in
-    /// flood-evasion: portwatch-file, portwatch-slow-pipe, bpftrace, ss).
+    /// ss; in flood-evasion: portwatch-file, portwatch-slow-pipe, bpftrace, ss; in
+    /// delivery: forward-tls, relp, relp-tls).
     #[arg(long, value_delimiter = ',')]
     pub tools: Vec<String>,
     /// Skip the pass with BPF run-time statistics on.
@@ -267,23 +273,36 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     }
 
     let workloads = workloads(&ctx.cfg);
-    if workloads.is_empty() {
+    let d_workloads = delivery::workloads(&ctx.cfg);
+    let d_dests = delivery::dests(&ctx.cfg);
+    if workloads.is_empty() && d_workloads.is_empty() {
         bail!("--workloads matched nothing");
     }
+    let certs = if d_workloads.is_empty() || d_dests.is_empty() {
+        None
+    } else {
+        Some(delivery::Certs::make(&ctx.tmp.join("tls")).context("delivery rows: certificates")?)
+    };
     if workloads.iter().any(|w| w.kind.is_flood()) {
         flood::check_port()?;
     }
     let load_start = util::loadavg();
-    let est = estimate_secs(&ctx.cfg, &workloads);
+    let est = estimate_secs(&ctx.cfg, &workloads)
+        + f64::from(ctx.cfg.rounds)
+            * d_workloads
+                .iter()
+                .map(|w| d_dests.len() as f64 * (w.secs + 3.0))
+                .sum::<f64>();
     step(&format!(
         "{} workloads x tools, {} round(s), {} s per churn run; about {:.0} min",
-        workloads.len(),
+        workloads.len() + d_workloads.len(),
         ctx.cfg.rounds,
         ctx.cfg.secs,
         est / 60.0
     ));
 
     let mut runs: Vec<Run> = Vec::new();
+    let mut d_runs: Vec<delivery::DeliveryRun> = Vec::new();
     for round in 0..ctx.cfg.rounds {
         for w in &workloads {
             let mut tools = tools_for(&ctx, w);
@@ -296,10 +315,33 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 std::thread::sleep(Duration::from_millis(300));
             }
         }
+        if let Some(certs) = &certs {
+            for w in &d_workloads {
+                let mut dests = d_dests.clone();
+                let n = dests.len();
+                dests.rotate_left(round as usize % n);
+                for dest in dests {
+                    ctx.seq += 1;
+                    let tag = format!("{:03}-{}-{}", ctx.seq, w.id.replace('/', "_"), dest.name());
+                    let env = delivery::Env {
+                        agent: &ctx.agent,
+                        loadgen: &ctx.loadgen,
+                        tmp: &ctx.tmp,
+                        logs: &ctx.logs,
+                        certs,
+                        ring_bytes: ctx.cfg.args.ring_bytes,
+                    };
+                    let r = delivery::run_one(&env, w, dest, round, &tag);
+                    eprintln!("    {}", delivery::progress_line(&r));
+                    d_runs.push(r);
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+            }
+        }
     }
 
     let mut kernel_runs: Vec<Run> = Vec::new();
-    if !ctx.cfg.args.no_kernel_cost {
+    if !ctx.cfg.args.no_kernel_cost && !workloads.is_empty() {
         step(&format!(
             "in-kernel cost pass: BPF run-time statistics on, {} s per run",
             ctx.cfg.kernel_secs
@@ -350,7 +392,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         "args": &ctx.cfg.args,
     });
     let rep = report::build(&ctx.cfg, &workloads, &runs, &kernel_runs);
-    let md = report::markdown(&ctx.cfg, &meta, &rep);
+    let mut md = report::markdown(&ctx.cfg, &meta, &rep);
+    if certs.is_some() {
+        md.push('\n');
+        md.push_str(&delivery::markdown(&d_runs, &d_workloads, &d_dests));
+    }
     let json = serde_json::json!({
         "meta": meta,
         "workloads": workloads,
@@ -359,6 +405,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         "targets": rep.targets,
         "runs": runs,
         "kernel_cost_runs": kernel_runs,
+        "delivery_workloads": d_workloads,
+        "delivery_runs": d_runs,
     });
     let jpath = ctx.cfg.out_dir.join("results.json");
     let mpath = ctx.cfg.out_dir.join("results.md");

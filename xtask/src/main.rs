@@ -131,6 +131,12 @@ impl Need {
                 // The fleet relay example (packaging/relay) forwards with omkafka.
                 "rsyslog-kafka",
                 "openssl",
+                // The libraries of syslog-ng-core that do not conflict with rsyslog: the
+                // binary itself is unpacked privately (setup_syslog_ng).
+                "libivykis0",
+                "libnet1",
+                "libpcre3",
+                "libwrap0",
             ],
             Need::Package => &[
                 "dpkg-dev",
@@ -261,6 +267,9 @@ fn setup(needs: &[Need]) -> anyhow::Result<()> {
     if needs.contains(&Need::Fuzz) {
         setup_cargo_fuzz()?;
     }
+    if needs.contains(&Need::TestTools) {
+        setup_syslog_ng()?;
+    }
     if needs.contains(&Need::Kernel) {
         if Path::new("/sys/kernel/tracing/events").is_dir() {
             step("tracefs: mounted");
@@ -305,6 +314,73 @@ fn setup_bpf_linker() -> anyhow::Result<()> {
             .args(["--no-default-features", "--features", "llvm-22"])
             .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
     )
+}
+
+/// Where the syslog-ng relay check finds syslog-ng: Debian's syslog-ng-core and
+/// syslog-ng-mod-rdkafka unpacked, not installed (tests/tests/delivery.rs reads the same
+/// path).
+const SYSLOG_NG_ROOT: &str = "/opt/portwatch-test-tools/syslog-ng";
+
+/// syslog-ng for `syslog-ng --syntax-only` of packaging/relay/syslog-ng-relay.conf.
+/// Installed with apt it would remove rsyslog (both are the system logger, and Debian
+/// makes them conflict), which the other relay tests need. So its two packages are
+/// fetched with `apt-get download` and unpacked with `dpkg-deb -x` into SYSLOG_NG_ROOT;
+/// their libraries that conflict with nothing come from apt (TestTools). It only reads
+/// configurations there: no service, no /dev/log.
+fn setup_syslog_ng() -> anyhow::Result<()> {
+    let root = Path::new(SYSLOG_NG_ROOT);
+    let bin = root.join("usr/sbin/syslog-ng");
+    let runs = Command::new(&bin)
+        .arg("--version")
+        .env("LD_LIBRARY_PATH", root.join("usr/lib/syslog-ng"))
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if runs && root.join(".complete").exists() {
+        step(&format!(
+            "syslog-ng (unpacked in {SYSLOG_NG_ROOT}): present"
+        ));
+        return Ok(());
+    }
+    step(&format!(
+        "syslog-ng: unpacking syslog-ng-core and syslog-ng-mod-rdkafka into {SYSLOG_NG_ROOT} \
+         (apt would remove rsyslog)"
+    ));
+    let _ = std::fs::remove_dir_all(root);
+    let debs = root.with_extension("debs");
+    let _ = std::fs::remove_dir_all(&debs);
+    std::fs::create_dir_all(&debs).with_context(|| format!("creating {}", debs.display()))?;
+    let download = || {
+        let mut c = Command::new("apt-get");
+        c.current_dir(&debs)
+            .args(["download", "-q", "syslog-ng-core", "syslog-ng-mod-rdkafka"]);
+        c
+    };
+    // Not found: the package lists of a fresh machine are stale or absent.
+    if status(&mut download()).is_err() {
+        status(Command::new("apt-get").args(["update", "-q"]))?;
+        status(&mut download())?;
+    }
+    for e in std::fs::read_dir(&debs)? {
+        let deb = e?.path();
+        if deb.extension().is_some_and(|x| x == "deb") {
+            status(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(root))?;
+        }
+    }
+    std::fs::remove_dir_all(&debs)?;
+    let out = Command::new(&bin)
+        .arg("--version")
+        .env("LD_LIBRARY_PATH", root.join("usr/lib/syslog-ng"))
+        .output()
+        .with_context(|| format!("running {}", bin.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} --version failed after unpacking: {}",
+            bin.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    std::fs::write(root.join(".complete"), b"")?;
+    Ok(())
 }
 
 fn setup_cargo_fuzz() -> anyhow::Result<()> {

@@ -1,6 +1,7 @@
-//! RELP, the Reliable Event Logging Protocol (rsyslog's imrelp, syslog-ng's `relp()`
-//! destination), client side and sans I/O: frames out, frames in. The sender in `emit`
-//! moves the bytes and decides what an acknowledgement means for the spool.
+//! RELP, the Reliable Event Logging Protocol (rsyslog's imrelp; syslog-ng has it only in
+//! its Premium Edition), client side and sans I/O: frames out, frames in. The sender in
+//! `output::sinks` moves the bytes and decides what an acknowledgement means for the
+//! spool.
 //!
 //! From the protocol's specification (librelp `doc/relp.html`):
 //! `FRAME = TXNR SP COMMAND SP DATALEN [SP DATA] LF`, TXNR and DATALEN at most 9

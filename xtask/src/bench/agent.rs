@@ -73,7 +73,7 @@ pub struct Collected {
     pub alert_repeats: HashMap<u16, u64>,
 }
 
-struct Scanner {
+pub struct Scanner {
     ts: Finder<'static>,
     action: Finder<'static>,
     created: Finder<'static>,
@@ -160,7 +160,7 @@ fn fold_of(v: &serde_json::Value) -> (u32, bool, u64, u64) {
 }
 
 impl Scanner {
-    fn new() -> Scanner {
+    pub fn new() -> Scanner {
         Scanner {
             ts: Finder::new(b"\"@timestamp\":\""),
             action: Finder::new(b"\"action\":\""),
@@ -227,7 +227,7 @@ impl Scanner {
         ))
     }
 
-    fn line(&mut self, line: &[u8], recv_ns: i64, out: &mut Collected) {
+    pub fn line(&mut self, line: &[u8], recv_ns: i64, out: &mut Collected) {
         if line.iter().all(u8::is_ascii_whitespace) {
             return;
         }
@@ -518,7 +518,11 @@ impl Drop for Guard {
     }
 }
 
-fn stop(child: &mut Child, sig: i32, grace: Duration) -> anyhow::Result<std::process::ExitStatus> {
+pub fn stop(
+    child: &mut Child,
+    sig: i32,
+    grace: Duration,
+) -> anyhow::Result<std::process::ExitStatus> {
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, sig) };
     let t = Instant::now();
