@@ -54,8 +54,8 @@ fn relay_tools() -> bool {
     missing.is_empty()
 }
 
-/// The relay tools, or a failed test that names what to install: the tests added since
-/// do not skip.
+/// The relay tools, or a failed test that names what to install: a relay test never
+/// skips for want of them.
 fn require_relay_tools() {
     assert!(
         relay_tools(),
@@ -399,9 +399,10 @@ fn lost_at<'a>(events: &'a [Value], sink: &str) -> Vec<&'a Value> {
 /// CA; a wrong CA and a wrong name each stop the start with one line that says what to do.
 #[test]
 fn syslog_over_tls_reaches_rsyslog_and_bad_certificates_fail_in_one_line() {
-    if !can_run_kernel_tests() || !relay_tools() {
+    if !can_run_kernel_tests() {
         return;
     }
+    require_relay_tools();
     let dir = tempfile::tempdir().unwrap();
     let certs = Certs::make(dir.path());
     let mut rs = Rsyslog::new(dir.path(), &certs);
@@ -447,9 +448,10 @@ fn syslog_over_tls_reaches_rsyslog_and_bad_certificates_fail_in_one_line() {
 /// JSON lines over TLS to `openssl s_server`; the same two certificate mistakes.
 #[test]
 fn forward_over_tls_reaches_a_tls_listener_and_bad_certificates_fail_in_one_line() {
-    if !can_run_kernel_tests() || !relay_tools() {
+    if !can_run_kernel_tests() {
         return;
     }
+    require_relay_tools();
     let dir = tempfile::tempdir().unwrap();
     let certs = Certs::make(dir.path());
     let tls_port = free_port();
@@ -628,9 +630,10 @@ fn relp_over_tls_reaches_rsyslog_and_bad_certificates_fail_in_one_line() {
 /// count agrees with the agent's.
 #[test]
 fn relp_delivers_every_event_across_a_relay_outage() {
-    if !can_run_kernel_tests() || !relay_tools() {
+    if !can_run_kernel_tests() {
         return;
     }
+    require_relay_tools();
     let dir = tempfile::tempdir().unwrap();
     let certs = Certs::make(dir.path());
     let mut rs = Rsyslog::new(dir.path(), &certs);
@@ -718,9 +721,10 @@ const OUTAGE_SECS: f64 = 15.0;
 /// the second agent replays the first one's spool, numbering on after it.
 #[test]
 fn relp_spool_is_replayed_by_the_next_agent() {
-    if !can_run_kernel_tests() || !relay_tools() {
+    if !can_run_kernel_tests() {
         return;
     }
+    require_relay_tools();
     let dir = tempfile::tempdir().unwrap();
     let certs = Certs::make(dir.path());
     let spool = dir.path().join("spool");
@@ -766,9 +770,10 @@ fn relp_spool_is_replayed_by_the_next_agent() {
 /// record that was in the spool, skips the torn one and reports it as lost.
 #[test]
 fn spool_survives_kill_9_and_counts_a_torn_record() {
-    if !can_run_kernel_tests() || !relay_tools() {
+    if !can_run_kernel_tests() {
         return;
     }
+    require_relay_tools();
     let dir = tempfile::tempdir().unwrap();
     let certs = Certs::make(dir.path());
     let spool = dir.path().join("spool");
@@ -865,9 +870,7 @@ fn spool_survives_kill_9_and_counts_a_torn_record() {
 /// (`rsyslogd -N1`), with its example certificate paths pointed at real files.
 #[test]
 fn fleet_relay_config_passes_rsyslogd_check() {
-    if !relay_tools() {
-        return;
-    }
+    require_relay_tools();
     let dir = tempfile::tempdir().unwrap();
     let certs = Certs::make(dir.path());
     let example =
