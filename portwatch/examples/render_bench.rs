@@ -11,82 +11,60 @@ use std::{hint::black_box, net::IpAddr, time::Instant};
 
 use portwatch::{
     output::event::{
-        Action, Agent, Boot, Cgroup, ECS_VERSION, Ecs, Event, EventMeta, Host, Named, Network,
-        Parent, Portwatch, Process, Server, Socket, shared,
+        Action, Agent, Boot, Cgroup, Event, Host, Named, Network, Parent, Process, Server, Socket,
+        shared,
     },
     socket::Protocol,
 };
 
 fn event() -> Event {
-    let action = Action::ListenStarted;
-    let (category, type_) = action.category_type();
-    let mut ev = Event {
-        time_ns: 1_795_741_780_451_005_964,
-        message: None,
-        event: EventMeta {
-            kind: action.kind(),
-            category,
-            type_,
-            action,
-            dataset: "portwatch.listener",
-            module: "portwatch",
-            sequence: 0,
-            duration: None,
-            severity: None,
-            created_ns: 1_795_741_780_451_276_043,
-        },
-        log: None,
-        network: Some(Network {
-            transport: Protocol::Tcp,
-            type_: "ipv4",
-        }),
-        server: Some(Server {
-            ip: IpAddr::from([127, 0, 0, 1]),
-            port: 40_000,
-        }),
-        process: Some(shared(Process {
-            pid: 10_849,
-            name: Some("loadgen".into()),
-            parent: Some(Parent { pid: 10_843 }),
-            executable: Some("/work/main/target/release/loadgen".into()),
-            command_line: Some("loadgen --tcp --seconds 3".into()),
-            args: Some(vec![
-                "loadgen".into(),
-                "--tcp".into(),
-                "--seconds".into(),
-                "3".into(),
-            ]),
-            start_ns: Some(1_795_741_780_358_453_171),
-            entity_id: Some("7b72bf9fd06433c9".into()),
-            executable_owner: Some(0),
-        })),
-        user: Some(shared(Named {
-            id: "0".into(),
-            name: Some("root".into()),
-        })),
-        group: Some(shared(Named {
-            id: "0".into(),
-            name: Some("root".into()),
-        })),
-        container: None,
-        rule: None,
-        host: shared(Host {
+    let mut ev = Event::new(
+        Action::ListenStarted,
+        1_795_741_780_451_005_964,
+        1_795_741_780_451_276_043,
+        shared(Host {
             name: "vm".into(),
             id: Some("3d1219c7c4c5404aaa1f6d2a48adfda4".into()),
             boot: Some(Boot {
                 id: "30b29330-2651-4064-8817-e539dacb01e9".into(),
             }),
         }),
-        agent: shared(Agent {
+        shared(Agent {
             type_: "portwatch",
             name: "portwatch",
             version: env!("CARGO_PKG_VERSION"),
         }),
-        ecs: Ecs {
-            version: ECS_VERSION,
-        },
-        portwatch: Portwatch::default(),
-    };
+    );
+    ev.network = Some(Network {
+        transport: Protocol::Tcp,
+        type_: "ipv4",
+    });
+    ev.server = Some(Server {
+        ip: IpAddr::from([127, 0, 0, 1]),
+        port: 40_000,
+    });
+    ev.process = Some(shared(Process {
+        pid: 10_849,
+        name: Some("loadgen".into()),
+        parent: Some(Parent { pid: 10_843 }),
+        executable: Some("/work/main/target/release/loadgen".into()),
+        command_line: Some("loadgen --tcp --seconds 3".into()),
+        args: Some(vec![
+            "loadgen".into(),
+            "--tcp".into(),
+            "--seconds".into(),
+            "3".into(),
+        ]),
+        start_ns: Some(1_795_741_780_358_453_171),
+        entity_id: Some("7b72bf9fd06433c9".into()),
+        executable_owner: Some(0),
+    }));
+    let root = shared(Named {
+        id: "0".into(),
+        name: Some("root".into()),
+    });
+    ev.user = Some(root.clone());
+    ev.group = Some(root);
     ev.portwatch.cgroup = Some(shared(Cgroup {
         id: Some(1),
         path: Some("/user.slice/user-0.slice/session-1.scope".into()),

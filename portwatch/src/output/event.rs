@@ -294,6 +294,51 @@ pub struct Event {
     pub portwatch: Portwatch,
 }
 
+impl Event {
+    /// An event with only the fields every event has: `action` (its kind, category and
+    /// type follow from it), when it happened and when it was made (nanoseconds since the
+    /// epoch), and the host and agent. `event.sequence` is set when it is written.
+    pub fn new(
+        action: Action,
+        time_ns: i128,
+        created_ns: i128,
+        host: Shared<Host>,
+        agent: Shared<Agent>,
+    ) -> Event {
+        let (category, type_) = action.category_type();
+        Event {
+            time_ns,
+            message: None,
+            event: EventMeta {
+                kind: action.kind(),
+                category,
+                type_,
+                action,
+                dataset: "portwatch.listener",
+                module: "portwatch",
+                sequence: 0,
+                duration: None,
+                severity: None,
+                created_ns,
+            },
+            log: None,
+            network: None,
+            server: None,
+            process: None,
+            user: None,
+            group: None,
+            container: None,
+            rule: None,
+            host,
+            agent,
+            ecs: Ecs {
+                version: ECS_VERSION,
+            },
+            portwatch: Portwatch::default(),
+        }
+    }
+}
+
 #[derive(Serialize, Debug, Clone)]
 pub struct EventMeta {
     pub kind: Kind,

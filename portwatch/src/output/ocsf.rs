@@ -703,8 +703,8 @@ mod tests {
     use crate::{
         classify::Policy,
         output::event::{
-            Agent, Boot, Container as EcsContainer, ECS_VERSION, Ecs, EventMeta, Host, Log, Named,
-            Network, Parent, Portwatch, Process as EcsProcess, Rule, Server, Shared, shared,
+            Agent, Boot, Container as EcsContainer, Host, Log, Named, Network, Parent,
+            Process as EcsProcess, Rule, Server, Shared, shared,
         },
         pipeline::assess::Assessor,
     };
@@ -776,41 +776,19 @@ mod tests {
 
     /// As `Pipeline::base` builds it.
     fn base(action: Action) -> Event {
-        let (category, type_) = action.category_type();
-        Event {
-            time_ns: TS_NS,
-            message: None,
-            event: EventMeta {
-                kind: action.kind(),
-                category,
-                type_,
-                action,
-                dataset: "portwatch.listener",
-                module: "portwatch",
-                sequence: 42,
-                duration: None,
-                severity: None,
-                created_ns: CREATED_NS,
-            },
-            log: None,
-            network: None,
-            server: None,
-            process: None,
-            user: None,
-            group: None,
-            container: None,
-            rule: None,
-            host: host(),
-            agent: shared(Agent {
+        let mut ev = Event::new(
+            action,
+            TS_NS,
+            CREATED_NS,
+            host(),
+            shared(Agent {
                 type_: "portwatch",
                 name: "portwatch",
                 version: env!("CARGO_PKG_VERSION"),
             }),
-            ecs: Ecs {
-                version: ECS_VERSION,
-            },
-            portwatch: Portwatch::default(),
-        }
+        );
+        ev.event.sequence = 42;
+        ev
     }
 
     fn python() -> Shared<EcsProcess> {

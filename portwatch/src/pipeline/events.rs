@@ -12,8 +12,7 @@ use crate::{
     },
     kernel::ring::Transport,
     output::event::{
-        Action, Agent, Boot, ECS_VERSION, Ecs, Event, EventMeta, Host, Named, Network, Portwatch,
-        Server, Shared, Socket, shared,
+        Action, Agent, Boot, Event, Host, Named, Network, Server, Shared, Socket, shared,
     },
     socket::Protocol,
 };
@@ -77,37 +76,13 @@ impl Events {
 
     /// An event with the common fields; `event.sequence` is set when it is written.
     pub fn base(&mut self, wall_ns: i128, action: Action) -> Event {
-        let (category, type_) = action.category_type();
-        Event {
-            time_ns: wall_ns,
-            message: None,
-            event: EventMeta {
-                kind: action.kind(),
-                category,
-                type_,
-                action,
-                dataset: "portwatch.listener",
-                module: "portwatch",
-                sequence: 0,
-                duration: None,
-                severity: None,
-                created_ns: self.now(),
-            },
-            log: None,
-            network: None,
-            server: None,
-            process: None,
-            user: None,
-            group: None,
-            container: None,
-            rule: None,
-            host: self.host.clone(),
-            agent: self.agent.clone(),
-            ecs: Ecs {
-                version: ECS_VERSION,
-            },
-            portwatch: Portwatch::default(),
-        }
+        Event::new(
+            action,
+            wall_ns,
+            self.now(),
+            self.host.clone(),
+            self.agent.clone(),
+        )
     }
 
     pub(crate) fn listener_event(
