@@ -416,6 +416,8 @@ struct Rest<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     exposure_change: Option<&'a crate::output::event::ExposureChange>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    ended_by: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     risk: Option<&'a Risk>,
     #[serde(skip_serializing_if = "Option::is_none")]
     alert: Option<AlertRest<'a>>,
@@ -437,6 +439,7 @@ impl Rest<'_> {
             && self.attribution_changed.is_none()
             && self.exposure.is_none()
             && self.exposure_change.is_none()
+            && self.ended_by.is_none()
             && self.risk.is_none()
             && self.alert.is_none()
             && self.lost.is_none()
@@ -592,6 +595,7 @@ fn document(ev: &Event) -> Doc<'_> {
                 attribution_changed: pw.attribution_changed.as_deref().map(|v| &**v),
                 exposure: pw.exposure.as_ref(),
                 exposure_change: pw.exposure_change.as_ref(),
+                ended_by: pw.ended_by,
                 risk: pw.risk.as_ref(),
                 alert: alert.map(|a| AlertRest {
                     repeats: a.repeats,

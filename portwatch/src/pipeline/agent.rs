@@ -126,6 +126,30 @@ struct Open {
     v6only: Option<bool>,
     /// The firewall verdict last reported for it.
     firewall: Option<Arc<crate::classify::firewall::Firewall>>,
+    /// The NAT publication last reported for it (the most exposed).
+    published: Option<Arc<Publication>>,
+    /// Every publication it is behind (so none of them is `exposure-without-listener`).
+    backs: Vec<PubKey>,
+}
+
+type Publication = crate::classify::firewall::nat::Publication;
+type PubKey = crate::classify::firewall::nat::PubKey;
+
+/// What an `exposure-changed` compares: the firewall verdict, and which publication
+/// with which verdict.
+type ExposureSig = (
+    Option<crate::classify::firewall::State>,
+    Option<(PubKey, crate::classify::firewall::State)>,
+);
+
+fn exposure_sig(
+    fw: &Option<Arc<crate::classify::firewall::Firewall>>,
+    published: Option<&Publication>,
+) -> ExposureSig {
+    (
+        fw.as_ref().map(|f| f.verdict),
+        published.map(|p| (p.full_key(), p.verdict)),
+    )
 }
 
 /// Snapshot merge state: what the live stream reported while a /proc scan ran, and what
@@ -195,6 +219,8 @@ pub struct Pipeline {
     important_ports: Vec<u64>,
     /// Requests to the firewall watcher thread, when the firewall is followed.
     fw_watch: Option<std::sync::mpsc::Sender<crate::classify::firewall::watch::Request>>,
+    /// Published host ports with nothing listening behind them, as last reported.
+    unbacked: std::collections::BTreeMap<PubKey, Arc<Publication>>,
 }
 
 fn host_info(boot_id: &str, machine_id: Option<String>) -> Shared<Host> {
@@ -250,6 +276,7 @@ impl Pipeline {
             metrics: None,
             hooks: None,
             fw_watch: None,
+            unbacked: std::collections::BTreeMap::new(),
         }
     }
 
@@ -311,16 +338,19 @@ impl Pipeline {
 
     /// Classify a new listener's event, write it, then its alert right behind it.
     /// Returns the firewall verdict it carries, to compare with after a ruleset change.
-    fn write_assessed(
-        &mut self,
-        mut ev: Event,
-    ) -> Option<Arc<crate::classify::firewall::Firewall>> {
+    fn write_assessed(&mut self, mut ev: Event) -> Assessed {
         let alert = self.assessor.assess(&mut ev);
+        let backs = self.assessor.take_backs();
         let firewall = ev
             .portwatch
             .exposure
             .as_ref()
             .and_then(|e| e.firewall.clone());
+        let published = ev
+            .portwatch
+            .exposure
+            .as_ref()
+            .and_then(|e| e.published.clone());
         if alert.is_some() {
             // An alert and its listener travel together, ahead of bulk churn.
             ev.portwatch.urgent = true;
@@ -330,7 +360,11 @@ impl Pipeline {
             alert.portwatch.urgent = true;
             self.write(alert);
         }
-        firewall
+        Assessed {
+            firewall,
+            published,
+            backs,
+        }
     }
 
     /// Follow the host firewall: each listener's verdict from now on, and (with
@@ -343,19 +377,17 @@ impl Pipeline {
         self.assessor.enable_firewall(watch);
     }
 
-    /// A namespace's ruleset changed: assess its open listeners again and report each
-    /// whose firewall verdict changed (`exposure-changed`), with the alert when one
-    /// becomes exposed.
+    /// A namespace's ruleset or addresses changed: assess the open listeners again and
+    /// report each whose firewall verdict or NAT publication changed
+    /// (`exposure-changed`), with the alert when one becomes exposed; then the
+    /// published ports with nothing behind them (`exposure-without-listener`).
     pub fn firewall_changed(&mut self, u: crate::classify::firewall::watch::Update) {
-        if !self.assessor.set_ruleset(u.netns, u.ruleset) {
+        if !self.assessor.update_namespace(&u) {
             return;
         }
-        let keys: Vec<u64> = self
-            .open
-            .iter()
-            .filter(|(_, o)| o.netns == Some(u.netns))
-            .map(|(k, _)| *k)
-            .collect();
+        // Every namespace's listeners, not only those of the one that changed: its NAT
+        // rules may publish a listener of another.
+        let keys: Vec<u64> = self.open.keys().copied().collect();
         let now = self
             .enricher
             .clocks
@@ -382,47 +414,71 @@ impl Pipeline {
             };
             let owner = o.owner.clone();
             let before = o.firewall.clone();
+            let published_before = o.published.clone();
             let mut ev = self.listener_event("exposure-changed", now, l, &owner);
-            let state = |f: &Option<Arc<crate::classify::firewall::Firewall>>| {
-                f.as_ref().map(|f| f.verdict)
-            };
+            let (fw_now, pubs_now) = self.assessor.firewall_now(&ev);
+            let backs: Vec<PubKey> = pubs_now.iter().map(Publication::full_key).collect();
+            if let Some(o) = self.open.get_mut(&key) {
+                o.backs = backs;
+            }
             // Only a changed verdict is assessed (and may alert): assessing every open
             // listener would count each in the alert folder as if it had alerted again.
-            if state(&before) == state(&self.assessor.firewall_now(&ev)) {
+            if exposure_sig(&before, published_before.as_deref())
+                == exposure_sig(&fw_now, pubs_now.first())
+            {
                 continue;
             }
             let alert = self.assessor.assess(&mut ev);
-            let after = ev
-                .portwatch
-                .exposure
-                .as_ref()
-                .and_then(|e| e.firewall.clone());
-            if state(&before) == state(&after) {
+            let _ = self.assessor.take_backs();
+            let exposure = ev.portwatch.exposure.as_ref();
+            let after = exposure.and_then(|e| e.firewall.clone());
+            let published_after = exposure.and_then(|e| e.published.clone());
+            if exposure_sig(&before, published_before.as_deref())
+                == exposure_sig(&after, published_after.as_deref())
+            {
                 continue;
             }
             if let Some(o) = self.open.get_mut(&key) {
                 o.firewall = after.clone();
+                o.published = published_after.clone();
             }
             let name = |f: &Option<Arc<crate::classify::firewall::Firewall>>| {
                 f.as_ref().map_or("not evaluated", |f| f.verdict.as_str())
             };
-            let mut msg = format!(
-                "{} {}:{}: host firewall verdict for new connections changed from {} to {}",
+            let what = format!(
+                "{} {}:{}",
                 o_transport(ev.network.as_ref()),
                 ev.server
                     .as_ref()
                     .map_or(String::new(), |s| s.ip.to_string()),
                 ev.server.as_ref().map_or(0, |s| s.port),
-                name(&before),
-                name(&after),
             );
-            if let Some(r) = after.as_ref().and_then(|f| f.rule.as_ref()) {
-                msg.push_str(&format!(" ({})", r.short()));
+            let mut parts = Vec::new();
+            if before.as_ref().map(|f| f.verdict) != after.as_ref().map(|f| f.verdict) {
+                let mut m = format!(
+                    "host firewall verdict for new connections changed from {} to {}",
+                    name(&before),
+                    name(&after),
+                );
+                if let Some(r) = after.as_ref().and_then(|f| f.rule.as_ref()) {
+                    m.push_str(&format!(" ({})", r.short()));
+                }
+                parts.push(m);
             }
-            ev.message = Some(msg);
+            let pub_sig =
+                |p: &Option<Arc<Publication>>| p.as_ref().map(|p| (p.full_key(), p.verdict));
+            if pub_sig(&published_before) != pub_sig(&published_after) {
+                parts.push(match &published_after {
+                    Some(p) => publication_text(p),
+                    None => "no longer published by a NAT rule".to_owned(),
+                });
+            }
+            ev.message = Some(format!("{what}: {}", parts.join("; ")));
             ev.portwatch.exposure_change = Some(crate::output::event::ExposureChange {
                 before,
                 after: after.clone(),
+                published_before,
+                published_after: published_after.clone(),
             });
             ev.portwatch.urgent = true;
             self.write(ev);
@@ -430,12 +486,120 @@ impl Pipeline {
             // event above says so; no new alert.
             let exposed = after
                 .as_ref()
-                .is_some_and(|f| f.verdict != crate::classify::firewall::State::Filtered);
+                .is_some_and(|f| f.verdict != crate::classify::firewall::State::Filtered)
+                || published_after
+                    .as_ref()
+                    .is_some_and(|p| p.verdict != crate::classify::firewall::State::Filtered);
             if let (true, Some(mut alert)) = (exposed, alert) {
                 alert.portwatch.urgent = true;
                 self.write(alert);
             }
         }
+        self.check_unbacked();
+    }
+
+    /// Reports published host ports with nothing listening behind them
+    /// (`exposure-without-listener`, type start), and the end of each that got a
+    /// listener or lost its rule.
+    fn check_unbacked(&mut self) {
+        if self.startup.snapshot_running {
+            return; // the open-listener table is not complete yet
+        }
+        let backed: HashSet<PubKey> = self
+            .open
+            .values()
+            .flat_map(|o| o.backs.iter().copied())
+            .collect();
+        let all = self.assessor.publications();
+        let now: std::collections::BTreeMap<PubKey, Publication> = all
+            .iter()
+            .filter(|p| !backed.contains(&p.full_key()))
+            .map(|p| (p.full_key(), p.clone()))
+            .collect();
+        let ended: Vec<(PubKey, Arc<Publication>)> = self
+            .unbacked
+            .iter()
+            .filter(|(k, _)| !now.contains_key(*k))
+            .map(|(k, p)| (*k, p.clone()))
+            .collect();
+        for (k, p) in ended {
+            self.unbacked.remove(&k);
+            let why = if all.iter().any(|x| x.full_key() == k) {
+                "listener-appeared"
+            } else {
+                "rule-removed"
+            };
+            let ev = self.unbacked_event(&p, Some(why));
+            self.write(ev);
+        }
+        for (k, p) in now {
+            if let Some(old) = self.unbacked.get_mut(&k) {
+                *old = Arc::new(p);
+                continue;
+            }
+            let p = Arc::new(p);
+            self.unbacked.insert(k, p.clone());
+            let ev = self.unbacked_event(&p, None);
+            self.write(ev);
+        }
+    }
+
+    /// The `exposure-without-listener` event of a publication: its start (`end` none)
+    /// or its end, with why.
+    fn unbacked_event(&mut self, p: &Arc<Publication>, end: Option<&'static str>) -> Event {
+        let now = self
+            .enricher
+            .clocks
+            .wall_from_ktime(crate::time::monotonic_ns());
+        let exposed = p.verdict != crate::classify::firewall::State::Filtered;
+        let kind = if end.is_none() && exposed {
+            "alert"
+        } else {
+            "event"
+        };
+        let mut ev = self.base(now, kind, "exposure-without-listener");
+        ev.event.category = &["network"];
+        ev.event.type_ = if end.is_some() { &["end"] } else { &["start"] };
+        ev.network = Some(Network {
+            transport: p.transport,
+            type_: if p.host.ip.is_ipv4() { "ipv4" } else { "ipv6" },
+        });
+        ev.server = Some(Server {
+            ip: p.host.ip,
+            port: p.host.port,
+        });
+        let mut exposure = crate::classify::Exposure::new(p.target.ip, None, None);
+        crate::pipeline::assess::apply_publication(&mut exposure, p);
+        ev.portwatch.exposure = Some(crate::output::event::ExposureOut {
+            exposure,
+            firewall: None,
+            published: Some(p.clone()),
+        });
+        ev.portwatch.ended_by = end;
+        ev.portwatch.urgent = true;
+        let target = match p.target.ip {
+            std::net::IpAddr::V4(a) => format!("{a}:{}", p.target.port),
+            std::net::IpAddr::V6(a) => format!("[{a}]:{}", p.target.port),
+        };
+        ev.message = Some(match end {
+            None => format!(
+                "{} host port {} is published to {target} ({}), where nothing listens: \
+                 whatever binds there next is exposed at once ({})",
+                p.transport,
+                p.host.port,
+                p.rule.short(),
+                p.verdict.as_str(),
+            ),
+            Some("listener-appeared") => format!(
+                "{} host port {}: a listener now answers at {target}",
+                p.transport, p.host.port
+            ),
+            Some(_) => format!(
+                "{} host port {}: the NAT rule publishing it to {target} is gone",
+                p.transport, p.host.port
+            ),
+        });
+        ev
     }
 
     /// Namespaces with an open listener: the firewall watcher keeps only those.
@@ -495,6 +659,14 @@ impl Pipeline {
             .count() as u64
     }
 
+    /// Open listeners behind a NAT publication whose verdict is `state`.
+    fn published(&self, state: crate::classify::firewall::State) -> u64 {
+        self.open
+            .values()
+            .filter(|o| o.published.as_ref().is_some_and(|p| p.verdict == state))
+            .count() as u64
+    }
+
     fn update_gauges(&self, hooks: usize, degraded: usize) {
         let Some(m) = &self.metrics else { return };
         m.beat();
@@ -506,6 +678,10 @@ impl Pipeline {
             exposed_accepted: self.exposed(crate::classify::firewall::State::Accepted),
             exposed_filtered: self.exposed(crate::classify::firewall::State::Filtered),
             exposed_unknown: self.exposed(crate::classify::firewall::State::Unknown),
+            published_accepted: self.published(crate::classify::firewall::State::Accepted),
+            published_filtered: self.published(crate::classify::firewall::State::Filtered),
+            published_unknown: self.published(crate::classify::firewall::State::Unknown),
+            published_without_listener: self.unbacked.len() as u64,
             process_cache: process_cache as u64,
             cgroup_cache: cgroup_cache as u64,
             ..crate::metrics::Gauges::from_output(self.output.shared())
@@ -682,7 +858,12 @@ impl Pipeline {
                 };
                 let mut ev = self.listener_event(action, wall, l, &owner);
                 ev.portwatch.urgent |= r.urgent;
-                let firewall = self.write_assessed(ev);
+                let Assessed {
+                    firewall,
+                    published,
+                    backs,
+                } = self.write_assessed(ev);
+                let behind = !backs.is_empty();
                 if self.open.len() < OPEN_MAX {
                     self.open.insert(
                         key,
@@ -699,10 +880,16 @@ impl Pipeline {
                             by_inode: r.inode.is_some(),
                             v6only: r.addr.is_ipv6().then_some(r.v6only),
                             firewall,
+                            published,
+                            backs,
                         },
                     );
                 } else {
                     self.untracked += 1;
+                }
+                if behind {
+                    // A published port whose listener just appeared.
+                    self.check_unbacked();
                 }
             }
             Kind::ListenStopped | Kind::UdpReleased => {
@@ -718,9 +905,11 @@ impl Pipeline {
                     self.startup.live_stopped.insert(key);
                 }
                 self.startup.reported.remove(&key);
+                let mut was_behind = false;
                 let (owner, user, group, duration) = match self.open.remove(&key) {
                     Some(o) => {
                         let d = o.ktime_ns.map(|t| r.ktime_ns.saturating_sub(t));
+                        was_behind = !o.backs.is_empty();
                         (o.owner, o.user, o.group, d)
                     }
                     // Started before the agent: the closing task is the best owner we have.
@@ -749,6 +938,10 @@ impl Pipeline {
                 ev.portwatch.urgent |= r.urgent;
                 ev.event.duration = duration;
                 self.write(ev);
+                if was_behind {
+                    // Its host port is published to nothing now.
+                    self.check_unbacked();
+                }
             }
         }
     }
@@ -807,7 +1000,11 @@ impl Pipeline {
             ev.portwatch.resync = resync;
             let transport = transport_of(f.socket.transport);
             let (addr, port) = (f.socket.addr, f.socket.port);
-            let firewall = self.write_assessed(ev);
+            let Assessed {
+                firewall,
+                published,
+                backs,
+            } = self.write_assessed(ev);
             reported += 1;
             if key != 0 {
                 self.startup.reported.insert(key);
@@ -825,6 +1022,8 @@ impl Pipeline {
                         by_inode: true,
                         v6only: f.v6only,
                         firewall,
+                        published,
+                        backs,
                     };
                     self.open.insert(key, open);
                 }
@@ -880,6 +1079,7 @@ impl Pipeline {
             self.health.resyncs += 1;
         }
         self.startup.snapshot_running = false;
+        self.check_unbacked();
         self.startup.live_started.clear();
         self.startup.live_stopped.clear();
         self.startup.grace_until = Some(Instant::now() + SNAPSHOT_GRACE);
@@ -1472,6 +1672,31 @@ fn short_ports(ranges: &str, count: u32) -> String {
         })
         .sum();
     format!("{shown},... {} more", count.saturating_sub(in_shown))
+}
+
+/// What a listener's event returns to the table of open listeners.
+struct Assessed {
+    firewall: Option<Arc<crate::classify::firewall::Firewall>>,
+    published: Option<Arc<Publication>>,
+    backs: Vec<PubKey>,
+}
+
+/// "published on 203.0.113.5:6379 by ... (accepted)".
+fn publication_text(p: &Publication) -> String {
+    let host = match p.host.ip {
+        std::net::IpAddr::V4(a) => format!("{a}:{}", p.host.port),
+        std::net::IpAddr::V6(a) => format!("[{a}]:{}", p.host.port),
+    };
+    let mut s = format!(
+        "published on host port {host} ({} source) by {}: {}",
+        p.source,
+        p.rule.short(),
+        p.verdict.as_str()
+    );
+    if let Some(r) = &p.filter_rule {
+        s.push_str(&format!(" ({})", r.short()));
+    }
+    s
 }
 
 fn o_transport(n: Option<&Network>) -> &'static str {

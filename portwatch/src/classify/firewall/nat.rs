@@ -31,7 +31,7 @@ pub const MAX_CANDIDATES: usize = 4096;
 const RANGE_ENUMERATED: u32 = 32;
 
 /// An address and port (`host`, `target` of a publication).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct Endpoint {
     pub ip: IpAddr,
     pub port: u16,
@@ -81,7 +81,16 @@ pub struct Publication {
     pub saddr: IpAddr,
 }
 
+/// A publication's identity across re-reads: publishing namespace, transport, host
+/// endpoint, target.
+pub type PubKey = (Option<u64>, &'static str, Endpoint, Endpoint);
+
 impl Publication {
+    /// Identity across re-reads and namespaces.
+    pub fn full_key(&self) -> PubKey {
+        (self.netns, self.transport, self.host, self.target)
+    }
+
     /// The key that identifies one publication across re-reads.
     pub fn key(&self) -> (&'static str, Endpoint, Endpoint) {
         (self.transport, self.host, self.target)
