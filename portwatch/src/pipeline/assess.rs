@@ -598,7 +598,10 @@ pub fn apply_publication(exposure: &mut Exposure, p: &Publication) {
     if pr > or || (pr == or && open(Some(p.verdict)) > open(exposure.firewall)) {
         exposure.firewall = Some(p.verdict);
         if scope == Scope::Public && p.verdict != State::Filtered {
+            // Reachable from public sources through the host port (its own
+            // `reachable` scopes stay those of its addresses).
             exposure.public_addr = Some(p.host.ip);
+            exposure.reachable_public = true;
         }
     }
 }

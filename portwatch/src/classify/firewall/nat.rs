@@ -433,7 +433,7 @@ mod tests {
         rs
     }
 
-    fn one<'a>(p: &'a Published, port: u16) -> &'a Publication {
+    fn one(p: &Published, port: u16) -> &Publication {
         let v: Vec<_> = p.list.iter().filter(|x| x.host.port == port).collect();
         assert_eq!(v.len(), 1, "{:#?}", p.list);
         v[0]
