@@ -808,3 +808,222 @@ fn exposure_without_listener_ends_when_the_rule_goes() {
     let end = agent.expect("end", |e| unbacked(e, 6379, "end"));
     assert_eq!(end["portwatch"]["ended_by"], "rule-removed", "{end}");
 }
+
+/// A real container runtime: podman (Debian 12: 4.3, netavark 1.4 with its iptables
+/// driver) with runc publishes port 6379 of a container, all inside a private "host"
+/// namespace (entered with nsenter: `ip netns exec` remounts /sys, and runc then finds
+/// no cgroup mount), its storage in a temporary directory, its image imported from
+/// busybox-static (no registry is reachable). Two settings get it going on this VM: runc
+/// instead of crun, and `default_ulimits = []` (podman's default nofile limit, 1048576,
+/// is above the VM's hard limit, and raising it is refused). The agent must find the
+/// rules netavark wrote, join them to busybox's `nc` in the container's namespace, and
+/// agree with a SYN from outside.
+#[test]
+fn podman_publishes_a_port_for_real() {
+    if !can_run_kernel_tests() {
+        return;
+    }
+    for t in ["podman", "runc", "busybox", "nsenter"] {
+        if !tool(t) {
+            panic!("{t} is missing: install Debian's podman, netavark, runc, busybox-static");
+        }
+    }
+    let mut agent = Agent::start(&["--no-snapshot", "--lang", "en"]);
+    let lab = PodLab::new();
+    lab.podman(
+        &["import", "-", "localhost/pwbusybox"],
+        Some(&lab.rootfs_tar()),
+    );
+    lab.podman(
+        &[
+            "--runtime",
+            "runc",
+            "run",
+            "-d",
+            "--name",
+            "pwt",
+            "-p",
+            "6379:6379",
+            "localhost/pwbusybox",
+            "/bin/sh",
+            "-c",
+            "while :; do nc -l -p 6379 -e /bin/true; done",
+        ],
+        None,
+    );
+    // The listener may start before the agent has read the namespace podman just
+    // made (it looks for new ones every 3 s): then `exposure-changed` brings the
+    // publication.
+    let started = agent.expect("nc listening in the podman container, published", |e| {
+        (action(e) == "listen-started" || action(e) == "exposure-changed")
+            && e["process"]["name"] == "nc"
+            && e["server"]["port"] == 6379
+            && published(e).is_object()
+    });
+    let p = published(&started);
+    assert_eq!(p["verdict"], "accepted", "{started}");
+    assert_eq!(p["host"]["ip"], HOST_PUBLIC, "{started}");
+    assert!(
+        p["target"]["ip"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("10.88."),
+        "{started}"
+    );
+    assert!(
+        p["rule"]["chain"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("NETAVARK-DN-"),
+        "{started}"
+    );
+    let probe = lab.probe();
+    assert!(
+        agrees("accepted", &probe),
+        "evaluator: accepted, probe: {probe}"
+    );
+}
+
+/// A "host" namespace with a public address, an outside namespace, and podman's state
+/// in a temporary directory; the container and everything on drop.
+struct PodLab {
+    host: String,
+    out: String,
+    dir: std::path::PathBuf,
+}
+
+impl PodLab {
+    fn new() -> PodLab {
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        let tag = format!("pwpod{}x{n}", std::process::id());
+        let dir = std::env::temp_dir().join(&tag);
+        std::fs::create_dir_all(dir.join("rootfs/bin")).unwrap();
+        std::fs::write(
+            dir.join("containers.conf"),
+            "[containers]\ndefault_ulimits = []\n",
+        )
+        .unwrap();
+        let lab = PodLab {
+            host: format!("{tag}h"),
+            out: format!("{tag}o"),
+            dir,
+        };
+        for ns in [&lab.host, &lab.out] {
+            let st = Command::new("ip")
+                .args(["netns", "add", ns])
+                .status()
+                .unwrap();
+            assert!(st.success());
+        }
+        let st = Command::new("ip")
+            .args([
+                "link", "add", "veth-pub", "netns", &lab.host, "type", "veth", "peer", "name",
+                "veth-out", "netns", &lab.out,
+            ])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        sh(
+            &lab.host,
+            &format!(
+                "ip link set lo up && ip addr add {HOST_PUBLIC}/24 dev veth-pub && ip link set veth-pub up"
+            ),
+            None,
+        )
+        .unwrap();
+        sh(
+            &lab.out,
+            &format!(
+                "ip link set lo up && ip addr add {OUTSIDE}/24 dev veth-out && ip link set veth-out up"
+            ),
+            None,
+        )
+        .unwrap();
+        lab
+    }
+
+    /// busybox-static as a root filesystem, as a tar stream.
+    fn rootfs_tar(&self) -> Vec<u8> {
+        let root = self.dir.join("rootfs");
+        let busybox = Command::new("sh")
+            .args(["-c", "command -v busybox"])
+            .output()
+            .unwrap();
+        let busybox = String::from_utf8_lossy(&busybox.stdout).trim().to_owned();
+        std::fs::copy(&busybox, root.join("bin/busybox")).unwrap();
+        for a in ["sh", "nc", "true"] {
+            let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(a));
+        }
+        let out = Command::new("tar")
+            .arg("-C")
+            .arg(&root)
+            .args(["-c", "."])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        out.stdout
+    }
+
+    fn podman(&self, args: &[&str], stdin: Option<&[u8]>) {
+        let mut c = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.host))
+            .arg("podman")
+            .args(["--storage-driver", "vfs", "--network-backend", "netavark"])
+            .arg("--root")
+            .arg(self.dir.join("root"))
+            .arg("--runroot")
+            .arg(self.dir.join("run"))
+            .args(args)
+            .env("CONTAINERS_CONF", self.dir.join("containers.conf"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("podman");
+        if let Some(data) = stdin {
+            c.stdin.take().unwrap().write_all(data).unwrap();
+        }
+        drop(c.stdin.take());
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "podman {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn probe(&self) -> String {
+        let script = format!(
+            "import socket\ns=socket.socket(); s.settimeout(1.5)\n\
+             try:\n  s.connect(('{HOST_PUBLIC}',6379)); print('open')\n\
+             except ConnectionRefusedError: print('refused')\n\
+             except Exception as e: print('timeout')\n"
+        );
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.out, "python3", "-c", &script])
+            .output()
+            .expect("probe");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+}
+
+impl Drop for PodLab {
+    fn drop(&mut self) {
+        // The container, its network namespace and netavark's rules go with it.
+        let _ = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.host))
+            .arg("podman")
+            .args(["--storage-driver", "vfs", "--network-backend", "netavark"])
+            .arg("--root")
+            .arg(self.dir.join("root"))
+            .arg("--runroot")
+            .arg(self.dir.join("run"))
+            .args(["rm", "-f", "-t", "0", "pwt"])
+            .env("CONTAINERS_CONF", self.dir.join("containers.conf"))
+            .output();
+        for ns in [&self.host, &self.out] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
