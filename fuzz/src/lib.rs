@@ -547,5 +547,16 @@ pub fn ruleset(data: &[u8]) {
                 }
             }
         }
+        // NAT publications: found without panicking; a filtered one names what filters.
+        let mut rs = rs.clone();
+        rs.forward_v4 = Some(true);
+        rs.forward_v6 = Some(false);
+        for p in firewall::nat::find(&rs, &ifaces).list {
+            assert_eq!(
+                p.filter_rule.is_some(),
+                p.verdict == firewall::State::Filtered,
+                "{p:?}"
+            );
+        }
     }
 }

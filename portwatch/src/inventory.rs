@@ -127,6 +127,7 @@ pub fn render_table(events: &[(Event, Option<Event>)], color: bool) -> String {
         "ADDRESS",
         "EXPOSURE",
         "FIREWALL",
+        "PUBLISHED",
         "SERVICE",
         "PID",
         "PROGRAM",
@@ -135,7 +136,7 @@ pub fn render_table(events: &[(Event, Option<Event>)], color: bool) -> String {
         "CONTAINER",
         "NETNS",
     ];
-    let mut rows: Vec<[String; 12]> = Vec::with_capacity(events.len());
+    let mut rows: Vec<[String; 13]> = Vec::with_capacity(events.len());
     let mut advice = String::new();
     for (e, alert) in events {
         let clean = |s: &str| {
@@ -203,6 +204,15 @@ pub fn render_table(events: &[(Event, Option<Event>)], color: bool) -> String {
             .as_ref()
             .and_then(|x| x.firewall.as_ref())
             .map_or("-".into(), |f| f.verdict.as_str().to_owned());
+        // The host port a NAT rule publishes it on, and that path's verdict.
+        let published = e
+            .portwatch
+            .exposure
+            .as_ref()
+            .and_then(|x| x.published.as_ref())
+            .map_or("-".into(), |p| {
+                format!("{}:{} {}", p.host.ip, p.host.port, p.verdict.as_str())
+            });
         let service = alert
             .as_ref()
             .and_then(|a| a.rule.as_ref())
@@ -232,8 +242,8 @@ pub fn render_table(events: &[(Event, Option<Event>)], color: bool) -> String {
             }
         }
         rows.push([
-            risk, proto, addr, exposure, firewall, service, pid, program, user, unit, container,
-            netns,
+            risk, proto, addr, exposure, firewall, published, service, pid, program, user, unit,
+            container, netns,
         ]);
     }
     let mut widths = header.map(str::len);

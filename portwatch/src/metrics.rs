@@ -150,6 +150,12 @@ pub struct Gauges {
     pub exposed_accepted: u64,
     pub exposed_filtered: u64,
     pub exposed_unknown: u64,
+    /// Open listeners behind a NAT publication, by its verdict.
+    pub published_accepted: u64,
+    pub published_filtered: u64,
+    pub published_unknown: u64,
+    /// Published host ports with nothing listening behind them.
+    pub published_without_listener: u64,
     /// Events written since start (a counter: only its increases are taken).
     pub events_written: u64,
     /// Failed write(2) calls of the output since start (a counter, likewise).
@@ -209,6 +215,9 @@ pub struct Metrics {
     born: Instant,
     /// accepted, filtered, unknown.
     exposed: [U64Gauge; 3],
+    /// accepted, filtered, unknown.
+    published: [U64Gauge; 3],
+    unbacked: U64Gauge,
 }
 
 impl Default for Metrics {
@@ -310,6 +319,21 @@ impl Metrics {
              connection from where they are exposed (accepted, filtered, unknown)",
             exposed_family,
         );
+        let published_family = Family::<FirewallLabels, U64Gauge>::default();
+        let published = ["accepted", "filtered", "unknown"]
+            .map(|firewall| published_family.get_or_create_owned(&FirewallLabels { firewall }));
+        registry.register(
+            "listeners_published",
+            "Open listeners behind a host port a NAT rule publishes, by the verdict for a new \
+             connection to that port (accepted, filtered, unknown)",
+            published_family,
+        );
+        let unbacked = U64Gauge::default();
+        registry.register(
+            "published_without_listener",
+            "Host ports a NAT rule publishes to an address and port where nothing listens",
+            unbacked.clone(),
+        );
         registry.register(
             "cache_entries",
             "Entries in the attribution caches, by cache (process, cgroup)",
@@ -336,6 +360,8 @@ impl Metrics {
             heartbeat_ms: AtomicU64::new(0),
             born: Instant::now(),
             exposed,
+            published,
+            unbacked,
         }
     }
 
@@ -413,6 +439,14 @@ impl Metrics {
         {
             gauge.set(v);
         }
+        for (gauge, v) in self.published.iter().zip([
+            g.published_accepted,
+            g.published_filtered,
+            g.published_unknown,
+        ]) {
+            gauge.set(v);
+        }
+        self.unbacked.set(g.published_without_listener);
         // Counters never go back, whatever order two callers store in.
         self.events_written
             .inner()
@@ -993,6 +1027,10 @@ mod tests {
             exposed_accepted: 3,
             exposed_filtered: 4,
             exposed_unknown: 0,
+            published_accepted: 1,
+            published_filtered: 0,
+            published_unknown: 0,
+            published_without_listener: 2,
             events_written: 1000,
             output_write_errors: 2,
         });
@@ -1056,6 +1094,8 @@ mod tests {
             ("portwatch_hooks_degraded", "gauge"),
             ("portwatch_listeners_open", "gauge"),
             ("portwatch_listeners_exposed", "gauge"),
+            ("portwatch_listeners_published", "gauge"),
+            ("portwatch_published_without_listener", "gauge"),
             ("portwatch_cache_entries", "gauge"),
             ("portwatch_process_cpu_seconds_total", "counter"),
             ("portwatch_process_resident_memory_bytes", "gauge"),
@@ -1118,6 +1158,14 @@ mod tests {
                 "{verdict}"
             );
         }
+        assert_eq!(
+            e.value("portwatch_listeners_published", &[("firewall", "accepted")]),
+            Some(1.0)
+        );
+        assert_eq!(
+            e.value("portwatch_published_without_listener", &[]),
+            Some(2.0)
+        );
         let cache = "portwatch_cache_entries";
         assert_eq!(e.value(cache, &[("cache", "process")]), Some(300.0));
         assert_eq!(e.value(cache, &[("cache", "cgroup")]), Some(17.0));

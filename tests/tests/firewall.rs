@@ -377,3 +377,653 @@ fn pasting_the_suggested_nft_step_turns_the_listener_filtered() {
     });
     assert!(again.is_none(), "{again:?}");
 }
+
+// ---------------------------------------------------------------------------------
+// NAT publishing: a "host" namespace publishes a port of a "container" namespace
+// (behind a bridge, as container runtimes wire them) with DNAT; an "outside" namespace
+// probes the host port. No listener on the host side (docker's `userland-proxy: false`,
+// kube-proxy, netavark): only the NAT rule makes the container's listener reachable.
+
+const HOST_PUBLIC: &str = "203.0.113.5";
+const OUTSIDE: &str = "203.0.113.77";
+
+/// Outside -- veth-pub/veth-out -- host -- bridge `bridge` + veth -- container.
+struct NatLab {
+    host: String,
+    ctr: String,
+    out: String,
+    ctr_addr: String,
+    listeners: Vec<Child>,
+}
+
+impl NatLab {
+    /// `bridge` (e.g. docker0) holds `gw/len` on the host; the container has `addr`.
+    fn new(bridge: &str, gw: &str, addr: &str, len: u8) -> NatLab {
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        let tag = format!("pwnat{}x{n}", std::process::id());
+        let lab = NatLab {
+            host: format!("{tag}h"),
+            ctr: format!("{tag}c"),
+            out: format!("{tag}o"),
+            ctr_addr: addr.to_owned(),
+            listeners: Vec::new(),
+        };
+        let run = |args: &[&str]| {
+            let st = Command::new("ip").args(args).status().expect("ip");
+            assert!(st.success(), "ip {args:?}");
+        };
+        for ns in [&lab.host, &lab.ctr, &lab.out] {
+            run(&["netns", "add", ns]);
+        }
+        run(&[
+            "link", "add", "veth-pub", "netns", &lab.host, "type", "veth", "peer", "name",
+            "veth-out", "netns", &lab.out,
+        ]);
+        run(&[
+            "link", "add", "vethctr", "netns", &lab.host, "type", "veth", "peer", "name", "eth0",
+            "netns", &lab.ctr,
+        ]);
+        sh(
+            &lab.host,
+            &format!(
+                "ip link set lo up && ip addr add {HOST_PUBLIC}/24 dev veth-pub && ip link set veth-pub up \
+                 && ip link add {bridge} type bridge && ip addr add {gw}/{len} dev {bridge} \
+                 && ip link set {bridge} up && ip link set vethctr master {bridge} && ip link set vethctr up \
+                 && sysctl -qw net.ipv4.ip_forward=1"
+            ),
+            None,
+        )
+        .expect("host side");
+        sh(
+            &lab.ctr,
+            &format!(
+                "ip link set lo up && ip addr add {addr}/{len} dev eth0 && ip link set eth0 up \
+                 && ip route add default via {gw}"
+            ),
+            None,
+        )
+        .expect("container side");
+        sh(
+            &lab.out,
+            &format!(
+                "ip link set lo up && ip addr add {OUTSIDE}/24 dev veth-out && ip link set veth-out up"
+            ),
+            None,
+        )
+        .expect("outside");
+        lab
+    }
+
+    /// A TCP listener on 0.0.0.0:`port` in the container namespace; its pid.
+    fn listen(&mut self, port: u16) -> u32 {
+        let script = format!(
+            "import socket,time\n\
+             s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+             s.bind(('0.0.0.0',{port})); s.listen(16); print('ready', flush=True)\n\
+             s.settimeout(0.2)\n\
+             while True:\n  \
+               try:\n    c,_=s.accept(); c.close()\n  \
+               except socket.timeout: pass\n"
+        );
+        let mut c = Command::new("ip")
+            .args(["netns", "exec", &self.ctr, "python3", "-c", &script])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3 listener");
+        let mut line = String::new();
+        BufReader::new(c.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "ready");
+        let pid = c.id();
+        self.listeners.push(c);
+        pid
+    }
+
+    /// A real SYN from outside to `addr`:`port`: `open`, `refused` (it reached the
+    /// container, where nothing listens) or `timeout` (dropped on the way).
+    fn probe_to(&self, addr: &str, port: u16) -> String {
+        let script = format!(
+            "import socket\ns=socket.socket(); s.settimeout(1.5)\n\
+             try:\n  s.connect(('{addr}',{port})); print('open')\n\
+             except ConnectionRefusedError: print('refused')\n\
+             except Exception as e: print('timeout')\n"
+        );
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.out, "python3", "-c", &script])
+            .output()
+            .expect("probe");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    fn probe(&self, port: u16) -> String {
+        self.probe_to(HOST_PUBLIC, port)
+    }
+
+    fn host_sh(&self, script: &str, stdin: Option<&str>) {
+        sh(&self.host, script, stdin).unwrap_or_else(|e| panic!("host namespace: {e}"));
+    }
+}
+
+impl Drop for NatLab {
+    fn drop(&mut self) {
+        for c in &mut self.listeners {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for ns in [&self.host, &self.ctr, &self.out] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// The docker fixture (`docker.save`) without its comment lines.
+fn docker_rules() -> String {
+    include_str!("../../portwatch/src/classify/firewall/testdata/docker.save")
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+fn published(e: &Value) -> &Value {
+    &e["portwatch"]["exposure"]["published"]
+}
+
+/// The evaluator's verdict must agree with the probe: accepted = the SYN reached the
+/// container (open, or refused by it); filtered = it did not.
+fn agrees(verdict: &str, probe: &str) -> bool {
+    match verdict {
+        "accepted" => probe == "open" || probe == "refused",
+        "filtered" => probe == "timeout",
+        _ => false,
+    }
+}
+
+fn unbacked(e: &Value, port: u16, type_: &str) -> bool {
+    action(e) == "exposure-without-listener"
+        && e["server"]["port"] == port
+        && e["event"]["type"][0] == type_
+}
+
+/// docker with `userland-proxy: false` on iptables-nft: the port is published before
+/// anything listens (`exposure-without-listener`, and the SYN reaches the container,
+/// which refuses it); then redis listens in the container on 0.0.0.0:6379, behind a
+/// private address, and is reported as published on the public host port, alerting as
+/// public, and the unbacked exposure ends.
+#[test]
+fn docker_publishes_a_container_port_without_a_host_listener() {
+    if !can_run_kernel_tests() {
+        return;
+    }
+    let mut agent = Agent::start(&["--no-snapshot", "--lang", "en"]);
+    let mut lab = NatLab::new("docker0", "172.17.0.1", "172.17.0.2", 16);
+    lab.host_sh("iptables-nft-restore", Some(&docker_rules()));
+    let e = agent.expect("exposure-without-listener start", |e| {
+        unbacked(e, 6379, "start") && published(e)["target"]["ip"] == "172.17.0.2"
+    });
+    let p = published(&e);
+    assert_eq!(p["verdict"], "accepted", "{e}");
+    assert_eq!(p["source"], "public", "{e}");
+    assert_eq!(p["host"]["ip"], HOST_PUBLIC, "{e}");
+    assert!(
+        p["rule"]["text"]
+            .as_str()
+            .unwrap_or("")
+            .contains("-j DNAT --to-destination 172.17.0.2:6379"),
+        "{e}"
+    );
+    assert_eq!(e["event"]["kind"], "alert", "{e}");
+    let probe = lab.probe(6379);
+    assert_eq!(probe, "refused", "the SYN reaches the container: {e}");
+
+    let pid = lab.listen(6379);
+    let started = agent.expect("listen-started in the container", |e| started(e, pid, 6379));
+    let p = published(&started);
+    assert_eq!(p["verdict"], "accepted", "{started}");
+    assert_eq!(p["host"]["port"], 6379, "{started}");
+    assert_eq!(p["target"]["ip"], lab.ctr_addr, "{started}");
+    assert!(
+        p["netns"].as_u64().is_some() && p["target_netns"].as_u64().is_some(),
+        "{started}"
+    );
+    // Its own address is private; the NAT makes it public.
+    assert_eq!(
+        started["portwatch"]["exposure"]["firewall"]["source"], "private",
+        "{started}"
+    );
+    let alert = agent.expect("risky-listener for the published redis", |e| {
+        action(e) == "risky-listener" && e["process"]["pid"] == pid
+    });
+    assert_eq!(alert["portwatch"]["risk"]["outcome"], "exposed", "{alert}");
+    assert_eq!(alert["log"]["level"], "critical", "{alert}");
+    let end = agent.expect("exposure-without-listener end", |e| {
+        unbacked(e, 6379, "end")
+    });
+    assert_eq!(end["portwatch"]["ended_by"], "listener-appeared", "{end}");
+    let probe = lab.probe(6379);
+    assert!(
+        agrees("accepted", &probe),
+        "evaluator: accepted, probe: {probe}"
+    );
+}
+
+/// The same with a DOCKER-USER drop for traffic from the public interface: the
+/// forward path drops it, the verdict names DOCKER-USER, and the probe times out.
+#[test]
+fn docker_user_drop_filters_the_published_port() {
+    if !can_run_kernel_tests() {
+        return;
+    }
+    let mut agent = Agent::start(&["--no-snapshot", "--lang", "en"]);
+    let mut lab = NatLab::new("docker0", "172.17.0.1", "172.17.0.2", 16);
+    let rules = docker_rules().replace(
+        "-A DOCKER-USER -j RETURN",
+        "-A DOCKER-USER -i veth-pub -p tcp -m tcp --dport 6379 -j DROP\n-A DOCKER-USER -j RETURN",
+    );
+    lab.host_sh("iptables-nft-restore", Some(&rules));
+    agent.expect("exposure-without-listener start", |e| {
+        unbacked(e, 6379, "start")
+    });
+    let pid = lab.listen(6379);
+    let started = agent.expect("listen-started", |e| started(e, pid, 6379));
+    let p = published(&started);
+    assert_eq!(p["verdict"], "filtered", "{started}");
+    assert_eq!(p["filter_rule"]["chain"], "DOCKER-USER", "{started}");
+    let probe = lab.probe(6379);
+    assert!(
+        agrees("filtered", &probe),
+        "evaluator: filtered, probe: {probe}"
+    );
+    // Filtered on the public side: the alert is one step lower, as for the input chain.
+    let alert = agent.expect("risky-listener", |e| {
+        action(e) == "risky-listener" && e["process"]["pid"] == pid
+    });
+    assert_eq!(alert["portwatch"]["risk"]["outcome"], "filtered", "{alert}");
+}
+
+/// podman netavark's nftables table: host port 8080 to the container's 6379, accepted
+/// on forward by the ct mark the DNAT rule sets.
+#[test]
+fn netavark_nftables_table_publishes() {
+    if !can_run_kernel_tests() {
+        return;
+    }
+    let mut agent = Agent::start(&["--no-snapshot", "--lang", "en"]);
+    let mut lab = NatLab::new("podman0", "10.88.0.1", "10.88.0.14", 16);
+    lab.host_sh(
+        "nft -f -",
+        Some(include_str!(
+            "../../portwatch/src/classify/firewall/testdata/netavark.nft"
+        )),
+    );
+    agent.expect("exposure-without-listener start", |e| {
+        unbacked(e, 8080, "start")
+    });
+    let pid = lab.listen(6379);
+    let started = agent.expect("listen-started", |e| started(e, pid, 6379));
+    let p = published(&started);
+    assert_eq!(p["verdict"], "accepted", "{started}");
+    assert_eq!(p["host"]["port"], 8080, "{started}");
+    assert_eq!(
+        p["rule"]["chain"], "nv_2f259bab_10_88_0_0_nm16_dnat",
+        "{started}"
+    );
+    assert_eq!(p["ruleset"], "nftables", "{started}");
+    let probe = lab.probe(8080);
+    assert!(
+        agrees("accepted", &probe),
+        "evaluator: accepted, probe: {probe}"
+    );
+}
+
+/// kube-proxy (iptables mode): NodePorts 3002 and 3003 lead through KUBE-SERVICES,
+/// KUBE-NODEPORTS, KUBE-EXT-*, KUBE-SVC-* to KUBE-SEP-*'s DNAT to the pod at
+/// 10.180.0.3:80, and FORWARD (policy drop) accepts them by the 0x4000 mark
+/// KUBE-MARK-MASQ set on the way.
+#[test]
+fn kube_proxy_nodeport() {
+    if !can_run_kernel_tests() {
+        return;
+    }
+    let mut agent = Agent::start(&["--no-snapshot", "--lang", "en"]);
+    let mut lab = NatLab::new("cni0", "10.180.0.1", "10.180.0.3", 16);
+    let rules: String =
+        include_str!("../../portwatch/src/classify/firewall/testdata/kube-proxy.save")
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| format!("{l}\n"))
+            .collect();
+    lab.host_sh("iptables-nft-restore", Some(&rules));
+    agent.expect("exposure-without-listener start", |e| {
+        unbacked(e, 3003, "start")
+    });
+    let pid = lab.listen(80);
+    let started = agent.expect("listen-started", |e| started(e, pid, 80));
+    let p = published(&started);
+    assert_eq!(p["verdict"], "accepted", "{started}");
+    assert!(
+        p["host"]["port"] == 3002 || p["host"]["port"] == 3003,
+        "{started}"
+    );
+    assert!(
+        p["rule"]["chain"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("KUBE-SEP-"),
+        "{started}"
+    );
+    for port in [3002, 3003] {
+        let probe = lab.probe(port);
+        assert!(agrees("accepted", &probe), "port {port}: probe {probe}");
+    }
+    // 3001 (externalTrafficPolicy Local, no local endpoint) publishes nothing: the
+    // probe is not forwarded to the pod (nothing answers on the host either).
+    assert_ne!(lab.probe(3001), "open");
+}
+
+/// While the agent runs: the listener exists first (not published); docker's rules
+/// come (published, accepted); a DOCKER-USER drop is added (filtered); the host's
+/// public address changes (published on the new address); the NAT rules go (no longer
+/// published, and the unbacked exposure that never was stays unreported). Each step is
+/// one `exposure-changed`, in this order, and the probe agrees at each step.
+#[test]
+fn ruleset_and_address_changes_are_reported_in_order() {
+    if !can_run_kernel_tests() {
+        return;
+    }
+    let mut agent = Agent::start(&["--no-snapshot", "--lang", "en"]);
+    let mut lab = NatLab::new("docker0", "172.17.0.1", "172.17.0.2", 16);
+    let pid = lab.listen(6379);
+    let started = agent.expect("listen-started", |e| started(e, pid, 6379));
+    assert!(published(&started).is_null(), "{started}");
+    let changed = |e: &Value| action(e) == "exposure-changed" && e["process"]["pid"] == pid;
+    let after = |e: &Value| e["portwatch"]["exposure_change"]["published_after"].clone();
+
+    lab.host_sh("iptables-nft-restore", Some(&docker_rules()));
+    let e1 = agent.expect("published", changed);
+    assert_eq!(after(&e1)["verdict"], "accepted", "{e1}");
+    assert!(
+        e1["portwatch"]["exposure_change"]["published_before"].is_null(),
+        "{e1}"
+    );
+    assert!(agrees("accepted", &lab.probe(6379)));
+
+    lab.host_sh(
+        "iptables-nft -I DOCKER-USER -i veth-pub -p tcp -m tcp --dport 6379 -j DROP",
+        None,
+    );
+    let e2 = agent.expect("filtered", |e| {
+        changed(e) && after(e)["verdict"] == "filtered"
+    });
+    assert_eq!(after(&e2)["verdict"], "filtered", "{e2}");
+    assert_eq!(
+        e2["portwatch"]["exposure_change"]["published_before"]["verdict"], "accepted",
+        "{e2}"
+    );
+    assert!(agrees("filtered", &lab.probe(6379)));
+
+    // A new public address first, then the old one goes (the new one, a secondary of
+    // the same subnet, would go with it unless promoted).
+    lab.host_sh(
+        "sysctl -qw net.ipv4.conf.veth-pub.promote_secondaries=1 \
+         && ip addr add 203.0.113.9/24 dev veth-pub && ip addr del 203.0.113.5/24 dev veth-pub",
+        None,
+    );
+    let e3 = agent.expect("published on the new address", |e| {
+        changed(e) && after(e)["host"]["ip"] == "203.0.113.9"
+    });
+    assert_eq!(after(&e3)["verdict"], "filtered", "{e3}");
+    assert!(agrees("filtered", &lab.probe_to("203.0.113.9", 6379)));
+
+    lab.host_sh("iptables-nft -t nat -F DOCKER", None);
+    let e4 = agent.expect("no longer published", |e| changed(e) && after(e).is_null());
+    assert!(
+        e4["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no longer published"),
+        "{e4}"
+    );
+    assert_eq!(
+        lab.probe_to("203.0.113.9", 6379),
+        "refused",
+        "no DNAT: the host refuses"
+    );
+}
+
+/// A published port with nothing behind it, and the end of that when the rule goes.
+#[test]
+fn exposure_without_listener_ends_when_the_rule_goes() {
+    if !can_run_kernel_tests() {
+        return;
+    }
+    let mut agent = Agent::start(&["--no-snapshot", "--lang", "en"]);
+    let lab = NatLab::new("docker0", "172.17.0.1", "172.17.0.2", 16);
+    lab.host_sh("iptables-nft-restore", Some(&docker_rules()));
+    let start = agent.expect("start", |e| unbacked(e, 6379, "start"));
+    assert_eq!(published(&start)["verdict"], "accepted", "{start}");
+    assert!(agrees("accepted", &lab.probe(6379)));
+    lab.host_sh("iptables-nft -t nat -F DOCKER", None);
+    let end = agent.expect("end", |e| unbacked(e, 6379, "end"));
+    assert_eq!(end["portwatch"]["ended_by"], "rule-removed", "{end}");
+}
+
+/// A real container runtime: podman (Debian 12: 4.3, netavark 1.4 with its iptables
+/// driver) with runc publishes port 6379 of a container, all inside a private "host"
+/// namespace (entered with nsenter: `ip netns exec` remounts /sys, and runc then finds
+/// no cgroup mount), its storage in a temporary directory, its image imported from
+/// busybox-static (no registry is reachable). Two settings get it going on this VM: runc
+/// instead of crun, and `default_ulimits = []` (podman's default nofile limit, 1048576,
+/// is above the VM's hard limit, and raising it is refused). The agent must find the
+/// rules netavark wrote, join them to busybox's `nc` in the container's namespace, and
+/// agree with a SYN from outside.
+#[test]
+fn podman_publishes_a_port_for_real() {
+    if !can_run_kernel_tests() {
+        return;
+    }
+    for t in ["podman", "runc", "busybox", "nsenter"] {
+        if !tool(t) {
+            panic!("{t} is missing: install Debian's podman, netavark, runc, busybox-static");
+        }
+    }
+    let mut agent = Agent::start(&["--no-snapshot", "--lang", "en"]);
+    let lab = PodLab::new();
+    lab.podman(
+        &["import", "-", "localhost/pwbusybox"],
+        Some(&lab.rootfs_tar()),
+    );
+    lab.podman(
+        &[
+            "--runtime",
+            "runc",
+            "run",
+            "-d",
+            "--name",
+            "pwt",
+            "-p",
+            "6379:6379",
+            "localhost/pwbusybox",
+            "/bin/sh",
+            "-c",
+            "while :; do nc -l -p 6379 -e /bin/true; done",
+        ],
+        None,
+    );
+    // The listener may start before the agent has read the namespace podman just
+    // made (it looks for new ones every 3 s): then `exposure-changed` brings the
+    // publication.
+    let started = agent.expect("nc listening in the podman container, published", |e| {
+        (action(e) == "listen-started" || action(e) == "exposure-changed")
+            && e["process"]["name"] == "nc"
+            && e["server"]["port"] == 6379
+            && published(e).is_object()
+    });
+    let p = published(&started);
+    assert_eq!(p["verdict"], "accepted", "{started}");
+    assert_eq!(p["host"]["ip"], HOST_PUBLIC, "{started}");
+    assert!(
+        p["target"]["ip"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("10.88."),
+        "{started}"
+    );
+    assert!(
+        p["rule"]["chain"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("NETAVARK-DN-"),
+        "{started}"
+    );
+    let probe = lab.probe();
+    assert!(
+        agrees("accepted", &probe),
+        "evaluator: accepted, probe: {probe}"
+    );
+}
+
+/// A "host" namespace with a public address, an outside namespace, and podman's state
+/// in a temporary directory; the container and everything on drop.
+struct PodLab {
+    host: String,
+    out: String,
+    dir: std::path::PathBuf,
+}
+
+impl PodLab {
+    fn new() -> PodLab {
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        let tag = format!("pwpod{}x{n}", std::process::id());
+        let dir = std::env::temp_dir().join(&tag);
+        std::fs::create_dir_all(dir.join("rootfs/bin")).unwrap();
+        std::fs::write(
+            dir.join("containers.conf"),
+            "[containers]\ndefault_ulimits = []\n",
+        )
+        .unwrap();
+        let lab = PodLab {
+            host: format!("{tag}h"),
+            out: format!("{tag}o"),
+            dir,
+        };
+        for ns in [&lab.host, &lab.out] {
+            let st = Command::new("ip")
+                .args(["netns", "add", ns])
+                .status()
+                .unwrap();
+            assert!(st.success());
+        }
+        let st = Command::new("ip")
+            .args([
+                "link", "add", "veth-pub", "netns", &lab.host, "type", "veth", "peer", "name",
+                "veth-out", "netns", &lab.out,
+            ])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        sh(
+            &lab.host,
+            &format!(
+                "ip link set lo up && ip addr add {HOST_PUBLIC}/24 dev veth-pub && ip link set veth-pub up"
+            ),
+            None,
+        )
+        .unwrap();
+        sh(
+            &lab.out,
+            &format!(
+                "ip link set lo up && ip addr add {OUTSIDE}/24 dev veth-out && ip link set veth-out up"
+            ),
+            None,
+        )
+        .unwrap();
+        lab
+    }
+
+    /// busybox-static as a root filesystem, as a tar stream.
+    fn rootfs_tar(&self) -> Vec<u8> {
+        let root = self.dir.join("rootfs");
+        let busybox = Command::new("sh")
+            .args(["-c", "command -v busybox"])
+            .output()
+            .unwrap();
+        let busybox = String::from_utf8_lossy(&busybox.stdout).trim().to_owned();
+        std::fs::copy(&busybox, root.join("bin/busybox")).unwrap();
+        for a in ["sh", "nc", "true"] {
+            let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(a));
+        }
+        let out = Command::new("tar")
+            .arg("-C")
+            .arg(&root)
+            .args(["-c", "."])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        out.stdout
+    }
+
+    fn podman(&self, args: &[&str], stdin: Option<&[u8]>) {
+        let mut c = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.host))
+            .arg("podman")
+            .args(["--storage-driver", "vfs", "--network-backend", "netavark"])
+            .arg("--root")
+            .arg(self.dir.join("root"))
+            .arg("--runroot")
+            .arg(self.dir.join("run"))
+            .args(args)
+            .env("CONTAINERS_CONF", self.dir.join("containers.conf"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("podman");
+        if let Some(data) = stdin {
+            c.stdin.take().unwrap().write_all(data).unwrap();
+        }
+        drop(c.stdin.take());
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "podman {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn probe(&self) -> String {
+        let script = format!(
+            "import socket\ns=socket.socket(); s.settimeout(1.5)\n\
+             try:\n  s.connect(('{HOST_PUBLIC}',6379)); print('open')\n\
+             except ConnectionRefusedError: print('refused')\n\
+             except Exception as e: print('timeout')\n"
+        );
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.out, "python3", "-c", &script])
+            .output()
+            .expect("probe");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+}
+
+impl Drop for PodLab {
+    fn drop(&mut self) {
+        // The container, its network namespace and netavark's rules go with it.
+        let _ = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.host))
+            .arg("podman")
+            .args(["--storage-driver", "vfs", "--network-backend", "netavark"])
+            .arg("--root")
+            .arg(self.dir.join("root"))
+            .arg("--runroot")
+            .arg(self.dir.join("run"))
+            .args(["rm", "-f", "-t", "0", "pwt"])
+            .env("CONTAINERS_CONF", self.dir.join("containers.conf"))
+            .output();
+        for ns in [&self.host, &self.out] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

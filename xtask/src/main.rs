@@ -124,6 +124,13 @@ impl Need {
                 "nftables",
                 "iptables",
                 "python3",
+                // firewall.rs: a real container runtime publishing a port (podman with
+                // netavark; runc, since crun is refused setrlimit here; an image made
+                // from busybox-static, since no registry is reachable).
+                "podman",
+                "netavark",
+                "runc",
+                "busybox-static",
                 // sinks.rs: syslog over TLS (imtcp gtls driver), RELP (imrelp), and the
                 // certificates the tests make.
                 "rsyslog-gnutls",

@@ -216,6 +216,11 @@ pub struct Exposure {
     /// when not evaluated.
     #[serde(skip)]
     pub firewall: Option<crate::classify::firewall::State>,
+    /// A NAT rule publishes the listener on a host port reachable from this scope
+    /// (its details are on the event, `portwatch.exposure.published`): the listener
+    /// is that exposed, whatever its own address says.
+    #[serde(skip)]
+    pub published: Option<Scope>,
 }
 
 impl Exposure {
@@ -238,6 +243,7 @@ impl Exposure {
             interfaces_known: interfaces.is_some(),
             public_addr: None,
             firewall: None,
+            published: None,
         };
         if scope != Scope::AllInterfaces {
             e.reachable.insert(scope);
@@ -297,16 +303,40 @@ impl Exposure {
     /// added later (DHCP, a VPN, a veth set up after the bind) without a new
     /// bind event, so the sensor would never get another chance to alert.
     pub fn effective_scope(&self) -> Scope {
-        match self.scope {
+        let own = match self.scope {
             Scope::AllInterfaces if self.reachable_public => Scope::Public,
             Scope::AllInterfaces => Scope::Private,
             s => s,
+        };
+        match self.published {
+            Some(p) if exposure_rank(p) > exposure_rank(own) => p,
+            _ => own,
         }
+    }
+
+    /// The scope its own address gives it, before any NAT publication.
+    pub fn own_scope(&self) -> Scope {
+        Exposure {
+            published: None,
+            ..*self
+        }
+        .effective_scope()
     }
 
     /// Stable lowercase string of [`Exposure::scope`].
     pub fn as_str(&self) -> &'static str {
         self.scope.as_str()
+    }
+}
+
+/// How far a scope reaches, for comparing a listener's own exposure with the one a NAT
+/// publication gives it.
+pub fn exposure_rank(s: Scope) -> u8 {
+    match s {
+        Scope::Loopback => 0,
+        Scope::LinkLocal | Scope::Multicast => 1,
+        Scope::Private => 2,
+        Scope::Public | Scope::AllInterfaces => 3,
     }
 }
 

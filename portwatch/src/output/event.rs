@@ -70,6 +70,7 @@ pub enum Action {
     UdpReleased,
     ListenerPresent,
     ExposureChanged,
+    ExposureWithoutListener,
     ListenersFolded,
     RiskyListener,
     RiskyListenerRepeated,
@@ -84,13 +85,14 @@ pub enum Action {
 }
 
 impl Action {
-    pub const ALL: [Action; 17] = [
+    pub const ALL: [Action; 18] = [
         Action::ListenStarted,
         Action::ListenStopped,
         Action::UdpBound,
         Action::UdpReleased,
         Action::ListenerPresent,
         Action::ExposureChanged,
+        Action::ExposureWithoutListener,
         Action::ListenersFolded,
         Action::RiskyListener,
         Action::RiskyListenerRepeated,
@@ -113,6 +115,7 @@ impl Action {
             Action::UdpReleased => "udp-released",
             Action::ListenerPresent => "listener-present",
             Action::ExposureChanged => "exposure-changed",
+            Action::ExposureWithoutListener => "exposure-without-listener",
             Action::ListenersFolded => "listeners-folded",
             Action::RiskyListener => "risky-listener",
             Action::RiskyListenerRepeated => "risky-listener-repeated",
@@ -136,6 +139,7 @@ impl Action {
             | Action::UdpReleased
             | Action::ListenerPresent
             | Action::ExposureChanged
+            | Action::ExposureWithoutListener
             | Action::ListenersFolded => Kind::Event,
             Action::RiskyListener | Action::RiskyListenerRepeated => Kind::Alert,
             Action::EventsLost | Action::SensorHealth => Kind::Metric,
@@ -523,6 +527,10 @@ pub struct Portwatch {
     /// On `exposure-changed`: the firewall verdict before and after a ruleset change.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exposure_change: Option<ExposureChange>,
+    /// On the end of `exposure-without-listener`: why it ended (`listener-appeared`,
+    /// `rule-removed`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ended_by: Option<&'static str>,
     /// The catalogue or policy entry the listener matched, and the outcome.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub risk: Option<Risk>,
@@ -562,6 +570,10 @@ pub struct ExposureOut {
     pub exposure: crate::classify::Exposure,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub firewall: Option<Arc<crate::classify::firewall::Firewall>>,
+    /// A host port a NAT rule sends to this listener (the most exposed one), with the
+    /// forward path's verdict.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub published: Option<Arc<crate::classify::firewall::nat::Publication>>,
 }
 
 impl Deref for ExposureOut {
@@ -580,6 +592,11 @@ pub struct ExposureChange {
     pub before: Option<Arc<crate::classify::firewall::Firewall>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub after: Option<Arc<crate::classify::firewall::Firewall>>,
+    /// The NAT publication before and after, when it changed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub published_before: Option<Arc<crate::classify::firewall::nat::Publication>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub published_after: Option<Arc<crate::classify::firewall::nat::Publication>>,
 }
 
 /// `portwatch.fold` on `listeners-folded`: starts a process made above its budget,

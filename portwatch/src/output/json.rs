@@ -114,6 +114,10 @@ fn portwatch(out: &mut Vec<u8>, p: &Portwatch) -> serde_json::Result<()> {
     )?;
     sep.field(out, b"\"exposure\":", p.exposure.as_ref())?;
     sep.field(out, b"\"exposure_change\":", p.exposure_change.as_ref())?;
+    if let Some(e) = p.ended_by {
+        sep.key(out, b"\"ended_by\":");
+        string(out, e);
+    }
     sep.field(out, b"\"risk\":", p.risk.as_ref())?;
     sep.field(out, b"\"alert\":", p.alert.as_ref())?;
     sep.field(out, b"\"lost\":", p.lost.as_ref())?;
@@ -424,6 +428,7 @@ mod tests {
                 })),
                 exposure: None,
                 exposure_change: None,
+                ended_by: Some("rule-removed"),
                 risk: None,
                 alert: None,
                 lost: Some(Lost {

@@ -116,6 +116,7 @@ impl Class {
             // No OCSF class says these better than the base event (with the listener's
             // endpoint when it has one).
             Action::ExposureChanged
+            | Action::ExposureWithoutListener
             | Action::ListenersFolded
             | Action::SensorHealth
             | Action::SnapshotComplete
@@ -422,6 +423,8 @@ struct Rest<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     exposure_change: Option<&'a crate::output::event::ExposureChange>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    ended_by: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     risk: Option<&'a Risk>,
     #[serde(skip_serializing_if = "Option::is_none")]
     alert: Option<AlertRest<'a>>,
@@ -443,6 +446,7 @@ impl Rest<'_> {
             && self.attribution_changed.is_none()
             && self.exposure.is_none()
             && self.exposure_change.is_none()
+            && self.ended_by.is_none()
             && self.risk.is_none()
             && self.alert.is_none()
             && self.lost.is_none()
@@ -595,6 +599,7 @@ fn document(ev: &Event) -> Doc<'_> {
                 attribution_changed: pw.attribution_changed.as_deref().map(|v| &**v),
                 exposure: pw.exposure.as_ref(),
                 exposure_change: pw.exposure_change.as_ref(),
+                ended_by: pw.ended_by,
                 risk: pw.risk.as_ref(),
                 alert: alert.map(|a| AlertRest {
                     repeats: a.repeats,

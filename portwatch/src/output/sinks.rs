@@ -1318,6 +1318,20 @@ fn text_line(out: &mut String, ev: &Event, color: bool) {
     {
         let _ = write!(out, " firewall={}", f.verdict.as_str());
     }
+    if let Some(p) = ev
+        .portwatch
+        .exposure
+        .as_ref()
+        .and_then(|x| x.published.as_ref())
+    {
+        let _ = write!(
+            out,
+            " published={}:{}/{}",
+            p.host.ip,
+            p.host.port,
+            p.verdict.as_str()
+        );
+    }
     if let Some(d) = ev.event.duration {
         let _ = write!(out, " lived={}", human_ns(d));
     }

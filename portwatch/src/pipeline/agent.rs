@@ -107,6 +107,30 @@ struct Held {
     v6only: Option<bool>,
     /// The firewall verdict last reported for it.
     firewall: Option<Arc<crate::classify::firewall::Firewall>>,
+    /// The NAT publication last reported for it (the most exposed).
+    published: Option<Arc<Publication>>,
+    /// Every publication it is behind (so none of them is `exposure-without-listener`).
+    backs: Vec<PubKey>,
+}
+
+type Publication = crate::classify::firewall::nat::Publication;
+type PubKey = crate::classify::firewall::nat::PubKey;
+
+/// What an `exposure-changed` compares: the firewall verdict, and which publication
+/// with which verdict.
+type ExposureSig = (
+    Option<crate::classify::firewall::State>,
+    Option<(PubKey, crate::classify::firewall::State)>,
+);
+
+fn exposure_sig(
+    fw: &Option<Arc<crate::classify::firewall::Firewall>>,
+    published: Option<&Publication>,
+) -> ExposureSig {
+    (
+        fw.as_ref().map(|f| f.verdict),
+        published.map(|p| (p.full_key(), p.verdict)),
+    )
 }
 
 /// Running totals for `sensor-health`.
@@ -142,6 +166,8 @@ pub struct Pipeline {
     folds: crate::kernel::folds::Folds,
     /// Requests to the firewall watcher thread, when the firewall is followed.
     fw_watch: Option<std::sync::mpsc::Sender<crate::classify::firewall::watch::Request>>,
+    /// Published host ports with nothing listening behind them, as last reported.
+    unbacked: std::collections::BTreeMap<PubKey, Arc<Publication>>,
 }
 
 impl Pipeline {
@@ -169,6 +195,7 @@ impl Pipeline {
             metrics: None,
             hooks: None,
             fw_watch: None,
+            unbacked: std::collections::BTreeMap::new(),
         }
     }
 
@@ -189,16 +216,19 @@ impl Pipeline {
 
     /// Classify a new listener's event, write it, then its alert right behind it.
     /// Returns the firewall verdict it carries, to compare with after a ruleset change.
-    fn write_assessed(
-        &mut self,
-        mut ev: Event,
-    ) -> Option<Arc<crate::classify::firewall::Firewall>> {
+    fn write_assessed(&mut self, mut ev: Event) -> Assessed {
         let alert = self.assessor.assess(&mut ev);
+        let backs = self.assessor.take_backs();
         let firewall = ev
             .portwatch
             .exposure
             .as_ref()
             .and_then(|e| e.firewall.clone());
+        let published = ev
+            .portwatch
+            .exposure
+            .as_ref()
+            .and_then(|e| e.published.clone());
         if alert.is_some() {
             // An alert and its listener travel together, ahead of bulk churn.
             ev.portwatch.urgent = true;
@@ -208,7 +238,11 @@ impl Pipeline {
             alert.portwatch.urgent = true;
             self.write(alert);
         }
-        firewall
+        Assessed {
+            firewall,
+            published,
+            backs,
+        }
     }
 
     /// Follow the host firewall: each listener's verdict from now on, and (with
@@ -221,19 +255,17 @@ impl Pipeline {
         self.assessor.enable_firewall(watch);
     }
 
-    /// A namespace's ruleset changed: assess its open listeners again and report each
-    /// whose firewall verdict changed (`exposure-changed`), with the alert when one
-    /// becomes exposed.
+    /// A namespace's ruleset or addresses changed: assess the open listeners again and
+    /// report each whose firewall verdict or NAT publication changed
+    /// (`exposure-changed`), with the alert when one becomes exposed; then the
+    /// published ports with nothing behind them (`exposure-without-listener`).
     pub fn firewall_changed(&mut self, u: crate::classify::firewall::watch::Update) {
-        if !self.assessor.set_ruleset(u.netns, u.ruleset) {
+        if !self.assessor.update_namespace(&u) {
             return;
         }
-        let keys: Vec<u64> = self
-            .core
-            .open()
-            .filter(|(_, o)| o.netns == Some(u.netns))
-            .map(|(k, _)| *k)
-            .collect();
+        // Every namespace's listeners, not only those of the one that changed: its NAT
+        // rules may publish a listener of another.
+        let keys: Vec<u64> = self.core.open().map(|(k, _)| *k).collect();
         let now = self.ev.now();
         for key in keys {
             let Some(o) = self.core.open_get(key) else {
@@ -258,49 +290,73 @@ impl Pipeline {
             };
             let owner = h.owner.clone();
             let before = h.firewall.clone();
+            let published_before = h.published.clone();
             let mut ev = self
                 .ev
                 .listener_event(Action::ExposureChanged, now, l, &owner);
-            let state = |f: &Option<Arc<crate::classify::firewall::Firewall>>| {
-                f.as_ref().map(|f| f.verdict)
-            };
+            let (fw_now, pubs_now) = self.assessor.firewall_now(&ev);
+            let backs: Vec<PubKey> = pubs_now.iter().map(Publication::full_key).collect();
+            if let Some(o) = self.core.open_get_mut(key) {
+                o.held.backs = backs;
+            }
             // Only a changed verdict is assessed (and may alert): assessing every open
             // listener would count each in the alert folder as if it had alerted again.
-            if state(&before) == state(&self.assessor.firewall_now(&ev)) {
+            if exposure_sig(&before, published_before.as_deref())
+                == exposure_sig(&fw_now, pubs_now.first())
+            {
                 continue;
             }
             let alert = self.assessor.assess(&mut ev);
-            let after = ev
-                .portwatch
-                .exposure
-                .as_ref()
-                .and_then(|e| e.firewall.clone());
-            if state(&before) == state(&after) {
+            let _ = self.assessor.take_backs();
+            let exposure = ev.portwatch.exposure.as_ref();
+            let after = exposure.and_then(|e| e.firewall.clone());
+            let published_after = exposure.and_then(|e| e.published.clone());
+            if exposure_sig(&before, published_before.as_deref())
+                == exposure_sig(&after, published_after.as_deref())
+            {
                 continue;
             }
             if let Some(o) = self.core.open_get_mut(key) {
                 o.held.firewall = after.clone();
+                o.held.published = published_after.clone();
             }
             let name = |f: &Option<Arc<crate::classify::firewall::Firewall>>| {
                 f.as_ref().map_or("not evaluated", |f| f.verdict.as_str())
             };
-            let mut msg = format!(
-                "{} {}:{}: host firewall verdict for new connections changed from {} to {}",
+            let what = format!(
+                "{} {}:{}",
                 o_transport(ev.network.as_ref()),
                 ev.server
                     .as_ref()
                     .map_or(String::new(), |s| s.ip.to_string()),
                 ev.server.as_ref().map_or(0, |s| s.port),
-                name(&before),
-                name(&after),
             );
-            if let Some(r) = after.as_ref().and_then(|f| f.rule.as_ref()) {
-                msg.push_str(&format!(" ({})", r.short()));
+            let mut parts = Vec::new();
+            if before.as_ref().map(|f| f.verdict) != after.as_ref().map(|f| f.verdict) {
+                let mut m = format!(
+                    "host firewall verdict for new connections changed from {} to {}",
+                    name(&before),
+                    name(&after),
+                );
+                if let Some(r) = after.as_ref().and_then(|f| f.rule.as_ref()) {
+                    m.push_str(&format!(" ({})", r.short()));
+                }
+                parts.push(m);
             }
-            ev.message = Some(msg);
+            let pub_sig =
+                |p: &Option<Arc<Publication>>| p.as_ref().map(|p| (p.full_key(), p.verdict));
+            if pub_sig(&published_before) != pub_sig(&published_after) {
+                parts.push(match &published_after {
+                    Some(p) => publication_text(p),
+                    None => "no longer published by a NAT rule".to_owned(),
+                });
+            }
+            ev.message = Some(format!("{what}: {}", parts.join("; ")));
             ev.portwatch.exposure_change = Some(crate::output::event::ExposureChange {
                 before,
                 after: after.clone(),
+                published_before,
+                published_after: published_after.clone(),
             });
             ev.portwatch.urgent = true;
             self.write(ev);
@@ -308,12 +364,115 @@ impl Pipeline {
             // event above says so; no new alert.
             let exposed = after
                 .as_ref()
-                .is_some_and(|f| f.verdict != crate::classify::firewall::State::Filtered);
+                .is_some_and(|f| f.verdict != crate::classify::firewall::State::Filtered)
+                || published_after
+                    .as_ref()
+                    .is_some_and(|p| p.verdict != crate::classify::firewall::State::Filtered);
             if let (true, Some(mut alert)) = (exposed, alert) {
                 alert.portwatch.urgent = true;
                 self.write(alert);
             }
         }
+        self.check_unbacked();
+    }
+
+    /// Reports published host ports with nothing listening behind them
+    /// (`exposure-without-listener`, type start), and the end of each that got a
+    /// listener or lost its rule.
+    fn check_unbacked(&mut self) {
+        if self.core.scanning() {
+            return; // the open-listener table is not complete yet
+        }
+        let backed: HashSet<PubKey> = self
+            .core
+            .open()
+            .flat_map(|(_, o)| o.held.backs.iter().copied())
+            .collect();
+        let all = self.assessor.publications();
+        let now: std::collections::BTreeMap<PubKey, Publication> = all
+            .iter()
+            .filter(|p| !backed.contains(&p.full_key()))
+            .map(|p| (p.full_key(), p.clone()))
+            .collect();
+        let ended: Vec<(PubKey, Arc<Publication>)> = self
+            .unbacked
+            .iter()
+            .filter(|(k, _)| !now.contains_key(*k))
+            .map(|(k, p)| (*k, p.clone()))
+            .collect();
+        for (k, p) in ended {
+            self.unbacked.remove(&k);
+            let why = if all.iter().any(|x| x.full_key() == k) {
+                "listener-appeared"
+            } else {
+                "rule-removed"
+            };
+            let ev = self.unbacked_event(&p, Some(why));
+            self.write(ev);
+        }
+        for (k, p) in now {
+            if let Some(old) = self.unbacked.get_mut(&k) {
+                *old = Arc::new(p);
+                continue;
+            }
+            let p = Arc::new(p);
+            self.unbacked.insert(k, p.clone());
+            let ev = self.unbacked_event(&p, None);
+            self.write(ev);
+        }
+    }
+
+    /// The `exposure-without-listener` event of a publication: its start (`end` none)
+    /// or its end, with why.
+    fn unbacked_event(&mut self, p: &Arc<Publication>, end: Option<&'static str>) -> Event {
+        let now = self.ev.now();
+        let exposed = p.verdict != crate::classify::firewall::State::Filtered;
+        let mut ev = self.ev.base(now, Action::ExposureWithoutListener);
+        if end.is_none() && exposed {
+            ev.event.kind = EventKind::Alert;
+        }
+        ev.event.category = &["network"];
+        ev.event.type_ = if end.is_some() { &["end"] } else { &["start"] };
+        ev.network = Some(Network {
+            transport: Protocol::new(p.transport, false),
+            type_: if p.host.ip.is_ipv4() { "ipv4" } else { "ipv6" },
+        });
+        ev.server = Some(Server {
+            ip: p.host.ip,
+            port: p.host.port,
+        });
+        let mut exposure = crate::classify::Exposure::new(p.target.ip, None, None);
+        crate::pipeline::assess::apply_publication(&mut exposure, p);
+        ev.portwatch.exposure = Some(crate::output::event::ExposureOut {
+            exposure,
+            firewall: None,
+            published: Some(p.clone()),
+        });
+        ev.portwatch.ended_by = end;
+        ev.portwatch.urgent = true;
+        let target = match p.target.ip {
+            std::net::IpAddr::V4(a) => format!("{a}:{}", p.target.port),
+            std::net::IpAddr::V6(a) => format!("[{a}]:{}", p.target.port),
+        };
+        ev.message = Some(match end {
+            None => format!(
+                "{} host port {} is published to {target} ({}), where nothing listens: \
+                 whatever binds there next is exposed at once ({})",
+                p.transport,
+                p.host.port,
+                p.rule.short(),
+                p.verdict.as_str(),
+            ),
+            Some("listener-appeared") => format!(
+                "{} host port {}: a listener now answers at {target}",
+                p.transport, p.host.port
+            ),
+            Some(_) => format!(
+                "{} host port {}: the NAT rule publishing it to {target} is gone",
+                p.transport, p.host.port
+            ),
+        });
+        ev
     }
 
     /// Namespaces with an open listener: the firewall watcher keeps only those.
@@ -356,6 +515,19 @@ impl Pipeline {
             .count() as u64
     }
 
+    /// Open listeners behind a NAT publication whose verdict is `state`.
+    fn published(&self, state: crate::classify::firewall::State) -> u64 {
+        self.core
+            .open()
+            .filter(|(_, o)| {
+                o.held
+                    .published
+                    .as_ref()
+                    .is_some_and(|p| p.verdict == state)
+            })
+            .count() as u64
+    }
+
     fn update_gauges(&self, hooks: usize, degraded: usize) {
         let Some(m) = &self.metrics else { return };
         m.beat();
@@ -367,6 +539,10 @@ impl Pipeline {
             exposed_accepted: self.exposed(crate::classify::firewall::State::Accepted),
             exposed_filtered: self.exposed(crate::classify::firewall::State::Filtered),
             exposed_unknown: self.exposed(crate::classify::firewall::State::Unknown),
+            published_accepted: self.published(crate::classify::firewall::State::Accepted),
+            published_filtered: self.published(crate::classify::firewall::State::Filtered),
+            published_unknown: self.published(crate::classify::firewall::State::Unknown),
+            published_without_listener: self.unbacked.len() as u64,
             process_cache: process_cache as u64,
             cgroup_cache: cgroup_cache as u64,
             ..crate::metrics::Gauges::from_output(self.output.shared())
@@ -469,7 +645,12 @@ impl Pipeline {
             // Its end reached the agent first (and was reported): over already.
             ev.event.duration = Some(end.saturating_sub(r.ktime_ns));
         }
-        let firewall = self.write_assessed(ev);
+        let Assessed {
+            firewall,
+            published,
+            backs,
+        } = self.write_assessed(ev);
+        let behind = !backs.is_empty();
         if ended_ns.is_none() {
             let held = Held {
                 owner,
@@ -481,6 +662,8 @@ impl Pipeline {
                 port: r.port,
                 v6only: r.addr.is_ipv6().then_some(r.v6only),
                 firewall,
+                published,
+                backs,
             };
             self.core.track(
                 key,
@@ -491,6 +674,10 @@ impl Pipeline {
                     held,
                 },
             );
+        }
+        if behind {
+            // A published port whose listener just appeared.
+            self.check_unbacked();
         }
     }
 
@@ -515,6 +702,7 @@ impl Pipeline {
     /// agent, to the closing task (the best owner there is).
     fn report_end(&mut self, r: &Record, held: Option<Held>, duration_ns: Option<u64>) {
         let wall = self.ev.enricher.clocks.wall_from_ktime(r.ktime_ns);
+        let was_behind = held.as_ref().is_some_and(|h| !h.backs.is_empty());
         let (owner, user, group) = match held {
             Some(h) => (h.owner, h.user, h.group),
             None => (
@@ -541,6 +729,10 @@ impl Pipeline {
         ev.portwatch.urgent |= r.urgent;
         ev.event.duration = duration_ns;
         self.write(ev);
+        if was_behind {
+            // Its host port is published to nothing now.
+            self.check_unbacked();
+        }
     }
 
     /// The self-check's sockets, by inode: their records name the agent's kernel pid.
@@ -572,7 +764,11 @@ impl Pipeline {
             let f = &found[i];
             let (mut ev, owner, user) = self.ev.present(f, now, &mut owners);
             ev.portwatch.resync = resync;
-            let firewall = self.write_assessed(ev);
+            let Assessed {
+                firewall,
+                published,
+                backs,
+            } = self.write_assessed(ev);
             let key = f.socket.inode;
             if key != 0 {
                 let held = Held {
@@ -585,6 +781,8 @@ impl Pipeline {
                     port: f.socket.port,
                     v6only: f.v6only,
                     firewall,
+                    published,
+                    backs,
                 };
                 let tracked = Tracked {
                     ktime_ns: None,
@@ -624,6 +822,7 @@ impl Pipeline {
             );
             self.write(ev);
         }
+        self.check_unbacked();
         let reported = merge.report.len();
         if resync {
             self.state(
@@ -1098,6 +1297,31 @@ fn short_ports(ranges: &str, count: u32) -> String {
         })
         .sum();
     format!("{shown},... {} more", count.saturating_sub(in_shown))
+}
+
+/// What a listener's event returns to the table of open listeners.
+struct Assessed {
+    firewall: Option<Arc<crate::classify::firewall::Firewall>>,
+    published: Option<Arc<Publication>>,
+    backs: Vec<PubKey>,
+}
+
+/// "published on 203.0.113.5:6379 by ... (accepted)".
+fn publication_text(p: &Publication) -> String {
+    let host = match p.host.ip {
+        std::net::IpAddr::V4(a) => format!("{a}:{}", p.host.port),
+        std::net::IpAddr::V6(a) => format!("[{a}]:{}", p.host.port),
+    };
+    let mut s = format!(
+        "published on host port {host} ({} source) by {}: {}",
+        p.source,
+        p.rule.short(),
+        p.verdict.as_str()
+    );
+    if let Some(r) = &p.filter_rule {
+        s.push_str(&format!(" ({})", r.short()));
+    }
+    s
 }
 
 fn o_transport(n: Option<&Network>) -> &'static str {

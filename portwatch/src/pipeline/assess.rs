@@ -14,7 +14,13 @@ use std::{
 use crate::{
     attribution::procfs,
     attribution::scan,
-    classify::firewall::{self, Firewall, IfAddr, model::Ruleset, read, watch},
+    classify::firewall::{
+        self, Firewall, IfAddr, RuleOut, State,
+        eval::Verdict,
+        model::Ruleset,
+        nat::{self, PubKey, Publication, Published},
+        read, watch,
+    },
     classify::{
         Classifier, Exposure, FoldDecision, FoldKey, Folder, Lang, Listener, Policy, Scope,
         Transport, exposure, remediation,
@@ -40,6 +46,10 @@ type Addrs = Arc<NsAddrs>;
 struct FirewallCtx {
     rulesets: HashMap<u64, Arc<Ruleset>>,
     watch: Option<std::sync::mpsc::Sender<watch::Request>>,
+    /// Addresses of each followed namespace, as the watcher last read them.
+    ns_ifaces: HashMap<u64, Arc<Vec<IfAddr>>>,
+    /// What each followed namespace's NAT rules publish.
+    publishers: HashMap<u64, Arc<Published>>,
 }
 
 pub struct Assessor {
@@ -52,6 +62,8 @@ pub struct Assessor {
     pub folded: u64,
     /// Scans of /proc for a socket's holders in the current second: (second start, count).
     holder_scans: (Instant, u32),
+    /// Every publication the last assessed listener is behind (see [`Assessor::take_backs`]).
+    backs: Vec<PubKey>,
 }
 
 /// Scans of every `/proc/<pid>/fd` for an alert's holders per second at most. Each costs
@@ -71,6 +83,7 @@ impl Assessor {
             firewall: None,
             folded: 0,
             holder_scans: (Instant::now(), 0),
+            backs: Vec::new(),
         }
     }
 
@@ -87,10 +100,174 @@ impl Assessor {
     /// Work out the host firewall's verdict for each listener from now on. `watch`, when
     /// given, is told of every namespace whose ruleset is read, to follow its changes.
     pub fn enable_firewall(&mut self, watch: Option<std::sync::mpsc::Sender<watch::Request>>) {
+        let follow = watch.is_some();
         self.firewall = Some(FirewallCtx {
             rulesets: HashMap::new(),
             watch,
+            ns_ifaces: HashMap::new(),
+            publishers: HashMap::new(),
         });
+        if let Some(host) = self.host_netns {
+            if follow {
+                // The host's NAT rules publish ports whether or not it has listeners:
+                // followed from the start (the watcher's first read is an update).
+                self.ruleset(host, None);
+            } else {
+                // No watcher (`portwatch snapshot`): read the host and the named
+                // namespaces once, now.
+                let mut reads = vec![(host, read::read(None))];
+                for (n, path) in read::named_netns() {
+                    if let Ok(f) = std::fs::File::open(&path) {
+                        let fd: std::os::fd::OwnedFd = f.into();
+                        reads.push((n, read::read(Some(&fd))));
+                    }
+                }
+                for (netns, r) in reads {
+                    self.update_namespace(&watch::Update {
+                        netns,
+                        ruleset: Arc::new(r.ruleset),
+                        ifaces: r.ifaces.map(Arc::new),
+                        gone: false,
+                    });
+                }
+            }
+        }
+    }
+
+    /// A namespace's ruleset or addresses, read again after a change (or its end).
+    /// False when nothing modelled changed (a notification for a change that changed
+    /// nothing modelled, or the watcher's first read of a namespace just read here).
+    pub fn update_namespace(&mut self, u: &watch::Update) -> bool {
+        let Some(fw) = self.firewall.as_mut() else {
+            return false;
+        };
+        if u.gone {
+            fw.rulesets.remove(&u.netns);
+            fw.ns_ifaces.remove(&u.netns);
+            return fw.publishers.remove(&u.netns).is_some();
+        }
+        let rs_changed = !fw
+            .rulesets
+            .get(&u.netns)
+            .is_some_and(|old| **old == *u.ruleset);
+        if rs_changed {
+            fw.rulesets.insert(u.netns, u.ruleset.clone());
+        }
+        let if_changed = u
+            .ifaces
+            .as_ref()
+            .is_some_and(|i| !fw.ns_ifaces.get(&u.netns).is_some_and(|old| **old == **i));
+        if let Some(i) = &u.ifaces {
+            fw.ns_ifaces.insert(u.netns, i.clone());
+        }
+        if if_changed {
+            // Listeners' exposures there are worked out again from the new addresses.
+            self.ifaces.remove(&u.netns);
+        }
+        if rs_changed || if_changed {
+            let fw = self.firewall.as_mut().expect("checked above");
+            if let (Some(rs), Some(ifs)) = (fw.rulesets.get(&u.netns), fw.ns_ifaces.get(&u.netns)) {
+                let mut p = nat::find(rs, ifs);
+                for x in &mut p.list {
+                    x.netns = Some(u.netns);
+                }
+                if !p.incomplete.is_empty() {
+                    log::info!(
+                        "firewall: NAT publications of netns {} may be incomplete: {}",
+                        u.netns,
+                        p.incomplete.join("; ")
+                    );
+                }
+                fw.publishers.insert(u.netns, Arc::new(p));
+            }
+        }
+        rs_changed || if_changed
+    }
+
+    /// Whether any followed namespace publishes anything.
+    pub fn has_publications(&self) -> bool {
+        self.firewall
+            .as_ref()
+            .is_some_and(|f| f.publishers.values().any(|p| !p.list.is_empty()))
+    }
+
+    /// Every publication of every followed namespace.
+    pub fn publications(&self) -> Vec<Publication> {
+        let Some(fw) = self.firewall.as_ref() else {
+            return Vec::new();
+        };
+        let mut v: Vec<Publication> = fw
+            .publishers
+            .values()
+            .flat_map(|p| p.list.iter().cloned())
+            .collect();
+        v.sort_by_key(|p| p.full_key());
+        v
+    }
+
+    /// The publications the listener assessed last is behind (all of them, not only
+    /// the one its event shows).
+    pub fn take_backs(&mut self) -> Vec<PubKey> {
+        std::mem::take(&mut self.backs)
+    }
+
+    /// The publications a listener on `addr`:`port` in `netns` is behind, most exposed
+    /// first, each with the listener's own namespace's firewall folded into its verdict.
+    fn publications_for(
+        &mut self,
+        transport: Transport,
+        addr: IpAddr,
+        port: u16,
+        netns: Option<u64>,
+        pid: Option<u32>,
+    ) -> Vec<Publication> {
+        let Some(fw) = self.firewall.as_ref() else {
+            return Vec::new();
+        };
+        if fw.publishers.values().all(|p| p.list.is_empty()) {
+            return Vec::new();
+        }
+        let ifs = self.interfaces(netns, pid);
+        let addrs: Vec<IpAddr> = if addr.is_unspecified() {
+            ifs.as_ref().map(|a| a.ips.clone()).unwrap_or_default()
+        } else {
+            vec![addr]
+        };
+        let Some(fw) = self.firewall.as_ref() else {
+            return Vec::new();
+        };
+        let mut found: Vec<Publication> = fw
+            .publishers
+            .values()
+            .flat_map(|p| p.list.iter())
+            .filter(|x| x.reaches(transport, addr, port, &addrs))
+            .cloned()
+            .collect();
+        for x in &mut found {
+            x.target_netns = netns;
+            if x.netns == netns {
+                continue; // the same ruleset already decided (a redirect)
+            }
+            let Some(ns) = netns else { continue };
+            let (Some(rs), Some(ifs)) = (self.ruleset(ns, pid), ifs.as_ref()) else {
+                continue;
+            };
+            match nat::target_verdict(&rs, &ifs.named, x) {
+                _ if x.verdict == State::Filtered => {}
+                Some(Verdict::Filtered(r)) => {
+                    x.verdict = State::Filtered;
+                    x.filter_rule = Some(RuleOut::from(r));
+                    x.reason = None;
+                }
+                Some(Verdict::Unknown(w)) if x.verdict == State::Accepted => {
+                    x.verdict = State::Unknown;
+                    x.reason = Some(format!("in the listener's namespace: {w}"));
+                }
+                _ => {}
+            }
+        }
+        found.sort_by_key(|x| std::cmp::Reverse(x.rank()));
+        found
     }
 
     /// A namespace's ruleset, read again after a change. False when it is the one
@@ -187,6 +364,20 @@ impl Assessor {
         {
             return v.clone();
         }
+        // A followed namespace: its addresses as last announced.
+        if let Some(named) = self
+            .firewall
+            .as_ref()
+            .and_then(|f| f.ns_ifaces.get(&ns))
+            .map(|v| (**v).clone())
+        {
+            let addrs = Some(Arc::new(NsAddrs {
+                ips: named.iter().map(|i| i.addr).collect(),
+                named,
+            }));
+            self.ifaces.insert(ns, (Instant::now(), addrs.clone()));
+            return addrs;
+        }
         let named = if Some(ns) == self.host_netns {
             exposure::interface_addrs_named().ok()
         } else {
@@ -212,7 +403,22 @@ impl Assessor {
     /// The firewall verdict `assess` would give `ev` now, and nothing else: no
     /// classification, no alert, nothing counted in the alert folder (a ruleset change
     /// asks this of every open listener, and only a changed verdict is assessed again).
-    pub fn firewall_now(&mut self, ev: &Event) -> Option<Arc<Firewall>> {
+    /// The firewall verdict and the publications (most exposed first) `assess` would
+    /// give `ev` now.
+    pub fn firewall_now(&mut self, ev: &Event) -> (Option<Arc<Firewall>>, Vec<Publication>) {
+        let fw = self.firewall_only(ev);
+        let published = (|| {
+            let (network, server) = (ev.network.as_ref()?, ev.server.as_ref()?);
+            let transport = network.transport.transport();
+            let socket = ev.portwatch.socket.as_ref();
+            let netns = socket.and_then(|s| s.netns);
+            let pid = ev.process.as_ref().map(|p| p.pid);
+            Some(self.publications_for(transport, server.ip, server.port, netns, pid))
+        })();
+        (fw, published.unwrap_or_default())
+    }
+
+    fn firewall_only(&mut self, ev: &Event) -> Option<Arc<Firewall>> {
         let (network, server) = (ev.network.as_ref()?, ev.server.as_ref()?);
         let transport = network.transport.transport();
         let socket = ev.portwatch.socket.as_ref();
@@ -245,6 +451,12 @@ impl Assessor {
         let mut exposure = Exposure::new(addr, v6only, ifaces.as_deref().map(|a| &a.ips[..]));
         let fw = self.firewall_verdict(&exposure, transport, port, netns, pid);
         exposure.firewall = fw.as_ref().map(|f| f.verdict);
+        let pubs = self.publications_for(transport, addr, port, netns, pid);
+        self.backs = pubs.iter().map(Publication::full_key).collect();
+        let published = pubs.into_iter().next().map(Arc::new);
+        if let Some(p) = &published {
+            apply_publication(&mut exposure, p);
+        }
         // Shared handles, not copies of their strings: this runs for every new listener.
         let systemd = ev.portwatch.systemd.clone();
         let container = ev.container.clone();
@@ -271,6 +483,7 @@ impl Assessor {
         ev.portwatch.exposure = Some(ExposureOut {
             exposure,
             firewall: fw,
+            published,
         });
         if verdict.rule.is_some() || verdict.denied_by.is_some() {
             ev.portwatch.risk = Some(Risk {
@@ -352,6 +565,34 @@ impl Assessor {
             now
         };
         self.folder.flush(at)
+    }
+}
+
+/// A listener behind a NAT publication is as exposed as the host port: its effective
+/// scope and the verdict that goes with it come from the publication when that reaches
+/// further than its own address (or as far, and is more open).
+pub fn apply_publication(exposure: &mut Exposure, p: &Publication) {
+    let scope = if p.source == "public" {
+        Scope::Public
+    } else {
+        Scope::Private
+    };
+    let own = exposure.own_scope();
+    let open = |s: Option<State>| match s {
+        Some(State::Accepted) => 2,
+        Some(State::Unknown) | None => 1,
+        Some(State::Filtered) => 0,
+    };
+    let (pr, or) = (exposure::exposure_rank(scope), exposure::exposure_rank(own));
+    exposure.published = Some(scope);
+    if pr > or || (pr == or && open(Some(p.verdict)) > open(exposure.firewall)) {
+        exposure.firewall = Some(p.verdict);
+        if scope == Scope::Public && p.verdict != State::Filtered {
+            // Reachable from public sources through the host port (its own
+            // `reachable` scopes stay those of its addresses).
+            exposure.public_addr = Some(p.host.ip);
+            exposure.reachable_public = true;
+        }
     }
 }
 

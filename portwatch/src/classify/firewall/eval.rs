@@ -16,12 +16,26 @@
 
 use std::net::IpAddr;
 
-use super::model::{Action, AddrType, Chain, Cond, Hook, Ruleset, Test, ct, ifname_matches};
+use super::model::{
+    Action, AddrType, Chain, Cond, Hook, Marks, Nat, Ruleset, Test, ct, ifname_matches,
+};
 
 /// Most evaluation runs for one packet (each unmodelled condition reached doubles them).
 pub const MAX_PATHS: usize = 256;
 /// Deepest chain nesting followed (the kernel allows 16 jumps deep in nf_tables).
 const MAX_DEPTH: usize = 64;
+
+/// The interface a packet leaves on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Oif<'a> {
+    /// None: it is delivered to a local socket.
+    Local,
+    /// Forwarded out of this interface.
+    Known(&'a str),
+    /// Forwarded, through an interface that was not found (no connected route to the
+    /// destination): `oifname` tests are unmodelled.
+    Unknown,
+}
 
 /// The first packet of a new connection, as the firewall sees it on arrival.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,12 +50,53 @@ pub struct Packet<'a> {
     pub dport: u16,
     /// `fib daddr type` of the destination (local for an address of the namespace).
     pub daddr_type: AddrType,
+    pub oif: Oif<'a>,
+    /// The connection was destination-NATed (`ct status dnat`).
+    pub dnat: bool,
+    /// The marks, where the path tracks them (see [`Test::Mark`]).
+    pub marks: Option<Marks>,
 }
 
-impl Packet<'_> {
+impl<'a> Packet<'a> {
+    /// A packet from `saddr` to a local socket on `daddr`, arriving on `iif`.
+    pub fn inbound(
+        iif: &'a str,
+        saddr: IpAddr,
+        daddr: IpAddr,
+        l4proto: u8,
+        sport: u16,
+        dport: u16,
+    ) -> Packet<'a> {
+        Packet {
+            iif,
+            saddr,
+            daddr,
+            l4proto,
+            sport,
+            dport,
+            daddr_type: AddrType::Local,
+            oif: Oif::Local,
+            dnat: false,
+            marks: None,
+        }
+    }
+
     fn v6(&self) -> bool {
         matches!(self.daddr.to_canonical(), IpAddr::V6(_))
     }
+}
+
+/// The hooks a packet walks, and which base chains on them count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// To a local socket on the address it was sent to: prerouting, input.
+    Local,
+    /// To a local socket after a destination NAT on prerouting (`redirect`): the
+    /// prerouting chains that are not NAT chains, then input.
+    LocalAfterNat,
+    /// Forwarded after a destination NAT: the prerouting chains that are not NAT
+    /// chains, then forward.
+    ForwardAfterNat,
 }
 
 /// The rule that stopped the packet.
@@ -56,7 +111,7 @@ pub struct RuleRef {
     pub handle: Option<u64>,
     /// The rule text, or `policy drop` when the chain's policy dropped it.
     pub text: String,
-    /// `drop` or `reject`.
+    /// `drop` or `reject` (`dnat`, `redirect` for a NAT rule).
     pub action: &'static str,
 }
 
@@ -81,11 +136,34 @@ impl Verdict {
     }
 }
 
+/// A destination NAT rule the packet met on prerouting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NatHit {
+    pub rule: RuleRef,
+    pub nat: Nat,
+    /// The marks after the NAT chains (for the forward path), when known.
+    pub marks: Option<Marks>,
+    /// The first unmodelled condition this NAT depends on (kube-proxy's `statistic`
+    /// between endpoints, say): set when not every combination leads here.
+    pub conditional: Option<String>,
+}
+
+/// Where the NAT chains on prerouting send a packet.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NatWalk {
+    /// Each distinct NAT some combination of unmodelled conditions leads to.
+    pub hits: Vec<NatHit>,
+    /// Some combination ends in something not modelled (a verdict map, a NAT to a
+    /// range): the hits may be incomplete.
+    pub unknown: Option<String>,
+}
+
 /// One run's end.
 enum Outcome {
     Accepted,
     Filtered(RuleRef),
     Unknown(String),
+    Nat(RuleRef, Nat, Option<Marks>),
 }
 
 /// The choices made for unmodelled conditions in one run: a replayed prefix, then new
@@ -98,6 +176,14 @@ struct Choices {
 }
 
 impl Choices {
+    fn new() -> Choices {
+        Choices {
+            taken: Vec::new(),
+            pos: 0,
+            first_reason: None,
+        }
+    }
+
     fn next(&mut self, reason: &str) -> bool {
         if self.first_reason.is_none() {
             self.first_reason = Some(reason.to_owned());
@@ -126,24 +212,31 @@ impl Choices {
     }
 }
 
-/// The verdict for one packet.
+/// The verdict for one packet to a local socket.
 pub fn evaluate(rs: &Ruleset, p: &Packet<'_>) -> Verdict {
+    evaluate_path(rs, p, Path::Local)
+}
+
+/// The verdict for one packet along `path`.
+pub fn evaluate_path(rs: &Ruleset, p: &Packet<'_>, path: Path) -> Verdict {
     if !rs.unread.is_empty() {
         return Verdict::Unknown(format!("ruleset not fully read: {}", rs.unread.join("; ")));
     }
-    let mut choices = Choices {
-        taken: Vec::new(),
-        pos: 0,
-        first_reason: None,
-    };
+    let mut choices = Choices::new();
     let mut first: Option<Outcome> = None;
     let mut accepted = false;
     let mut filtered = false;
     for _ in 0..MAX_PATHS {
         choices.pos = 0;
-        let out = run(rs, p, &mut choices);
+        let out = run(rs, p, &mut choices, path);
         match &out {
             Outcome::Unknown(why) => return Verdict::Unknown(why.clone()),
+            Outcome::Nat(r, ..) => {
+                return Verdict::Unknown(format!(
+                    "{} in {} {} {} sends it elsewhere",
+                    r.text, r.family, r.table, r.chain
+                ));
+            }
             Outcome::Accepted => accepted = true,
             Outcome::Filtered(_) => filtered = true,
         }
@@ -159,6 +252,7 @@ pub fn evaluate(rs: &Ruleset, p: &Packet<'_>) -> Verdict {
                 Some(Outcome::Filtered(r)) => Verdict::Filtered(r),
                 Some(Outcome::Accepted) | None => Verdict::Accepted,
                 Some(Outcome::Unknown(w)) => Verdict::Unknown(w),
+                Some(Outcome::Nat(..)) => Verdict::Unknown("nat".into()),
             };
         }
     }
@@ -168,12 +262,96 @@ pub fn evaluate(rs: &Ruleset, p: &Packet<'_>) -> Verdict {
     ))
 }
 
+/// Where the NAT chains on prerouting send `p` (a packet to an address of this
+/// namespace, marks tracked from zero): every destination NAT some combination of
+/// unmodelled conditions reaches.
+pub fn nat_walk(rs: &Ruleset, p: &Packet<'_>) -> NatWalk {
+    let mut out = NatWalk::default();
+    if !rs.unread.is_empty() {
+        out.unknown = Some(format!("ruleset not fully read: {}", rs.unread.join("; ")));
+        return out;
+    }
+    let p = Packet {
+        marks: Some(p.marks.unwrap_or_default()),
+        ..*p
+    };
+    let mut choices = Choices::new();
+    let mut runs = 0usize;
+    let mut without = false;
+    loop {
+        choices.pos = 0;
+        runs += 1;
+        match run_nat(rs, &p, &mut choices) {
+            Outcome::Nat(rule, nat, marks) => {
+                if !out.hits.iter().any(|h| h.rule == rule && h.nat == nat) {
+                    out.hits.push(NatHit {
+                        rule,
+                        nat,
+                        marks,
+                        conditional: None,
+                    });
+                }
+            }
+            Outcome::Unknown(w) => {
+                out.unknown.get_or_insert(w);
+            }
+            Outcome::Accepted | Outcome::Filtered(_) => without = true,
+        }
+        if runs >= MAX_PATHS {
+            out.unknown.get_or_insert(format!(
+                "more than {MAX_PATHS} combinations of unmodelled expressions"
+            ));
+            break;
+        }
+        if !choices.advance() {
+            break;
+        }
+    }
+    // One NAT on every combination is certain; otherwise each depends on a choice.
+    if without || out.hits.len() > 1 || out.unknown.is_some() {
+        let why = choices.first_reason.unwrap_or_default();
+        for h in &mut out.hits {
+            h.conditional = Some(why.clone());
+        }
+    }
+    out
+}
+
+fn is_nat(c: &Chain) -> bool {
+    c.base.as_ref().is_some_and(|b| b.kind == "nat")
+}
+
+/// The NAT chains on prerouting, in priority order, until one translates the packet
+/// (later NAT chains do not see a connection that has a NAT binding).
+fn run_nat(rs: &Ruleset, p: &Packet<'_>, choices: &mut Choices) -> Outcome {
+    let mut marks = p.marks;
+    for ci in rs.base_chains(Hook::Prerouting, p.v6()) {
+        if !is_nat(&rs.chains[ci]) {
+            continue;
+        }
+        match run_base(rs, ci, p, choices, &mut marks) {
+            Step::Accept => {}
+            Step::Stop(o) => return o,
+        }
+    }
+    Outcome::Accepted
+}
+
 /// One pass through every hook and base chain with the choices given.
-fn run(rs: &Ruleset, p: &Packet<'_>, choices: &mut Choices) -> Outcome {
+fn run(rs: &Ruleset, p: &Packet<'_>, choices: &mut Choices, path: Path) -> Outcome {
     let v6 = p.v6();
-    for hook in [Hook::Prerouting, Hook::Input] {
+    let mut marks = p.marks;
+    let last = match path {
+        Path::Local | Path::LocalAfterNat => Hook::Input,
+        Path::ForwardAfterNat => Hook::Forward,
+    };
+    for hook in [Hook::Prerouting, last] {
         for ci in rs.base_chains(hook, v6) {
-            match run_base(rs, ci, p, choices) {
+            // After the NAT was worked out, the NAT chains have had their say.
+            if path != Path::Local && is_nat(&rs.chains[ci]) {
+                continue;
+            }
+            match run_base(rs, ci, p, choices, &mut marks) {
                 Step::Accept => {}
                 Step::Stop(o) => return o,
             }
@@ -200,7 +378,13 @@ fn policy_ref(c: &Chain) -> RuleRef {
     }
 }
 
-fn run_base(rs: &Ruleset, base: usize, p: &Packet<'_>, choices: &mut Choices) -> Step {
+fn run_base(
+    rs: &Ruleset,
+    base: usize,
+    p: &Packet<'_>,
+    choices: &mut Choices,
+    marks: &mut Option<Marks>,
+) -> Step {
     // (chain, next rule) to come back to after a jump.
     let mut stack: Vec<(usize, usize)> = Vec::new();
     let (mut ci, mut ri) = (base, 0usize);
@@ -229,29 +413,36 @@ fn run_base(rs: &Ruleset, base: usize, p: &Packet<'_>, choices: &mut Choices) ->
         ri += 1;
         // A rule without a verdict (a counter, a log) cannot change the packet's fate:
         // its conditions are not evaluated, so an unmodelled one there costs no paths.
-        if rule.action == Action::Continue {
+        // Unless it sets a mark on a path that follows marks.
+        let sets_marks = marks.is_some() && !rule.marks.is_empty();
+        if rule.action == Action::Continue && !sets_marks {
             continue;
         }
-        if !rule.conds.iter().all(|c| cond_holds(c, p, choices)) {
+        if !rule.conds.iter().all(|c| cond_holds(c, p, *marks, choices)) {
             continue;
         }
+        if sets_marks {
+            for m in &rule.marks {
+                *marks = marks.and_then(|x| x.apply(m));
+            }
+        }
+        let rref = |action: &'static str| RuleRef {
+            origin: chain.origin.as_str(),
+            family: chain.family.as_str(),
+            table: chain.table.clone(),
+            chain: chain.name.clone(),
+            handle: rule.handle,
+            text: rule.text.clone(),
+            action,
+        };
         match &rule.action {
             Action::Continue => {}
             Action::Accept => return Step::Accept,
-            Action::Drop | Action::Reject => {
-                return Step::Stop(Outcome::Filtered(RuleRef {
-                    origin: chain.origin.as_str(),
-                    family: chain.family.as_str(),
-                    table: chain.table.clone(),
-                    chain: chain.name.clone(),
-                    handle: rule.handle,
-                    text: rule.text.clone(),
-                    action: if rule.action == Action::Drop {
-                        "drop"
-                    } else {
-                        "reject"
-                    },
-                }));
+            Action::Drop => return Step::Stop(Outcome::Filtered(rref("drop"))),
+            Action::Reject => return Step::Stop(Outcome::Filtered(rref("reject"))),
+            Action::Nat(n) => {
+                let action = if n.redirect { "redirect" } else { "dnat" };
+                return Step::Stop(Outcome::Nat(rref(action), *n, *marks));
             }
             Action::Jump(t) => {
                 if stack.len() >= MAX_DEPTH {
@@ -280,13 +471,17 @@ fn ports_hold(ranges: &[(u16, u16)], port: u16) -> bool {
     ranges.iter().any(|&(lo, hi)| lo <= port && port <= hi)
 }
 
-fn cond_holds(c: &Cond, p: &Packet<'_>, choices: &mut Choices) -> bool {
+fn cond_holds(c: &Cond, p: &Packet<'_>, marks: Option<Marks>, choices: &mut Choices) -> bool {
     let v6 = p.v6();
     // Tests that only apply to one family (an `ip saddr` on an IPv6 packet) do not
     // match at all, negated or not: nft adds an implicit protocol check.
     let positive = match &c.test {
         Test::IifName(names) => names.iter().any(|n| ifname_matches(n, p.iif)),
-        Test::OifName(_) => false,
+        Test::OifName(names) => match p.oif {
+            Oif::Local => false,
+            Oif::Known(o) => names.iter().any(|n| ifname_matches(n, o)),
+            Oif::Unknown => return choices.next("oifname (output interface not found)"),
+        },
         Test::L4Proto(set) => set.contains(&p.l4proto),
         Test::NfProto(want_v6) => *want_v6 == v6,
         Test::Saddr(ranges) | Test::Daddr(ranges) => {
@@ -312,7 +507,7 @@ fn cond_holds(c: &Cond, p: &Packet<'_>, choices: &mut Choices) -> bool {
             ports_hold(ranges, port)
         }
         Test::CtState(bits) => bits & ct::NEW != 0,
-        Test::CtStatusDnat => false,
+        Test::CtStatusDnat => p.dnat,
         Test::FibDaddrType(types) => types.contains(&p.daddr_type),
         Test::PktTypeHost(host) => *host == matches!(p.daddr_type, AddrType::Local),
         Test::TcpSyn => {
@@ -321,6 +516,14 @@ fn cond_holds(c: &Cond, p: &Packet<'_>, choices: &mut Choices) -> bool {
             }
             true
         }
+        Test::Mark { ct, mask, value } => match marks {
+            Some(m) => (if *ct { m.ct } else { m.meta }) & mask == *value,
+            None => {
+                let what = if *ct { "ct mark" } else { "meta mark" };
+                return choices.next(&format!("{what} & {mask:#x} == {value:#x}"));
+            }
+        },
+        Test::SaddrLocal => false,
         Test::Unmodelled(why) => return choices.next(why),
     };
     positive != c.neg
@@ -351,6 +554,7 @@ mod tests {
         Rule {
             handle: Some(1),
             text: "r".into(),
+            marks: Vec::new(),
             conds: conds
                 .into_iter()
                 .map(|test| Cond { neg: false, test })
@@ -360,15 +564,14 @@ mod tests {
     }
 
     fn packet(dport: u16) -> Packet<'static> {
-        Packet {
-            iif: "eth0",
-            saddr: "198.51.100.1".parse().unwrap(),
-            daddr: "203.0.113.5".parse().unwrap(),
-            l4proto: 6,
-            sport: 40000,
+        Packet::inbound(
+            "eth0",
+            "198.51.100.1".parse().unwrap(),
+            "203.0.113.5".parse().unwrap(),
+            6,
+            40000,
             dport,
-            daddr_type: AddrType::Local,
-        }
+        )
     }
 
     fn rs(chains: Vec<Chain>) -> Ruleset {

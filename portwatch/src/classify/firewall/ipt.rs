@@ -9,8 +9,8 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 
 use super::model::{
-    Action, AddrRange, AddrType, Base, Chain, Cond, Family, Hook, Origin, Rule, Ruleset, Test, ct,
-    l4proto,
+    Action, AddrRange, AddrType, Base, Chain, Cond, Family, Hook, MarkOp, MarkSet, Nat, Origin,
+    Rule, Ruleset, Test, ct, l4proto,
 };
 
 /// Largest save output read.
@@ -190,7 +190,10 @@ fn split_addrs(s: &str, v6: bool) -> Option<Vec<AddrRange>> {
 fn parse_rule(chain: &str, w: &[String], family: Family, index: &HashMap<&str, usize>) -> Rule {
     let v6 = family == Family::Ip6;
     let mut conds = Vec::new();
+    let mut marks = Vec::new();
     let mut action = Action::Continue;
+    // The target's name when its options decide what it does (DNAT, REDIRECT, MARK).
+    let mut target = "";
     let mut proto: Option<u8> = None;
     let mut module = String::new();
     let mut neg = false;
@@ -268,6 +271,54 @@ fn parse_rule(chain: &str, w: &[String], family: Family, index: &HashMap<&str, u
                 };
                 push(t, format!("{opt} {a}"));
             }
+            "--src-type" if module == "addrtype" => {
+                // A packet from another host never has a local source.
+                let t = (a == "LOCAL").then_some(Test::SaddrLocal);
+                push(t, format!("-m addrtype --src-type {a}"));
+            }
+            "--mark" if module == "mark" || module == "connmark" => {
+                let t = mark_value(a).map(|(value, mask)| Test::Mark {
+                    ct: module == "connmark",
+                    mask,
+                    value,
+                });
+                push(t, format!("-m {module} --mark {a}"));
+            }
+            "--to-destination" if target == "DNAT" => {
+                action = dnat_to(a).map_or_else(
+                    || Action::Unknown(format!("-j DNAT --to-destination {a}")),
+                    Action::Nat,
+                );
+            }
+            "--to-ports" if target == "REDIRECT" => {
+                action = match a.parse::<u16>() {
+                    Ok(p) => Action::Nat(Nat {
+                        redirect: true,
+                        addr: None,
+                        port: Some(p),
+                    }),
+                    Err(_) => Action::Unknown(format!("-j REDIRECT --to-ports {a}")),
+                };
+            }
+            "--set-mark" | "--set-xmark" | "--or-mark" | "--xor-mark" | "--and-mark"
+                if target == "MARK" || target == "CONNMARK" =>
+            {
+                let op = match (opt, mark_value(a)) {
+                    ("--or-mark", Some((v, _))) => MarkOp::Or(v),
+                    ("--xor-mark", Some((v, _))) => MarkOp::Xor(v),
+                    ("--and-mark", Some((v, _))) => MarkOp::Xmark(0, !v),
+                    ("--set-mark", Some((v, m))) => MarkOp::Xmark(v, m),
+                    ("--set-xmark", Some((v, m))) => MarkOp::Xmark(v, m),
+                    _ => MarkOp::Unknown,
+                };
+                if let Some(last) = marks.last_mut() {
+                    *last = MarkSet {
+                        ct: target == "CONNMARK",
+                        op,
+                    };
+                }
+            }
+            "--random" | "--persistent" | "--random-fully" => used = 1,
             "--dst-type" if module == "addrtype" => {
                 let types: Vec<AddrType> = a.split(',').map(AddrType::parse).collect();
                 push(Some(Test::FibDaddrType(types)), String::new());
@@ -281,7 +332,26 @@ fn parse_rule(chain: &str, w: &[String], family: Family, index: &HashMap<&str, u
             "--log-tcp-options" | "--log-ip-options" | "--log-tcp-sequence" => used = 1,
             "-j" | "--jump" | "-g" | "--goto" => {
                 let goto = opt == "-g" || opt == "--goto";
+                target = match a {
+                    "DNAT" | "REDIRECT" | "MARK" | "CONNMARK" => a,
+                    _ => "",
+                };
+                if target == "MARK" || target == "CONNMARK" {
+                    // Made known by its option (`--or-mark`...), else unknown.
+                    marks.push(MarkSet {
+                        ct: target == "CONNMARK",
+                        op: MarkOp::Unknown,
+                    });
+                }
                 action = match a {
+                    // `-j DNAT` without `--to-destination` is not valid; REDIRECT
+                    // alone keeps the port.
+                    "DNAT" => Action::Unknown("-j DNAT".into()),
+                    "REDIRECT" => Action::Nat(Nat {
+                        redirect: true,
+                        addr: None,
+                        port: None,
+                    }),
                     "ACCEPT" => Action::Accept,
                     "DROP" => Action::Drop,
                     "REJECT" => Action::Reject,
@@ -305,7 +375,10 @@ fn parse_rule(chain: &str, w: &[String], family: Family, index: &HashMap<&str, u
                     n += 1;
                 }
                 used = n;
-                let text = w[i..i + n].join(" ");
+                let text = match module.as_str() {
+                    "" => w[i..i + n].join(" "),
+                    m => format!("-m {m} {}", w[i..i + n].join(" ")),
+                };
                 push(None, text);
             }
         }
@@ -316,8 +389,43 @@ fn parse_rule(chain: &str, w: &[String], family: Family, index: &HashMap<&str, u
         handle: None,
         text: format!("-A {chain} {}", w.join(" ")),
         conds,
+        marks,
         action,
     }
+}
+
+/// `0x4000/0x4000` (value/mask) or `5` (mask all ones).
+fn mark_value(s: &str) -> Option<(u32, u32)> {
+    let num = |x: &str| match x.strip_prefix("0x").or_else(|| x.strip_prefix("0X")) {
+        Some(h) => u32::from_str_radix(h, 16).ok(),
+        None => x.parse().ok(),
+    };
+    match s.split_once('/') {
+        Some((v, m)) => Some((num(v)?, num(m)?)),
+        None => Some((num(s)?, u32::MAX)),
+    }
+}
+
+/// `172.17.0.2:80`, `172.17.0.2`, `[fd00::2]:80`, `fd00::2`; a range (`a-b`, `:80-90`)
+/// is not modelled.
+fn dnat_to(s: &str) -> Option<Nat> {
+    if s.contains('-') {
+        return None;
+    }
+    let (addr, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (a, p) = rest.split_once(']')?;
+        (a, p.strip_prefix(':'))
+    } else if s.matches(':').count() == 1 {
+        let (a, p) = s.split_once(':')?;
+        (a, Some(p))
+    } else {
+        (s, None)
+    };
+    Some(Nat {
+        redirect: false,
+        addr: Some(addr.parse().ok()?),
+        port: port.map(str::parse).transpose().ok()?,
+    })
 }
 
 /// Gives each iptables-nft rule in `xt_rules` (chain, rule index) the meaning of the

@@ -15,6 +15,7 @@
 pub mod eval;
 pub mod ipt;
 pub mod model;
+pub mod nat;
 pub mod nft;
 pub mod read;
 pub mod watch;
@@ -25,7 +26,7 @@ use serde::Serialize;
 
 use crate::classify::{Scope, Stack, Transport, scope_of};
 pub use eval::{Packet, RuleRef, Verdict, evaluate};
-use model::{AddrType, Ruleset};
+use model::Ruleset;
 
 /// A public source for the probe packet (TEST-NET-2 / the IPv6 documentation prefix:
 /// never a real peer, and treated as public by [`scope_of`]).
@@ -126,7 +127,7 @@ impl From<RuleRef> for RuleOut {
 }
 
 /// Another host on the subnet of `a/prefix` (the first host address that is not `a`).
-fn neighbour(a: IpAddr, prefix: u8) -> IpAddr {
+pub(crate) fn neighbour(a: IpAddr, prefix: u8) -> IpAddr {
     match a {
         IpAddr::V4(v4) => {
             let bits = u32::from(v4);
@@ -198,15 +199,7 @@ pub fn probe(
             (Scope::Public, IpAddr::V6(_)) => IpAddr::V6(PUBLIC_SOURCE_V6),
             _ => neighbour(daddr, i.prefix),
         };
-        let p = Packet {
-            iif: &i.ifname,
-            saddr,
-            daddr,
-            l4proto,
-            sport: SOURCE_PORT,
-            dport: port,
-            daddr_type: AddrType::Local,
-        };
+        let p = Packet::inbound(&i.ifname, saddr, daddr, l4proto, SOURCE_PORT, port);
         let v = evaluate(rs, &p);
         // Rank: accepted beats unknown beats filtered (the most exposed path wins).
         let rank = match v {

@@ -110,6 +110,8 @@ pub struct Rule {
     pub text: String,
     /// All must hold for the action to run.
     pub conds: Vec<Cond>,
+    /// Marks it sets (before its action) when they hold.
+    pub marks: Vec<MarkSet>,
     pub action: Action,
 }
 
@@ -125,9 +127,78 @@ pub enum Action {
     Jump(usize),
     Goto(usize),
     Return,
+    /// Destination NAT (`dnat to`, `-j DNAT`) or `redirect`: the packet goes on to
+    /// another address or port. On the path of a packet to a local socket of the
+    /// address it was sent to, the verdict is unknown past it; [`super::nat`] follows it.
+    Nat(Nat),
     /// A statement the evaluator does not model and that may change the packet's
-    /// fate (`dnat`, `queue`, a verdict map): the verdict is unknown past it.
+    /// fate (`queue`, a verdict map, a NAT to a range): the verdict is unknown past it.
     Unknown(String),
+}
+
+/// Where a destination NAT sends the packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Nat {
+    /// `redirect` (to the primary address of the interface it came in on) rather than
+    /// `dnat`.
+    pub redirect: bool,
+    /// New destination address (none: unchanged for `dnat to :port`, the interface's
+    /// for `redirect`).
+    pub addr: Option<IpAddr>,
+    /// New destination port (none: unchanged).
+    pub port: Option<u16>,
+}
+
+/// A mark a rule sets (`meta mark set`, `ct mark set`, `-j MARK`): the forward path
+/// tests them (kube-proxy's 0x4000, netavark's 0x1000 ct mark).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MarkSet {
+    /// The conntrack mark rather than the packet's.
+    pub ct: bool,
+    pub op: MarkOp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MarkOp {
+    /// mark = value.
+    Set(u32),
+    /// mark = mark | value (`--or-mark`).
+    Or(u32),
+    /// mark = mark ^ value (`--xor-mark`).
+    Xor(u32),
+    /// mark = (mark & !mask) ^ value (`--set-xmark value/mask`).
+    Xmark(u32, u32),
+    /// mark = packet mark | value (`ct mark set meta mark | value`).
+    FromMetaOr(u32),
+    /// Anything else: the mark is no longer known.
+    Unknown,
+}
+
+/// The packet's and its connection's marks, when known.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Marks {
+    pub meta: u32,
+    pub ct: u32,
+}
+
+impl Marks {
+    /// The marks after `m`; `None` when it makes them unknown.
+    pub fn apply(self, m: &MarkSet) -> Option<Marks> {
+        let cur = if m.ct { self.ct } else { self.meta };
+        let new = match m.op {
+            MarkOp::Set(v) => v,
+            MarkOp::Or(v) => cur | v,
+            MarkOp::Xor(v) => cur ^ v,
+            MarkOp::Xmark(v, mask) => (cur & !mask) ^ v,
+            MarkOp::FromMetaOr(v) => self.meta | v,
+            MarkOp::Unknown => return None,
+        };
+        Some(if m.ct {
+            Marks { ct: new, ..self }
+        } else {
+            Marks { meta: new, ..self }
+        })
+    }
 }
 
 /// One condition of a rule, possibly negated.
@@ -265,6 +336,17 @@ pub enum Test {
     PktTypeHost(bool),
     /// A TCP SYN (`--syn`, `tcp flags & (syn|ack|fin|rst) == syn`).
     TcpSyn,
+    /// `meta mark & mask == value` (`-m mark --mark value/mask`), or the ct mark.
+    /// Known only on paths that track marks (the NAT walk and the forward path after
+    /// it); elsewhere it is unmodelled.
+    Mark {
+        ct: bool,
+        mask: u32,
+        value: u32,
+    },
+    /// `-m addrtype --src-type LOCAL`: the source is an address of this namespace
+    /// (never, for a packet from another host).
+    SaddrLocal,
     /// Something the evaluator does not model (text for the reason): it may or may not
     /// match, so both outcomes are explored.
     Unmodelled(String),
@@ -279,6 +361,11 @@ pub struct Ruleset {
     /// Parts that could not be read (a tool missing, a parse failure): every verdict is
     /// `unknown` while this is not empty, since rules may exist that were not seen.
     pub unread: Vec<String>,
+    /// The namespace's forwarding switches (`net.ipv4.ip_forward`,
+    /// `net.ipv6.conf.all.forwarding`), read with the ruleset: a published port whose
+    /// target is forwarded to goes nowhere while they are off. `None`: not read.
+    pub forward_v4: Option<bool>,
+    pub forward_v6: Option<bool>,
 }
 
 impl Ruleset {

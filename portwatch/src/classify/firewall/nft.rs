@@ -18,8 +18,8 @@ use std::net::IpAddr;
 use serde_json::Value;
 
 use super::model::{
-    Action, AddrRange, AddrType, Base, Chain, Cond, Family, Hook, Origin, Rule, Ruleset, Test, ct,
-    l4proto,
+    Action, AddrRange, AddrType, Base, Chain, Cond, Family, Hook, MarkOp, MarkSet, Nat, Origin,
+    Rule, Ruleset, Test, ct, l4proto,
 };
 
 /// Largest document accepted (a ruleset with tens of thousands of rules is a few MiB).
@@ -199,6 +199,7 @@ fn unwrap_elem(v: &Value) -> &Value {
 
 fn parse_rule(exprs: &[Value], ctx: &Ctx<'_>, handle: Option<u64>) -> (Rule, bool) {
     let mut conds = Vec::new();
+    let mut marks = Vec::new();
     let mut action = Action::Continue;
     let mut xt = false;
     let mut text = String::new();
@@ -214,8 +215,8 @@ fn parse_rule(exprs: &[Value], ctx: &Ctx<'_>, handle: Option<u64>) -> (Rule, boo
         match k.as_str() {
             "match" => conds.extend(parse_match(v, ctx)),
             "counter" | "log" => {}
-            // Setting a mark changes no modelled field; a mark test is unmodelled anyway.
-            "mangle" if is_mark(v.get("key")) => {}
+            // Marks: followed on the NAT and forward paths (kube-proxy, netavark).
+            "mangle" if is_mark(v.get("key")) => marks.push(mark_set(v)),
             "accept" => action = Action::Accept,
             "drop" => action = Action::Drop,
             "reject" => action = Action::Reject,
@@ -232,7 +233,12 @@ fn parse_rule(exprs: &[Value], ctx: &Ctx<'_>, handle: Option<u64>) -> (Rule, boo
                 let name = v.get("name").and_then(Value::as_str).unwrap_or("?");
                 match v.get("type").and_then(Value::as_str) {
                     Some("target") => match name {
-                        "LOG" | "NFLOG" | "MARK" | "CONNMARK" => {}
+                        "LOG" | "NFLOG" => {}
+                        // Its value is in the save line (`fill_xt`); until then unknown.
+                        "MARK" | "CONNMARK" => marks.push(MarkSet {
+                            ct: name == "CONNMARK",
+                            op: MarkOp::Unknown,
+                        }),
                         "REJECT" => action = Action::Reject,
                         _ => action = Action::Unknown(format!("xt target {name}")),
                     },
@@ -242,8 +248,12 @@ fn parse_rule(exprs: &[Value], ctx: &Ctx<'_>, handle: Option<u64>) -> (Rule, boo
                     }),
                 }
             }
-            "dnat" | "snat" | "masquerade" | "redirect" | "queue" | "tproxy" | "synproxy"
-            | "notrack" | "vmap" | "fwd" | "dup" | "mangle" => {
+            "dnat" | "redirect" => {
+                action =
+                    nat(k == "redirect", v).map_or_else(|| Action::Unknown(render(e)), Action::Nat)
+            }
+            "snat" | "masquerade" | "queue" | "tproxy" | "synproxy" | "notrack" | "vmap"
+            | "fwd" | "dup" | "mangle" => {
                 action = Action::Unknown(render(e));
             }
             _ => conds.push(unmodelled(e)),
@@ -257,10 +267,66 @@ fn parse_rule(exprs: &[Value], ctx: &Ctx<'_>, handle: Option<u64>) -> (Rule, boo
             handle,
             text,
             conds,
+            marks,
             action,
         },
         xt,
     )
+}
+
+/// `dnat to ADDR[:PORT]` / `redirect [to :PORT]` with one literal address and port;
+/// a map, a range or an expression is not modelled (`None`).
+fn nat(redirect: bool, v: &Value) -> Option<Nat> {
+    if v.get("flags").is_some() || v.get("type_flags").is_some() {
+        // `netmap`, `prefix`: a whole range of addresses.
+        return None;
+    }
+    let addr = match v.get("addr") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.parse::<IpAddr>().ok()?),
+        Some(_) => return None,
+    };
+    let port = match v.get("port") {
+        None | Some(Value::Null) => None,
+        Some(p) => Some(port(p)?),
+    };
+    if redirect && addr.is_some() || !redirect && addr.is_none() && port.is_none() {
+        return None;
+    }
+    Some(Nat {
+        redirect,
+        addr,
+        port,
+    })
+}
+
+/// The mark a `mangle` statement of a mark sets: a constant, `mark | C`, or
+/// `meta mark | C` into the ct mark; anything else makes it unknown.
+fn mark_set(v: &Value) -> MarkSet {
+    let key = v.get("key");
+    let ct = key.and_then(|k| k.get("ct")).is_some();
+    let num = |x: &Value| x.as_u64().and_then(|n| u32::try_from(n).ok());
+    let is_key = |x: &Value, k: &str| {
+        x.get(k).and_then(|m| m.get("key")).and_then(Value::as_str) == Some("mark")
+    };
+    let op = match v.get("value") {
+        Some(x) if num(x).is_some() => MarkOp::Set(num(x).unwrap_or(0)),
+        Some(x) => match x.get("|").and_then(Value::as_array).map(Vec::as_slice) {
+            Some([a, b]) if num(b).is_some() => {
+                let c = num(b).unwrap_or(0);
+                if is_key(a, "meta") && ct {
+                    MarkOp::FromMetaOr(c)
+                } else if is_key(a, if ct { "ct" } else { "meta" }) {
+                    MarkOp::Or(c)
+                } else {
+                    MarkOp::Unknown
+                }
+            }
+            _ => MarkOp::Unknown,
+        },
+        None => MarkOp::Unknown,
+    };
+    MarkSet { ct, op }
 }
 
 fn is_mark(key: Option<&Value>) -> bool {
@@ -298,6 +364,9 @@ fn parse_match(m: &Value, ctx: &Ctx<'_>) -> Vec<Cond> {
         }
         _ => return whole(),
     };
+    if let Some(t) = mark_test(left, right) {
+        return vec![Cond { neg, test: t }];
+    }
     let Some(elems) = ctx.elems(right) else {
         return whole();
     };
@@ -432,6 +501,40 @@ fn parse_match(m: &Value, ctx: &Ctx<'_>) -> Vec<Cond> {
         }
     }
     whole()
+}
+
+/// `meta mark & 0x4000 == 0x4000`, `ct mark & M == V`, `meta mark 5`.
+fn mark_test(left: &Value, right: &Value) -> Option<Test> {
+    let value = u32::try_from(right.as_u64()?).ok()?;
+    let key = |x: &Value| -> Option<bool> {
+        if x.get("meta")?.get("key")?.as_str()? == "mark" {
+            return Some(false);
+        }
+        None
+    };
+    let ct_key = |x: &Value| {
+        x.get("ct")
+            .and_then(|c| c.get("key"))
+            .and_then(Value::as_str)
+            == Some("mark")
+            && x.get("ct").and_then(|c| c.get("dir")).is_none()
+    };
+    let which = |x: &Value| key(x).or_else(|| ct_key(x).then_some(true));
+    if let Some(ct) = which(left) {
+        return Some(Test::Mark {
+            ct,
+            mask: u32::MAX,
+            value,
+        });
+    }
+    match left.get("&")?.as_array()?.as_slice() {
+        [k, m] => Some(Test::Mark {
+            ct: which(k)?,
+            mask: u32::try_from(m.as_u64()?).ok()?,
+            value,
+        }),
+        _ => None,
+    }
 }
 
 /// `tcp dport 22` also requires TCP; `th dport` only some protocol with ports.
@@ -572,11 +675,57 @@ pub fn render(e: &Value) -> String {
             v.get("type").and_then(Value::as_str).unwrap_or("match"),
             v.get("name").and_then(Value::as_str).unwrap_or("?")
         ),
+        "mangle" => format!(
+            "{} set {}",
+            render_left(v.get("key").unwrap_or(&Value::Null)),
+            render_expr(v.get("value").unwrap_or(&Value::Null))
+        ),
+        "dnat" | "redirect" if v.is_object() || v.is_null() => {
+            let fam = match v.get("family").and_then(Value::as_str) {
+                Some(f) => format!(" {f}"),
+                None => String::new(),
+            };
+            let addr = v.get("addr").map(render_expr);
+            let port = v.get("port").map(render_expr);
+            let to = match (addr, port) {
+                (Some(a), Some(p)) if a.contains(':') => format!(" to [{a}]:{p}"),
+                (Some(a), Some(p)) => format!(" to {a}:{p}"),
+                (Some(a), None) => format!(" to {a}"),
+                (None, Some(p)) => format!(" to :{p}"),
+                (None, None) => String::new(),
+            };
+            format!("{k}{fam}{to}")
+        }
         _ => e.to_string(),
     }
 }
 
+/// A value or a binary expression (`meta mark | 0x00001000`), as nft prints it.
+fn render_expr(v: &Value) -> String {
+    for op in ["|", "&", "^"] {
+        if let Some([a, b]) = v.get(op).and_then(Value::as_array).map(Vec::as_slice) {
+            let hex = |x: &Value| match x.as_u64() {
+                Some(n) => format!("{n:#010x}"),
+                None => render_expr(x),
+            };
+            let left = if a.is_object() {
+                render_left(a)
+            } else {
+                render_value(a)
+            };
+            return format!("{left} {op} {}", hex(b));
+        }
+    }
+    if v.get("meta").is_some() || v.get("ct").is_some() || v.get("payload").is_some() {
+        return render_left(v);
+    }
+    render_value(v)
+}
+
 fn render_left(l: &Value) -> String {
+    if l.get("&").is_some() || l.get("|").is_some() {
+        return render_expr(l);
+    }
     if let Some(k) = l
         .get("meta")
         .and_then(|m| m.get("key"))

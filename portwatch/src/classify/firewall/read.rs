@@ -30,6 +30,52 @@ const TOOL_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Read {
     pub ruleset: Ruleset,
     pub legacy_digest: u64,
+    /// The namespace's interface addresses, read in the same visit (what its NAT rules
+    /// publish, and where they send it).
+    pub ifaces: Option<Vec<super::IfAddr>>,
+}
+
+/// Where named network namespaces are (`ip netns add`, podman's and CNI's
+/// `netns-*`): a NAT rule that publishes a port may live in one that has no listener.
+pub const NAMED_NETNS_DIR: &str = "/run/netns";
+/// Most named namespaces followed.
+pub const NAMED_NETNS_MAX: usize = 256;
+
+/// The named network namespaces: (netns inode, path).
+pub fn named_netns() -> Vec<(u64, std::path::PathBuf)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(dir) = std::fs::read_dir(NAMED_NETNS_DIR) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in dir.flatten().take(NAMED_NETNS_MAX * 4) {
+        let path = e.path();
+        // A bind mount of an nsfs inode; an unmounted placeholder (a plain empty file)
+        // fails the namespace-type check and is left out.
+        let Ok(md) = std::fs::metadata(&path) else {
+            continue;
+        };
+        if !is_netns(&path) {
+            continue;
+        }
+        out.push((md.ino(), path));
+        if out.len() >= NAMED_NETNS_MAX {
+            break;
+        }
+    }
+    out
+}
+
+/// Whether `path` is a network namespace (`NS_GET_NSTYPE` says CLONE_NEWNET).
+fn is_netns(path: &std::path::Path) -> bool {
+    // NS_GET_NSTYPE = _IO(0xb7, 0x3) (include/uapi/linux/nsfs.h).
+    const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+    let Ok(f) = std::fs::File::open(path) else {
+        return false;
+    };
+    // SAFETY: ioctl with no argument on an owned, open fd.
+    let t = unsafe { libc::ioctl(f.as_raw_fd(), NS_GET_NSTYPE as _) };
+    t == libc::CLONE_NEWNET
 }
 
 /// Output of a tool, or why there is none.
@@ -173,6 +219,16 @@ pub fn read_here() -> Read {
         }
     }
     out.legacy_digest = h.finish();
+    // /proc/sys/net answers for the namespace of the reading thread.
+    let switch = |path: &str| {
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|s| s.trim().parse::<u8>().ok())
+            .map(|v| v != 0)
+    };
+    out.ruleset.forward_v4 = switch("/proc/sys/net/ipv4/ip_forward");
+    out.ruleset.forward_v6 = switch("/proc/sys/net/ipv6/conf/all/forwarding");
+    out.ifaces = crate::classify::exposure::interface_addrs_named().ok();
     out
 }
 
