@@ -224,6 +224,16 @@ pub fn run(args: &TestVmArgs, coverage: &mut Coverage) -> anyhow::Result<()> {
     if bad > 0 {
         bail!("{bad} kernel/hook-set run(s) failed");
     }
+    // Then the smoke check (about 10 s a kernel): the agent's defaults (auto, so the
+    // direct set there) against listeners the guest's own tools make, checked against
+    // what the guest itself sees of them (pids, inodes, network namespace, IPV6_V6ONLY).
+    // A run narrowed to some test binaries (`--only`) leaves it out, and says so.
+    if args.only.is_empty() {
+        step("checking the agent against nc and udhcpd on the same kernels (smoke check)");
+        vm::smoke(args.kernel).context("VM smoke check")?;
+    } else {
+        step("smoke check not run: --only narrowed this run to some test binaries");
+    }
     Ok(())
 }
 

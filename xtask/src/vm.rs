@@ -1,6 +1,7 @@
-//! `cargo xtask vm`: boot Debian's 6.1 and 6.12 cloud kernels under QEMU (TCG) with a
-//! busybox initramfs, run the already-built `target/release/portwatch` inside, make real
-//! listeners and check the agent's JSON.
+//! The kernels under QEMU, and the smoke check `cargo xtask test-vm` ends with: boot
+//! Debian's 6.1 and 6.12 cloud kernels under QEMU (TCG) with a busybox initramfs, run the
+//! already-built `target/release/portwatch` inside with its defaults, make real listeners
+//! with the guest's own tools and check the agent's JSON against what the guest sees.
 //!
 //! Why: the eBPF side is Rust, which has no CO-RE, so every kernel struct offset the
 //! programs use comes from the running kernel's BTF at start. This proves the same
@@ -49,22 +50,6 @@ pub enum KernelChoice {
     #[value(name = "6.12")]
     V6_12,
     All,
-}
-
-#[derive(clap::Args, Debug)]
-pub struct VmArgs {
-    /// Which Debian kernel to boot: 6.1 (bookworm), 6.12 (bookworm's linux-6.12) or all.
-    #[arg(long, value_enum, default_value_t = KernelChoice::All)]
-    pub kernel: KernelChoice,
-    /// Keep the initramfs staging tree and initrd.gz (console.log is always kept).
-    #[arg(long)]
-    pub keep: bool,
-    /// Seconds one VM may run (boot, test, power-off) before it is killed.
-    #[arg(long, default_value_t = 180)]
-    pub timeout: u64,
-    /// Workspace root (default: $PORTWATCH_ROOT, else the directory above xtask).
-    #[arg(long)]
-    pub root: Option<PathBuf>,
 }
 
 /// One Debian kernel flavour the VM can boot.
@@ -157,11 +142,16 @@ fn installed(pkg: &str) -> bool {
         .is_ok_and(|o| o.status.success() && o.stdout.ends_with(b"install ok installed"))
 }
 
-pub fn run(args: &VmArgs) -> anyhow::Result<()> {
+/// Seconds one smoke-check VM may run (boot, test, power-off) before it is killed.
+pub(crate) const SMOKE_TIMEOUT: u64 = 180;
+
+/// The smoke check on `kernel`: the agent (default `--hooks auto`) against `nc` and
+/// `udhcpd` in the guest, checked against what the guest itself sees of them.
+pub fn smoke(kernel: KernelChoice) -> anyhow::Result<()> {
     if unsafe { libc::geteuid() } != 0 {
-        bail!("xtask vm installs packages and builds device-less initramfs trees: run as root");
+        bail!("the VM smoke check installs packages and builds initramfs trees: run as root");
     }
-    let root = args.root.clone().unwrap_or_else(workspace_root);
+    let root = workspace_root();
     let agent = root.join("target/release/portwatch");
     if !agent.is_file() {
         bail!(
@@ -175,7 +165,7 @@ pub fn run(args: &VmArgs) -> anyhow::Result<()> {
     ensure_packages()?;
     let specs: Vec<&KernelSpec> = KERNELS
         .iter()
-        .filter(|k| match args.kernel {
+        .filter(|k| match kernel {
             KernelChoice::All => true,
             KernelChoice::V6_1 => k.label == "6.1",
             KernelChoice::V6_12 => k.label == "6.12",
@@ -185,7 +175,7 @@ pub fn run(args: &VmArgs) -> anyhow::Result<()> {
     // One VM at a time: TCG keeps a core busy and this machine has two.
     let mut results = Vec::new();
     for spec in specs {
-        let outcome = run_kernel(spec, &vm_dir, &agent, args);
+        let outcome = run_kernel(spec, &vm_dir, &agent);
         results.push((spec.label, outcome));
     }
 
@@ -448,12 +438,7 @@ struct KernelResult {
     failures: Vec<String>,
 }
 
-fn run_kernel(
-    spec: &KernelSpec,
-    vm_dir: &Path,
-    agent: &Path,
-    args: &VmArgs,
-) -> anyhow::Result<KernelResult> {
+fn run_kernel(spec: &KernelSpec, vm_dir: &Path, agent: &Path) -> anyhow::Result<KernelResult> {
     let deb = kernel_deb(spec, vm_dir)?;
     let kernel = unpack_kernel(&deb)?;
     let work = vm_dir.join(spec.label);
@@ -464,22 +449,20 @@ fn run_kernel(
 
     step(&format!(
         "kernel {}: booting {} under QEMU TCG (timeout {} s)",
-        spec.label, kernel.release, args.timeout
+        spec.label, kernel.release, SMOKE_TIMEOUT
     ));
     let t = Instant::now();
-    let boot = boot(&kernel.vmlinuz, &initrd, Duration::from_secs(args.timeout));
+    let boot = boot(&kernel.vmlinuz, &initrd, Duration::from_secs(SMOKE_TIMEOUT));
     let secs = t.elapsed().as_secs_f64();
-    if !args.keep {
-        let _ = fs::remove_dir_all(&staging);
-        let _ = fs::remove_file(&initrd);
-    }
+    let _ = fs::remove_dir_all(&staging);
+    let _ = fs::remove_file(&initrd);
     let console = boot?;
     let log = work.join("console.log");
     fs::write(&log, &console.text).with_context(|| format!("writing {}", log.display()))?;
 
     let mut failures = Vec::new();
     if console.timed_out {
-        failures.push(format!("VM still running after {} s: killed", args.timeout));
+        failures.push(format!("VM still running after {SMOKE_TIMEOUT} s: killed"));
     }
     failures.extend(check(&console.text));
     if !failures.is_empty() {
@@ -626,7 +609,7 @@ fn build_initramfs(staging: &Path, initrd: &Path, agent: &Path) -> anyhow::Resul
 fn init_script() -> String {
     format!(
         r#"#!/bin/sh
-# PID 1 of `cargo xtask vm`: mount what the agent needs, run it, make listeners, print.
+# PID 1 of the VM smoke check: mount what the agent needs, run it, make listeners, print.
 export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
