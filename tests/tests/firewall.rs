@@ -642,6 +642,70 @@ fn docker_user_drop_filters_the_published_port() {
     assert_eq!(alert["portwatch"]["risk"]["outcome"], "filtered", "{alert}");
 }
 
+/// The loop closed for a published port: the alert on the container's redis suggests a
+/// forward-path step (never an input-chain one, which forwarded traffic never meets);
+/// pasting it as the alert gives it makes the listener `filtered`, the probe agrees, and
+/// no new alert is raised.
+#[test]
+fn pasting_the_suggested_forward_step_filters_the_published_port() {
+    if !can_run_kernel_tests() {
+        return;
+    }
+    let mut agent = Agent::start(&["--no-snapshot", "--lang", "en"]);
+    let mut lab = NatLab::new("docker0", "172.17.0.1", "172.17.0.2", 16);
+    lab.host_sh("iptables-nft-restore", Some(&docker_rules()));
+    agent.expect("exposure-without-listener start", |e| {
+        unbacked(e, 6379, "start")
+    });
+    let pid = lab.listen(6379);
+    let alert = agent.expect("risky-listener for the published redis", |e| {
+        action(e) == "risky-listener" && e["process"]["pid"] == pid
+    });
+    assert!(
+        agrees("accepted", &lab.probe(6379)),
+        "reachable before the fix"
+    );
+    let cmds: Vec<String> = alert["portwatch"]["alert"]["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .filter_map(|s| s["commands"].as_array())
+        .flatten()
+        .filter_map(Value::as_str)
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        !cmds
+            .iter()
+            .any(|c| c.contains(" INPUT ") || c.contains("filter input")),
+        "input-chain steps for a forwarded port: {cmds:#?}"
+    );
+    let step = cmds
+        .iter()
+        .find(|c| c.starts_with("iptables -I DOCKER-USER"))
+        .unwrap_or_else(|| panic!("no DOCKER-USER step in {alert}"));
+    lab.host_sh(step, None);
+    let changed = agent.expect("exposure-changed to filtered", |e| {
+        action(e) == "exposure-changed"
+            && e["process"]["pid"] == pid
+            && e["portwatch"]["exposure_change"]["published_after"]["verdict"] == "filtered"
+    });
+    let after = &changed["portwatch"]["exposure_change"]["published_after"];
+    assert_eq!(after["filter_rule"]["chain"], "DOCKER-USER", "{changed}");
+    let probe = lab.probe(6379);
+    assert!(
+        agrees("filtered", &probe),
+        "evaluator: filtered, probe: {probe}"
+    );
+    let again = agent.wait_for(Duration::from_millis(500), |e| {
+        action(e) == "risky-listener" && e["process"]["pid"] == pid && e != &alert
+    });
+    assert!(
+        again.is_none(),
+        "became filtered, yet alerted again: {again:?}"
+    );
+}
+
 /// podman netavark's nftables table: host port 8080 to the container's 6379, accepted
 /// on forward by the ct mark the DNAT rule sets.
 #[test]

@@ -99,6 +99,25 @@ pub struct Listener<'a> {
     pub holders: Option<&'a [u32]>,
     /// The `.socket` unit that listens on this port, when pid 1 holds the socket.
     pub socket_unit: Option<&'a str>,
+    /// The host port a NAT rule of another namespace sends to it (DNAT): traffic that
+    /// takes the forward path, which an input-chain rule never sees.
+    #[serde(skip)]
+    pub published: Option<Published<'a>>,
+}
+
+/// How a listener is reached through a DNAT rule of another namespace, for the advice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published<'a> {
+    /// The host port (and address the probe used).
+    pub host_port: u16,
+    /// Where the NAT sends it: the listener's own address and port.
+    pub target: IpAddr,
+    pub target_port: u16,
+    /// The interface the published traffic comes in on.
+    pub interface: &'a str,
+    /// The NAT rule is docker's (its `DOCKER` chain): filter in `DOCKER-USER`, which
+    /// docker keeps first in FORWARD.
+    pub docker: bool,
 }
 
 impl<'a> Listener<'a> {
@@ -120,6 +139,7 @@ impl<'a> Listener<'a> {
             executable_owner: None,
             holders: None,
             socket_unit: None,
+            published: None,
         }
     }
 }

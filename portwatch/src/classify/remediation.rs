@@ -33,6 +33,8 @@ pub enum StepKind {
     Nftables,
     /// iptables / ip6tables commands.
     Iptables,
+    /// Filter traffic a NAT rule forwards to the listener (or stop publishing it).
+    Forward,
 }
 
 /// A configuration change: lines to set in a file.
@@ -612,6 +614,75 @@ fn firewall_steps(
     });
 }
 
+/// Steps for a listener reached through a DNAT rule: publish it on loopback only, or
+/// drop the forwarded traffic from the interface it arrives on. After the NAT the
+/// packet is addressed to the listener itself (`target`), which is what the forward
+/// rules match; the input chain never sees it, so input rules do not help.
+fn forward_steps(l: &Listener<'_>, p: &super::Published<'_>, lang: Lang, steps: &mut Vec<Step>) {
+    let en = lang == Lang::En;
+    let proto = l.transport.as_str();
+    // A name a command can carry as it is (inside the nft quotes too), else a placeholder
+    // for the person to fill in: an interface name may hold quotes.
+    let iface = if !p.interface.is_empty()
+        && p.interface
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-@".contains(c))
+    {
+        p.interface.to_owned()
+    } else {
+        "<public-interface>".to_owned()
+    };
+    let (hp, tp) = (p.host_port, p.target_port);
+    steps.push(Step {
+        kind: StepKind::Forward,
+        title: if en {
+            format!(
+                "Host port {hp}/{proto} is published to this listener by a NAT rule: publish it on \
+                 loopback only (docker/podman: -p 127.0.0.1:{hp}:{tp}), or remove the publication"
+            )
+        } else {
+            format!(
+                "ホストのポート {hp}/{proto} が NAT ルールでこのリスナーに公開されています。\
+                 ループバックのみに公開する（docker/podman: -p 127.0.0.1:{hp}:{tp}）か、公開をやめます"
+            )
+        },
+        commands: Vec::new(),
+        config: None,
+    });
+    let (ipt, nft_family) = match p.target {
+        IpAddr::V4(_) => ("iptables", "ip"),
+        IpAddr::V6(_) => ("ip6tables", "ip6"),
+    };
+    let chain = if p.docker { "DOCKER-USER" } else { "FORWARD" };
+    let target = p.target;
+    steps.push(Step {
+        kind: StepKind::Forward,
+        title: if en {
+            format!(
+                "Or drop the forwarded traffic from {iface}: iptables ({chain}{}; not persistent: \
+                 save it) or nftables (assumes an inet filter table with a forward chain)",
+                if p.docker {
+                    ", the chain docker keeps first in FORWARD"
+                } else {
+                    ""
+                }
+            )
+        } else {
+            format!(
+                "または {iface} から転送される通信を遮断します: iptables（{chain}。永続化されないため保存が必要）か \
+                 nftables（inet filter テーブルと forward チェーンが前提）"
+            )
+        },
+        commands: vec![
+            format!("{ipt} -I {chain} -i {iface} -p {proto} -d {target} --dport {tp} -j DROP"),
+            format!(
+                "nft 'insert rule inet filter forward iifname {iface} {nft_family} daddr {target} {proto} dport {tp} drop'"
+            ),
+        ],
+        config: None,
+    });
+}
+
 /// Builds the message, summary and steps for an alert.
 ///
 /// Steps, in order: stop/disable the unit (or find the owner / handle the
@@ -650,8 +721,13 @@ pub fn remediation(l: &Listener<'_>, v: &Verdict<'_>, lang: Lang) -> Remediation
             });
         }
         // Already filtered by the host firewall: a firewall rule is not the step to take.
+        // Reached through a NAT rule: the traffic takes the forward path, where an
+        // input-chain rule never sees it.
         if v.outcome != super::Outcome::Filtered {
-            firewall_steps(l, v, entry, lang, &mut steps);
+            match l.published {
+                Some(p) => forward_steps(l, &p, lang, &mut steps),
+                None => firewall_steps(l, v, entry, lang, &mut steps),
+            }
         }
     }
     Remediation {
@@ -677,6 +753,55 @@ mod tests {
         let e = Exposure::new(l.addr, l.v6only, Some(&ifs));
         let v = c.classify(l, &e);
         remediation(l, &v, lang)
+    }
+
+    #[test]
+    fn a_published_listener_gets_forward_steps_not_input_ones() {
+        let c = Classifier::new(None);
+        let mut l = Listener::new(Transport::Tcp, ip("0.0.0.0"), 6379);
+        l.container_id = Some("0123456789abcdef0123");
+        l.published = Some(crate::classify::Published {
+            host_port: 16379,
+            target: ip("172.17.0.2"),
+            target_port: 6379,
+            interface: "eth0",
+            docker: true,
+        });
+        let r = run(&c, &l, &["127.0.0.1", "203.0.113.5"], Lang::En);
+        let cmds: Vec<&str> = r.commands().collect();
+        for want in [
+            "iptables -I DOCKER-USER -i eth0 -p tcp -d 172.17.0.2 --dport 6379 -j DROP",
+            "nft 'insert rule inet filter forward iifname eth0 ip daddr 172.17.0.2 tcp dport 6379 drop'",
+        ] {
+            assert!(cmds.contains(&want), "missing {want:?} in {cmds:#?}");
+        }
+        assert!(
+            !cmds
+                .iter()
+                .any(|c| c.contains(" INPUT ") || c.contains("filter input")),
+            "an input-chain rule does not see forwarded traffic: {cmds:#?}"
+        );
+        assert!(
+            r.steps
+                .iter()
+                .any(|s| s.kind == StepKind::Forward && s.title.contains("-p 127.0.0.1:16379:6379")),
+            "{:#?}",
+            r.steps
+        );
+        // Not docker's rule: FORWARD; an interface name that could carry quotes is not
+        // pasted into a command.
+        l.published = Some(crate::classify::Published {
+            docker: false,
+            interface: "ev'il",
+            ..l.published.unwrap()
+        });
+        let r = run(&c, &l, &["127.0.0.1", "203.0.113.5"], Lang::En);
+        let cmds: Vec<&str> = r.commands().collect();
+        assert!(
+            cmds.contains(&"iptables -I FORWARD -i <public-interface> -p tcp -d 172.17.0.2 --dport 6379 -j DROP"),
+            "{cmds:#?}"
+        );
+        assert!(!cmds.iter().any(|c| c.contains("ev'il")), "{cmds:#?}");
     }
 
     #[test]

@@ -462,6 +462,8 @@ impl Assessor {
         let container = ev.container.clone();
         let user = ev.user.clone();
         let inode = socket.and_then(|s| s.inode);
+        // The listener borrows from its own handle: `published` moves into the event.
+        let nat = published.clone();
         let mut listener = Listener {
             transport,
             addr,
@@ -478,6 +480,16 @@ impl Assessor {
             executable_owner: process.as_ref().and_then(|p| p.executable_owner),
             holders: None,
             socket_unit: None,
+            published: nat
+                .as_deref()
+                .filter(|p| !p.local)
+                .map(|p| crate::classify::Published {
+                    host_port: p.host.port,
+                    target: p.target.ip,
+                    target_port: p.target.port,
+                    interface: &p.interface,
+                    docker: p.rule.chain == "DOCKER",
+                }),
         };
         let verdict = self.classifier.classify(&listener, &exposure);
         ev.portwatch.exposure = Some(ExposureOut {
