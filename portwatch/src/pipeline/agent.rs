@@ -621,25 +621,13 @@ impl Pipeline {
                 duration_ns,
             } => return self.report_end(&r, tracked.map(|t| t.held), duration_ns),
         };
-        let wall = self.ev.enricher.clocks.wall_from_ktime(r.ktime_ns);
-        let owner = self.ev.enricher.owner_for_record(&r);
-        let user = Some(self.ev.enricher.user(r.uid));
-        let group = Some(self.ev.enricher.group(r.gid));
+        let (owner, user, group) = self.record_owner(&r);
         let action = if r.kind == Kind::ListenStarted {
             Action::ListenStarted
         } else {
             Action::UdpBound
         };
-        let l = Listener {
-            transport: r.transport,
-            udplite: r.udplite,
-            addr: r.addr,
-            port: r.port,
-            socket: self.record_socket(&r),
-            user: user.clone(),
-            group: group.clone(),
-        };
-        let mut ev = self.ev.listener_event(action, wall, l, &owner);
+        let mut ev = self.record_event(&r, action, &owner, user.clone(), group.clone());
         ev.portwatch.urgent |= r.urgent;
         if let Some(end) = ended_ns {
             // Its end reached the agent first (and was reported): over already.
@@ -681,6 +669,40 @@ impl Pipeline {
         }
     }
 
+    /// Who a record's task is, as the kernel saw it (with /proc's additions).
+    fn record_owner(
+        &mut self,
+        r: &Record,
+    ) -> (Owner, Option<Shared<Named>>, Option<Shared<Named>>) {
+        (
+            self.ev.enricher.owner_for_record(r),
+            Some(self.ev.enricher.user(r.uid)),
+            Some(self.ev.enricher.group(r.gid)),
+        )
+    }
+
+    /// The listener event of a live record, at the kernel's time of it.
+    fn record_event(
+        &mut self,
+        r: &Record,
+        action: Action,
+        owner: &Owner,
+        user: Option<Shared<Named>>,
+        group: Option<Shared<Named>>,
+    ) -> Event {
+        let wall = self.ev.enricher.clocks.wall_from_ktime(r.ktime_ns);
+        let l = Listener {
+            transport: r.transport,
+            udplite: r.udplite,
+            addr: r.addr,
+            port: r.port,
+            socket: self.record_socket(r),
+            user,
+            group,
+        };
+        self.ev.listener_event(action, wall, l, owner)
+    }
+
     /// `portwatch.socket` of a live record.
     fn record_socket(&self, r: &Record) -> Socket {
         Socket {
@@ -701,31 +723,17 @@ impl Pipeline {
     /// The end of a listener: attributed as its start was, or, when it started before the
     /// agent, to the closing task (the best owner there is).
     fn report_end(&mut self, r: &Record, held: Option<Held>, duration_ns: Option<u64>) {
-        let wall = self.ev.enricher.clocks.wall_from_ktime(r.ktime_ns);
         let was_behind = held.as_ref().is_some_and(|h| !h.backs.is_empty());
         let (owner, user, group) = match held {
             Some(h) => (h.owner, h.user, h.group),
-            None => (
-                self.ev.enricher.owner_for_record(r),
-                Some(self.ev.enricher.user(r.uid)),
-                Some(self.ev.enricher.group(r.gid)),
-            ),
+            None => self.record_owner(r),
         };
         let action = if r.kind == Kind::ListenStopped {
             Action::ListenStopped
         } else {
             Action::UdpReleased
         };
-        let l = Listener {
-            transport: r.transport,
-            udplite: r.udplite,
-            addr: r.addr,
-            port: r.port,
-            socket: self.record_socket(r),
-            user,
-            group,
-        };
-        let mut ev = self.ev.listener_event(action, wall, l, &owner);
+        let mut ev = self.record_event(r, action, &owner, user, group);
         ev.portwatch.urgent |= r.urgent;
         ev.event.duration = duration_ns;
         self.write(ev);

@@ -243,11 +243,12 @@ pub fn probe(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::classify::firewall::model::Family;
 
-    fn ifs(list: &[(&str, &str, u8)]) -> Vec<IfAddr> {
+    /// Interfaces from (name, address, prefix) literals.
+    pub(crate) fn ifs(list: &[(&str, &str, u8)]) -> Vec<IfAddr> {
         list.iter()
             .map(|(n, a, p)| IfAddr {
                 ifname: (*n).into(),

@@ -414,17 +414,7 @@ pub fn target_verdict(rs: &Ruleset, ifaces: &[IfAddr], publ: &Publication) -> Op
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::classify::firewall::{ipt, model::Origin, nft};
-
-    fn ifs(list: &[(&str, &str, u8)]) -> Vec<IfAddr> {
-        list.iter()
-            .map(|(n, a, p)| IfAddr {
-                ifname: (*n).into(),
-                addr: a.parse().unwrap(),
-                prefix: *p,
-            })
-            .collect()
-    }
+    use crate::classify::firewall::{ipt, model::Origin, nft, tests::ifs};
 
     const HOST: &[(&str, &str, u8)] = &[
         ("lo", "127.0.0.1", 8),
