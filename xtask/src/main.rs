@@ -573,7 +573,7 @@ fn ci() -> anyhow::Result<()> {
         kernel: vm::KernelChoice::All,
         sets: testvm::SETS.iter().map(|s| s.to_string()).collect(),
         only: Vec::new(),
-        timeout: 900,
+        timeout: testvm::VM_TIMEOUT,
     };
     testvm::run(&args, &mut coverage).context("ci: kernel test matrix (cargo xtask test-vm)")?;
     step(&format!(
