@@ -3,12 +3,19 @@
 //! themselves cost a workload, apart from anything portwatch does in them.
 
 use aya_ebpf::{
-    macros::{cgroup_sock, cgroup_sock_addr, sock_ops, tracepoint},
-    programs::{SockAddrContext, SockContext, SockOpsContext, TracePointContext},
+    macros::{cgroup_sock, cgroup_sock_addr, raw_tracepoint, sock_ops, tracepoint},
+    programs::{
+        RawTracePointContext, SockAddrContext, SockContext, SockOpsContext, TracePointContext,
+    },
 };
 
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
 pub fn floor_state(_ctx: TracePointContext) -> u32 {
+    0
+}
+
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn floor_rawtp(_ctx: RawTracePointContext) -> u32 {
     0
 }
 

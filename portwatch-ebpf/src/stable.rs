@@ -5,11 +5,14 @@
 use core::ptr::read_volatile;
 
 use aya_ebpf::{
+    EbpfContext,
     bindings::BPF_SOCK_OPS_TCP_LISTEN_CB,
     helpers::{bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns},
-    macros::{cgroup_sock, cgroup_sock_addr, map, sock_ops, tracepoint},
+    macros::{cgroup_sock, cgroup_sock_addr, map, raw_tracepoint, sock_ops, tracepoint},
     maps::HashMap,
-    programs::{SockAddrContext, SockContext, SockOpsContext, TracePointContext},
+    programs::{
+        RawTracePointContext, SockAddrContext, SockContext, SockOpsContext, TracePointContext,
+    },
 };
 use aya_log_ebpf::warn;
 use portwatch_common::{
@@ -50,48 +53,104 @@ const TP_SADDR_V6: usize = 40;
 /// runs for every TCP state change on the host.
 #[inline(always)]
 fn tp_field<T: Copy>(ctx: &TracePointContext, offset: usize) -> T {
-    use aya_ebpf::EbpfContext as _;
     unsafe { read_volatile(ctx.as_ptr().cast::<u8>().add(offset).cast::<T>()) }
 }
 
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
 pub fn listen_state(ctx: TracePointContext) -> u32 {
-    match try_listen_state(&ctx) {
-        Ok(v) | Err(v) => v,
-    }
+    let newstate: i32 = tp_field(&ctx, TP_NEWSTATE);
+    let oldstate: i32 = tp_field(&ctx, TP_OLDSTATE);
+    let sock: u64 = tp_field(&ctx, TP_SKADDR);
+    state_changed(&ctx, sock, oldstate, newstate, || {
+        let family: u16 = tp_field(&ctx, TP_FAMILY);
+        let mut addr = [0u8; 16];
+        if family == AF_INET {
+            let a: [u8; 4] = tp_field(&ctx, TP_SADDR);
+            addr[..4].copy_from_slice(&a);
+        } else {
+            addr = tp_field(&ctx, TP_SADDR_V6);
+        }
+        Some(StateSock {
+            protocol: tp_field(&ctx, TP_PROTOCOL),
+            family,
+            port: tp_field(&ctx, TP_SPORT),
+            addr,
+        })
+    })
 }
 
-fn try_listen_state(ctx: &TracePointContext) -> Result<u32, u32> {
+/// The same hook as a raw tracepoint (`inet_sock_set_state(sk, oldstate, newstate)`):
+/// the kernel hands over the three arguments and nothing else, where the classic
+/// tracepoint first copies every field of its record into a buffer, for every TCP
+/// state change on the host. The socket's fields are read from kernel memory at the
+/// offsets the agent found in BTF, and only for a change into or out of LISTEN.
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn listen_rawtp(ctx: RawTracePointContext) -> u32 {
+    let oldstate = ctx.arg::<u64>(1) as i32;
+    let newstate = ctx.arg::<u64>(2) as i32;
+    let sock = ctx.arg::<u64>(0);
+    state_changed(&ctx, sock, oldstate, newstate, || {
+        let off = OFFSETS.load();
+        let family = read_kernel::<u16>(sock, off.sock_family)?;
+        let mut addr = [0u8; 16];
+        if family == AF_INET {
+            addr[..4].copy_from_slice(&read_kernel::<[u8; 4]>(sock, off.sock_rcv_saddr)?);
+        } else {
+            addr = read_kernel::<[u8; 16]>(sock, off.sock_v6_rcv_saddr)?;
+        }
+        Some(StateSock {
+            protocol: read_kernel::<u16>(sock, off.sock_protocol)?,
+            family,
+            // `inet_sport`, as the classic record has it: a listener's close releases
+            // its port (`inet_put_port()` zeroes `skc_num`) before the state changes.
+            port: u16::from_be(read_kernel::<u16>(sock, off.inet_sport)?),
+            addr,
+        })
+    })
+}
+
+/// What a LISTEN transition needs of its socket (the classic record's fields).
+struct StateSock {
+    protocol: u16,
+    family: u16,
+    /// Local port, host order (0 while an unbound socket's listen() picks one).
+    port: u16,
+    addr: [u8; 16],
+}
+
+/// A TCP state change of `sock`, from either flavour of the tracepoint: `fields` is
+/// asked only when the change is into LISTEN or from LISTEN into CLOSE.
+#[inline(always)]
+fn state_changed<C: EbpfContext>(
+    ctx: &C,
+    sock: u64,
+    oldstate: i32,
+    newstate: i32,
+    fields: impl FnOnce() -> Option<StateSock>,
+) -> u32 {
     // Every TCP state change on the host lands here: decide on the two states first.
-    let newstate: i32 = tp_field(ctx, TP_NEWSTATE);
-    let oldstate: i32 = tp_field(ctx, TP_OLDSTATE);
     let entering = newstate == TCP_LISTEN;
     // Leaving LISTEN counts only into CLOSE: a connection accepted on a listener is
     // cloned from it and reported LISTEN -> SYN_RECV (`inet_csk_clone_lock()`), once per
     // connection, while the listener itself stays open.
     if !entering && (oldstate != TCP_LISTEN || newstate != TCP_CLOSE) {
-        return Ok(0);
+        return 0;
     }
-    let protocol: u16 = tp_field(ctx, TP_PROTOCOL);
-    if protocol != IPPROTO_TCP {
-        return Ok(0);
+    // A failed read was counted (`READ_FAILED`) by whoever read.
+    let Some(f) = fields() else {
+        return 0;
+    };
+    if f.protocol != IPPROTO_TCP {
+        return 0;
     }
-    let sock: u64 = tp_field(ctx, TP_SKADDR);
-    let family: u16 = tp_field(ctx, TP_FAMILY);
-    let mut addr = [0u8; 16];
-    if family == AF_INET {
-        let a: [u8; 4] = tp_field(ctx, TP_SADDR);
-        addr[..4].copy_from_slice(&a);
-    } else {
-        addr = tp_field(ctx, TP_SADDR_V6);
-    }
+    let (family, addr) = (f.family, f.addr);
     let pid_tgid = bpf_get_current_pid_tgid();
     let now = unsafe { bpf_ktime_get_ns() };
 
     if entering {
         // Everything about the listener is captured now, in its own task's context; the
         // port of an unbound socket is filled in when the listen is confirmed.
-        let port: u16 = tp_field(ctx, TP_SPORT);
+        let port = f.port;
         let mut extra = kthread_flag();
         if port != 0 && extra == 0 {
             // Bound already (the usual case): decide on the budgets now, so a start of a
@@ -110,7 +169,7 @@ fn try_listen_state(ctx: &TracePointContext) -> Result<u32, u32> {
             };
             let d = decide(&s);
             if try_fold(&s, &d, sock, || fold_attr(sock)) {
-                return Ok(0);
+                return 0;
             }
             extra |= FLAG_CHARGED;
         }
@@ -134,22 +193,21 @@ fn try_listen_state(ctx: &TracePointContext) -> Result<u32, u32> {
                 "portwatch: pending-listen map full, a listen() will not be reported"
             );
         }
-        return Ok(0);
+        return 0;
     }
 
     // LISTEN -> CLOSE of a socket whose listen was never confirmed: the port allocation
     // failed and the kernel is undoing it inside the same listen(). Not a listener.
     // Looked up first: a lookup takes no lock, a delete locks the bucket even to find
     // nothing, and nothing is the usual answer (every real listener's close).
-    if newstate == TCP_CLOSE && PENDING.get_ptr(sock).is_some() && PENDING.remove(sock).is_ok() {
+    if PENDING.get_ptr(sock).is_some() && PENDING.remove(sock).is_ok() {
         count(stat::LISTEN_FAILED);
-        return Ok(0);
+        return 0;
     }
     if end_folded(sock) {
-        return Ok(0);
+        return 0;
     }
-    let port: u16 = tp_field(ctx, TP_SPORT);
-    let urgent = important(port, family, &addr);
+    let urgent = important(f.port, family, &addr);
     let mut rec = build(
         Kind::ListenStopped,
         now,
@@ -158,13 +216,13 @@ fn try_listen_state(ctx: &TracePointContext) -> Result<u32, u32> {
             key: sock,
             family,
             protocol: IPPROTO_TCP,
-            port,
+            port: f.port,
             addr,
         },
         0,
     );
     deliver_end(&mut rec, urgent);
-    Ok(0)
+    0
 }
 
 /// cgroup sock_ops `BPF_SOCK_OPS_TCP_LISTEN_CB`: called by `__inet_listen_sk()`

@@ -92,6 +92,7 @@ fn transport_label(t: Option<Protocol>) -> &'static str {
 const LOSS_SERIES: &[(&str, &str)] = &[
     ("ring-buffer-full", "kernel"),
     ("kernel-map-full", "kernel"),
+    ("hook-run-skipped", "kernel"),
     ("output-queue-full", "userspace"),
     ("output-error", "userspace"),
     ("spool-full", "userspace"),

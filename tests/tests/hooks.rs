@@ -8,6 +8,7 @@ use std::{
     process::Command,
 };
 
+use portwatch::kernel::probes::{self, HooksChoice};
 use portwatch_tests::{
     Agent, Value, action, agent_binary, can_run_kernel_tests, hooks_from_env, is, raw, socket_inode,
 };
@@ -27,7 +28,10 @@ fn sensor_started_names_the_hook_set_and_why() {
     assert!(set == "stable" || set == "direct", "{hooks}");
     let via = hooks["via"].as_str().unwrap_or("");
     match set {
-        "stable" => assert_eq!(via, "tracepoint+cgroup", "{hooks}"),
+        "stable" => assert!(
+            via == "raw-tracepoint+cgroup" || via == "tracepoint+cgroup",
+            "{hooks}"
+        ),
         _ => assert!(via == "fentry" || via == "kprobe", "{hooks}"),
     }
     assert!(
@@ -129,7 +133,7 @@ fn both_hook_sets_report_identical_events() {
         Some("direct-kprobe") => ["--no-snapshot", "--hooks", "direct-kprobe"],
         _ => ["--no-snapshot", "--hooks", "direct"],
     };
-    let mut direct = match Agent::try_start(&direct_args) {
+    let direct = match Agent::try_start(&direct_args) {
         Ok(a) => a,
         Err(e) => {
             println!(
@@ -139,10 +143,76 @@ fn both_hook_sets_report_identical_events() {
             return;
         }
     };
-    let mut stable = Agent::start(&["--no-snapshot", "--hooks", "stable"]);
+    let stable = Agent::start(&["--no-snapshot", "--hooks", "stable"]);
     assert_eq!(stable.hooks()["set"], "stable");
     assert_eq!(direct.hooks()["set"], "direct");
+    same_events(stable, direct);
+}
 
+/// The stable set's two flavours of the state tracepoint (raw, where the kernel runs
+/// it, and classic) report the same events for the same activity.
+#[test]
+fn raw_and_classic_state_tracepoints_report_identical_events() {
+    if !can_run_kernel_tests() {
+        return;
+    }
+    let raw = Agent::start(&["--no-snapshot", "--hooks", "stable"]);
+    let classic = Agent::start(&["--no-snapshot", "--hooks", "stable-classic"]);
+    // Every kernel portwatch supports (>= 5.8, BTF) runs raw tracepoints: the fallback
+    // is for a kernel that refuses them, and must not be taken here.
+    assert_eq!(
+        raw.hooks()["via"],
+        "raw-tracepoint+cgroup",
+        "{}",
+        raw.hooks()
+    );
+    assert_eq!(
+        classic.hooks()["via"],
+        "tracepoint+cgroup",
+        "{}",
+        classic.hooks()
+    );
+    assert_eq!(classic.hooks()["programs"][0], "listen_state");
+    same_events(raw, classic);
+}
+
+/// The kernel's own count of skipped runs (`recursion_misses`) is read for the tracing
+/// program of the set (and only for it: cgroup programs are never skipped), and reads
+/// as zero after ordinary activity. (A nonzero count needs an interrupt to fire the
+/// same tracepoint inside the program's run: not something a test can time.)
+#[test]
+fn recursion_misses_of_the_state_tracepoint_are_read() {
+    if !can_run_kernel_tests() {
+        return;
+    }
+    for (choice, want) in [
+        (HooksChoice::Stable, "listen_rawtp"),
+        (HooksChoice::StableClassic, "listen_state"),
+    ] {
+        let sensor = probes::load(&probes::Options {
+            ring_bytes: 1 << 20,
+            hooks: choice,
+            fold_above: 0,
+            fold_user_above: 0,
+        })
+        .expect("loading the sensor");
+        assert_eq!(
+            sensor.stats.guarded(),
+            vec![want],
+            "cgroup programs are not guarded"
+        );
+        for _ in 0..100 {
+            drop(TcpListener::bind("127.0.0.1:0").unwrap());
+        }
+        let s = sensor.stats.read().expect("reading the kernel counters");
+        assert_eq!(s.recursion_misses, 0, "{s:?}");
+        println!("{want}: {s:?}");
+    }
+}
+
+/// Drive the activity above and check that agents `a` and `b` report identical events
+/// for it, and lose none.
+fn same_events(mut a: Agent, mut b: Agent) {
     let mut inodes = Vec::new();
     let l4 = TcpListener::bind("127.0.0.1:0").unwrap();
     inodes.push(socket_inode(l4.as_raw_fd()));
@@ -154,53 +224,51 @@ fn both_hook_sets_report_identical_events() {
     assert_eq!(raw::listen(auto), 0);
     inodes.push(socket_inode(auto));
     // A listen() that fails in get_port (second SO_REUSEADDR socket on one port).
-    let a = raw::socket(libc::AF_INET, libc::SOCK_STREAM);
-    let b = raw::socket(libc::AF_INET, libc::SOCK_STREAM);
-    raw::set_reuseaddr(a);
-    raw::set_reuseaddr(b);
-    assert_eq!(raw::bind_v4(a, [127, 0, 0, 1], 0), 0);
-    let p = raw::local_port(a);
-    assert_eq!(raw::bind_v4(b, [127, 0, 0, 1], p), 0);
-    assert_eq!(raw::listen(a), 0);
+    let s1 = raw::socket(libc::AF_INET, libc::SOCK_STREAM);
+    let s2 = raw::socket(libc::AF_INET, libc::SOCK_STREAM);
+    raw::set_reuseaddr(s1);
+    raw::set_reuseaddr(s2);
+    assert_eq!(raw::bind_v4(s1, [127, 0, 0, 1], 0), 0);
+    let p = raw::local_port(s1);
+    assert_eq!(raw::bind_v4(s2, [127, 0, 0, 1], p), 0);
+    assert_eq!(raw::listen(s1), 0);
     assert_ne!(
-        raw::listen(b),
+        raw::listen(s2),
         0,
         "second listen on the same port must fail"
     );
-    inodes.extend([socket_inode(a), socket_inode(b)]);
+    inodes.extend([socket_inode(s1), socket_inode(s2)]);
     let u4 = UdpSocket::bind("127.0.0.1:0").unwrap();
     inodes.push(socket_inode(u4.as_raw_fd()));
     let u6 = UdpSocket::bind("[::]:0").unwrap();
     inodes.push(socket_inode(u6.as_raw_fd()));
     drop((l4, l6, u4, u6));
     raw::close(auto);
-    raw::close(a);
-    raw::close(b);
+    raw::close(s1);
+    raw::close(s2);
 
     // A marker after everything: once both agents reported it, they reported the rest.
     let marker = TcpListener::bind("127.0.0.1:0").unwrap();
     let mp = marker.local_addr().unwrap().port();
-    let seen_stable = stable
+    let name = |g: &Agent| format!("{}/{}", g.hooks()["set"], g.hooks()["via"]);
+    let (an, bn) = (name(&a), name(&b));
+    let seen_a = a
         .drain_until(|e| is(e, "listen-started", me(), mp))
         .to_vec();
-    let seen_direct = direct
+    let seen_b = b
         .drain_until(|e| is(e, "listen-started", me(), mp))
         .to_vec();
-    for (name, seen) in [("stable", &seen_stable), ("direct", &seen_direct)] {
+    for (name, seen) in [(&an, &seen_a), (&bn, &seen_b)] {
         let lost: Vec<&Value> = seen.iter().filter(|e| action(e) == "events-lost").collect();
-        assert!(lost.is_empty(), "{name} set lost events: {lost:?}");
+        assert!(lost.is_empty(), "{name} lost events: {lost:?}");
     }
-    let s = ours(&seen_stable, &inodes);
-    let d = ours(&seen_direct, &inodes);
+    let ea = ours(&seen_a, &inodes);
+    let eb = ours(&seen_b, &inodes);
     // 4 listeners + 2 UDP sockets, each a start and an end; the failed listen() nothing.
-    assert_eq!(s.len(), 12, "stable set events: {s:#?}");
-    for (i, (se, de)) in s.iter().zip(&d).enumerate() {
-        assert_eq!(se, de, "event {i} differs:\nstable: {se}\ndirect: {de}");
+    assert_eq!(ea.len(), 12, "{an} events: {ea:#?}");
+    for (i, (x, y)) in ea.iter().zip(&eb).enumerate() {
+        assert_eq!(x, y, "event {i} differs:\n{an}: {x}\n{bn}: {y}");
     }
-    assert_eq!(s.len(), d.len(), "direct set events: {d:#?}");
-    println!(
-        "identical: {} events from each set (via {})",
-        s.len(),
-        direct.hooks()["via"]
-    );
+    assert_eq!(ea.len(), eb.len(), "{bn} events: {eb:#?}");
+    println!("identical: {} events from {an} and {bn}", ea.len());
 }

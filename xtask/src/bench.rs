@@ -98,8 +98,8 @@ pub struct BenchArgs {
     /// flood-evasion, delivery).
     #[arg(long, value_delimiter = ',')]
     pub workloads: Vec<String>,
-    /// Only these tools (none, portwatch, portwatch-nofold, floor, floor-cgroup, bpftrace,
-    /// ss; in flood-evasion: portwatch-file, portwatch-slow-pipe, bpftrace, ss; in
+    /// Only these tools (none, portwatch, portwatch-nofold, portwatch-classic, floor,
+    /// floor-cgroup, floor-classic, bpftrace, ss; in flood-evasion: portwatch-file, portwatch-slow-pipe, bpftrace, ss; in
     /// delivery: forward-tls, relp, relp-tls).
     #[arg(long, value_delimiter = ',')]
     pub tools: Vec<String>,
@@ -130,6 +130,12 @@ enum Tool {
     /// The floor without its state tracepoint (cgroup hooks only): what the tracepoint
     /// alone costs, on TCP workloads.
     FloorCgroup,
+    /// The floor with the classic state tracepoint instead of the raw one portwatch
+    /// attaches: what the classic one would cost, on TCP workloads.
+    FloorClassic,
+    /// portwatch with the classic state tracepoint (`--hooks stable-classic`): only when
+    /// named in `--tools`.
+    PortwatchClassic,
     Bpftrace,
     Ss,
     /// flood-evasion: portwatch writing to a file the bench follows like `tail -f`.
@@ -146,6 +152,8 @@ impl Tool {
             Tool::PortwatchNoFold => "portwatch-nofold",
             Tool::Floor => "floor",
             Tool::FloorCgroup => "floor-cgroup",
+            Tool::FloorClassic => "floor-classic",
+            Tool::PortwatchClassic => "portwatch-classic",
             Tool::Bpftrace => "bpftrace",
             Tool::Ss => "ss",
             Tool::PortwatchFile => "portwatch-file",
@@ -173,7 +181,7 @@ struct Ctx {
     have_bpftrace: bool,
     have_ss: bool,
     /// Consecutive start failures per tool: after two the tool is skipped.
-    failures: [u32; 9],
+    failures: [u32; 11],
     seq: u32,
 }
 
@@ -236,7 +244,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         logs: cfg.out_dir.join("logs"),
         have_bpftrace: tool_works("bpftrace", "--version"),
         have_ss: tool_works("ss", "-V"),
-        failures: [0; 9],
+        failures: [0; 11],
         seq: 0,
         cfg,
     };
@@ -351,11 +359,17 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 // Not flood-evasion: its figures are about the bench's own listeners.
                 for w in workloads.iter().filter(|w| !w.kind.is_flood()) {
                     let w = w.with_secs(ctx.cfg.kernel_secs);
-                    // --quick: portwatch only, to stay within a few minutes.
+                    // --quick: portwatch only, to stay within a few minutes
+                    // (portwatch-classic runs only when named).
                     let tools: &[Tool] = if ctx.cfg.args.quick {
-                        &[Tool::Portwatch]
+                        &[Tool::Portwatch, Tool::PortwatchClassic]
                     } else {
-                        &[Tool::Portwatch, Tool::PortwatchNoFold, Tool::Bpftrace]
+                        &[
+                            Tool::Portwatch,
+                            Tool::PortwatchClassic,
+                            Tool::PortwatchNoFold,
+                            Tool::Bpftrace,
+                        ]
                     };
                     for &tool in tools {
                         if !tools_for(&ctx, &w).contains(&tool) {
@@ -537,6 +551,8 @@ fn tools_for(ctx: &Ctx, w: &Workload) -> Vec<Tool> {
             Tool::PortwatchNoFold,
             Tool::Floor,
             Tool::FloorCgroup,
+            Tool::FloorClassic,
+            Tool::PortwatchClassic,
             Tool::Bpftrace,
             Tool::Ss,
         ]
@@ -547,13 +563,17 @@ fn tools_for(ctx: &Ctx, w: &Workload) -> Vec<Tool> {
         t.retain(|t| {
             !matches!(
                 t,
-                Tool::None | Tool::Floor | Tool::FloorCgroup | Tool::PortwatchNoFold
+                Tool::None
+                    | Tool::Floor
+                    | Tool::FloorCgroup
+                    | Tool::FloorClassic
+                    | Tool::PortwatchNoFold
             )
         });
     }
     if !matches!(w.kind, Kind::TcpChurn | Kind::TcpTraffic) {
         // The tracepoint sees TCP state changes only.
-        t.retain(|t| *t != Tool::FloorCgroup);
+        t.retain(|t| !matches!(t, Tool::FloorCgroup | Tool::FloorClassic));
     }
     if w.kind == Kind::TcpTraffic {
         // Six listeners in all: folding changes nothing there.
@@ -566,7 +586,9 @@ fn tools_for(ctx: &Ctx, w: &Workload) -> Vec<Tool> {
         t.retain(|t| *t != Tool::Ss);
     }
     let f = &ctx.cfg.args.tools;
-    t.retain(|t| f.is_empty() || f.iter().any(|n| n == t.name()));
+    let named = |t: &Tool| f.iter().any(|n| n == t.name());
+    // portwatch-classic runs only when asked for by name.
+    t.retain(|t| named(t) || (f.is_empty() && *t != Tool::PortwatchClassic));
     t
 }
 
@@ -605,6 +627,8 @@ fn tool_index(t: Tool) -> usize {
         Tool::PortwatchFile => 6,
         Tool::PortwatchSlowPipe => 7,
         Tool::FloorCgroup => 8,
+        Tool::FloorClassic => 9,
+        Tool::PortwatchClassic => 10,
     }
 }
 
@@ -653,9 +677,16 @@ fn run_one(ctx: &mut Ctx, w: &Workload, tool: Tool, round: u32, kernel_stats: bo
         }
         match tool {
             Tool::None => run.load = Some(do_load()?),
-            Tool::Portwatch | Tool::PortwatchNoFold | Tool::Floor | Tool::FloorCgroup => {
+            Tool::Portwatch
+            | Tool::PortwatchNoFold
+            | Tool::PortwatchClassic
+            | Tool::Floor
+            | Tool::FloorCgroup
+            | Tool::FloorClassic => {
                 let extra: &[&str] = match tool {
                     Tool::PortwatchNoFold => &["--fold-above", "0"],
+                    Tool::PortwatchClassic => &["--hooks", "stable-classic"],
+                    Tool::FloorClassic => &["--hooks", "floor-classic", "--allow-degraded"],
                     Tool::Floor => &["--hooks", "floor", "--allow-degraded"],
                     Tool::FloorCgroup => &["--hooks", "floor-cgroup", "--allow-degraded"],
                     _ => &[],

@@ -8,7 +8,8 @@
 //!
 //! | program        | hook                                    | kernel source                       |
 //! |----------------|-----------------------------------------|-------------------------------------|
-//! | `listen_state` | tracepoint `sock:inet_sock_set_state`   | include/trace/events/sock.h         |
+//! | `listen_rawtp` | raw tracepoint `inet_sock_set_state` | include/trace/events/sock.h         |
+//! | `listen_state` | tracepoint `sock:inet_sock_set_state` (where the raw one cannot run) | include/trace/events/sock.h |
 //! | `listen_sockops` | cgroup sock_ops `TCP_LISTEN_CB` on the cgroup2 root | net/ipv4/af_inet.c `__inet_listen_sk()` |
 //! | `udp_bind4`    | cgroup `post_bind4` on the cgroup2 root | net/ipv4/af_inet.c `__inet_bind()`  |
 //! | `udp_bind6`    | cgroup `post_bind6` on the cgroup2 root | net/ipv6/af_inet6.c `__inet6_bind()`|
@@ -25,6 +26,7 @@
 
 use std::{
     fs::File,
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
     path::{Path, PathBuf},
 };
 
@@ -33,7 +35,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, MapData, PerCpuArray, RingBuf},
     programs::{
-        CgroupAttachMode, CgroupSock, CgroupSockAddr, FEntry, FExit, KProbe, SockOps, TracePoint,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, FEntry, FExit, KProbe, ProgramFd,
+        RawTracePoint, SockOps, TracePoint,
     },
 };
 use portwatch_common::{KernelOffsets, stat};
@@ -64,6 +67,12 @@ pub const FLOOR_PROGRAMS: [&str; 7] = [
     "floor_send4",
     "floor_send6",
 ];
+
+/// The raw tracepoint flavours of the stable and floor sets' state programs: the
+/// classic tracepoint copies its whole record for every TCP state change on the host
+/// before the program runs; the raw one passes three arguments. The classic one stays
+/// for kernels where the raw one cannot load.
+pub const STATE_RAW: [&str; 2] = ["listen_rawtp", "floor_rawtp"];
 
 /// The unconnected-send pair both real sets attach (implicitly bound UDP sockets).
 const SEND_PROGRAMS: [&str; 2] = ["udp_send4", "udp_send6"];
@@ -96,6 +105,7 @@ pub fn programs() -> impl Iterator<Item = &'static str> {
     STABLE_PROGRAMS
         .into_iter()
         .chain(FLOOR_PROGRAMS)
+        .chain(STATE_RAW)
         .chain(FENTRY_HOOKS.iter().map(|h| h.0))
         .chain(KPROBE_HOOKS.iter().map(|h| h.0))
 }
@@ -120,6 +130,13 @@ pub enum HooksChoice {
     /// to show what the `sock:inet_sock_set_state` tracepoint costs by itself.
     #[value(hide = true)]
     FloorCgroup,
+    /// The stable set with the classic tracepoint even where the raw one runs (to test
+    /// that fallback, and for the benchmark's comparison).
+    #[value(hide = true)]
+    StableClassic,
+    /// The floor set with the classic tracepoint.
+    #[value(hide = true)]
+    FloorClassic,
 }
 
 /// Which hooks are attached, and why: reported in the `sensor-started` event.
@@ -226,8 +243,10 @@ pub fn load(opts: &Options) -> anyhow::Result<Sensor> {
         // paying on kernels that refuse fentry anyway.
         let probe = match opts.hooks {
             HooksChoice::Stable
+            | HooksChoice::StableClassic
             | HooksChoice::DirectKprobe
             | HooksChoice::Floor
+            | HooksChoice::FloorClassic
             | HooksChoice::FloorCgroup => None,
             _ => Some(match kernel_btf.func_id(FENTRY_HOOKS[0].1) {
                 Some(id) => fentry_loads(id),
@@ -307,9 +326,11 @@ pub fn load(opts: &Options) -> anyhow::Result<Sensor> {
                 .context("RISKY_PORTS map missing")?,
         )?,
     };
-    let stats = StatsReader(PerCpuArray::try_from(
-        ebpf.take_map("STATS").context("STATS map missing")?,
-    )?);
+    let stats = StatsReader {
+        counters: PerCpuArray::try_from(ebpf.take_map("STATS").context("STATS map missing")?)?,
+        guarded: guarded_programs(&ebpf, &hooks.programs),
+        misses_unreadable: false.into(),
+    };
     let flag = Array::try_from(
         ebpf.take_map("AGENT_SLEEPING")
             .context("AGENT_SLEEPING map missing")?,
@@ -342,31 +363,62 @@ fn choose_and_attach(
     fentry_probe: Option<Result<(), String>>,
     cgroup_root: &Path,
 ) -> anyhow::Result<Hooks> {
-    if choice == HooksChoice::Stable {
-        return attach_stable(ebpf, cgroup_root, "asked for with --hooks stable".into());
-    }
-    if choice == HooksChoice::Floor {
-        let mut hooks = attach_cgroup_tracepoint_set(
-            ebpf,
-            cgroup_root,
-            &FLOOR_PROGRAMS,
-            "asked for with --hooks floor: do-nothing programs, nothing is reported".into(),
-        )?;
-        hooks.set = "floor";
-        return Ok(hooks);
-    }
-    if choice == HooksChoice::FloorCgroup {
+    let floor = |ebpf: &mut Ebpf, state: StateHook, set: &'static str, why: &str| {
         let mut hooks = attach_cgroup_set(
             ebpf,
             cgroup_root,
             &FLOOR_PROGRAMS,
-            false,
-            "asked for with --hooks floor-cgroup: do-nothing programs at the cgroup hooks \
-             only, nothing is reported"
-                .into(),
+            state,
+            offsets,
+            format!("asked for with --hooks {set}: {why}"),
         )?;
-        hooks.set = "floor-cgroup";
-        return Ok(hooks);
+        hooks.set = set;
+        anyhow::Ok(hooks)
+    };
+    match choice {
+        HooksChoice::Stable => {
+            return attach_stable(
+                ebpf,
+                cgroup_root,
+                offsets,
+                StateHook::Raw,
+                "asked for with --hooks stable".into(),
+            );
+        }
+        HooksChoice::StableClassic => {
+            return attach_stable(
+                ebpf,
+                cgroup_root,
+                offsets,
+                StateHook::Classic,
+                "asked for with --hooks stable-classic".into(),
+            );
+        }
+        HooksChoice::Floor => {
+            return floor(
+                ebpf,
+                StateHook::Raw,
+                "floor",
+                "do-nothing programs, nothing is reported",
+            );
+        }
+        HooksChoice::FloorClassic => {
+            return floor(
+                ebpf,
+                StateHook::Classic,
+                "floor-classic",
+                "do-nothing programs, nothing is reported",
+            );
+        }
+        HooksChoice::FloorCgroup => {
+            return floor(
+                ebpf,
+                StateHook::Off,
+                "floor-cgroup",
+                "do-nothing programs at the cgroup hooks only, nothing is reported",
+            );
+        }
+        HooksChoice::Auto | HooksChoice::Direct | HooksChoice::DirectKprobe => {}
     }
     let direct = match btf::missing_direct(offsets) {
         m if !m.is_empty() => Err(format!("this kernel's BTF lacks {}", m.join(", "))),
@@ -411,6 +463,8 @@ fn choose_and_attach(
         (Err(why), HooksChoice::Auto) => attach_stable(
             ebpf,
             cgroup_root,
+            offsets,
+            StateHook::Raw,
             format!("auto: the direct set is unavailable: {why}"),
         ),
         (Err(why), _) => bail!(
@@ -569,32 +623,40 @@ fn unload<'a>(ebpf: &mut Ebpf, names: impl Iterator<Item = &'a str>) {
     }
 }
 
-/// The tracepoint + cgroup set.
-fn attach_stable(ebpf: &mut Ebpf, cgroup_root: &Path, reason: String) -> anyhow::Result<Hooks> {
-    attach_cgroup_tracepoint_set(ebpf, cgroup_root, &STABLE_PROGRAMS, reason)
+/// Which flavour of the `inet_sock_set_state` tracepoint a set attaches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StateHook {
+    /// The raw tracepoint where this kernel runs it, else the classic one.
+    Raw,
+    /// The classic tracepoint.
+    Classic,
+    /// None (the floor-cgroup bench run).
+    Off,
 }
 
-/// Attach `names` (state tracepoint, sock_ops, post_bind4, post_bind6, sock_release,
-/// sendmsg4, sendmsg6: the stable set's order) to their hooks.
-fn attach_cgroup_tracepoint_set(
+/// The tracepoint + cgroup set.
+fn attach_stable(
     ebpf: &mut Ebpf,
     cgroup_root: &Path,
-    names: &[&'static str; 7],
+    offsets: &KernelOffsets,
+    state: StateHook,
     reason: String,
 ) -> anyhow::Result<Hooks> {
-    attach_cgroup_set(ebpf, cgroup_root, names, true, reason)
+    attach_cgroup_set(ebpf, cgroup_root, &STABLE_PROGRAMS, state, offsets, reason)
 }
 
-/// The cgroup hooks of a set, and its state tracepoint unless `tracepoint` is false
-/// (only the floor-cgroup bench run leaves it out).
+/// The cgroup hooks of a set (`names`: state tracepoint, sock_ops, post_bind4,
+/// post_bind6, sock_release, sendmsg4, sendmsg6), and its state tracepoint as `state`
+/// says.
 fn attach_cgroup_set(
     ebpf: &mut Ebpf,
     cgroup_root: &Path,
     names: &[&'static str; 7],
-    tracepoint: bool,
-    reason: String,
+    state: StateHook,
+    offsets: &KernelOffsets,
+    mut reason: String,
 ) -> anyhow::Result<Hooks> {
-    let [state, sockops, bind4, bind6, release, send4, send6] = *names;
+    let [state_name, sockops, bind4, bind6, release, send4, send6] = *names;
     let cgroup = File::open(cgroup_root)
         .with_context(|| format!("opening cgroup2 root {}", cgroup_root.display()))?;
     let prog: &mut SockOps = ebpf
@@ -634,9 +696,35 @@ fn attach_cgroup_set(
     // The state tracepoint goes last: a LISTEN it parks must always be followed by the
     // sock_ops confirmation, or its close would be mistaken for a failed listen().
     let mut attached: Vec<String> = Vec::new();
-    if tracepoint {
-        attach_tracepoint(ebpf, state, "sock", "inet_sock_set_state")?;
-        attached.push("tracepoint/sock/inet_sock_set_state".into());
+    let mut programs = names.to_vec();
+    let mut via = "tracepoint+cgroup";
+    let raw_name = if names[0] == STABLE_PROGRAMS[0] {
+        STATE_RAW[0]
+    } else {
+        STATE_RAW[1]
+    };
+    let raw = match state {
+        StateHook::Raw => Some(attach_state_raw(ebpf, raw_name, offsets)),
+        StateHook::Classic | StateHook::Off => None,
+    };
+    match (state, raw) {
+        (StateHook::Off, _) => {
+            programs.remove(0);
+            via = "cgroup";
+        }
+        (_, Some(Ok(()))) => {
+            attached.push("raw_tracepoint/inet_sock_set_state".into());
+            programs[0] = raw_name;
+            via = "raw-tracepoint+cgroup";
+        }
+        (_, raw) => {
+            if let Some(Err(why)) = raw {
+                log::info!("raw tracepoint unavailable, using the classic one: {why}");
+                reason = format!("{reason}; classic tracepoint: {why}");
+            }
+            attach_tracepoint(ebpf, state_name, "sock", "inet_sock_set_state")?;
+            attached.push("tracepoint/sock/inet_sock_set_state".into());
+        }
     }
     attached.extend([
         "cgroup/sock_ops".into(),
@@ -647,9 +735,9 @@ fn attach_cgroup_set(
     attached.extend(sends);
     Ok(Hooks {
         set: "stable",
-        via: "tracepoint+cgroup",
+        via,
         reason,
-        programs: names.to_vec(),
+        programs,
         attached,
     })
 }
@@ -684,6 +772,40 @@ fn attach_sends(
         attached.push(hook.to_owned());
     }
     Ok(attached)
+}
+
+/// The raw tracepoint flavour of the state program, where this kernel runs it: its
+/// socket fields come from kernel memory at the BTF offsets, so those must be known.
+fn attach_state_raw(ebpf: &mut Ebpf, name: &str, offsets: &KernelOffsets) -> Result<(), String> {
+    let unknown: Vec<&str> = [
+        ("sock_common.skc_family", offsets.sock_family),
+        ("sock.sk_protocol", offsets.sock_protocol),
+        ("inet_sock.inet_sport", offsets.inet_sport),
+        ("sock_common.skc_rcv_saddr", offsets.sock_rcv_saddr),
+        ("sock_common.skc_v6_rcv_saddr", offsets.sock_v6_rcv_saddr),
+    ]
+    .into_iter()
+    .filter(|(_, o)| *o == KernelOffsets::UNKNOWN)
+    .map(|(f, _)| f)
+    .collect();
+    if !unknown.is_empty() {
+        return Err(format!("this kernel's BTF lacks {}", unknown.join(", ")));
+    }
+    let prog: &mut RawTracePoint = ebpf
+        .program_mut(name)
+        .ok_or_else(|| format!("program {name} missing from the embedded object"))?
+        .try_into()
+        .map_err(|e| format!("{e}"))?;
+    prog.load()
+        .map_err(|e| format!("refused: {}", load_error(&e)))?;
+    if let Err(e) = prog.attach("inet_sock_set_state") {
+        let why = format!("attach: {}", error_chain(&e));
+        if let Err(e) = prog.unload() {
+            log::debug!("unloading {name}: {e}");
+        }
+        return Err(why);
+    }
+    Ok(())
 }
 
 fn attach_tracepoint(
@@ -721,6 +843,10 @@ pub struct KernelStats {
     pub fold_full: u64,
     pub fold_end_orphan: u64,
     pub calls_full: u64,
+    /// Runs the kernel skipped because the program was already running on that CPU
+    /// (`bpf_prog_info.recursion_misses` of the tracing programs): each may have been a
+    /// listener's start or end.
+    pub recursion_misses: u64,
 }
 
 /// The agent's half of the wake-up handshake (`AGENT_SLEEPING` in the programs): the
@@ -753,12 +879,41 @@ impl SleepFlag {
     }
 }
 
-/// Reads the kernel-side `STATS` counters.
-pub struct StatsReader(pub PerCpuArray<MapData, u64>);
+/// Reads the kernel-side `STATS` counters, and what the kernel counts itself.
+pub struct StatsReader {
+    counters: PerCpuArray<MapData, u64>,
+    /// The attached programs the kernel guards against running nested on one CPU
+    /// (tracepoints, raw tracepoints, fentry/fexit, kprobes; cgroup programs are not
+    /// guarded), by name.
+    guarded: Vec<(&'static str, ProgramFd)>,
+    /// Said once that a program's misses cannot be read (they are then not counted).
+    misses_unreadable: std::sync::atomic::AtomicBool,
+}
 
 impl StatsReader {
+    /// The programs whose recursion misses are counted.
+    pub fn guarded(&self) -> Vec<&'static str> {
+        self.guarded.iter().map(|(n, _)| *n).collect()
+    }
+
     pub fn read(&self) -> anyhow::Result<KernelStats> {
-        let sum = |i: u32| -> anyhow::Result<u64> { Ok(self.0.get(&i, 0)?.iter().copied().sum()) };
+        let sum =
+            |i: u32| -> anyhow::Result<u64> { Ok(self.counters.get(&i, 0)?.iter().copied().sum()) };
+        let mut recursion_misses = 0;
+        for (name, fd) in &self.guarded {
+            match recursion_misses_of(fd.as_fd()) {
+                Ok(n) => recursion_misses += n,
+                Err(e) => {
+                    use std::sync::atomic::Ordering::Relaxed;
+                    if !self.misses_unreadable.swap(true, Relaxed) {
+                        log::warn!(
+                            "reading bpf_prog_info of {name}: {e}; runs the kernel skips \
+                             (recursion misses) are not counted"
+                        );
+                    }
+                }
+            }
+        }
         Ok(KernelStats {
             ring_full: sum(stat::RING_FULL)?,
             listen_failed: sum(stat::LISTEN_FAILED)?,
@@ -769,8 +924,62 @@ impl StatsReader {
             fold_full: sum(stat::FOLD_FULL)?,
             fold_end_orphan: sum(stat::FOLD_END_ORPHAN)?,
             calls_full: sum(stat::CALLS_FULL)?,
+            recursion_misses,
         })
     }
+}
+
+/// The attached programs among `names` that the kernel may skip on recursion, with a
+/// descriptor of each to ask it how often it did.
+fn guarded_programs(ebpf: &Ebpf, names: &[&'static str]) -> Vec<(&'static str, ProgramFd)> {
+    use aya::programs::Program;
+    let mut out = Vec::new();
+    for &name in names {
+        let fd = match ebpf.program(name) {
+            Some(Program::TracePoint(p)) => p.fd(),
+            Some(Program::RawTracePoint(p)) => p.fd(),
+            Some(Program::FEntry(p)) => p.fd(),
+            Some(Program::FExit(p)) => p.fd(),
+            Some(Program::KProbe(p)) => p.fd(),
+            _ => continue,
+        };
+        match fd
+            .map_err(anyhow::Error::from)
+            .and_then(|fd| Ok(fd.try_clone()?))
+        {
+            Ok(fd) => out.push((name, fd)),
+            Err(e) => log::warn!("{name}: its recursion misses will not be counted: {e:#}"),
+        }
+    }
+    out
+}
+
+/// `bpf_prog_info.recursion_misses` (kernel >= 5.12; 0 before): aya's `ProgramInfo`
+/// does not expose it, so a raw `BPF_OBJ_GET_INFO_BY_FD`.
+fn recursion_misses_of(fd: BorrowedFd<'_>) -> std::io::Result<u64> {
+    use aya_obj::generated::{bpf_attr, bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, bpf_prog_info};
+    // SAFETY: all-zero is a valid value of both (plain integers and pointers-as-u64).
+    let mut info: bpf_prog_info = unsafe { std::mem::zeroed() };
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    // SAFETY: the union's bytes are initialised (zeroed above); this is its
+    // BPF_OBJ_GET_INFO_BY_FD member.
+    let get = unsafe { &mut attr.info };
+    get.bpf_fd = fd.as_raw_fd() as u32;
+    get.info_len = size_of::<bpf_prog_info>() as u32;
+    get.info = (&raw mut info) as u64;
+    // SAFETY: attr and info outlive the call; the kernel writes at most info_len bytes.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD as libc::c_long,
+            &raw const attr,
+            size_of::<bpf_attr>() as u32,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(info.recursion_misses)
 }
 
 /// A program load failure in one line: the errno by name (`EPERM` is how a kernel that

@@ -698,7 +698,8 @@ pub struct Lost {
     /// Events lost since the agent started.
     pub total: u64,
     /// `ring-buffer-full` (the kernel could not reserve space), `kernel-map-full`,
-    /// `decode-error`, `untracked` (a start could not be tracked: its end will carry no
+    /// `hook-run-skipped` (the kernel skipped a hook program already running on that
+    /// CPU: it may have carried a start or an end), `decode-error`, `untracked` (a start could not be tracked: its end will carry no
     /// duration), `output-queue-full` (the output fell behind and the bounded queue
     /// overflowed), `output-error` (a write failed: disk full, I/O error), `spool-full`
     /// (a destination's spool on disk was full: its oldest events were dropped) or

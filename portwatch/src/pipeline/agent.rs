@@ -1770,7 +1770,12 @@ async fn run(
                     log::warn!("service manager watchdog: {e}");
                 }
                 pipeline.report_folds(folds, false);
-                pipeline.tick(stats.read().ok(), false);
+                // Totals: a failed read loses nothing, the next one reports it.
+                let kernel = stats
+                    .read()
+                    .inspect_err(|e| log::warn!("reading the kernel-side counters: {e:#}"))
+                    .ok();
+                pipeline.tick(kernel, false);
                 pipeline.update_gauges(attached.len(), degraded.len());
                 ticks += 1;
                 if ticks.is_multiple_of(10) {

@@ -380,12 +380,16 @@ impl<T> Core<T> {
             // Ends of folded listeners counted after their fold was reported and deleted
             // (the grace of two reports should leave none): not in any report.
             let orphan = d(s.fold_end_orphan, seen.fold_end_orphan);
+            // Runs of a hook the kernel skipped (it was already running on that CPU):
+            // each may have been a start or an end, of any lane.
+            let skipped = d(s.recursion_misses, seen.recursion_misses);
             push(ring, "ring-buffer-full", Some("bulk"));
             push(urgent, "ring-buffer-full", Some("urgent"));
             push(maps, "kernel-map-full", None);
             push(orphan, "folded-end-unreported", None);
+            push(skipped, "hook-run-skipped", None);
             // Starts or ends went missing: the open-listener table may be wrong.
-            self.losses.resync_wanted |= ring > 0 || urgent > 0 || maps > 0;
+            self.losses.resync_wanted |= ring > 0 || urgent > 0 || maps > 0 || skipped > 0;
             self.losses.kernel_seen = s;
         }
         push(
@@ -849,6 +853,20 @@ mod tests {
         };
         assert_eq!(c.losses(Some(s3)).len(), 1);
         assert!(!c.take_resync());
+        // Runs of a hook the kernel skipped may have carried a start or an end.
+        let s4 = KernelStats {
+            recursion_misses: 7,
+            ..s3
+        };
+        assert_eq!(
+            c.losses(Some(s4)),
+            vec![Loss {
+                count: 7,
+                reason: "hook-run-skipped",
+                lane: None
+            }]
+        );
+        assert!(c.take_resync());
         // Counters that went back (maps re-created) count from zero, never underflow.
         let l = c.losses(Some(KernelStats {
             ring_full: 3,

@@ -729,7 +729,7 @@ pub fn observe(o: &AgentOpts<'_>, kind: Kind, r: AgentRun) -> (Load, Observer) {
     } = r;
     let mut obs = score(&col, &load, kind, o.mode, &mut notes);
     obs.tool = o.name.into();
-    if o.name == "floor" || o.name == "floor-cgroup" {
+    if o.name.starts_with("floor") {
         // Do-nothing programs: nothing to capture, only the cost of the hooks.
         obs.capture = None;
         obs.lost = None;

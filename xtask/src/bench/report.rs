@@ -181,8 +181,10 @@ pub fn build(cfg: &Config, workloads: &[Workload], runs: &[Run], kruns: &[Run]) 
                 "none",
                 "portwatch",
                 "portwatch-nofold",
+                "portwatch-classic",
                 "floor",
                 "floor-cgroup",
+                "floor-classic",
                 "portwatch-file",
                 "portwatch-slow-pipe",
                 "bpftrace",
@@ -835,9 +837,20 @@ fn floor_section(s: &mut String, rep: &Report) {
             continue;
         };
         lines.push(format!(
-            "- {w}: the floor without its `sock:inet_sock_set_state` tracepoint (cgroup hooks \
+            "- {w}: the floor without its raw `inet_sock_set_state` tracepoint (cgroup hooks \
              only) {fc:.3} vs the whole floor {fl:.3}: the tracepoint alone costs {:.3}",
             fc - fl
+        ));
+    }
+    for r in rep.rows.iter().filter(|r| r.tool == "floor-classic") {
+        let w = &r.workload;
+        let (Some(fc), Some(fl)) = (r.ratio_vs_none, ratio(w, "floor")) else {
+            continue;
+        };
+        lines.push(format!(
+            "- {w}: the floor with the classic `sock:inet_sock_set_state` tracepoint {fc:.3} \
+             vs with the raw one portwatch attaches {fl:.3}: the raw one saves {:.3}",
+            fl - fc
         ));
     }
     if lines.is_empty() {
@@ -846,7 +859,7 @@ fn floor_section(s: &mut String, rep: &Report) {
     let _ = writeln!(
         s,
         "\n## Against the floor\n\nThroughput with / without an observer. The floor run \
-         attaches do-nothing programs at the same five hooks (`--hooks floor`): what the hooks \
+         attaches do-nothing programs at the same hooks (`--hooks floor`): what the hooks \
          alone cost, so no sensor there can do better.\n"
     );
     for l in lines {
