@@ -136,6 +136,21 @@ fn state_changed<C: EbpfContext>(
     if !entering && (oldstate != TCP_LISTEN || newstate != TCP_CLOSE) {
         return 0;
     }
+    if !entering {
+        // LISTEN -> CLOSE of a socket whose listen was never confirmed: the port
+        // allocation failed and the kernel is undoing it inside the same listen(). Not a
+        // listener. Looked up first: a lookup takes no lock, a delete locks the bucket
+        // even to find nothing, and nothing is the usual answer (every real listener's
+        // close). Both maps hold TCP sockets only (for this transition), so no field
+        // is read before them: a folded end, the usual one in a flood, reads none.
+        if PENDING.get_ptr(sock).is_some() && PENDING.remove(sock).is_ok() {
+            count(stat::LISTEN_FAILED);
+            return 0;
+        }
+        if end_folded(sock) {
+            return 0;
+        }
+    }
     // A failed read was counted (`READ_FAILED`) by whoever read.
     let Some(f) = fields() else {
         return 0;
@@ -196,17 +211,6 @@ fn state_changed<C: EbpfContext>(
         return 0;
     }
 
-    // LISTEN -> CLOSE of a socket whose listen was never confirmed: the port allocation
-    // failed and the kernel is undoing it inside the same listen(). Not a listener.
-    // Looked up first: a lookup takes no lock, a delete locks the bucket even to find
-    // nothing, and nothing is the usual answer (every real listener's close).
-    if PENDING.get_ptr(sock).is_some() && PENDING.remove(sock).is_ok() {
-        count(stat::LISTEN_FAILED);
-        return 0;
-    }
-    if end_folded(sock) {
-        return 0;
-    }
     let urgent = important(f.port, family, &addr);
     let mut rec = build(
         Kind::ListenStopped,
