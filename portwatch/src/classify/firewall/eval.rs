@@ -783,4 +783,53 @@ mod tests {
             matches!(evaluate(&r, &packet(1)), Verdict::Unknown(w) if w.starts_with("more than"))
         );
     }
+
+    #[test]
+    fn a_locally_generated_packet_has_no_input_interface_and_a_local_source() {
+        let nat = |conds: Vec<Cond>| {
+            let mut c = chain(
+                "out",
+                Some((Hook::Output, -100, false)),
+                vec![Rule {
+                    conds,
+                    ..rule(
+                        vec![],
+                        Action::Nat(Nat {
+                            redirect: false,
+                            addr: Some("172.17.0.2".parse().unwrap()),
+                            port: None,
+                        }),
+                    )
+                }],
+            );
+            if let Some(b) = c.base.as_mut() {
+                b.kind = "nat".into();
+            }
+            rs(vec![c])
+        };
+        let p = Packet::local_out("203.0.113.5".parse().unwrap(), 6, 40000, 6379);
+        let cond = |neg, test| Cond { neg, test };
+        // `! -i docker0` holds (the name is empty), `-i docker0` does not.
+        let hits = |r: &Ruleset| nat_walk_on(r, &p, Hook::Output).hits.len();
+        assert_eq!(
+            hits(&nat(vec![cond(
+                true,
+                Test::IifName(vec!["docker0".into()])
+            )])),
+            1
+        );
+        assert_eq!(
+            hits(&nat(vec![cond(
+                false,
+                Test::IifName(vec!["docker0".into()])
+            )])),
+            0
+        );
+        // `--src-type LOCAL` holds for it, never for a packet from another host.
+        assert_eq!(hits(&nat(vec![cond(false, Test::SaddrLocal)])), 1);
+        let r = nat(vec![cond(false, Test::SaddrLocal)]);
+        assert!(nat_walk_on(&r, &packet(6379), Hook::Output).hits.is_empty());
+        // Prerouting NAT chains never see it.
+        assert!(nat_walk(&r, &p).hits.is_empty());
+    }
 }

@@ -187,8 +187,7 @@ impl NatMap {
     pub fn lookup(&self, l4proto: u8, daddr: IpAddr, dport: u16) -> Option<Nat> {
         match self.key {
             MapKey::Dport(proto) => {
-                if proto.is_some_and(|p| p != l4proto) || !matches!(l4proto, 6 | 17 | 132 | 136)
-                {
+                if proto.is_some_and(|p| p != l4proto) || !matches!(l4proto, 6 | 17 | 132 | 136) {
                     return None;
                 }
                 self.entries

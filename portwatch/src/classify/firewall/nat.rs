@@ -150,6 +150,9 @@ pub struct Published {
     pub incomplete: Vec<String>,
 }
 
+/// A port test's protocol (none: any with ports) and port ranges.
+type PortTest = (Option<u8>, Vec<(u16, u16)>);
+
 /// The ports (by protocol) the NAT chains of `rs` test: the candidates to walk.
 fn candidates(rs: &Ruleset) -> (Vec<(u8, u16)>, bool) {
     // Tables with a NAT base chain on prerouting or output.
@@ -157,9 +160,9 @@ fn candidates(rs: &Ruleset) -> (Vec<(u8, u16)>, bool) {
         .chains
         .iter()
         .filter(|c| {
-            c.base
-                .as_ref()
-                .is_some_and(|b| b.kind == "nat" && matches!(b.hook, Hook::Prerouting | Hook::Output))
+            c.base.as_ref().is_some_and(|b| {
+                b.kind == "nat" && matches!(b.hook, Hook::Prerouting | Hook::Output)
+            })
         })
         .map(|c| (c.family, c.table.as_str()))
         .collect();
@@ -182,7 +185,7 @@ fn candidates(rs: &Ruleset) -> (Vec<(u8, u16)>, bool) {
         }
         for r in &c.rules {
             // The keys of a NAT map on the destination port are ports it publishes.
-            let keys: Vec<(Option<u8>, Vec<(u16, u16)>)> = match &r.action {
+            let keys: Vec<PortTest> = match &r.action {
                 Action::NatMap(m) => match m.key {
                     MapKey::Dport(proto) => {
                         vec![(proto, m.entries.iter().map(|e| e.ports).collect())]
@@ -349,10 +352,11 @@ fn local_publications(
     ports: &[(u8, u16)],
     incomplete: &mut Vec<String>,
 ) -> Vec<Publication> {
-    let has_output_nat = rs
-        .chains
-        .iter()
-        .any(|c| c.base.as_ref().is_some_and(|b| b.kind == "nat" && b.hook == Hook::Output));
+    let has_output_nat = rs.chains.iter().any(|c| {
+        c.base
+            .as_ref()
+            .is_some_and(|b| b.kind == "nat" && b.hook == Hook::Output)
+    });
     let mut out = Vec::new();
     if !has_output_nat {
         return out;
@@ -361,8 +365,7 @@ fn local_publications(
     for i in ifaces {
         let daddr = i.addr.to_canonical();
         // A link-local address needs an interface to be reached by; not tried.
-        if matches!(scope_of(daddr), Scope::LinkLocal | Scope::Multicast) || !seen.insert(daddr)
-        {
+        if matches!(scope_of(daddr), Scope::LinkLocal | Scope::Multicast) || !seen.insert(daddr) {
             continue;
         }
         for &(l4proto, port) in ports {
@@ -375,7 +378,10 @@ fn local_publications(
             }
             for hit in walk.hits {
                 let publ = local_publication(rs, ifaces, local, &p, hit);
-                match out.iter_mut().find(|x: &&mut Publication| x.key() == publ.key()) {
+                match out
+                    .iter_mut()
+                    .find(|x: &&mut Publication| x.key() == publ.key())
+                {
                     Some(x) if x.rank() >= publ.rank() => {}
                     Some(x) => *x = publ,
                     None => out.push(publ),
@@ -452,9 +458,7 @@ fn local_publication(
         // is on for the output interface (__mkroute_output, net/ipv4/route.c).
         match (&rs.route_localnet, oif) {
             (None, _) => Verdict::Unknown("route_localnet of the namespace not read".to_owned()),
-            (Some(_), None) => {
-                Verdict::Unknown("no connected route to the NAT target".to_owned())
-            }
+            (Some(_), None) => Verdict::Unknown("no connected route to the NAT target".to_owned()),
             (Some(on), Some(o)) if on.iter().any(|x| x == "all" || x == o) => {
                 eval::evaluate_path(rs, &after, Path::OutputToRemote)
             }
@@ -989,7 +993,10 @@ mod tests {
         let l = one(&p, 8080);
         assert_eq!(l.source, "local");
         assert_eq!(l.verdict, State::Accepted, "{l:#?}");
-        assert_eq!((l.target.ip.to_string(), l.target.port), ("172.17.0.9".into(), 80));
+        assert_eq!(
+            (l.target.ip.to_string(), l.target.port),
+            ("172.17.0.9".into(), 80)
+        );
         assert!(!l.local);
         assert_eq!(l.saddr.to_string(), "203.0.113.5", "the kernel's source");
         // It never becomes a network publication, and no other address publishes it.
@@ -1023,16 +1030,24 @@ mod tests {
         assert_eq!(l.source, "local");
         assert_eq!(l.verdict, State::Filtered, "{l:#?}");
         let r = l.filter_rule.as_ref().unwrap();
-        assert_eq!((r.chain.as_str(), r.handle, r.action), ("ofilter", Some(5), "drop"));
+        assert_eq!(
+            (r.chain.as_str(), r.handle, r.action),
+            ("ofilter", Some(5), "drop")
+        );
         assert_eq!(
             r.text,
             "oifname docker0 ip daddr 172.17.0.9 tcp dport 80 counter drop"
         );
         // Without the drop: accepted.
-        let text = std::str::from_utf8(json).unwrap().replace("{\"drop\":null}", "{\"accept\":null}");
+        let text = std::str::from_utf8(json)
+            .unwrap()
+            .replace("{\"drop\":null}", "{\"accept\":null}");
         let mut rs = nft::parse(text.as_bytes()).unwrap().ruleset;
         rs.route_localnet = Some(vec!["all".into()]);
-        assert_eq!(one(&find(&rs, &ifs(LOCAL_HOST)), 8080).verdict, State::Accepted);
+        assert_eq!(
+            one(&find(&rs, &ifs(LOCAL_HOST)), 8080).verdict,
+            State::Accepted
+        );
     }
 
     #[test]
@@ -1090,12 +1105,23 @@ mod tests {
         ]}"#;
         let mut rs = nft::parse(json).unwrap().ruleset;
         rs.forward_v4 = Some(true);
-        let ifaces = ifs(&[("lo", "127.0.0.1", 8), ("eth0", "203.0.113.5", 24), ("br", "10.0.0.1", 24)]);
+        let ifaces = ifs(&[
+            ("lo", "127.0.0.1", 8),
+            ("eth0", "203.0.113.5", 24),
+            ("br", "10.0.0.1", 24),
+        ]);
         let p = find(&rs, &ifaces);
         let got: BTreeSet<(u16, String, u16, &str)> = p
             .list
             .iter()
-            .map(|x| (x.host.port, x.target.ip.to_string(), x.target.port, x.source))
+            .map(|x| {
+                (
+                    x.host.port,
+                    x.target.ip.to_string(),
+                    x.target.port,
+                    x.source,
+                )
+            })
             .collect();
         let want: BTreeSet<(u16, String, u16, &str)> = [
             (80, "10.0.0.2", 80, "public"),
@@ -1112,14 +1138,23 @@ mod tests {
         .collect();
         assert_eq!(got, want, "{:#?}", p.list);
         // Keyed on `tcp dport`: never UDP.
-        assert!(p.list.iter().filter(|x| x.host.port == 80).all(|x| x.transport == Transport::Tcp));
+        assert!(
+            p.list
+                .iter()
+                .filter(|x| x.host.port == 80)
+                .all(|x| x.transport == Transport::Tcp)
+        );
         assert_eq!(
             one(&p, 8080).rule.text,
             "dnat ip to tcp dport map { 8080 : 10.0.0.2 . 80 }"
         );
         assert_eq!(one(&p, 81).rule.text, "dnat to tcp dport map @pm");
         // The concatenated key is not modelled: said, never guessed.
-        assert!(p.incomplete.iter().any(|w| w.contains("concat")), "{:?}", p.incomplete);
+        assert!(
+            p.incomplete.iter().any(|w| w.contains("concat")),
+            "{:?}",
+            p.incomplete
+        );
     }
 
     #[test]

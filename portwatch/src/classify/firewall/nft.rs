@@ -350,7 +350,11 @@ fn nat_map(redirect: bool, v: &Value, ctx: &Ctx<'_>) -> Option<NatMap> {
     let elems: Vec<Value> = match map.get("data")? {
         Value::String(name) => ctx
             .sets
-            .get(&(ctx.fam, ctx.table.to_owned(), name.strip_prefix('@')?.to_owned()))?
+            .get(&(
+                ctx.fam,
+                ctx.table.to_owned(),
+                name.strip_prefix('@')?.to_owned(),
+            ))?
             .clone(),
         d => d.get("set")?.as_array()?.clone(),
     };
