@@ -211,7 +211,14 @@ pub fn render_table(events: &[(Event, Option<Event>)], color: bool) -> String {
             .as_ref()
             .and_then(|x| x.published.as_ref())
             .map_or("-".into(), |p| {
-                format!("{}:{} {}", p.host.ip, p.host.port, p.verdict.as_str())
+                let mut s = format!("{}:{} {}", p.host.ip, p.host.port, p.verdict.as_str());
+                // Output NAT chain: local processes only, or them as well.
+                if p.is_local_source() {
+                    s.push_str(" (local)");
+                } else if let Some(v) = p.local_verdict {
+                    s.push_str(&format!(" (local {})", v.as_str()));
+                }
+                s
             });
         let service = alert
             .as_ref()

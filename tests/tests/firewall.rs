@@ -500,6 +500,22 @@ impl NatLab {
         self.probe_to(HOST_PUBLIC, port)
     }
 
+    /// A connection from a process of the host namespace itself to `addr`:`port`:
+    /// `open`, `refused` or `timeout`, as [`NatLab::probe_to`].
+    fn probe_local(&self, addr: &str, port: u16) -> String {
+        let script = format!(
+            "import socket\ns=socket.socket(); s.settimeout(1.5)\n\
+             try:\n  s.connect(('{addr}',{port})); print('open')\n\
+             except ConnectionRefusedError: print('refused')\n\
+             except Exception as e: print('timeout')\n"
+        );
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.host, "python3", "-c", &script])
+            .output()
+            .expect("local probe");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
     fn host_sh(&self, script: &str, stdin: Option<&str>) {
         sh(&self.host, script, stdin).unwrap_or_else(|e| panic!("host namespace: {e}"));
     }
@@ -574,6 +590,10 @@ fn docker_publishes_a_container_port_without_a_host_listener() {
         "{e}"
     );
     assert_eq!(e["event"]["kind"], "alert", "{e}");
+    // Rated as the redis that binds there next would be: the catalogue's severity.
+    assert_eq!(e["rule"]["id"], "redis", "{e}");
+    assert_eq!(e["log"]["level"], "critical", "{e}");
+    assert_eq!(e["portwatch"]["risk"]["outcome"], "exposed", "{e}");
     let probe = lab.probe(6379);
     assert_eq!(probe, "refused", "the SYN reaches the container: {e}");
 
@@ -853,6 +873,92 @@ fn ruleset_and_address_changes_are_reported_in_order() {
         lab.probe_to("203.0.113.9", 6379),
         "refused",
         "no DNAT: the host refuses"
+    );
+}
+
+/// The output NAT chain: only an OUTPUT DNAT (no PREROUTING one) sends host port 16379
+/// to the container's 6379, so only processes of the host namespace reach it, through
+/// the host's own address. With nothing behind it: an informational
+/// exposure-without-listener with source local. Then redis listens in the container:
+/// its publication has source local and agrees with a real connection from the host;
+/// the outside gets nothing. Then an output filter drop for the target: filtered
+/// (exposure-changed, naming the rule), and the connection times out.
+#[test]
+fn output_dnat_publishes_to_local_processes_only() {
+    if !can_run_kernel_tests() {
+        return;
+    }
+    let mut agent = Agent::start(&["--no-snapshot", "--lang", "en"]);
+    let mut lab = NatLab::new("docker0", "172.17.0.1", "172.17.0.2", 16);
+    lab.host_sh(
+        "iptables-nft-restore",
+        Some(&format!(
+            "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n\
+             :POSTROUTING ACCEPT [0:0]\n\
+             -A OUTPUT -d {HOST_PUBLIC}/32 -p tcp -m tcp --dport 16379 -j DNAT --to-destination 172.17.0.2:6379\n\
+             COMMIT\n"
+        )),
+    );
+    let e = agent.expect("exposure-without-listener start (local)", |e| {
+        unbacked(e, 16379, "start")
+    });
+    let p = published(&e);
+    assert_eq!(p["source"], "local", "{e}");
+    assert_eq!(p["verdict"], "accepted", "{e}");
+    assert_eq!(p["host"]["ip"], HOST_PUBLIC, "{e}");
+    assert_eq!(p["target"]["ip"], "172.17.0.2", "{e}");
+    assert_eq!(p["target"]["port"], 6379, "{e}");
+    // Local only: informational, not an alert, though redis's port is catalogued.
+    assert_eq!(e["event"]["kind"], "event", "{e}");
+    assert!(e["event"]["severity"].is_null(), "{e}");
+    assert_eq!(e["portwatch"]["risk"]["rule"], "redis", "{e}");
+    assert_eq!(
+        lab.probe_local(HOST_PUBLIC, 16379),
+        "refused",
+        "the connection reaches the container: {e}"
+    );
+
+    let pid = lab.listen(6379);
+    let started = agent.expect("listen-started in the container", |e| started(e, pid, 6379));
+    let p = published(&started);
+    assert_eq!(p["source"], "local", "{started}");
+    assert_eq!(p["verdict"], "accepted", "{started}");
+    assert_eq!(p["host"]["port"], 16379, "{started}");
+    assert!(
+        p["probe"]
+            .as_str()
+            .unwrap_or("")
+            .contains("from a local process"),
+        "{started}"
+    );
+    let probe = lab.probe_local(HOST_PUBLIC, 16379);
+    assert!(
+        agrees("accepted", &probe),
+        "evaluator: accepted, local probe: {probe}"
+    );
+    // Not a network exposure: from outside the host port leads nowhere.
+    assert_eq!(lab.probe(16379), "refused", "the host itself refuses 16379");
+    agent.expect("exposure-without-listener end", |e| {
+        unbacked(e, 16379, "end")
+    });
+
+    lab.host_sh(
+        "iptables-nft -A OUTPUT -d 172.17.0.2/32 -p tcp -m tcp --dport 6379 -j DROP",
+        None,
+    );
+    let changed = agent.expect("exposure-changed to filtered", |e| {
+        action(e) == "exposure-changed"
+            && e["process"]["pid"] == pid
+            && e["portwatch"]["exposure_change"]["published_after"]["verdict"] == "filtered"
+    });
+    let after = &changed["portwatch"]["exposure_change"]["published_after"];
+    assert_eq!(after["source"], "local", "{changed}");
+    assert_eq!(after["filter_rule"]["chain"], "OUTPUT", "{changed}");
+    assert_eq!(after["filter_rule"]["table"], "filter", "{changed}");
+    let probe = lab.probe_local(HOST_PUBLIC, 16379);
+    assert!(
+        agrees("filtered", &probe),
+        "evaluator: filtered, local probe: {probe}"
     );
 }
 

@@ -1331,6 +1331,12 @@ fn text_line(out: &mut String, ev: &Event, color: bool) {
             p.host.port,
             p.verdict.as_str()
         );
+        // Reached by local processes only (the output NAT chain), or by them as well.
+        if p.is_local_source() {
+            out.push_str("/local");
+        } else if let Some(v) = p.local_verdict {
+            let _ = write!(out, " published_local={}", v.as_str());
+        }
     }
     if let Some(d) = ev.event.duration {
         let _ = write!(out, " lived={}", human_ns(d));

@@ -120,7 +120,11 @@ type PubKey = crate::classify::firewall::nat::PubKey;
 /// with which verdict.
 type ExposureSig = (
     Option<crate::classify::firewall::State>,
-    Option<(PubKey, crate::classify::firewall::State)>,
+    Option<(
+        PubKey,
+        crate::classify::firewall::State,
+        Option<crate::classify::firewall::State>,
+    )>,
 );
 
 fn exposure_sig(
@@ -129,7 +133,7 @@ fn exposure_sig(
 ) -> ExposureSig {
     (
         fw.as_ref().map(|f| f.verdict),
-        published.map(|p| (p.full_key(), p.verdict)),
+        published.map(|p| (p.full_key(), p.verdict, p.local_verdict)),
     )
 }
 
@@ -343,8 +347,10 @@ impl Pipeline {
                 }
                 parts.push(m);
             }
-            let pub_sig =
-                |p: &Option<Arc<Publication>>| p.as_ref().map(|p| (p.full_key(), p.verdict));
+            let pub_sig = |p: &Option<Arc<Publication>>| {
+                p.as_ref()
+                    .map(|p| (p.full_key(), p.verdict, p.local_verdict))
+            };
             if pub_sig(&published_before) != pub_sig(&published_after) {
                 parts.push(match &published_after {
                     Some(p) => publication_text(p),
@@ -426,11 +432,20 @@ impl Pipeline {
     /// or its end, with why.
     fn unbacked_event(&mut self, p: &Arc<Publication>, end: Option<&'static str>) -> Event {
         let now = self.ev.now();
-        let exposed = p.verdict != crate::classify::firewall::State::Filtered;
         let mut ev = self.ev.base(now, Action::ExposureWithoutListener);
-        if end.is_none() && exposed {
+        // Rated like the listener that would bind there next: the catalogue's severity
+        // for its port, and an alert when the network reaches it unfiltered.
+        let risk = self.assessor.classify_publication(p);
+        if end.is_none() && risk.alert {
             ev.event.kind = EventKind::Alert;
+            ev.rule = risk.rule;
         }
+        if let Some(s) = risk.severity {
+            let (_, level) = crate::output::event::ecs_severity(s);
+            ev.event.severity = Some(s);
+            ev.log = Some(crate::output::event::Log { level });
+        }
+        ev.portwatch.risk = risk.risk;
         ev.event.category = &["network"];
         ev.event.type_ = if end.is_some() { &["end"] } else { &["start"] };
         ev.network = Some(Network {
@@ -441,10 +456,8 @@ impl Pipeline {
             ip: p.host.ip,
             port: p.host.port,
         });
-        let mut exposure = crate::classify::Exposure::new(p.target.ip, None, None);
-        crate::pipeline::assess::apply_publication(&mut exposure, p);
         ev.portwatch.exposure = Some(crate::output::event::ExposureOut {
-            exposure,
+            exposure: risk.exposure,
             firewall: None,
             published: Some(p.clone()),
         });
@@ -455,13 +468,25 @@ impl Pipeline {
             std::net::IpAddr::V6(a) => format!("[{a}]:{}", p.target.port),
         };
         ev.message = Some(match end {
+            None if p.is_local_source() => format!(
+                "{} {} is sent to {target} for local processes ({}), where nothing \
+                 listens: whatever binds there next gets their connections ({})",
+                p.transport,
+                fmt_endpoint(p.host.ip, p.host.port),
+                p.rule.short(),
+                p.verdict.as_str(),
+            ),
             None => format!(
                 "{} host port {} is published to {target} ({}), where nothing listens: \
-                 whatever binds there next is exposed at once ({})",
+                 whatever binds there next is exposed at once ({}{})",
                 p.transport,
                 p.host.port,
                 p.rule.short(),
                 p.verdict.as_str(),
+                match p.local_verdict {
+                    Some(v) => format!("; local processes too: {}", v.as_str()),
+                    None => String::new(),
+                },
             ),
             Some("listener-appeared") => format!(
                 "{} host port {}: a listener now answers at {target}",
@@ -1314,12 +1339,16 @@ struct Assessed {
     backs: Vec<PubKey>,
 }
 
+fn fmt_endpoint(ip: std::net::IpAddr, port: u16) -> String {
+    match ip {
+        std::net::IpAddr::V4(a) => format!("{a}:{port}"),
+        std::net::IpAddr::V6(a) => format!("[{a}]:{port}"),
+    }
+}
+
 /// "published on 203.0.113.5:6379 by ... (accepted)".
 fn publication_text(p: &Publication) -> String {
-    let host = match p.host.ip {
-        std::net::IpAddr::V4(a) => format!("{a}:{}", p.host.port),
-        std::net::IpAddr::V6(a) => format!("[{a}]:{}", p.host.port),
-    };
+    let host = fmt_endpoint(p.host.ip, p.host.port);
     let mut s = format!(
         "published on host port {host} ({} source) by {}: {}",
         p.source,
@@ -1328,6 +1357,9 @@ fn publication_text(p: &Publication) -> String {
     );
     if let Some(r) = &p.filter_rule {
         s.push_str(&format!(" ({})", r.short()));
+    }
+    if let Some(v) = p.local_verdict {
+        s.push_str(&format!("; from local processes: {}", v.as_str()));
     }
     s
 }

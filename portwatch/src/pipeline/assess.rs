@@ -240,7 +240,9 @@ impl Assessor {
             .publishers
             .values()
             .flat_map(|p| p.list.iter())
-            .filter(|x| x.reaches(transport, addr, port, &addrs))
+            // A target that is an address of the publishing namespace (a redirect, a
+            // loopback address every namespace has) is a listener of that namespace.
+            .filter(|x| x.reaches(transport, addr, port, &addrs) && (!x.local || x.netns == netns))
             .cloned()
             .collect();
         for x in &mut found {
@@ -482,7 +484,7 @@ impl Assessor {
             socket_unit: None,
             published: nat
                 .as_deref()
-                .filter(|p| !p.local)
+                .filter(|p| !p.local && !p.is_local_source())
                 .map(|p| crate::classify::Published {
                     host_port: p.host.port,
                     target: p.target.ip,
@@ -566,6 +568,76 @@ impl Assessor {
         Some(alert)
     }
 
+    /// The catalogue's verdict on a published port with nothing behind it, as if the
+    /// next process to bind the target port listened there (and, when the host port
+    /// is in the catalogue too, the more severe of the two): its exposure (the
+    /// publication's), the risk fields and the alert's rule, and whether to alert.
+    /// Alerts only when it is reachable from the network (public or private source) and
+    /// not filtered; a local-source one is informational.
+    pub fn classify_publication(&self, p: &Publication) -> PublishedRisk {
+        let mut exposure = Exposure::new(p.target.ip, None, None);
+        apply_publication(&mut exposure, p);
+        // The more severe of the two ports; a catalogued one over one that is not.
+        let score = |v: &crate::classify::Verdict<'_>| {
+            (v.severity, v.rule.is_some() || v.denied_by.is_some())
+        };
+        // (On a tie the last wins: the target port, where the next process binds.)
+        let v = [p.host.port, p.target.port]
+            .into_iter()
+            .map(|port| {
+                let l = Listener::new(p.transport, p.target.ip, port);
+                self.classifier.classify(&l, &exposure)
+            })
+            .max_by(|a, b| score(a).cmp(&score(b)));
+        let Some(v) = v.filter(|v| score(v).1) else {
+            return PublishedRisk {
+                exposure,
+                severity: None,
+                risk: None,
+                rule: None,
+                alert: false,
+            };
+        };
+        let network = !p.is_local_source();
+        let rule = match (v.rule, v.denied_by) {
+            (_, Some(deny)) => Some(Rule {
+                id: deny.label.clone(),
+                name: v
+                    .rule
+                    .map_or_else(|| deny.label.clone(), |e| e.service.clone()),
+                description: deny.label.clone(),
+                reference: v.rule.and_then(|e| e.reference.clone()),
+                ruleset: "portwatch-site-policy",
+            }),
+            (Some(entry), None) => Some(Rule {
+                id: entry.id.clone(),
+                name: entry.service.clone(),
+                description: entry.why.get(self.lang).to_owned(),
+                reference: entry.reference.clone(),
+                ruleset: "portwatch-catalogue",
+            }),
+            (None, None) => None,
+        };
+        PublishedRisk {
+            exposure,
+            // Local only: not rated as a network exposure (no severity to page on).
+            severity: v.severity.filter(|_| network),
+            risk: Some(Risk {
+                rule: v.rule_id().map(str::to_owned),
+                // Only local processes reach it: as a loopback-only listener would be.
+                outcome: if network {
+                    v.outcome
+                } else {
+                    crate::classify::Outcome::LoopbackOnly
+                },
+                severity: v.severity.filter(|_| network),
+                allowed_by: v.allowed_by.map(str::to_owned),
+            }),
+            alert: v.alert && network && p.verdict != State::Filtered,
+            rule,
+        }
+    }
+
     /// Repeats folded for keys that have gone quiet (or all of them, when the agent
     /// stops): reported so no count is lost.
     pub fn quiet_folds(&mut self, all: bool) -> Vec<(FoldKey, u64)> {
@@ -583,7 +655,17 @@ impl Assessor {
 /// A listener behind a NAT publication is as exposed as the host port: its effective
 /// scope and the verdict that goes with it come from the publication when that reaches
 /// further than its own address (or as far, and is more open).
+///
+/// A publication on the output NAT chain (`source` local) is reached only by
+/// processes of the publishing namespace, which is no network exposure: it leaves the
+/// scope and the firewall verdict as the listener's own address gives them (a local
+/// process could connect to the listener's own address anyway, unless the listener is
+/// in another namespace, and even then only as far as the host does). It is shown on
+/// the event (`portwatch.exposure.published`), never counted as public or private.
 pub fn apply_publication(exposure: &mut Exposure, p: &Publication) {
+    if p.is_local_source() {
+        return;
+    }
     let scope = if p.source == "public" {
         Scope::Public
     } else {
@@ -606,6 +688,20 @@ pub fn apply_publication(exposure: &mut Exposure, p: &Publication) {
             exposure.reachable_public = true;
         }
     }
+}
+
+/// What the catalogue says of a published port with nothing behind it
+/// ([`Assessor::classify_publication`]).
+#[derive(Debug)]
+pub struct PublishedRisk {
+    pub exposure: Exposure,
+    /// The catalogue entry's severity, as rated for the publication's exposure.
+    pub severity: Option<crate::classify::Severity>,
+    pub risk: Option<Risk>,
+    /// The alert's `rule.*`.
+    pub rule: Option<Rule>,
+    /// Raise it as an alert.
+    pub alert: bool,
 }
 
 /// Whether another holder scan fits in this second's budget `(second start, count)`,

@@ -55,6 +55,10 @@ pub struct Packet<'a> {
     pub dnat: bool,
     /// The marks, where the path tracks them (see [`Test::Mark`]).
     pub marks: Option<Marks>,
+    /// Sent by a process of this namespace (the output path): its source is a local
+    /// address (`-m addrtype --src-type LOCAL` holds) and, on the output hook, it has
+    /// no input interface (`iif` is empty, as iptables and nft see it).
+    pub local_origin: bool,
 }
 
 impl<'a> Packet<'a> {
@@ -78,6 +82,26 @@ impl<'a> Packet<'a> {
             oif: Oif::Local,
             dnat: false,
             marks: None,
+            local_origin: false,
+        }
+    }
+
+    /// A packet a process of this namespace sends to `daddr`, an address of the
+    /// namespace itself: no input interface; the kernel routes it through `lo` and
+    /// picks the destination as the source (`ip route get` says `local ... src` it).
+    pub fn local_out(daddr: IpAddr, l4proto: u8, sport: u16, dport: u16) -> Packet<'static> {
+        Packet {
+            iif: "",
+            saddr: daddr,
+            daddr,
+            l4proto,
+            sport,
+            dport,
+            daddr_type: AddrType::Local,
+            oif: Oif::Known("lo"),
+            dnat: false,
+            marks: None,
+            local_origin: true,
         }
     }
 
@@ -97,6 +121,16 @@ pub enum Path {
     /// Forwarded after a destination NAT: the prerouting chains that are not NAT
     /// chains, then forward.
     ForwardAfterNat,
+    /// Sent by a local process and destination-NATed on output to another host: the
+    /// output chains that are not NAT chains, with the output interface of the new
+    /// destination (never forward: the packet was not received).
+    OutputToRemote,
+    /// Sent by a local process and destination-NATed on output to an address of the
+    /// namespace (`redirect`, or a DNAT to a local address): the output chains that are
+    /// not NAT chains (output interface `lo`), then, looped back through `lo`, the
+    /// prerouting and input chains that are not NAT chains (input interface `lo`; the
+    /// connection's NAT is bound already, so the NAT chains do not run again).
+    OutputToLocal,
 }
 
 /// The rule that stopped the packet.
@@ -266,6 +300,13 @@ pub fn evaluate_path(rs: &Ruleset, p: &Packet<'_>, path: Path) -> Verdict {
 /// namespace, marks tracked from zero): every destination NAT some combination of
 /// unmodelled conditions reaches.
 pub fn nat_walk(rs: &Ruleset, p: &Packet<'_>) -> NatWalk {
+    nat_walk_on(rs, p, Hook::Prerouting)
+}
+
+/// [`nat_walk`] on `hook`: [`Hook::Output`] for a packet a local process sends
+/// ([`Packet::local_out`]), whose destination NAT happens there and never on
+/// prerouting.
+pub fn nat_walk_on(rs: &Ruleset, p: &Packet<'_>, hook: Hook) -> NatWalk {
     let mut out = NatWalk::default();
     if !rs.unread.is_empty() {
         out.unknown = Some(format!("ruleset not fully read: {}", rs.unread.join("; ")));
@@ -281,7 +322,7 @@ pub fn nat_walk(rs: &Ruleset, p: &Packet<'_>) -> NatWalk {
     loop {
         choices.pos = 0;
         runs += 1;
-        match run_nat(rs, &p, &mut choices) {
+        match run_nat(rs, &p, &mut choices, hook) {
             Outcome::Nat(rule, nat, marks) => {
                 if !out.hits.iter().any(|h| h.rule == rule && h.nat == nat) {
                     out.hits.push(NatHit {
@@ -321,11 +362,11 @@ fn is_nat(c: &Chain) -> bool {
     c.base.as_ref().is_some_and(|b| b.kind == "nat")
 }
 
-/// The NAT chains on prerouting, in priority order, until one translates the packet
+/// The NAT chains on `hook`, in priority order, until one translates the packet
 /// (later NAT chains do not see a connection that has a NAT binding).
-fn run_nat(rs: &Ruleset, p: &Packet<'_>, choices: &mut Choices) -> Outcome {
+fn run_nat(rs: &Ruleset, p: &Packet<'_>, choices: &mut Choices, hook: Hook) -> Outcome {
     let mut marks = p.marks;
-    for ci in rs.base_chains(Hook::Prerouting, p.v6()) {
+    for ci in rs.base_chains(hook, p.v6()) {
         if !is_nat(&rs.chains[ci]) {
             continue;
         }
@@ -341,11 +382,23 @@ fn run_nat(rs: &Ruleset, p: &Packet<'_>, choices: &mut Choices) -> Outcome {
 fn run(rs: &Ruleset, p: &Packet<'_>, choices: &mut Choices, path: Path) -> Outcome {
     let v6 = p.v6();
     let mut marks = p.marks;
-    let last = match path {
-        Path::Local | Path::LocalAfterNat => Hook::Input,
-        Path::ForwardAfterNat => Hook::Forward,
+    // Back through `lo`: it arrives there, for no output interface.
+    let looped = Packet {
+        iif: "lo",
+        oif: Oif::Local,
+        ..*p
     };
-    for hook in [Hook::Prerouting, last] {
+    let stages: &[(Hook, &Packet<'_>)] = match path {
+        Path::Local | Path::LocalAfterNat => &[(Hook::Prerouting, p), (Hook::Input, p)],
+        Path::ForwardAfterNat => &[(Hook::Prerouting, p), (Hook::Forward, p)],
+        Path::OutputToRemote => &[(Hook::Output, p)],
+        Path::OutputToLocal => &[
+            (Hook::Output, p),
+            (Hook::Prerouting, &looped),
+            (Hook::Input, &looped),
+        ],
+    };
+    for &(hook, p) in stages {
         for ci in rs.base_chains(hook, v6) {
             // After the NAT was worked out, the NAT chains have had their say.
             if path != Path::Local && is_nat(&rs.chains[ci]) {
@@ -444,6 +497,13 @@ fn run_base(
                 let action = if n.redirect { "redirect" } else { "dnat" };
                 return Step::Stop(Outcome::Nat(rref(action), *n, *marks));
             }
+            Action::NatMap(m) => {
+                // A key in no entry: the rule does not match.
+                if let Some(n) = m.lookup(p.l4proto, p.daddr, p.dport) {
+                    let action = if n.redirect { "redirect" } else { "dnat" };
+                    return Step::Stop(Outcome::Nat(rref(action), n, *marks));
+                }
+            }
             Action::Jump(t) => {
                 if stack.len() >= MAX_DEPTH {
                     return Step::Stop(Outcome::Unknown("chains nested too deep".into()));
@@ -509,7 +569,10 @@ fn cond_holds(c: &Cond, p: &Packet<'_>, marks: Option<Marks>, choices: &mut Choi
         Test::CtState(bits) => bits & ct::NEW != 0,
         Test::CtStatusDnat => p.dnat,
         Test::FibDaddrType(types) => types.contains(&p.daddr_type),
-        Test::PktTypeHost(host) => *host == matches!(p.daddr_type, AddrType::Local),
+        // A locally generated packet is `host` too (its skb's pkt_type is zero).
+        Test::PktTypeHost(host) => {
+            *host == (matches!(p.daddr_type, AddrType::Local) || p.local_origin)
+        }
         Test::TcpSyn => {
             if p.l4proto != 6 {
                 return false;
@@ -523,7 +586,7 @@ fn cond_holds(c: &Cond, p: &Packet<'_>, marks: Option<Marks>, choices: &mut Choi
                 return choices.next(&format!("{what} & {mask:#x} == {value:#x}"));
             }
         },
-        Test::SaddrLocal => false,
+        Test::SaddrLocal => p.local_origin,
         Test::Unmodelled(why) => return choices.next(why),
     };
     positive != c.neg
@@ -719,5 +782,54 @@ mod tests {
         assert!(
             matches!(evaluate(&r, &packet(1)), Verdict::Unknown(w) if w.starts_with("more than"))
         );
+    }
+
+    #[test]
+    fn a_locally_generated_packet_has_no_input_interface_and_a_local_source() {
+        let nat = |conds: Vec<Cond>| {
+            let mut c = chain(
+                "out",
+                Some((Hook::Output, -100, false)),
+                vec![Rule {
+                    conds,
+                    ..rule(
+                        vec![],
+                        Action::Nat(Nat {
+                            redirect: false,
+                            addr: Some("172.17.0.2".parse().unwrap()),
+                            port: None,
+                        }),
+                    )
+                }],
+            );
+            if let Some(b) = c.base.as_mut() {
+                b.kind = "nat".into();
+            }
+            rs(vec![c])
+        };
+        let p = Packet::local_out("203.0.113.5".parse().unwrap(), 6, 40000, 6379);
+        let cond = |neg, test| Cond { neg, test };
+        // `! -i docker0` holds (the name is empty), `-i docker0` does not.
+        let hits = |r: &Ruleset| nat_walk_on(r, &p, Hook::Output).hits.len();
+        assert_eq!(
+            hits(&nat(vec![cond(
+                true,
+                Test::IifName(vec!["docker0".into()])
+            )])),
+            1
+        );
+        assert_eq!(
+            hits(&nat(vec![cond(
+                false,
+                Test::IifName(vec!["docker0".into()])
+            )])),
+            0
+        );
+        // `--src-type LOCAL` holds for it, never for a packet from another host.
+        assert_eq!(hits(&nat(vec![cond(false, Test::SaddrLocal)])), 1);
+        let r = nat(vec![cond(false, Test::SaddrLocal)]);
+        assert!(nat_walk_on(&r, &packet(6379), Hook::Output).hits.is_empty());
+        // Prerouting NAT chains never see it.
+        assert!(nat_walk(&r, &p).hits.is_empty());
     }
 }

@@ -131,6 +131,11 @@ pub enum Action {
     /// another address or port. On the path of a packet to a local socket of the
     /// address it was sent to, the verdict is unknown past it; [`super::nat`] follows it.
     Nat(Nat),
+    /// A destination NAT whose address or port is looked up in a map keyed by the
+    /// packet's destination port or address (`dnat to tcp dport map { 80 : 10.0.0.2 }`,
+    /// a named `@map`): the entry that holds the key is the NAT; a key in no entry does
+    /// not match the rule (nf_tables' lookup "breaks"), so the next rule runs.
+    NatMap(NatMap),
     /// A statement the evaluator does not model and that may change the packet's
     /// fate (`queue`, a verdict map, a NAT to a range): the verdict is unknown past it.
     Unknown(String),
@@ -147,6 +152,56 @@ pub struct Nat {
     pub addr: Option<IpAddr>,
     /// New destination port (none: unchanged).
     pub port: Option<u16>,
+}
+
+/// What a NAT map is keyed by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MapKey {
+    /// `tcp dport`, `udp dport` (the protocol, which nft adds as a hidden dependency),
+    /// or `th dport` (none: any protocol with ports).
+    Dport(Option<u8>),
+    /// `ip daddr` / `ip6 daddr`.
+    Daddr,
+}
+
+/// One key (or key range) of a NAT map, and where it sends the packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapEntry {
+    /// Ports for a [`MapKey::Dport`] map (a single port is `lo == hi`).
+    pub ports: (u16, u16),
+    /// Addresses for a [`MapKey::Daddr`] map.
+    pub addrs: Option<AddrRange>,
+    pub nat: Nat,
+}
+
+/// `dnat`/`redirect` through a map.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NatMap {
+    pub key: MapKey,
+    pub entries: Vec<MapEntry>,
+}
+
+impl NatMap {
+    /// The NAT for a packet (protocol, destination address and port); `None` when no
+    /// entry holds its key.
+    pub fn lookup(&self, l4proto: u8, daddr: IpAddr, dport: u16) -> Option<Nat> {
+        match self.key {
+            MapKey::Dport(proto) => {
+                if proto.is_some_and(|p| p != l4proto) || !matches!(l4proto, 6 | 17 | 132 | 136) {
+                    return None;
+                }
+                self.entries
+                    .iter()
+                    .find(|e| e.ports.0 <= dport && dport <= e.ports.1)
+                    .map(|e| e.nat)
+            }
+            MapKey::Daddr => self
+                .entries
+                .iter()
+                .find(|e| e.addrs.is_some_and(|r| r.contains(daddr)))
+                .map(|e| e.nat),
+        }
+    }
 }
 
 /// A mark a rule sets (`meta mark set`, `ct mark set`, `-j MARK`): the forward path
@@ -366,6 +421,11 @@ pub struct Ruleset {
     /// target is forwarded to goes nowhere while they are off. `None`: not read.
     pub forward_v4: Option<bool>,
     pub forward_v6: Option<bool>,
+    /// Interfaces with `net.ipv4.conf.<if>.route_localnet = 1` (`all` among them when
+    /// it is set for all): a locally generated packet from 127.0.0.0/8 that a NAT on
+    /// output sends to another host is routed out of such an interface only. `None`:
+    /// not read.
+    pub route_localnet: Option<Vec<String>>,
 }
 
 impl Ruleset {

@@ -18,8 +18,8 @@ use std::net::IpAddr;
 use serde_json::Value;
 
 use super::model::{
-    Action, AddrRange, AddrType, Base, Chain, Cond, Family, Hook, MarkOp, MarkSet, Nat, Origin,
-    Rule, Ruleset, Test, ct, l4proto,
+    Action, AddrRange, AddrType, Base, Chain, Cond, Family, Hook, MapEntry, MapKey, MarkOp,
+    MarkSet, Nat, NatMap, Origin, Rule, Ruleset, Test, ct, l4proto,
 };
 
 /// Largest document accepted (a ruleset with tens of thousands of rules is a few MiB).
@@ -249,8 +249,24 @@ fn parse_rule(exprs: &[Value], ctx: &Ctx<'_>, handle: Option<u64>) -> (Rule, boo
                 }
             }
             "dnat" | "redirect" => {
-                action =
-                    nat(k == "redirect", v).map_or_else(|| Action::Unknown(render(e)), Action::Nat)
+                // `dnat ip to` in an inet table does nothing to an IPv6 packet (and the
+                // rule goes on, nft_nat_inet_eval): as if the rule did not match it.
+                match v.get("family").and_then(Value::as_str) {
+                    Some("ip") => conds.push(Cond {
+                        neg: false,
+                        test: Test::NfProto(false),
+                    }),
+                    Some("ip6") => conds.push(Cond {
+                        neg: false,
+                        test: Test::NfProto(true),
+                    }),
+                    _ => {}
+                }
+                action = match nat(k == "redirect", v) {
+                    Some(n) => Action::Nat(n),
+                    None => nat_map(k == "redirect", v, ctx)
+                        .map_or_else(|| Action::Unknown(render(e)), Action::NatMap),
+                }
             }
             "snat" | "masquerade" | "queue" | "tproxy" | "synproxy" | "notrack" | "vmap"
             | "fwd" | "dup" | "mangle" => {
@@ -298,6 +314,92 @@ fn nat(redirect: bool, v: &Value) -> Option<Nat> {
         addr,
         port,
     })
+}
+
+/// `dnat to KEY map { K : ADDR }`, `dnat ip to KEY map { K : ADDR . PORT }`,
+/// `dnat to ADDR : KEY map { K : PORT }`, `redirect to : KEY map { K : PORT }`, with
+/// an anonymous map or a named `@map`, keyed by `tcp`/`udp`/`th dport` or `ip`/`ip6
+/// daddr`. Any other key (a concatenation, a mark), data that is not an address or
+/// port, or an interval or prefix NAT is not modelled (`None`).
+fn nat_map(redirect: bool, v: &Value, ctx: &Ctx<'_>) -> Option<NatMap> {
+    if v.get("flags").is_some() || v.get("type_flags").is_some() {
+        return None;
+    }
+    let field = |k: &str| v.get(k).filter(|x| !x.is_null());
+    fn map_of(x: Option<&Value>) -> Option<&Value> {
+        x.and_then(|x| x.get("map"))
+    }
+    // Exactly one of address and port is a map; the other a literal, or absent.
+    let (map, literal, data_is_addr) = match (map_of(field("addr")), map_of(field("port"))) {
+        (Some(m), None) if !redirect => (m, field("port"), true),
+        (None, Some(m)) => (m, field("addr"), false),
+        _ => return None,
+    };
+    let p = map.get("key")?.get("payload")?;
+    let key = match (
+        p.get("protocol").and_then(Value::as_str)?,
+        p.get("field").and_then(Value::as_str)?,
+    ) {
+        ("th", "dport") => MapKey::Dport(None),
+        (proto @ ("tcp" | "udp" | "sctp" | "udplite"), "dport") => {
+            MapKey::Dport(Some(l4proto(proto)?))
+        }
+        ("ip" | "ip6", "daddr") => MapKey::Daddr,
+        _ => return None,
+    };
+    let elems: Vec<Value> = match map.get("data")? {
+        Value::String(name) => ctx
+            .sets
+            .get(&(
+                ctx.fam,
+                ctx.table.to_owned(),
+                name.strip_prefix('@')?.to_owned(),
+            ))?
+            .clone(),
+        d => d.get("set")?.as_array()?.clone(),
+    };
+    let mut entries = Vec::new();
+    for el in &elems {
+        let [k, d] = el.as_array()?.as_slice() else {
+            return None;
+        };
+        let k = unwrap_elem(k);
+        let (ports, addrs) = match key {
+            MapKey::Dport(_) => (port_ranges(&[k])?.first().copied()?, None),
+            MapKey::Daddr => ((0, 0), Some(addr_range(k)?)),
+        };
+        let d = unwrap_elem(d);
+        let nat = if data_is_addr {
+            let (a, p) = match d.get("concat").and_then(Value::as_array).map(Vec::as_slice) {
+                Some([a, p]) => (a, Some(port(p)?)),
+                Some(_) => return None,
+                None => (d, None),
+            };
+            // A literal port beside an address map: used unless the data has one.
+            let lit_port = match literal {
+                Some(x) => Some(port(x)?),
+                None => None,
+            };
+            Nat {
+                redirect: false,
+                addr: Some(a.as_str()?.parse::<IpAddr>().ok()?),
+                port: p.or(lit_port),
+            }
+        } else {
+            let addr = match literal {
+                Some(Value::String(a)) if !redirect => Some(a.parse::<IpAddr>().ok()?),
+                None => None,
+                Some(_) => return None,
+            };
+            Nat {
+                redirect,
+                addr,
+                port: Some(port(d)?),
+            }
+        };
+        entries.push(MapEntry { ports, addrs, nat });
+    }
+    Some(NatMap { key, entries })
 }
 
 /// The mark a `mangle` statement of a mark sets: a constant, `mark | C`, or
@@ -688,7 +790,12 @@ pub fn render(e: &Value) -> String {
             let addr = v.get("addr").map(render_expr);
             let port = v.get("port").map(render_expr);
             let to = match (addr, port) {
-                (Some(a), Some(p)) if a.contains(':') => format!(" to [{a}]:{p}"),
+                (Some(a), Some(p)) if a.parse::<std::net::Ipv6Addr>().is_ok() => {
+                    format!(" to [{a}]:{p}")
+                }
+                (Some(a), Some(p)) if v.get("port").is_some_and(|p| p.get("map").is_some()) => {
+                    format!(" to {a} : {p}")
+                }
                 (Some(a), Some(p)) => format!(" to {a}:{p}"),
                 (Some(a), None) => format!(" to {a}"),
                 (None, Some(p)) => format!(" to :{p}"),
@@ -718,6 +825,41 @@ fn render_expr(v: &Value) -> String {
     }
     if v.get("meta").is_some() || v.get("ct").is_some() || v.get("payload").is_some() {
         return render_left(v);
+    }
+    if let Some(m) = v.get("map") {
+        let data = match m.get("data") {
+            Some(Value::Object(o)) => match o.get("set").and_then(Value::as_array) {
+                Some(elems) => format!(
+                    "{{ {} }}",
+                    elems
+                        .iter()
+                        .map(|e| match e.as_array().map(Vec::as_slice) {
+                            Some([k, d]) => format!(
+                                "{} : {}",
+                                render_value(unwrap_elem(k)),
+                                render_expr(unwrap_elem(d))
+                            ),
+                            _ => render_value(e),
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                None => render_value(&Value::Object(o.clone())),
+            },
+            Some(d) => render_value(d),
+            None => "?".to_owned(),
+        };
+        return format!(
+            "{} map {data}",
+            render_left(m.get("key").unwrap_or(&Value::Null))
+        );
+    }
+    if let Some(Value::Array(parts)) = v.get("concat") {
+        return parts
+            .iter()
+            .map(render_expr)
+            .collect::<Vec<_>>()
+            .join(" . ");
     }
     render_value(v)
 }

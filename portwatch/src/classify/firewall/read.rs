@@ -228,6 +228,15 @@ pub fn read_here() -> Read {
     };
     out.ruleset.forward_v4 = switch("/proc/sys/net/ipv4/ip_forward");
     out.ruleset.forward_v6 = switch("/proc/sys/net/ipv6/conf/all/forwarding");
+    out.ruleset.route_localnet = std::fs::read_dir("/proc/sys/net/ipv4/conf").ok().map(|d| {
+        d.flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let on = switch(&format!("/proc/sys/net/ipv4/conf/{name}/route_localnet"))?;
+                on.then_some(name)
+            })
+            .collect()
+    });
     out.ifaces = crate::classify::exposure::interface_addrs_named().ok();
     out
 }
