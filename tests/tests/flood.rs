@@ -312,7 +312,22 @@ fn variant(transport: &str, scope: &str) {
         return;
     }
     let uid = flood_uid();
-    let (_dir, out, mut agent, _reap) = agent_to_file(&[]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("events.json");
+    let out_s = out.to_str().unwrap().to_owned();
+    let mut agent = portwatch_tests::spawn_watch(
+        &["--output", &out_s, "--no-snapshot"],
+        Stdio::null(),
+        Stdio::inherit(),
+    );
+    let _reap = Reap(agent.id());
+    portwatch_tests::poll(Duration::from_secs(30), || {
+        read_json_lines(&out)
+            .iter()
+            .any(|e| action(e) == "sensor-started")
+            .then_some(())
+    })
+    .expect("agent started");
     let flooders = start_flooders(transport, scope, uid);
     thread::sleep(Duration::from_millis(500));
     let opened = open_risky_listeners();
@@ -343,27 +358,6 @@ fn variant(transport: &str, scope: &str) {
     check(&events, &floods, transport, scope == "wildcard");
 }
 
-/// An agent writing to a file in a new temporary directory (kept alive by the caller),
-/// started (its `sensor-started` written); `extra` goes after `--no-snapshot`. Killed
-/// when the test panics, whether here or later (the `Reap`).
-fn agent_to_file(extra: &[&str]) -> (tempfile::TempDir, PathBuf, std::process::Child, Reap) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let out = dir.path().join("events.json");
-    let out_s = out.to_str().unwrap().to_owned();
-    let mut args = vec!["--output", &out_s, "--no-snapshot"];
-    args.extend_from_slice(extra);
-    let agent = portwatch_tests::spawn_watch(&args, Stdio::null(), Stdio::inherit());
-    let reap = Reap(agent.id());
-    portwatch_tests::poll(Duration::from_secs(30), || {
-        read_json_lines(&out)
-            .iter()
-            .any(|e| action(e) == "sensor-started")
-            .then_some(())
-    })
-    .expect("agent started");
-    (dir, out, agent, reap)
-}
-
 /// More folded sockets open at once than the kernel's fast table of folded sockets has
 /// slots (16,384), so many go to its overflow map: every end must still be counted in
 /// the fold of its start (or sent, for a start that was sent), none lost.
@@ -374,8 +368,23 @@ fn hold_many(transport: &str) {
     // Above 16,384, under this machine's hard RLIMIT_NOFILE (20,000).
     const N: u64 = 18_000;
     let uid = flood_uid();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("events.json");
+    let out_s = out.to_str().unwrap().to_owned();
     // A small budget: well over 16,384 of the N are folded however slowly they open.
-    let (_dir, out, mut agent, _reap) = agent_to_file(&["--fold-above", "10"]);
+    let mut agent = portwatch_tests::spawn_watch(
+        &["--output", &out_s, "--no-snapshot", "--fold-above", "10"],
+        Stdio::null(),
+        Stdio::inherit(),
+    );
+    let _reap = Reap(agent.id());
+    portwatch_tests::poll(Duration::from_secs(30), || {
+        read_json_lines(&out)
+            .iter()
+            .any(|e| action(e) == "sensor-started")
+            .then_some(())
+    })
+    .expect("agent started");
     let child = Command::new(flooder_bin())
         .args([
             transport,
