@@ -13,8 +13,7 @@
 //!   process already over its own budget does not spend its user's, so the other
 //!   processes of a flooding user keep theirs.
 //!
-//! Ends follow their start: the end of a folded start is folded too (`FOLDED_FAST`, then
-//! `FOLDED_SOCKS` on a slot collision).
+//! Ends follow their start: the end of a folded start is folded too (`FOLDED_SOCKS`).
 
 use core::ptr::read_volatile;
 
@@ -60,8 +59,8 @@ static FOLD_ZERO: Array<Fold> = Array::with_max_entries(1, 0);
 #[map]
 static FOLDED_SOCKS: HashMap<u64, FoldKey> = HashMap::with_max_entries(65536, 0);
 
-/// Slots in `FOLDED_FAST` (a power of two): 128 KiB, small enough to stay in the cache (a cold slot is a cache miss per folded start).
-const FAST_SLOTS: u32 = 4096;
+/// Slots in `FOLDED_FAST` (a power of two): 512 KiB.
+const FAST_SLOTS: u32 = 16384;
 
 /// The first place a folded socket is remembered: one slot per hash of its address,
 /// claimed with a compare-and-swap. A hash map insert and delete (bucket lock, free
@@ -103,7 +102,7 @@ fn as_number(sock: u64) -> Option<u64> {
 fn fast_slot(sock: u64) -> Option<*mut FoldedSlot> {
     // Fibonacci hashing: the top bits of the product mix every bit of the address
     // (slab addresses differ mostly in their middle bits).
-    let i = (sock.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 52) as u32 & (FAST_SLOTS - 1);
+    let i = (sock.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 50) as u32 & (FAST_SLOTS - 1);
     FOLDED_FAST.get_ptr_mut(i)
 }
 
@@ -125,26 +124,19 @@ fn remember_folded(sock: u64, key: FoldKey) -> bool {
     FOLDED_SOCKS.insert(sock, key, 0).is_ok()
 }
 
-/// Forget `sock` if its fast slot holds it; its fold key if so.
-#[inline(always)]
-fn forget_fast(sock: u64) -> Option<FoldKey> {
-    let n = as_number(sock)?;
-    let slot = fast_slot(n)?;
-    let p = unsafe { &raw mut (*slot).sock };
-    if unsafe { read_volatile(p) } != n {
-        return None;
-    }
-    let key = unsafe { read_volatile(&raw const (*slot).key) };
-    // The key is read before the slot is given back (a full barrier).
-    xchg(p, 0);
-    Some(key)
-}
-
-/// Forget `sock` if it was folded (either table); its fold key if so.
+/// Forget `sock` if it was folded; its fold key if so.
 #[inline(always)]
 fn forget_folded(sock: u64) -> Option<FoldKey> {
-    if let Some(key) = forget_fast(sock) {
-        return Some(key);
+    if let Some(n) = as_number(sock)
+        && let Some(slot) = fast_slot(n)
+    {
+        let p = unsafe { &raw mut (*slot).sock };
+        if unsafe { read_volatile(p) } == n {
+            let key = unsafe { read_volatile(&raw const (*slot).key) };
+            // The key is read before the slot is given back (a full barrier).
+            xchg(p, 0);
+            return Some(key);
+        }
     }
     let key = (unsafe { FOLDED_SOCKS.get(sock) }).copied()?;
     let _ = FOLDED_SOCKS.remove(sock);
@@ -498,21 +490,9 @@ pub fn is_folded(sock: u64) -> bool {
 /// and must not be sent.
 #[inline(always)]
 pub fn end_folded(sock: u64) -> bool {
-    forget_folded(sock).is_some_and(end_into)
-}
-
-/// [`end_folded`] for a socket whose fast slot holds it, the common case in a flood: an
-/// array slot just written by its start (warm in the cache), where a lookup in the
-/// big hash maps first touches a cold bucket. False does not mean "not folded": the
-/// caller asks [`end_folded`] once its own lookups missed.
-#[inline(always)]
-pub fn end_folded_fast(sock: u64) -> bool {
-    forget_fast(sock).is_some_and(end_into)
-}
-
-/// Count the end of a folded socket into fold `k`.
-#[inline(always)]
-fn end_into(k: FoldKey) -> bool {
+    let Some(k) = forget_folded(sock) else {
+        return false;
+    };
     match FOLDS.get_ptr_mut(k) {
         Some(f) => add(unsafe { &raw mut (*f).ended }, 1),
         None => count(stat::FOLD_END_ORPHAN),

@@ -18,8 +18,8 @@ use portwatch_common::{
 };
 
 use crate::deliver::{
-    FoldAttr, Start, count, decide, deliver_end, deliver_start, end_folded, end_folded_fast,
-    important, send_start, try_fold,
+    FoldAttr, Start, count, decide, deliver_end, deliver_start, end_folded, important, send_start,
+    try_fold,
 };
 
 /// UDP sockets we reported bound, keyed by `struct sock` address, so that
@@ -54,10 +54,6 @@ pub(crate) fn is_udp(protocol: u32) -> bool {
 /// A UDP socket is being released (`inet_release()`): report it if we saw it bound.
 #[inline(always)]
 pub(crate) fn udp_released(sock: u64, family: u16, protocol: u16) {
-    // A folded socket first: in a flood, nearly every release is one.
-    if end_folded_fast(sock) {
-        return;
-    }
     let now = unsafe { bpf_ktime_get_ns() };
     // sock_release may not read the address fields, so they come from the bind.
     let Some(b) = (unsafe { BOUND.get(sock) }).copied() else {

@@ -22,8 +22,8 @@ use portwatch_common::{
 
 use crate::{
     deliver::{
-        Start, count, decide, deliver_end, deliver_start, end_folded, end_folded_fast, important,
-        is_folded, try_fold,
+        Start, count, decide, deliver_end, deliver_start, end_folded, important, is_folded,
+        try_fold,
     },
     record::{
         BOUND, OFFSETS, Sock, build, fold_attr, is_udp, kthread_flag, read_kernel, task_start,
@@ -142,11 +142,7 @@ fn state_changed<C: EbpfContext>(
         // listener. Looked up first: a lookup takes no lock, a delete locks the bucket
         // even to find nothing, and nothing is the usual answer (every real listener's
         // close). Both maps hold TCP sockets only (for this transition), so no field
-        // is read before them: a folded end, the usual one in a flood, reads none, and
-        // is looked for first, in its warm fast slot (a folded start never parks).
-        if end_folded_fast(sock) {
-            return 0;
-        }
+        // is read before them: a folded end, the usual one in a flood, reads none.
         if PENDING.get_ptr(sock).is_some() && PENDING.remove(sock).is_ok() {
             count(stat::LISTEN_FAILED);
             return 0;
