@@ -52,96 +52,11 @@ static FOLDS: HashMap<FoldKey, Fold> = HashMap::with_max_entries(512, 0);
 #[map]
 static FOLD_ZERO: Array<Fold> = Array::with_max_entries(1, 0);
 
-/// Sockets whose start was folded, so their end is folded into the same fold: those
-/// whose slot in `FOLDED_FAST` was taken. A plain hash (an LRU insert cost more per
-/// folded start); when it is full, starts are sent one by one instead of folded
-/// (counted in FOLD_FULL).
+/// Sockets whose start was folded, so their end is folded into the same fold. A plain
+/// hash (an LRU insert cost more per folded start); when it is full, starts are sent
+/// one by one instead of folded (counted in FOLD_FULL).
 #[map]
 static FOLDED_SOCKS: HashMap<u64, FoldKey> = HashMap::with_max_entries(65536, 0);
-
-/// Slots in `FOLDED_FAST` (a power of two): 512 KiB.
-const FAST_SLOTS: u32 = 16384;
-
-/// The first place a folded socket is remembered: one slot per hash of its address,
-/// claimed with a compare-and-swap. A hash map insert and delete (bucket lock, free
-/// list) was most of a folded start's and end's cost in a flood; an array slot is an
-/// inlined lookup and two atomics. A socket whose slot is taken goes to `FOLDED_SOCKS`.
-#[map]
-static FOLDED_FAST: Array<FoldedSlot> = Array::with_max_entries(FAST_SLOTS, 0);
-
-/// `sock`: 0 free, [`CLAIMED`] while its owner writes `key`, else the socket's address.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct FoldedSlot {
-    sock: u64,
-    key: FoldKey,
-}
-
-/// A slot being filled: no socket has this address (they are aligned).
-const CLAIMED: u64 = 1;
-
-/// One word per CPU to turn a socket pointer into a number (see [`as_number`]).
-#[map]
-static SOCK_NUMBER: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
-
-/// A socket's address as a plain number. The cgroup programs hold it as a socket
-/// pointer, on which the verifier refuses any arithmetic and which it will not let be
-/// read back from the stack as anything else; what comes back out of a map value is a
-/// number (a privileged program may store a pointer there). The lookup is inlined.
-#[inline(always)]
-fn as_number(sock: u64) -> Option<u64> {
-    let cell = SOCK_NUMBER.get_ptr_mut(0)?;
-    unsafe {
-        core::ptr::write_volatile(cell, sock);
-        Some(read_volatile(cell))
-    }
-}
-
-/// `sock` must be [`as_number`]'s.
-#[inline(always)]
-fn fast_slot(sock: u64) -> Option<*mut FoldedSlot> {
-    // Fibonacci hashing: the top bits of the product mix every bit of the address
-    // (slab addresses differ mostly in their middle bits).
-    let i = (sock.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 50) as u32 & (FAST_SLOTS - 1);
-    FOLDED_FAST.get_ptr_mut(i)
-}
-
-/// Remember `sock` as folded into `key`; false when neither table has room.
-#[inline(always)]
-fn remember_folded(sock: u64, key: FoldKey) -> bool {
-    if let Some(n) = as_number(sock)
-        && let Some(slot) = fast_slot(n)
-    {
-        let p = unsafe { &raw mut (*slot).sock };
-        if cas(p, 0, CLAIMED) {
-            unsafe { (*slot).key = key };
-            // Ordered after the key (an exchange is a full barrier): whoever sees the
-            // address sees its key.
-            xchg(p, n);
-            return true;
-        }
-    }
-    FOLDED_SOCKS.insert(sock, key, 0).is_ok()
-}
-
-/// Forget `sock` if it was folded; its fold key if so.
-#[inline(always)]
-fn forget_folded(sock: u64) -> Option<FoldKey> {
-    if let Some(n) = as_number(sock)
-        && let Some(slot) = fast_slot(n)
-    {
-        let p = unsafe { &raw mut (*slot).sock };
-        if unsafe { read_volatile(p) } == n {
-            let key = unsafe { read_volatile(&raw const (*slot).key) };
-            // The key is read before the slot is given back (a full barrier).
-            xchg(p, 0);
-            return Some(key);
-        }
-    }
-    let key = (unsafe { FOLDED_SOCKS.get(sock) }).copied()?;
-    let _ = FOLDED_SOCKS.remove(sock);
-    Some(key)
-}
 
 /// Starts per second one process may send one by one; 0 = never fold.
 #[unsafe(no_mangle)]
@@ -251,40 +166,6 @@ fn or(p: *mut u64, bits: u64) {
     #[cfg(not(target_arch = "bpf"))]
     unsafe {
         *p |= bits
-    };
-}
-
-/// `*p = new` if it was `old`, atomically (BPF_CMPXCHG, kernel >= 5.12); whether it was.
-#[inline(always)]
-fn cas(p: *mut u64, old: u64, new: u64) -> bool {
-    // SAFETY: as `add`.
-    #[cfg(target_arch = "bpf")]
-    unsafe {
-        use core::intrinsics::{AtomicOrdering, atomic_cxchg};
-        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(p, old, new).1
-    }
-    #[cfg(not(target_arch = "bpf"))]
-    unsafe {
-        let was = *p == old;
-        if was {
-            *p = new;
-        }
-        was
-    }
-}
-
-/// `*p = v` atomically with a full barrier (BPF_XCHG, kernel >= 5.12).
-#[inline(always)]
-fn xchg(p: *mut u64, v: u64) {
-    // SAFETY: as `add`.
-    #[cfg(target_arch = "bpf")]
-    unsafe {
-        use core::intrinsics::{AtomicOrdering, atomic_xchg};
-        atomic_xchg::<u64, { AtomicOrdering::SeqCst }>(p, v);
-    }
-    #[cfg(not(target_arch = "bpf"))]
-    unsafe {
-        *p = v
     };
 }
 
@@ -481,18 +362,17 @@ pub fn deliver_end(rec: &mut SocketRecord, urgent: bool) {
 /// Whether the socket's start was folded (and its end not yet seen).
 #[inline(always)]
 pub fn is_folded(sock: u64) -> bool {
-    as_number(sock).is_some_and(|n| {
-        fast_slot(n).is_some_and(|slot| unsafe { read_volatile(&raw const (*slot).sock) } == n)
-    }) || unsafe { FOLDED_SOCKS.get(sock) }.is_some()
+    unsafe { FOLDED_SOCKS.get(sock) }.is_some()
 }
 
 /// Whether the socket's start was folded; if so its end is counted into the same fold
 /// and must not be sent.
 #[inline(always)]
 pub fn end_folded(sock: u64) -> bool {
-    let Some(k) = forget_folded(sock) else {
+    let Some(k) = (unsafe { FOLDED_SOCKS.get(sock) }).copied() else {
         return false;
     };
+    let _ = FOLDED_SOCKS.remove(sock);
     match FOLDS.get_ptr_mut(k) {
         Some(f) => add(unsafe { &raw mut (*f).ended }, 1),
         None => count(stat::FOLD_END_ORPHAN),
@@ -553,7 +433,7 @@ fn fold(s: &Start, sock: u64, reason: u32, attr: impl FnOnce() -> FoldAttr) -> b
         }
     };
     // Remembered first: a start whose end could not be folded too is sent instead.
-    if !remember_folded(sock, key) {
+    if FOLDED_SOCKS.insert(sock, key, 0).is_err() {
         count(stat::FOLD_FULL);
         return false;
     }
