@@ -483,17 +483,7 @@ impl NatLab {
     /// A real SYN from outside to `addr`:`port`: `open`, `refused` (it reached the
     /// container, where nothing listens) or `timeout` (dropped on the way).
     fn probe_to(&self, addr: &str, port: u16) -> String {
-        let script = format!(
-            "import socket\ns=socket.socket(); s.settimeout(1.5)\n\
-             try:\n  s.connect(('{addr}',{port})); print('open')\n\
-             except ConnectionRefusedError: print('refused')\n\
-             except Exception as e: print('timeout')\n"
-        );
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.out, "python3", "-c", &script])
-            .output()
-            .expect("probe");
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        connect_from(&self.out, addr, port)
     }
 
     fn probe(&self, port: u16) -> String {
@@ -503,17 +493,7 @@ impl NatLab {
     /// A connection from a process of the host namespace itself to `addr`:`port`:
     /// `open`, `refused` or `timeout`, as [`NatLab::probe_to`].
     fn probe_local(&self, addr: &str, port: u16) -> String {
-        let script = format!(
-            "import socket\ns=socket.socket(); s.settimeout(1.5)\n\
-             try:\n  s.connect(('{addr}',{port})); print('open')\n\
-             except ConnectionRefusedError: print('refused')\n\
-             except Exception as e: print('timeout')\n"
-        );
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.host, "python3", "-c", &script])
-            .output()
-            .expect("local probe");
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        connect_from(&self.host, addr, port)
     }
 
     fn host_sh(&self, script: &str, stdin: Option<&str>) {
@@ -534,6 +514,22 @@ impl Drop for NatLab {
 }
 
 /// The docker fixture (`docker.save`) without its comment lines.
+/// A TCP connect from network namespace `ns` to `addr`:`port`: `open`, `refused` or
+/// `timeout`.
+fn connect_from(ns: &str, addr: &str, port: u16) -> String {
+    let script = format!(
+        "import socket\ns=socket.socket(); s.settimeout(1.5)\n\
+         try:\n  s.connect(('{addr}',{port})); print('open')\n\
+         except ConnectionRefusedError: print('refused')\n\
+         except Exception as e: print('timeout')\n"
+    );
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "python3", "-c", &script])
+        .output()
+        .expect("probe");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
 fn docker_rules() -> String {
     include_str!("../../portwatch/src/classify/firewall/testdata/docker.save")
         .lines()

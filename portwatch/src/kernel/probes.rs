@@ -498,25 +498,19 @@ fn fentry_loads(func_id: u32) -> Result<(), String> {
     load.license = license.as_ptr() as u64;
     load.expected_attach_type = BPF_TRACE_FENTRY as u32;
     load.attach_btf_id = func_id;
-    // SAFETY: attr outlives the call; the pointers in it point at live locals.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_LOAD as libc::c_long,
-            &raw const attr,
-            size_of::<bpf_attr>() as u32,
-        )
+    // SAFETY: the pointers in attr point at live locals.
+    let fd = match unsafe { sys_bpf(BPF_PROG_LOAD, &attr) } {
+        Ok(fd) => fd,
+        Err(e) => {
+            let name = match e.raw_os_error() {
+                Some(libc::EPERM) => "EPERM".to_owned(),
+                Some(libc::EINVAL) => "EINVAL".to_owned(),
+                Some(libc::ENOTSUP) | Some(524) => "ENOTSUPP".to_owned(),
+                _ => e.to_string(),
+            };
+            return Err(format!("fentry programs refused: {name}"));
+        }
     };
-    if fd < 0 {
-        let e = std::io::Error::last_os_error();
-        let name = match e.raw_os_error() {
-            Some(libc::EPERM) => "EPERM".to_owned(),
-            Some(libc::EINVAL) => "EINVAL".to_owned(),
-            Some(libc::ENOTSUP) | Some(524) => "ENOTSUPP".to_owned(),
-            _ => e.to_string(),
-        };
-        return Err(format!("fentry programs refused: {name}"));
-    }
     // SAFETY: the kernel just gave us this fd.
     unsafe { libc::close(fd as i32) };
     Ok(())
@@ -967,19 +961,33 @@ fn recursion_misses_of(fd: BorrowedFd<'_>) -> std::io::Result<u64> {
     get.bpf_fd = fd.as_raw_fd() as u32;
     get.info_len = size_of::<bpf_prog_info>() as u32;
     get.info = (&raw mut info) as u64;
-    // SAFETY: attr and info outlive the call; the kernel writes at most info_len bytes.
+    // SAFETY: info outlives the call; the kernel writes at most info_len bytes.
+    unsafe { sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &attr) }?;
+    Ok(info.recursion_misses)
+}
+
+/// The `bpf(2)` system call with `cmd` and `attr`: its non-negative result, or the errno.
+///
+/// # Safety
+/// Every pointer in `attr` must be valid for what `cmd` does with it.
+unsafe fn sys_bpf(
+    cmd: aya_obj::generated::bpf_cmd,
+    attr: &aya_obj::generated::bpf_attr,
+) -> std::io::Result<i64> {
+    // SAFETY: attr is a live bpf_attr of the size given; the caller vouches for the
+    // pointers in it.
     let r = unsafe {
         libc::syscall(
             libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD as libc::c_long,
-            &raw const attr,
-            size_of::<bpf_attr>() as u32,
+            cmd as libc::c_long,
+            std::ptr::from_ref(attr),
+            size_of::<aya_obj::generated::bpf_attr>() as u32,
         )
     };
     if r < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(info.recursion_misses)
+    Ok(r)
 }
 
 /// A program load failure in one line: the errno by name (`EPERM` is how a kernel that
