@@ -200,8 +200,16 @@ impl Agent {
     pub fn expect(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
         self.wait_for(DEADLINE, pred).unwrap_or_else(|| {
             panic!(
-                "no event for {what} within {DEADLINE:?}; saw {} events",
-                self.seen.len()
+                "no event for {what} within {DEADLINE:?}; saw {} events: {:?}",
+                self.seen.len(),
+                self.seen
+                    .iter()
+                    .map(|e| e["event"]["action"].to_string()
+                        + " "
+                        + &e["server"]["port"].to_string()
+                        + " "
+                        + &e["message"].to_string())
+                    .collect::<Vec<_>>()
             )
         })
     }

@@ -400,13 +400,17 @@ fn scan_with(netns_dir: &Path) -> io::Result<Vec<Found>> {
     let mut found = Vec::new();
     let mut inodes = HashSet::new();
     for ns in &namespaces {
-        let sockets = if ns.pid != 0 {
+        let via_pid = if ns.pid != 0 {
             read_via_pid(ns.pid, ns.ino, &mut buf)?
         } else {
-            match mounts.iter().find(|m| m.ino == ns.ino) {
+            None
+        };
+        let sockets = match via_pid {
+            Some(sockets) => Some(sockets),
+            None => match mounts.iter().find(|m| m.ino == ns.ino) {
                 Some(mount) => read_via_mount(mount)?,
                 None => None,
-            }
+            },
         };
         for socket in sockets.into_iter().flatten() {
             // A seq_file is not read atomically: a socket that moves in the hash table between
@@ -489,17 +493,19 @@ fn discover_namespaces(
             Err(e) => return Err(e),
         }
     }
-    let mut mount_only = Vec::new();
-    for mount in netns_mounts_in(netns_dir)? {
+    // Every mount is kept, not only those of namespaces no process is in: the process a
+    // namespace was found through may be gone by the time it is read (a short-lived
+    // `nft` or `ip netns exec` child), and then the mount still leads there.
+    let mounts = netns_mounts_in(netns_dir)?;
+    for mount in &mounts {
         if seen.insert(mount.ino) {
             namespaces.push(Namespace {
                 ino: mount.ino,
                 pid: 0,
             });
-            mount_only.push(mount);
         }
     }
-    Ok((namespaces, mount_only))
+    Ok((namespaces, mounts))
 }
 
 fn netns_mounts_in(dir: &Path) -> io::Result<Vec<NetnsMount>> {
