@@ -109,8 +109,9 @@ pub const FLAG_KTHREAD: u32 = 1 << 4;
 /// IPv6 socket with `IPV6_V6ONLY` set (only meaningful for `::`).
 pub const FLAG_V6ONLY: u32 = 1 << 5;
 /// A UDP release of a socket whose bind was not seen (bound before the agent started,
-/// or a client socket the kernel bound implicitly): no address, and the agent keeps it
-/// only for a socket it knows (from its startup snapshot).
+/// or a client socket the kernel bound implicitly), or the close of a TCP listener whose
+/// listen() was not seen (one older than the agent): the agent keeps it only for a
+/// socket it knows (from its startup snapshot).
 pub const FLAG_UNTRACKED: u32 = 1 << 6;
 /// The kernel judged the record important (a port in `RISKY_PORTS`, or an address that
 /// is not loopback) and put it in the `URGENT` ring, which bulk churn cannot fill.
@@ -210,6 +211,21 @@ pub const FOLD_BY_PROCESS: u32 = 1 << 0;
 /// The budget shared by all processes of its user was spent.
 pub const FOLD_BY_USER: u32 = 1 << 1;
 
+/// A TCP listener the agent's startup snapshot found (`OLD_LISTENERS`, keyed by socket
+/// inode): the sock_ops hook set never saw its listen(), so this is how the kernel side
+/// recognises its end when it leaves LISTEN without a close (`shutdown(2)`), at its release.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OldListener {
+    pub family: u16,
+    /// Host order.
+    pub port: u16,
+    pub _pad: [u8; 4],
+    pub addr: [u8; 16],
+}
+
+const _: () = assert!(core::mem::size_of::<OldListener>() == 24);
+
 /// A budget (per process in `PROC_BUDGET`, per user in `USER_BUDGET`) and, per process,
 /// its exact totals: every start of the process is exactly one of sent, folded or lost.
 #[repr(C)]
@@ -283,6 +299,28 @@ pub struct KernelOffsets {
     /// `struct sock.sk_kern_sock` is a bitfield: the byte holding it, and the bit.
     pub sock_kern_byte: u32,
     pub sock_kern_bit: u32,
+    // The sock_ops flavour of the stable set reads the listening task itself (sock_ops
+    // programs have no current-task helpers before 6.10) and a listener's callback flags.
+    /// `struct tcp_sock.bpf_sock_ops_cb_flags` (u8).
+    pub tcp_cb_flags: u32,
+    /// `struct task_struct.pid`, when `tgid` follows it: one 8-byte read there is the
+    /// `bpf_get_current_pid_tgid()` value.
+    pub task_pid: u32,
+    /// `struct task_struct.cred`.
+    pub task_cred: u32,
+    /// `struct cred.uid`, when `gid` follows it: one 8-byte read there is the
+    /// `bpf_get_current_uid_gid()` value.
+    pub cred_uid: u32,
+    /// `struct task_struct.comm`.
+    pub task_comm: u32,
+    /// `struct task_struct.cgroups`.
+    pub task_cgroups: u32,
+    /// `struct css_set.dfl_cgrp`.
+    pub css_set_dfl_cgrp: u32,
+    /// `struct cgroup.kn`.
+    pub cgroup_kn: u32,
+    /// `struct kernfs_node.id` (u64 since 5.5).
+    pub kernfs_node_id: u32,
 }
 
 impl KernelOffsets {
@@ -312,11 +350,20 @@ impl KernelOffsets {
             socket_sk: Self::UNKNOWN,
             sock_kern_byte: Self::UNKNOWN,
             sock_kern_bit: 0,
+            tcp_cb_flags: Self::UNKNOWN,
+            task_pid: Self::UNKNOWN,
+            task_cred: Self::UNKNOWN,
+            cred_uid: Self::UNKNOWN,
+            task_comm: Self::UNKNOWN,
+            task_cgroups: Self::UNKNOWN,
+            css_set_dfl_cgrp: Self::UNKNOWN,
+            cgroup_kn: Self::UNKNOWN,
+            kernfs_node_id: Self::UNKNOWN,
         }
     }
 }
 
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 23 * 4);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 32 * 4);
 
 #[cfg(feature = "user")]
 mod user {
@@ -326,4 +373,5 @@ mod user {
     unsafe impl aya::Pod for super::FoldKey {}
     unsafe impl aya::Pod for super::Fold {}
     unsafe impl aya::Pod for super::Budget {}
+    unsafe impl aya::Pod for super::OldListener {}
 }

@@ -210,11 +210,30 @@ pub(crate) fn report_start(
     addr: &[u8; 16],
     extra: u32,
 ) -> bool {
+    report_start_as(&Helpers, kind, sock, family, protocol, port, addr, extra)
+}
+
+/// `report_start` for a program that finds the current task's identity through `cur`.
+#[inline(always)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "report_start's, and who is running"
+)]
+pub(crate) fn report_start_as(
+    cur: &impl Current,
+    kind: Kind,
+    sock: u64,
+    family: u16,
+    protocol: u16,
+    port: u16,
+    addr: &[u8; 16],
+    extra: u32,
+) -> bool {
     let now = unsafe { bpf_ktime_get_ns() };
-    let pid_tgid = bpf_get_current_pid_tgid();
+    let pid_tgid = cur.pid_tgid();
     let s = Start {
         pid_tgid,
-        uid_gid: bpf_get_current_uid_gid(),
+        uid_gid: cur.uid_gid(),
         start_boottime_ns: task_start().unwrap_or(0),
         now,
         family,
@@ -223,11 +242,12 @@ pub(crate) fn report_start(
         addr: *addr,
     };
     let d = decide(&s);
-    if try_fold(&s, &d, sock, || fold_attr(sock)) {
+    if try_fold(&s, &d, sock, || fold_attr_as(cur, sock)) {
         return true;
     }
     let urgent = important(port, family, addr);
-    let mut rec = build(
+    let mut rec = build_as(
+        cur,
         kind,
         now,
         pid_tgid,
@@ -254,9 +274,103 @@ pub(crate) struct Sock {
     pub(crate) addr: [u8; 16],
 }
 
+/// Who is running: the current task's identity, through the helpers where the program
+/// type has them, or read from the task itself (sock_ops, whose helper set lacks them
+/// before 6.10). Both give the same values.
+pub(crate) trait Current {
+    fn pid_tgid(&self) -> u64;
+    fn uid_gid(&self) -> u64;
+    fn cgroup_id(&self) -> u64;
+    fn comm(&self) -> [u8; 16];
+}
+
+/// The current-task helpers (tracepoints, cgroup sock and sock_addr programs, fentry).
+pub(crate) struct Helpers;
+
+impl Current for Helpers {
+    #[inline(always)]
+    fn pid_tgid(&self) -> u64 {
+        bpf_get_current_pid_tgid()
+    }
+    #[inline(always)]
+    fn uid_gid(&self) -> u64 {
+        bpf_get_current_uid_gid()
+    }
+    #[inline(always)]
+    fn cgroup_id(&self) -> u64 {
+        unsafe { bpf_get_current_cgroup_id() }
+    }
+    #[inline(always)]
+    fn comm(&self) -> [u8; 16] {
+        bpf_get_current_comm().unwrap_or([0; 16])
+    }
+}
+
+/// The same values read from `current` at the offsets the agent found in BTF (which it
+/// checks are all known before it loads a program that uses this).
+pub(crate) struct TaskReads {
+    pub(crate) task: u64,
+}
+
+impl TaskReads {
+    #[inline(always)]
+    pub(crate) fn current() -> TaskReads {
+        TaskReads {
+            task: current_task(),
+        }
+    }
+}
+
+impl Current for TaskReads {
+    /// `pid` then `tgid`, read as one little-endian word: `tgid << 32 | pid`.
+    #[inline(always)]
+    fn pid_tgid(&self) -> u64 {
+        read_kernel::<u64>(self.task, OFFSETS.load().task_pid).unwrap_or(0)
+    }
+    /// `cred->uid` then `cred->gid` (kernel ids, as the helper gives them).
+    #[inline(always)]
+    fn uid_gid(&self) -> u64 {
+        let off = OFFSETS.load();
+        read_kernel::<u64>(self.task, off.task_cred)
+            .filter(|c| *c != 0)
+            .and_then(|c| read_kernel::<u64>(c, off.cred_uid))
+            .unwrap_or(0)
+    }
+    /// `cgroups->dfl_cgrp->kn->id`, what `bpf_get_current_cgroup_id()` returns.
+    #[inline(always)]
+    fn cgroup_id(&self) -> u64 {
+        let off = OFFSETS.load();
+        read_kernel::<u64>(self.task, off.task_cgroups)
+            .filter(|p| *p != 0)
+            .and_then(|cset| read_kernel::<u64>(cset, off.css_set_dfl_cgrp))
+            .filter(|p| *p != 0)
+            .and_then(|cgrp| read_kernel::<u64>(cgrp, off.cgroup_kn))
+            .filter(|p| *p != 0)
+            .and_then(|kn| read_kernel::<u64>(kn, off.kernfs_node_id))
+            .unwrap_or(0)
+    }
+    #[inline(always)]
+    fn comm(&self) -> [u8; 16] {
+        read_kernel::<[u8; 16]>(self.task, OFFSETS.load().task_comm).unwrap_or([0; 16])
+    }
+}
+
 /// The full record of a socket event, captured in the current task's context.
 #[inline(always)]
 pub(crate) fn build(
+    kind: Kind,
+    ktime_ns: u64,
+    pid_tgid: u64,
+    s: &Sock,
+    extra: u32,
+) -> SocketRecord {
+    build_as(&Helpers, kind, ktime_ns, pid_tgid, s, extra)
+}
+
+/// `build` for a program that finds the current task's identity through `cur`.
+#[inline(always)]
+pub(crate) fn build_as(
+    cur: &impl Current,
     kind: Kind,
     ktime_ns: u64,
     pid_tgid: u64,
@@ -309,8 +423,8 @@ pub(crate) fn build(
             ktime_ns,
             pid_tgid,
         },
-        uid_gid: bpf_get_current_uid_gid(),
-        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        uid_gid: cur.uid_gid(),
+        cgroup_id: cur.cgroup_id(),
         sock_key: sock,
         inode: inode.unwrap_or(0),
         start_boottime_ns: start.unwrap_or(0),
@@ -322,7 +436,7 @@ pub(crate) fn build(
         port: s.port,
         _pad: [0; 6],
         addr: s.addr,
-        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        comm: cur.comm(),
     }
 }
 
@@ -340,6 +454,11 @@ pub(crate) fn kthread_flag() -> u32 {
 /// The network namespace and parent of a folded start's process (for a new fold).
 #[inline(always)]
 pub(crate) fn fold_attr(sock: u64) -> FoldAttr {
+    fold_attr_as(&Helpers, sock)
+}
+
+#[inline(always)]
+pub(crate) fn fold_attr_as(cur: &impl Current, sock: u64) -> FoldAttr {
     let off = OFFSETS.load();
     let netns = read_kernel::<u64>(sock, off.sock_net)
         .filter(|n| *n != 0)
@@ -351,8 +470,8 @@ pub(crate) fn fold_attr(sock: u64) -> FoldAttr {
         ppid: ppid.unwrap_or(0),
         flags: if netns.is_some() { FLAG_NETNS } else { 0 }
             | if ppid.is_some() { FLAG_PPID } else { 0 },
-        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        cgroup_id: cur.cgroup_id(),
+        comm: cur.comm(),
     }
 }
 

@@ -6,7 +6,7 @@ use core::ptr::read_volatile;
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::BPF_SOCK_OPS_TCP_LISTEN_CB,
+    bindings::{BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_LISTEN_CB},
     helpers::{bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns},
     macros::{cgroup_sock, cgroup_sock_addr, map, raw_tracepoint, sock_ops, tracepoint},
     maps::HashMap,
@@ -16,8 +16,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use portwatch_common::{
-    AF_INET, AF_INET6, FLAG_CHARGED, FLAG_IMPLICIT, IPPROTO_TCP, Kind, SocketRecord, TCP_CLOSE,
-    TCP_LISTEN, stat,
+    AF_INET, AF_INET6, FLAG_CHARGED, FLAG_IMPLICIT, FLAG_UNTRACKED, IPPROTO_TCP, Kind, OldListener,
+    SocketRecord, TCP_CLOSE, TCP_LISTEN, stat,
 };
 
 use crate::{
@@ -26,8 +26,9 @@ use crate::{
         try_fold,
     },
     record::{
-        BOUND, OFFSETS, Sock, build, fold_attr, is_udp, kthread_flag, read_kernel, task_start,
-        udp_bound, udp_bound_flags, udp_released,
+        BOUND, Current as _, OFFSETS, Sock, TaskReads, build, build_as, fold_attr, is_udp,
+        kthread_flag, read_kernel, report_start_as, task_start, udp_bound, udp_bound_flags,
+        udp_released,
     },
 };
 
@@ -253,6 +254,231 @@ pub fn listen_sockops(ctx: SockOpsContext) -> u32 {
     rec.port = port;
     deliver_start(&mut rec, sock);
     1
+}
+
+/// The stable set without any tracepoint (its default flavour): sock_ops alone sees a
+/// listener's whole life, and nothing runs for the host's other TCP state changes.
+/// - `TCP_LISTEN_CB` (see `listen_sockops`): the start, decided and reported at once in
+///   the listening task, port chosen; and the socket's `STATE_CB` flag is set, so
+///   `tcp_set_state()` calls back for this socket's own state changes.
+/// - `STATE_CB` LISTEN -> CLOSE: the end, by close(), shutdown() or an abort
+///   (`ss -K`), before `inet_put_port()` releases the port. Called only for sockets
+///   whose flag is set: listeners, never the host's connections.
+/// Listeners older than the agent never had their flag set: `sock_released` reports
+/// their close.
+#[sock_ops]
+pub fn listen_ops(ctx: SockOpsContext) -> u32 {
+    let ops = ctx.ops;
+    // Context fields are loaded at their constant offsets, as the verifier requires.
+    let op = unsafe { read_volatile(&raw const (*ops).op) };
+    if op == BPF_SOCK_OPS_TCP_LISTEN_CB {
+        listen_began(&ctx);
+    } else if op == BPF_SOCK_OPS_STATE_CB {
+        let old = unsafe { read_volatile(&raw const (*ops).__bindgen_anon_1.args[0]) };
+        let new = unsafe { read_volatile(&raw const (*ops).__bindgen_anon_1.args[1]) };
+        if old == TCP_LISTEN as u32 && new == TCP_CLOSE as u32 {
+            listen_ended(&ctx);
+        } else if old == TCP_SYN_RECV {
+            // A connection accepted on a listener is cloned from it, flags included
+            // (`tcp_create_openreq_child()`): unwatched at its first change, so the
+            // host's connections cost one callback each, not one per state.
+            let flags = unsafe { read_volatile(&raw const (*ops).bpf_sock_ops_cb_flags) };
+            let _ = ctx.set_cb_flags((flags & !BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+        }
+    }
+    1
+}
+
+/// `TCP_SYN_RECV` (include/net/tcp_states.h): the state a connection accepted on a
+/// listener starts in.
+const TCP_SYN_RECV: u32 = 3;
+
+/// The local address of a sock_ops socket, as the state records carry it.
+#[inline(always)]
+fn ops_local(ctx: &SockOpsContext) -> (u64, u16, u16, [u8; 16]) {
+    let ops = ctx.ops;
+    // The context is the kernel's `struct bpf_sock_ops_kern`, whose first field is the
+    // `struct sock *` (include/linux/filter.h): read as a plain value, it is the same
+    // map key, and kernel reads may add offsets to it (the verifier forbids arithmetic
+    // on the context's typed socket pointer).
+    let sock = read_kernel::<u64>(ops as u64, 0).unwrap_or(0);
+    let (family, port) = unsafe {
+        (
+            read_volatile(&raw const (*ops).family) as u16,
+            // Host byte order (include/uapi/linux/bpf.h).
+            read_volatile(&raw const (*ops).local_port) as u16,
+        )
+    };
+    let mut addr = [0u8; 16];
+    if family == AF_INET {
+        let v4 = unsafe { read_volatile(&raw const (*ops).local_ip4) };
+        addr[..4].copy_from_slice(&v4.to_ne_bytes());
+    } else {
+        let v6 = unsafe {
+            [
+                read_volatile(&raw const (*ops).local_ip6[0]),
+                read_volatile(&raw const (*ops).local_ip6[1]),
+                read_volatile(&raw const (*ops).local_ip6[2]),
+                read_volatile(&raw const (*ops).local_ip6[3]),
+            ]
+        };
+        addr[..4].copy_from_slice(&v6[0].to_ne_bytes());
+        addr[4..8].copy_from_slice(&v6[1].to_ne_bytes());
+        addr[8..12].copy_from_slice(&v6[2].to_ne_bytes());
+        addr[12..].copy_from_slice(&v6[3].to_ne_bytes());
+    }
+    (sock, family, port, addr)
+}
+
+/// A listen() succeeded: watch the listener's end first, then report (or fold) its start.
+#[inline(always)]
+fn listen_began(ctx: &SockOpsContext) {
+    let (sock, family, port, addr) = ops_local(ctx);
+    // Kept with the flags other sock_ops programs set. The helper refuses only a socket
+    // that is not a full TCP socket, which a listener always is; should it ever refuse,
+    // `sock_released` still sees the listener's close (its flag is not set).
+    let flags = unsafe { read_volatile(&raw const (*ctx.ops).bpf_sock_ops_cb_flags) };
+    let _ = ctx.set_cb_flags((flags | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    report_start_as(
+        &TaskReads::current(),
+        Kind::ListenStarted,
+        sock,
+        family,
+        IPPROTO_TCP,
+        port,
+        &addr,
+        kthread_flag(),
+    );
+}
+
+/// A watched listener left LISTEN for CLOSE: its end, unless its start was folded.
+#[inline(always)]
+fn listen_ended(ctx: &SockOpsContext) {
+    let (sock, family, port, addr) = ops_local(ctx);
+    if end_folded(sock) {
+        return;
+    }
+    let urgent = important(port, family, &addr);
+    let cur = TaskReads::current();
+    let mut rec = build_as(
+        &cur,
+        Kind::ListenStopped,
+        unsafe { bpf_ktime_get_ns() },
+        cur.pid_tgid(),
+        &Sock {
+            key: sock,
+            family,
+            protocol: IPPROTO_TCP,
+            port,
+            addr,
+        },
+        0,
+    );
+    deliver_end(&mut rec, urgent);
+}
+
+/// `sock_release` of the sock_ops flavour: what `udp_release` does, and the end of a
+/// TCP listener whose `STATE_CB` flag is not set (one that listened before the agent
+/// started), which `listen_ops` never hears about: closed while listening, or shut down
+/// first (see `old_listener_released`). The flagged ones are left to `listen_ops`.
+#[cgroup_sock(sock_release)]
+pub fn sock_released(ctx: SockContext) -> i32 {
+    let sk = ctx.sock;
+    let protocol = unsafe { read_volatile(&raw const (*sk).protocol) };
+    let family = unsafe { read_volatile(&raw const (*sk).family) } as u16;
+    if is_udp(protocol) {
+        udp_released(sk as u64, family, protocol as u16);
+    } else if protocol == IPPROTO_TCP as u32 {
+        let state = unsafe { read_volatile(&raw const (*sk).state) };
+        if state == TCP_LISTEN as u32 {
+            unwatched_listener_released(sk as u64, family);
+        } else if state == TCP_CLOSE as u32 {
+            old_listener_released(sk as u64);
+        }
+    }
+    1
+}
+
+/// Listeners the agent's startup snapshot found, by socket inode (filled by the agent).
+#[map]
+static OLD_LISTENERS: HashMap<u64, OldListener> = HashMap::with_max_entries(16384, 0);
+
+#[inline(always)]
+fn socket_inode(sock: u64) -> Option<u64> {
+    let off = OFFSETS.load();
+    read_kernel::<u64>(sock, off.sock_socket)
+        .filter(|s| *s != 0)
+        .and_then(|s| read_kernel::<u64>(s, off.socket_to_inode.wrapping_add(off.inode_ino)))
+}
+
+/// A TCP socket released in CLOSE: the end of a listener older than the agent that was
+/// shut down (`shutdown(2)` leaves LISTEN without `STATE_CB`, its flag never set) and is
+/// now closed, if the snapshot found it. Sockets released in CLOSE are few (never
+/// connected, reset, shut down): the host's connections close ESTABLISHED or later.
+#[inline(always)]
+fn old_listener_released(sock: u64) {
+    let Some(inode) = socket_inode(sock) else {
+        return;
+    };
+    let Some(l) = (unsafe { OLD_LISTENERS.get(inode) }).copied() else {
+        return;
+    };
+    let _ = OLD_LISTENERS.remove(inode);
+    let urgent = important(l.port, l.family, &l.addr);
+    let mut rec = build(
+        Kind::ListenStopped,
+        unsafe { bpf_ktime_get_ns() },
+        bpf_get_current_pid_tgid(),
+        &Sock {
+            key: sock,
+            family: l.family,
+            protocol: IPPROTO_TCP,
+            port: l.port,
+            addr: l.addr,
+        },
+        FLAG_UNTRACKED,
+    );
+    deliver_end(&mut rec, urgent);
+}
+
+#[inline(always)]
+fn unwatched_listener_released(sock: u64, family: u16) {
+    let off = OFFSETS.load();
+    let Some(cb_flags) = read_kernel::<u8>(sock, off.tcp_cb_flags) else {
+        return;
+    };
+    if u32::from(cb_flags) & BPF_SOCK_OPS_STATE_CB_FLAG != 0 || end_folded(sock) {
+        return;
+    }
+    if let Some(inode) = socket_inode(sock) {
+        let _ = OLD_LISTENERS.remove(inode);
+    }
+    let Some(port) = read_kernel::<u16>(sock, off.sock_num) else {
+        return;
+    };
+    let mut addr = [0u8; 16];
+    if family == AF_INET {
+        if let Some(a) = read_kernel::<[u8; 4]>(sock, off.sock_rcv_saddr) {
+            addr[..4].copy_from_slice(&a);
+        }
+    } else if let Some(a) = read_kernel::<[u8; 16]>(sock, off.sock_v6_rcv_saddr) {
+        addr = a;
+    }
+    let urgent = important(port, family, &addr);
+    let mut rec = build(
+        Kind::ListenStopped,
+        unsafe { bpf_ktime_get_ns() },
+        bpf_get_current_pid_tgid(),
+        &Sock {
+            key: sock,
+            family,
+            protocol: IPPROTO_TCP,
+            port,
+            addr,
+        },
+        FLAG_UNTRACKED,
+    );
+    deliver_end(&mut rec, urgent);
 }
 
 #[cgroup_sock(post_bind4)]

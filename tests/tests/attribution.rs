@@ -32,6 +32,9 @@ fn snapshot_reports_a_listener_opened_before_the_agent() {
     let p = l.local_addr().unwrap().port();
     let u = UdpSocket::bind("[::1]:0").unwrap();
     let up = u.local_addr().unwrap().port();
+    // One more, to be shut down instead of closed (it leaves LISTEN, stays open).
+    let shut = TcpListener::bind("127.0.0.1:0").unwrap();
+    let sp = shut.local_addr().unwrap().port();
     let mut agent = Agent::start(&[]);
     let e = agent.expect("listener-present", |e| is(e, "listener-present", me(), p));
     let exe = std::fs::read_link("/proc/self/exe").unwrap();
@@ -57,6 +60,27 @@ fn snapshot_reports_a_listener_opened_before_the_agent() {
     let rel = agent.expect("udp-released", |e| is(e, "udp-released", me(), up));
     assert_eq!(inode_of(&rel), inode_of(&ue), "{rel}");
     assert_eq!(rel["server"]["ip"], "::1", "{rel}");
+    // A listener older than the agent, shut down and then closed: its end is reported
+    // (at the shutdown, or at the close at the latest), once.
+    let shut_inode = socket_inode(shut.as_raw_fd());
+    assert_eq!(
+        unsafe { libc::shutdown(shut.as_raw_fd(), libc::SHUT_RDWR) },
+        0
+    );
+    drop(shut);
+    let end = agent.expect("listen-stopped of the shut-down listener", |e| {
+        is(e, "listen-stopped", me(), sp)
+    });
+    assert_eq!(inode_of(&end), shut_inode, "{end}");
+    assert_eq!(end["server"]["ip"], "127.0.0.1", "{end}");
+    let marker = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mp = marker.local_addr().unwrap().port();
+    let seen = agent.drain_until(|e| is(e, "listen-started", me(), mp));
+    let ends: Vec<&Value> = seen
+        .iter()
+        .filter(|e| action(e) == "listen-stopped" && inode_of(e) == shut_inode)
+        .collect();
+    assert_eq!(ends.len(), 1, "want one end: {ends:?}");
 }
 
 /// A network namespace made with `ip netns add`, removed on drop.

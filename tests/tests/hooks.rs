@@ -28,10 +28,9 @@ fn sensor_started_names_the_hook_set_and_why() {
     assert!(set == "stable" || set == "direct", "{hooks}");
     let via = hooks["via"].as_str().unwrap_or("");
     match set {
-        "stable" => assert!(
-            via == "raw-tracepoint+cgroup" || via == "tracepoint+cgroup",
-            "{hooks}"
-        ),
+        // Every kernel portwatch is tested on (6.1, 6.12, this one) loads the sock_ops
+        // flavour: a fallback to the tracepoint here would be a silent regression.
+        "stable" => assert_eq!(via, "sock-ops+cgroup", "{hooks}"),
         _ => assert!(via == "fentry" || via == "kprobe", "{hooks}"),
     }
     assert!(
@@ -149,6 +148,33 @@ fn both_hook_sets_report_identical_events() {
     same_events(stable, direct);
 }
 
+/// The stable set's sock_ops flavour (no tracepoint) and its tracepoint flavour report
+/// the same events for the same activity, a listener shut down without a close included.
+#[test]
+fn sockops_and_tracepoint_flavours_report_identical_events() {
+    if !can_run_kernel_tests() {
+        return;
+    }
+    let ops = Agent::start(&["--no-snapshot", "--hooks", "stable"]);
+    let tp = Agent::start(&["--no-snapshot", "--hooks", "stable-rawtp"]);
+    assert_eq!(ops.hooks()["via"], "sock-ops+cgroup", "{}", ops.hooks());
+    assert_eq!(
+        ops.hooks()["programs"],
+        serde_json::json!([
+            "listen_ops",
+            "udp_bind4",
+            "udp_bind6",
+            "sock_released",
+            "udp_send4",
+            "udp_send6"
+        ]),
+        "{}",
+        ops.hooks()
+    );
+    assert_eq!(tp.hooks()["via"], "raw-tracepoint+cgroup", "{}", tp.hooks());
+    same_events(ops, tp);
+}
+
 /// The stable set's two flavours of the state tracepoint (raw, where the kernel runs
 /// it, and classic) report the same events for the same activity.
 #[test]
@@ -156,7 +182,7 @@ fn raw_and_classic_state_tracepoints_report_identical_events() {
     if !can_run_kernel_tests() {
         return;
     }
-    let raw = Agent::start(&["--no-snapshot", "--hooks", "stable"]);
+    let raw = Agent::start(&["--no-snapshot", "--hooks", "stable-rawtp"]);
     let classic = Agent::start(&["--no-snapshot", "--hooks", "stable-classic"]);
     // Every kernel portwatch supports (>= 5.8, BTF) runs raw tracepoints: the fallback
     // is for a kernel that refuses them, and must not be taken here.
@@ -186,7 +212,7 @@ fn recursion_misses_of_the_state_tracepoint_are_read() {
         return;
     }
     for (choice, want) in [
-        (HooksChoice::Stable, "listen_rawtp"),
+        (HooksChoice::StableRawtp, "listen_rawtp"),
         (HooksChoice::StableClassic, "listen_state"),
     ] {
         let sensor = probes::load(&probes::Options {
@@ -238,6 +264,24 @@ fn same_events(mut a: Agent, mut b: Agent) {
         "second listen on the same port must fail"
     );
     inodes.extend([socket_inode(s1), socket_inode(s2)]);
+    // A listener shut down (it leaves LISTEN, its socket stays open), then closed.
+    let shut = TcpListener::bind("127.0.0.1:0").unwrap();
+    inodes.push(socket_inode(shut.as_raw_fd()));
+    assert_eq!(
+        unsafe { libc::shutdown(shut.as_raw_fd(), libc::SHUT_RDWR) },
+        0
+    );
+    // A connection accepted on a listener (it is cloned from the listener, flags and
+    // all): its states must not end or start anything.
+    let acc = TcpListener::bind("127.0.0.1:0").unwrap();
+    inodes.push(socket_inode(acc.as_raw_fd()));
+    let client = std::net::TcpStream::connect(acc.local_addr().unwrap()).unwrap();
+    let (server, _) = acc.accept().unwrap();
+    inodes.extend([
+        socket_inode(client.as_raw_fd()),
+        socket_inode(server.as_raw_fd()),
+    ]);
+    drop((client, server, acc, shut));
     let u4 = UdpSocket::bind("127.0.0.1:0").unwrap();
     inodes.push(socket_inode(u4.as_raw_fd()));
     let u6 = UdpSocket::bind("[::]:0").unwrap();
@@ -264,8 +308,9 @@ fn same_events(mut a: Agent, mut b: Agent) {
     }
     let ea = ours(&seen_a, &inodes);
     let eb = ours(&seen_b, &inodes);
-    // 4 listeners + 2 UDP sockets, each a start and an end; the failed listen() nothing.
-    assert_eq!(ea.len(), 12, "{an} events: {ea:#?}");
+    // 6 listeners + 2 UDP sockets, each a start and an end; the failed listen() and
+    // the connections nothing.
+    assert_eq!(ea.len(), 16, "{an} events: {ea:#?}");
     for (i, (x, y)) in ea.iter().zip(&eb).enumerate() {
         assert_eq!(x, y, "event {i} differs:\n{an}: {x}\n{bn}: {y}");
     }

@@ -98,8 +98,8 @@ pub struct BenchArgs {
     /// flood-evasion, delivery).
     #[arg(long, value_delimiter = ',')]
     pub workloads: Vec<String>,
-    /// Only these tools (none, portwatch, portwatch-nofold, portwatch-classic, floor,
-    /// floor-cgroup, floor-classic, bpftrace, ss; in flood-evasion: portwatch-file, portwatch-slow-pipe, bpftrace, ss; in
+    /// Only these tools (none, portwatch, portwatch-nofold, portwatch-rawtp, floor,
+    /// floor-cgroup, floor-rawtp, bpftrace, ss; in flood-evasion: portwatch-file, portwatch-slow-pipe, bpftrace, ss; in
     /// delivery: forward-tls, relp, relp-tls).
     #[arg(long, value_delimiter = ',')]
     pub tools: Vec<String>,
@@ -127,15 +127,15 @@ enum Tool {
     PortwatchNoFold,
     /// Do-nothing programs at portwatch's hooks: what the hooks alone cost.
     Floor,
-    /// The floor without its state tracepoint (cgroup hooks only): what the tracepoint
-    /// alone costs, on TCP workloads.
+    /// The floor's cgroup hooks alone, without the `STATE_CB` flag the sock_ops
+    /// flavour sets on listeners: only when named in `--tools`.
     FloorCgroup,
-    /// The floor with the classic state tracepoint instead of the raw one portwatch
-    /// attaches: what the classic one would cost, on TCP workloads.
-    FloorClassic,
-    /// portwatch with the classic state tracepoint (`--hooks stable-classic`): only when
-    /// named in `--tools`.
-    PortwatchClassic,
+    /// The floor of the stable set's tracepoint flavour (`--hooks floor-rawtp`): what
+    /// the raw `inet_sock_set_state` tracepoint would cost, on TCP workloads.
+    FloorRawtp,
+    /// portwatch's tracepoint flavour (`--hooks stable-rawtp`): only when named in
+    /// `--tools`.
+    PortwatchRawtp,
     Bpftrace,
     Ss,
     /// flood-evasion: portwatch writing to a file the bench follows like `tail -f`.
@@ -152,8 +152,8 @@ impl Tool {
             Tool::PortwatchNoFold => "portwatch-nofold",
             Tool::Floor => "floor",
             Tool::FloorCgroup => "floor-cgroup",
-            Tool::FloorClassic => "floor-classic",
-            Tool::PortwatchClassic => "portwatch-classic",
+            Tool::FloorRawtp => "floor-rawtp",
+            Tool::PortwatchRawtp => "portwatch-rawtp",
             Tool::Bpftrace => "bpftrace",
             Tool::Ss => "ss",
             Tool::PortwatchFile => "portwatch-file",
@@ -360,13 +360,13 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 for w in workloads.iter().filter(|w| !w.kind.is_flood()) {
                     let w = w.with_secs(ctx.cfg.kernel_secs);
                     // --quick: portwatch only, to stay within a few minutes
-                    // (portwatch-classic runs only when named).
+                    // (portwatch-rawtp runs only when named).
                     let tools: &[Tool] = if ctx.cfg.args.quick {
-                        &[Tool::Portwatch, Tool::PortwatchClassic]
+                        &[Tool::Portwatch, Tool::PortwatchRawtp]
                     } else {
                         &[
                             Tool::Portwatch,
-                            Tool::PortwatchClassic,
+                            Tool::PortwatchRawtp,
                             Tool::PortwatchNoFold,
                             Tool::Bpftrace,
                         ]
@@ -551,8 +551,8 @@ fn tools_for(ctx: &Ctx, w: &Workload) -> Vec<Tool> {
             Tool::PortwatchNoFold,
             Tool::Floor,
             Tool::FloorCgroup,
-            Tool::FloorClassic,
-            Tool::PortwatchClassic,
+            Tool::FloorRawtp,
+            Tool::PortwatchRawtp,
             Tool::Bpftrace,
             Tool::Ss,
         ]
@@ -566,14 +566,14 @@ fn tools_for(ctx: &Ctx, w: &Workload) -> Vec<Tool> {
                 Tool::None
                     | Tool::Floor
                     | Tool::FloorCgroup
-                    | Tool::FloorClassic
+                    | Tool::FloorRawtp
                     | Tool::PortwatchNoFold
             )
         });
     }
     if !matches!(w.kind, Kind::TcpChurn | Kind::TcpTraffic) {
-        // The tracepoint sees TCP state changes only.
-        t.retain(|t| !matches!(t, Tool::FloorCgroup | Tool::FloorClassic));
+        // The tracepoint and the STATE_CB flag concern TCP only.
+        t.retain(|t| !matches!(t, Tool::FloorCgroup | Tool::FloorRawtp));
     }
     if w.kind == Kind::TcpTraffic {
         // Six listeners in all: folding changes nothing there.
@@ -587,8 +587,10 @@ fn tools_for(ctx: &Ctx, w: &Workload) -> Vec<Tool> {
     }
     let f = &ctx.cfg.args.tools;
     let named = |t: &Tool| f.iter().any(|n| n == t.name());
-    // portwatch-classic runs only when asked for by name.
-    t.retain(|t| named(t) || (f.is_empty() && *t != Tool::PortwatchClassic));
+    // portwatch-rawtp and floor-cgroup run only when asked for by name.
+    t.retain(|t| {
+        named(t) || (f.is_empty() && !matches!(t, Tool::PortwatchRawtp | Tool::FloorCgroup))
+    });
     t
 }
 
@@ -627,8 +629,8 @@ fn tool_index(t: Tool) -> usize {
         Tool::PortwatchFile => 6,
         Tool::PortwatchSlowPipe => 7,
         Tool::FloorCgroup => 8,
-        Tool::FloorClassic => 9,
-        Tool::PortwatchClassic => 10,
+        Tool::FloorRawtp => 9,
+        Tool::PortwatchRawtp => 10,
     }
 }
 
@@ -679,14 +681,14 @@ fn run_one(ctx: &mut Ctx, w: &Workload, tool: Tool, round: u32, kernel_stats: bo
             Tool::None => run.load = Some(do_load()?),
             Tool::Portwatch
             | Tool::PortwatchNoFold
-            | Tool::PortwatchClassic
+            | Tool::PortwatchRawtp
             | Tool::Floor
             | Tool::FloorCgroup
-            | Tool::FloorClassic => {
+            | Tool::FloorRawtp => {
                 let extra: &[&str] = match tool {
                     Tool::PortwatchNoFold => &["--fold-above", "0"],
-                    Tool::PortwatchClassic => &["--hooks", "stable-classic"],
-                    Tool::FloorClassic => &["--hooks", "floor-classic", "--allow-degraded"],
+                    Tool::PortwatchRawtp => &["--hooks", "stable-rawtp"],
+                    Tool::FloorRawtp => &["--hooks", "floor-rawtp", "--allow-degraded"],
                     Tool::Floor => &["--hooks", "floor", "--allow-degraded"],
                     Tool::FloorCgroup => &["--hooks", "floor-cgroup", "--allow-degraded"],
                     _ => &[],

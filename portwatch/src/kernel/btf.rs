@@ -248,6 +248,11 @@ impl<'a> Btf<'a> {
         };
         let v6only = self.field("sock_common", &["skc_ipv6only"]);
         let kern_sock = self.field("sock", &["sk_kern_sock"]);
+        // Pairs read as one 8-byte word: only where the second follows the first.
+        let pair = |st: &str, a: &str, b: &str| match (self.field(st, &[a]), self.field(st, &[b])) {
+            (Some(a), Some(b)) if b.byte == a.byte + 4 && a.bit == 0 && b.bit == 0 => a.byte,
+            _ => KernelOffsets::UNKNOWN,
+        };
         KernelOffsets {
             sock_num: self.byte("sock", &["__sk_common", "skc_num"]),
             sock_socket: self.byte("sock", &["sk_socket"]),
@@ -273,6 +278,15 @@ impl<'a> Btf<'a> {
             socket_sk: self.byte("socket", &["sk"]),
             sock_kern_byte: kern_sock.map_or(KernelOffsets::UNKNOWN, |p| p.byte),
             sock_kern_bit: kern_sock.map_or(0, |p| p.bit),
+            tcp_cb_flags: self.byte("tcp_sock", &["bpf_sock_ops_cb_flags"]),
+            task_pid: pair("task_struct", "pid", "tgid"),
+            task_cred: self.byte("task_struct", &["cred"]),
+            cred_uid: pair("cred", "uid", "gid"),
+            task_comm: self.byte("task_struct", &["comm"]),
+            task_cgroups: self.byte("task_struct", &["cgroups"]),
+            css_set_dfl_cgrp: self.byte("css_set", &["dfl_cgrp"]),
+            cgroup_kn: self.byte("cgroup", &["kn"]),
+            kernfs_node_id: self.byte("kernfs_node", &["id"]),
         }
     }
 }
@@ -289,6 +303,27 @@ pub fn missing_direct(offsets: &KernelOffsets) -> Vec<&'static str> {
         ("inet_sock.inet_saddr", o.inet_saddr),
         ("socket.sk", o.socket_sk),
         ("sock.sk_kern_sock", o.sock_kern_byte),
+    ]
+    .into_iter()
+    .filter(|(_, v)| *v == KernelOffsets::UNKNOWN)
+    .map(|(n, _)| n)
+    .collect()
+}
+
+/// Names of the offsets the sock_ops flavour of the stable set needs that this kernel's
+/// BTF did not provide (without them its programs cannot tell who listened).
+pub fn missing_sockops(offsets: &KernelOffsets) -> Vec<&'static str> {
+    let o = offsets;
+    [
+        ("tcp_sock.bpf_sock_ops_cb_flags", o.tcp_cb_flags),
+        ("task_struct.pid+tgid", o.task_pid),
+        ("task_struct.cred", o.task_cred),
+        ("cred.uid+gid", o.cred_uid),
+        ("task_struct.comm", o.task_comm),
+        ("task_struct.cgroups", o.task_cgroups),
+        ("css_set.dfl_cgrp", o.css_set_dfl_cgrp),
+        ("cgroup.kn", o.cgroup_kn),
+        ("kernfs_node.id", o.kernfs_node_id),
     ]
     .into_iter()
     .filter(|(_, v)| *v == KernelOffsets::UNKNOWN)

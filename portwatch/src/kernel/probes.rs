@@ -4,7 +4,15 @@
 //! Two hook sets report the same events (same record, same fields):
 //!
 //! The stable set (any kernel with BTF, ring buffers and cgroup BPF; the only one on
-//! kernels that refuse fentry and lack kprobes):
+//! kernels that refuse fentry and lack kprobes). Its default flavour has no tracepoint:
+//!
+//! | program        | hook                                    | kernel source                       |
+//! |----------------|-----------------------------------------|-------------------------------------|
+//! | `listen_ops`   | cgroup sock_ops `TCP_LISTEN_CB`, and `STATE_CB` of the listeners it flags | net/ipv4/af_inet.c `__inet_listen_sk()`, net/ipv4/tcp.c `tcp_set_state()` |
+//! | `sock_released` | cgroup `sock_release` (UDP, and listeners older than the agent) | net/ipv4/af_inet.c `inet_release()` |
+//! | `udp_bind4`, `udp_bind6`, `udp_send4`, `udp_send6` | as below | |
+//!
+//! Where the kernel refuses that flavour, the tracepoint flavour:
 //!
 //! | program        | hook                                    | kernel source                       |
 //! |----------------|-----------------------------------------|-------------------------------------|
@@ -68,6 +76,11 @@ pub const FLOOR_PROGRAMS: [&str; 7] = [
     "floor_send6",
 ];
 
+/// The sock_ops flavour of the stable and floor sets: (sock_ops program, release
+/// program), in place of the tracepoint, `listen_sockops` and the release program.
+pub const SOCKOPS_STABLE: [&str; 2] = ["listen_ops", "sock_released"];
+pub const SOCKOPS_FLOOR: [&str; 2] = ["floor_ops", "floor_release"];
+
 /// The raw tracepoint flavours of the stable and floor sets' state programs: the
 /// classic tracepoint copies its whole record for every TCP state change on the host
 /// before the program runs; the raw one passes three arguments. The classic one stays
@@ -106,6 +119,7 @@ pub fn programs() -> impl Iterator<Item = &'static str> {
         .into_iter()
         .chain(FLOOR_PROGRAMS)
         .chain(STATE_RAW)
+        .chain(SOCKOPS_STABLE.into_iter().chain(["floor_ops"]))
         .chain(FENTRY_HOOKS.iter().map(|h| h.0))
         .chain(KPROBE_HOOKS.iter().map(|h| h.0))
 }
@@ -115,7 +129,7 @@ pub fn programs() -> impl Iterator<Item = &'static str> {
 pub enum HooksChoice {
     /// The direct set when this kernel loads it, else the stable set.
     Auto,
-    /// Tracepoint and cgroup hooks (works wherever portwatch runs).
+    /// cgroup hooks (else a tracepoint and cgroup hooks): works wherever portwatch runs.
     Stable,
     /// fentry/fexit (else kprobes) on inet_listen/inet_bind; an error if unavailable.
     Direct,
@@ -137,6 +151,13 @@ pub enum HooksChoice {
     /// The floor set with the classic tracepoint.
     #[value(hide = true)]
     FloorClassic,
+    /// The stable set's raw tracepoint flavour even where the sock_ops one runs (to test
+    /// that fallback, and for the benchmark's comparison).
+    #[value(hide = true)]
+    StableRawtp,
+    /// The floor set of the raw tracepoint flavour.
+    #[value(hide = true)]
+    FloorRawtp,
 }
 
 /// Which hooks are attached, and why: reported in the `sensor-started` event.
@@ -208,6 +229,8 @@ pub struct FoldMaps {
     pub budgets: aya::maps::HashMap<MapData, u32, portwatch_common::Budget>,
     /// The ports the kernel treats as important.
     pub risky: Array<MapData, u64>,
+    /// TCP listeners of the startup snapshot, by inode (see `remember_old_listeners`).
+    pub old_listeners: aya::maps::HashMap<MapData, u64, portwatch_common::OldListener>,
 }
 
 impl FoldMaps {
@@ -223,6 +246,37 @@ impl FoldMaps {
                 .context("filling RISKY_PORTS")?;
         }
         Ok(())
+    }
+
+    /// Tell the kernel side which TCP listeners the snapshot found: the sock_ops hook set
+    /// never saw their listen(), and recognises by this map the end of one that is shut
+    /// down rather than closed. Returns how many did not fit (the map is full).
+    pub fn remember_old_listeners(&mut self, found: &[crate::attribution::scan::Found]) -> usize {
+        let mut refused = 0;
+        for f in found {
+            let s = &f.socket;
+            if s.transport != crate::socket::Protocol::Tcp || s.inode == 0 {
+                continue;
+            }
+            let mut l = portwatch_common::OldListener {
+                port: s.port,
+                ..Default::default()
+            };
+            match s.addr {
+                std::net::IpAddr::V4(a) => {
+                    l.family = portwatch_common::AF_INET;
+                    l.addr[..4].copy_from_slice(&a.octets());
+                }
+                std::net::IpAddr::V6(a) => {
+                    l.family = portwatch_common::AF_INET6;
+                    l.addr = a.octets();
+                }
+            }
+            if self.old_listeners.insert(s.inode, l, 0).is_err() {
+                refused += 1;
+            }
+        }
+        refused
     }
 }
 
@@ -325,6 +379,10 @@ pub fn load(opts: &Options) -> anyhow::Result<Sensor> {
             ebpf.take_map("RISKY_PORTS")
                 .context("RISKY_PORTS map missing")?,
         )?,
+        old_listeners: aya::maps::HashMap::try_from(
+            ebpf.take_map("OLD_LISTENERS")
+                .context("OLD_LISTENERS map missing")?,
+        )?,
     };
     let stats = StatsReader {
         counters: PerCpuArray::try_from(ebpf.take_map("STATS").context("STATS map missing")?)?,
@@ -381,8 +439,17 @@ fn choose_and_attach(
                 ebpf,
                 cgroup_root,
                 offsets,
-                StateHook::Raw,
+                StateHook::SockOps,
                 "asked for with --hooks stable".into(),
+            );
+        }
+        HooksChoice::StableRawtp => {
+            return attach_stable(
+                ebpf,
+                cgroup_root,
+                offsets,
+                StateHook::Raw,
+                "asked for with --hooks stable-rawtp".into(),
             );
         }
         HooksChoice::StableClassic => {
@@ -397,8 +464,16 @@ fn choose_and_attach(
         HooksChoice::Floor => {
             return floor(
                 ebpf,
-                StateHook::Raw,
+                StateHook::SockOps,
                 "floor",
+                "do-nothing programs, nothing is reported",
+            );
+        }
+        HooksChoice::FloorRawtp => {
+            return floor(
+                ebpf,
+                StateHook::Raw,
+                "floor-rawtp",
                 "do-nothing programs, nothing is reported",
             );
         }
@@ -464,7 +539,7 @@ fn choose_and_attach(
             ebpf,
             cgroup_root,
             offsets,
-            StateHook::Raw,
+            StateHook::SockOps,
             format!("auto: the direct set is unavailable: {why}"),
         ),
         (Err(why), _) => bail!(
@@ -617,9 +692,13 @@ fn unload<'a>(ebpf: &mut Ebpf, names: impl Iterator<Item = &'a str>) {
     }
 }
 
-/// Which flavour of the `inet_sock_set_state` tracepoint a set attaches.
+/// How a set sees a listener's start and end: sock_ops alone, or the
+/// `inet_sock_set_state` tracepoint (in one of two flavours) with sock_ops.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum StateHook {
+    /// sock_ops `TCP_LISTEN_CB` and `STATE_CB` and the release hook, no tracepoint, where
+    /// this kernel loads it; else as `Raw`.
+    SockOps,
     /// The raw tracepoint where this kernel runs it, else the classic one.
     Raw,
     /// The classic tracepoint.
@@ -650,15 +729,41 @@ fn attach_cgroup_set(
     offsets: &KernelOffsets,
     mut reason: String,
 ) -> anyhow::Result<Hooks> {
-    let [state_name, sockops, bind4, bind6, release, send4, send6] = *names;
+    let [
+        state_name,
+        mut sockops,
+        bind4,
+        bind6,
+        mut release,
+        send4,
+        send6,
+    ] = *names;
+    let flavour = if names[0] == STABLE_PROGRAMS[0] {
+        SOCKOPS_STABLE
+    } else {
+        SOCKOPS_FLOOR
+    };
+    let mut state = state;
+    if state == StateHook::SockOps {
+        match load_sockops(ebpf, flavour[0], offsets) {
+            Ok(()) => [sockops, release] = flavour,
+            Err(why) => {
+                log::info!("sock_ops flavour unavailable, using the state tracepoint: {why}");
+                reason = format!("{reason}; tracepoint flavour: {why}");
+                state = StateHook::Raw;
+            }
+        }
+    }
     let cgroup = File::open(cgroup_root)
         .with_context(|| format!("opening cgroup2 root {}", cgroup_root.display()))?;
     let prog: &mut SockOps = ebpf
         .program_mut(sockops)
         .ok_or_else(|| anyhow!("program {sockops} missing from the embedded object"))?
         .try_into()?;
-    prog.load()
-        .map_err(|e| anyhow!("the kernel refused program {sockops}: {e}"))?;
+    if state != StateHook::SockOps {
+        prog.load()
+            .map_err(|e| anyhow!("the kernel refused program {sockops}: {e}"))?;
+    }
     prog.attach(&cgroup, CgroupAttachMode::Single)
         .map_err(|e| {
             anyhow!(
@@ -691,6 +796,8 @@ fn attach_cgroup_set(
     // sock_ops confirmation, or its close would be mistaken for a failed listen().
     let mut attached: Vec<String> = Vec::new();
     let mut programs = names.to_vec();
+    programs[1] = sockops;
+    programs[4] = release;
     let mut via = "tracepoint+cgroup";
     let raw_name = if names[0] == STABLE_PROGRAMS[0] {
         STATE_RAW[0]
@@ -699,12 +806,16 @@ fn attach_cgroup_set(
     };
     let raw = match state {
         StateHook::Raw => Some(attach_state_raw(ebpf, raw_name, offsets)),
-        StateHook::Classic | StateHook::Off => None,
+        StateHook::SockOps | StateHook::Classic | StateHook::Off => None,
     };
     match (state, raw) {
         (StateHook::Off, _) => {
             programs.remove(0);
             via = "cgroup";
+        }
+        (StateHook::SockOps, _) => {
+            programs.remove(0);
+            via = "sock-ops+cgroup";
         }
         (_, Some(Ok(()))) => {
             attached.push("raw_tracepoint/inet_sock_set_state".into());
@@ -734,6 +845,23 @@ fn attach_cgroup_set(
         programs,
         attached,
     })
+}
+
+/// Load the sock_ops program of the sock_ops flavour (`name`): it reads the listening
+/// task at BTF offsets, so those must be known, and the kernel must accept its helpers
+/// in a sock_ops program.
+fn load_sockops(ebpf: &mut Ebpf, name: &str, offsets: &KernelOffsets) -> Result<(), String> {
+    let missing = btf::missing_sockops(offsets);
+    if !missing.is_empty() {
+        return Err(format!("this kernel's BTF lacks {}", missing.join(", ")));
+    }
+    let prog: &mut SockOps = ebpf
+        .program_mut(name)
+        .ok_or_else(|| format!("program {name} missing from the embedded object"))?
+        .try_into()
+        .map_err(|e| format!("{e}"))?;
+    prog.load()
+        .map_err(|e| format!("{name} refused: {}", load_error(&e)))
 }
 
 /// Attach the unconnected-send pair (`sendmsg4`, `sendmsg6`) to the cgroup2 root.

@@ -1766,7 +1766,23 @@ async fn run(
                 scan = None;
                 let (found, took) = res.context("snapshot task vanished")?;
                 match found {
-                    Ok(found) => pipeline.merge_snapshot(found, took, scan_is_resync),
+                    Ok(found) => {
+                        // The startup snapshot's only: a resync finds listeners whose
+                        // listen() was seen, whose ends `listen_ops` reports itself.
+                        let refused = if scan_is_resync {
+                            0
+                        } else {
+                            folds.remember_old_listeners(&found)
+                        };
+                        if refused > 0 {
+                            log::warn!(
+                                "{refused} listeners found by /proc did not fit the kernel's \
+                                 OLD_LISTENERS map: if one is shut down without a close, its \
+                                 end will not be reported"
+                            );
+                        }
+                        pipeline.merge_snapshot(found, took, scan_is_resync);
+                    }
                     // At start a failed scan is fatal (the user asked for it); a resync
                     // that fails is retried after the next loss.
                     Err(e) if scan_is_resync => log::error!("resync: reading /proc: {e}"),

@@ -181,10 +181,10 @@ pub fn build(cfg: &Config, workloads: &[Workload], runs: &[Run], kruns: &[Run]) 
                 "none",
                 "portwatch",
                 "portwatch-nofold",
-                "portwatch-classic",
+                "portwatch-rawtp",
                 "floor",
                 "floor-cgroup",
-                "floor-classic",
+                "floor-rawtp",
                 "portwatch-file",
                 "portwatch-slow-pipe",
                 "bpftrace",
@@ -837,20 +837,32 @@ fn floor_section(s: &mut String, rep: &Report) {
             continue;
         };
         lines.push(format!(
-            "- {w}: the floor without its raw `inet_sock_set_state` tracepoint (cgroup hooks \
-             only) {fc:.3} vs the whole floor {fl:.3}: the tracepoint alone costs {:.3}",
+            "- {w}: the floor's cgroup hooks without the listeners' `STATE_CB` flag {fc:.3} \
+             vs the whole floor {fl:.3}: the flag costs {:.3}",
             fc - fl
         ));
     }
-    for r in rep.rows.iter().filter(|r| r.tool == "floor-classic") {
+    for r in rep.rows.iter().filter(|r| r.tool == "floor-rawtp") {
         let w = &r.workload;
-        let (Some(fc), Some(fl)) = (r.ratio_vs_none, ratio(w, "floor")) else {
+        let (Some(ft), Some(fl)) = (r.ratio_vs_none, ratio(w, "floor")) else {
             continue;
         };
         lines.push(format!(
-            "- {w}: the floor with the classic `sock:inet_sock_set_state` tracepoint {fc:.3} \
-             vs with the raw one portwatch attaches {fl:.3}: the raw one saves {:.3}",
-            fl - fc
+            "- {w}: the floor of the tracepoint flavour (raw `inet_sock_set_state` \
+             tracepoint, sock_ops and cgroup hooks) {ft:.3} vs the floor of the sock_ops \
+             flavour portwatch runs {fl:.3}: dropping the tracepoint saves {:.3}",
+            fl - ft
+        ));
+    }
+    for r in rep.rows.iter().filter(|r| r.tool == "portwatch-rawtp") {
+        let w = &r.workload;
+        let (Some(pt), Some(p)) = (r.ratio_vs_none, ratio(w, "portwatch")) else {
+            continue;
+        };
+        lines.push(format!(
+            "- {w}: portwatch's tracepoint flavour {pt:.3} vs its sock_ops flavour {p:.3} \
+             ({:+.3})",
+            p - pt
         ));
     }
     if lines.is_empty() {
