@@ -7,7 +7,7 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_current_task, bpf_get_current_uid_gid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
-        bpf_probe_read_kernel,
+        bpf_probe_read_kernel, generated,
     },
     macros::map,
     maps::{HashMap, PerCpuArray},
@@ -325,34 +325,45 @@ impl Current for TaskReads {
     /// `pid` then `tgid`, read as one little-endian word: `tgid << 32 | pid`.
     #[inline(always)]
     fn pid_tgid(&self) -> u64 {
-        read_kernel::<u64>(self.task, OFFSETS.load().task_pid).unwrap_or(0)
+        read_or_zero(self.task, OFFSETS.load().task_pid)
     }
     /// `cred->uid` then `cred->gid` (kernel ids, as the helper gives them).
     #[inline(always)]
     fn uid_gid(&self) -> u64 {
         let off = OFFSETS.load();
-        read_kernel::<u64>(self.task, off.task_cred)
-            .filter(|c| *c != 0)
-            .and_then(|c| read_kernel::<u64>(c, off.cred_uid))
-            .unwrap_or(0)
+        read_or_zero(read_or_zero(self.task, off.task_cred), off.cred_uid)
     }
     /// `cgroups->dfl_cgrp->kn->id`, what `bpf_get_current_cgroup_id()` returns.
     #[inline(always)]
     fn cgroup_id(&self) -> u64 {
         let off = OFFSETS.load();
-        read_kernel::<u64>(self.task, off.task_cgroups)
-            .filter(|p| *p != 0)
-            .and_then(|cset| read_kernel::<u64>(cset, off.css_set_dfl_cgrp))
-            .filter(|p| *p != 0)
-            .and_then(|cgrp| read_kernel::<u64>(cgrp, off.cgroup_kn))
-            .filter(|p| *p != 0)
-            .and_then(|kn| read_kernel::<u64>(kn, off.kernfs_node_id))
-            .unwrap_or(0)
+        let cset = read_or_zero(self.task, off.task_cgroups);
+        let cgrp = read_or_zero(cset, off.css_set_dfl_cgrp);
+        read_or_zero(read_or_zero(cgrp, off.cgroup_kn), off.kernfs_node_id)
     }
     #[inline(always)]
     fn comm(&self) -> [u8; 16] {
-        read_kernel::<[u8; 16]>(self.task, OFFSETS.load().task_comm).unwrap_or([0; 16])
+        read_or_zero(self.task, OFFSETS.load().task_comm)
     }
+}
+
+/// Read a `T` at `base + offset` in kernel memory, zero when the read faults (a zero
+/// `base` included: the helper zero-fills on failure). Without a branch on the result,
+/// so a chain of these adds no paths for the verifier to walk: the sock_ops program that
+/// reads the task this way went past 6.1's million-instruction limit with `read_kernel`.
+/// Only for offsets the agent checked are known before loading the program.
+#[inline(always)]
+fn read_or_zero<T: Default>(base: u64, offset: u32) -> T {
+    let mut v = T::default();
+    // SAFETY: the helper writes at most size_of::<T>() bytes into `v`.
+    unsafe {
+        generated::bpf_probe_read_kernel(
+            (&raw mut v).cast(),
+            core::mem::size_of::<T>() as u32,
+            base.wrapping_add(u64::from(offset)) as *const _,
+        );
+    }
+    v
 }
 
 /// The full record of a socket event, captured in the current task's context.

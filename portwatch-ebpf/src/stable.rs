@@ -263,9 +263,9 @@ pub fn listen_sockops(ctx: SockOpsContext) -> u32 {
 ///   `tcp_set_state()` calls back for this socket's own state changes.
 /// - `STATE_CB` LISTEN -> CLOSE: the end, by close(), shutdown() or an abort
 ///   (`ss -K`), before `inet_put_port()` releases the port. Called only for sockets
-///   whose flag is set: listeners, never the host's connections.
+///   whose flag is set: listeners, and an accepted connection once (below).
 /// Listeners older than the agent never had their flag set: `sock_released` reports
-/// their close.
+/// their end.
 #[sock_ops]
 pub fn listen_ops(ctx: SockOpsContext) -> u32 {
     let ops = ctx.ops;
@@ -281,7 +281,9 @@ pub fn listen_ops(ctx: SockOpsContext) -> u32 {
         } else if old == TCP_SYN_RECV {
             // A connection accepted on a listener is cloned from it, flags included
             // (`tcp_create_openreq_child()`): unwatched at its first change, so the
-            // host's connections cost one callback each, not one per state.
+            // host's connections cost one callback each, not one per state. (A program
+            // that sets STATE_CB on its listeners for their connections' sake would
+            // lose it here; one that sets it on connections later keeps it.)
             let flags = unsafe { read_volatile(&raw const (*ops).bpf_sock_ops_cb_flags) };
             let _ = ctx.set_cb_flags((flags & !BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
         }
