@@ -394,7 +394,12 @@ pub fn sock_released(ctx: SockContext) -> i32 {
         let state = unsafe { read_volatile(&raw const (*sk).state) };
         if state == TCP_LISTEN as u32 {
             unwatched_listener_released(sk as u64, family);
-        } else if state == TCP_CLOSE as u32 {
+        } else if state == TCP_CLOSE as u32
+            && unsafe { read_volatile(&raw const (*sk).dst_port) } == 0
+        {
+            // Never connected: a connection reset by its peer, or accepted on a
+            // listener, keeps its peer's port (the usual CLOSE at release on a busy
+            // server), and costs no kernel read here.
             old_listener_released(sk as u64);
         }
     }
