@@ -25,10 +25,10 @@ use portwatch_common::{
 };
 
 use crate::{
-    deliver::{count, deliver_end, end_folded, important},
+    deliver::{count, end_folded},
     record::{
-        OFFSETS, Sock, build, kthread_flag, read_kernel, report_start_built, udp_bound_direct,
-        udp_released,
+        OFFSETS, Sock, kthread_flag, local_addr, read_kernel, report_end, report_start_built,
+        udp_bound_direct, udp_released,
     },
 };
 
@@ -165,22 +165,6 @@ fn family_of(sk: u64) -> u16 {
     read_kernel::<u16>(sk, OFFSETS.load().sock_family).unwrap_or(0)
 }
 
-/// The local address as the stable set reports it: `inet_saddr` for IPv4 (what
-/// `sock:inet_sock_set_state` records), `skc_rcv_saddr` for UDP (what `bpf_sock.src_ip4`
-/// is), and `skc_v6_rcv_saddr` for IPv6 in both.
-#[inline(always)]
-fn local_addr(sk: u64, family: u16, v4_offset: u32) -> [u8; 16] {
-    let mut addr = [0u8; 16];
-    if family == AF_INET {
-        if let Some(a) = read_kernel::<[u8; 4]>(sk, v4_offset) {
-            addr[..4].copy_from_slice(&a);
-        }
-    } else if let Some(a) = read_kernel::<[u8; 16]>(sk, OFFSETS.load().sock_v6_rcv_saddr) {
-        addr = a;
-    }
-    addr
-}
-
 #[inline(always)]
 fn listen_called(socket: u64) {
     let Some((sk, _)) = inet_sock_of(socket, IPPROTO_TCP) else {
@@ -258,11 +242,9 @@ fn listen_stopped(sk: u64) {
     let family = family_of(sk);
     let port = read_kernel::<u16>(sk, off.inet_sport).map_or(0, u16::from_be);
     let addr = local_addr(sk, family, off.inet_saddr);
-    let now = unsafe { bpf_ktime_get_ns() };
-    let urgent = important(port, family, &addr);
-    let mut rec = build(
+    report_end(
         Kind::ListenStopped,
-        now,
+        unsafe { bpf_ktime_get_ns() },
         bpf_get_current_pid_tgid(),
         &Sock {
             key: sk,
@@ -273,7 +255,6 @@ fn listen_stopped(sk: u64) {
         },
         0,
     );
-    deliver_end(&mut rec, urgent);
 }
 
 /// A `bind()` of an inet socket returned 0: for UDP, the port is reserved (the real one

@@ -66,17 +66,8 @@ pub(crate) fn udp_released(sock: u64, family: u16, protocol: u16) {
             return;
         };
         if port != 0 {
-            let off = OFFSETS.load();
-            let mut addr = [0u8; 16];
-            if family == AF_INET {
-                if let Some(a) = read_kernel::<[u8; 4]>(sock, off.sock_rcv_saddr) {
-                    addr[..4].copy_from_slice(&a);
-                }
-            } else if let Some(a) = read_kernel::<[u8; 16]>(sock, off.sock_v6_rcv_saddr) {
-                addr = a;
-            }
-            let urgent = important(port, family, &addr);
-            let mut rec = build(
+            let addr = local_addr(sock, family, OFFSETS.load().sock_rcv_saddr);
+            report_end(
                 Kind::UdpReleased,
                 now,
                 bpf_get_current_pid_tgid(),
@@ -89,13 +80,11 @@ pub(crate) fn udp_released(sock: u64, family: u16, protocol: u16) {
                 },
                 FLAG_UNTRACKED,
             );
-            deliver_end(&mut rec, urgent);
         }
         return;
     };
     let _ = BOUND.remove(sock);
-    let urgent = important(b.port, b.family, &b.addr);
-    let mut rec = build(
+    report_end(
         Kind::UdpReleased,
         now,
         bpf_get_current_pid_tgid(),
@@ -108,7 +97,6 @@ pub(crate) fn udp_released(sock: u64, family: u16, protocol: u16) {
         },
         0,
     );
-    deliver_end(&mut rec, urgent);
 }
 
 #[inline(always)]
@@ -262,6 +250,44 @@ pub(crate) fn report_start_as(
     );
     send_start(&mut rec, &d, urgent);
     false
+}
+
+/// An end (close or release) of a start that was sent, built and put in the lane its
+/// address calls for (decided before building: see `important`).
+#[inline(always)]
+pub(crate) fn report_end(kind: Kind, now: u64, pid_tgid: u64, s: &Sock, extra: u32) {
+    report_end_as(&Helpers, kind, now, pid_tgid, s, extra);
+}
+
+/// `report_end` for a program that finds the current task's identity through `cur`.
+#[inline(always)]
+pub(crate) fn report_end_as(
+    cur: &impl Current,
+    kind: Kind,
+    now: u64,
+    pid_tgid: u64,
+    s: &Sock,
+    extra: u32,
+) {
+    let urgent = important(s.port, s.family, &s.addr);
+    let mut rec = build_as(cur, kind, now, pid_tgid, s, extra);
+    deliver_end(&mut rec, urgent);
+}
+
+/// The local address as the hooks report it: for IPv4 at `v4_offset`, `inet_saddr` for
+/// a listener (what `sock:inet_sock_set_state` records) or `skc_rcv_saddr` for UDP (what
+/// `bpf_sock.src_ip4` is); `skc_v6_rcv_saddr` for IPv6 in both. Zero where unreadable.
+#[inline(always)]
+pub(crate) fn local_addr(sk: u64, family: u16, v4_offset: u32) -> [u8; 16] {
+    let mut addr = [0u8; 16];
+    if family == AF_INET {
+        if let Some(a) = read_kernel::<[u8; 4]>(sk, v4_offset) {
+            addr[..4].copy_from_slice(&a);
+        }
+    } else if let Some(a) = read_kernel::<[u8; 16]>(sk, OFFSETS.load().sock_v6_rcv_saddr) {
+        addr = a;
+    }
+    addr
 }
 
 /// The socket an event is about, as its hook found it.

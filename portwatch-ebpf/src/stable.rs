@@ -21,14 +21,11 @@ use portwatch_common::{
 };
 
 use crate::{
-    deliver::{
-        Start, count, decide, deliver_end, deliver_start, end_folded, important, is_folded,
-        try_fold,
-    },
+    deliver::{Start, count, decide, deliver_start, end_folded, is_folded, try_fold},
     record::{
-        BOUND, Current as _, OFFSETS, Sock, TaskReads, build, build_as, fold_attr, is_udp,
-        kthread_flag, read_kernel, report_start_as, task_start, udp_bound, udp_bound_flags,
-        udp_released,
+        BOUND, Current as _, OFFSETS, Sock, TaskReads, build, fold_attr, is_udp, kthread_flag,
+        local_addr, read_kernel, report_end, report_end_as, report_start_as, task_start, udp_bound,
+        udp_bound_flags, udp_released,
     },
 };
 
@@ -212,8 +209,7 @@ fn state_changed<C: EbpfContext>(
         return 0;
     }
 
-    let urgent = important(f.port, family, &addr);
-    let mut rec = build(
+    report_end(
         Kind::ListenStopped,
         now,
         pid_tgid,
@@ -226,7 +222,6 @@ fn state_changed<C: EbpfContext>(
         },
         0,
     );
-    deliver_end(&mut rec, urgent);
     0
 }
 
@@ -360,9 +355,8 @@ fn listen_ended(ctx: &SockOpsContext) {
     if end_folded(sock) {
         return;
     }
-    let urgent = important(port, family, &addr);
     let cur = TaskReads::current();
-    let mut rec = build_as(
+    report_end_as(
         &cur,
         Kind::ListenStopped,
         unsafe { bpf_ktime_get_ns() },
@@ -376,7 +370,6 @@ fn listen_ended(ctx: &SockOpsContext) {
         },
         0,
     );
-    deliver_end(&mut rec, urgent);
 }
 
 /// `sock_release` of the sock_ops flavour: what `udp_release` does, and the end of a
@@ -431,8 +424,7 @@ fn old_listener_released(sock: u64) {
         return;
     };
     let _ = OLD_LISTENERS.remove(inode);
-    let urgent = important(l.port, l.family, &l.addr);
-    let mut rec = build(
+    report_end(
         Kind::ListenStopped,
         unsafe { bpf_ktime_get_ns() },
         bpf_get_current_pid_tgid(),
@@ -445,7 +437,6 @@ fn old_listener_released(sock: u64) {
         },
         FLAG_UNTRACKED,
     );
-    deliver_end(&mut rec, urgent);
 }
 
 #[inline(always)]
@@ -463,16 +454,7 @@ fn unwatched_listener_released(sock: u64, family: u16) {
     let Some(port) = read_kernel::<u16>(sock, off.sock_num) else {
         return;
     };
-    let mut addr = [0u8; 16];
-    if family == AF_INET {
-        if let Some(a) = read_kernel::<[u8; 4]>(sock, off.sock_rcv_saddr) {
-            addr[..4].copy_from_slice(&a);
-        }
-    } else if let Some(a) = read_kernel::<[u8; 16]>(sock, off.sock_v6_rcv_saddr) {
-        addr = a;
-    }
-    let urgent = important(port, family, &addr);
-    let mut rec = build(
+    report_end(
         Kind::ListenStopped,
         unsafe { bpf_ktime_get_ns() },
         bpf_get_current_pid_tgid(),
@@ -481,11 +463,10 @@ fn unwatched_listener_released(sock: u64, family: u16) {
             family,
             protocol: IPPROTO_TCP,
             port,
-            addr,
+            addr: local_addr(sock, family, off.sock_rcv_saddr),
         },
         FLAG_UNTRACKED,
     );
-    deliver_end(&mut rec, urgent);
 }
 
 #[cgroup_sock(post_bind4)]
