@@ -9,6 +9,8 @@
 /// TCP state numbers from `include/net/tcp_states.h`.
 pub const TCP_LISTEN: i32 = 10;
 pub const TCP_CLOSE: i32 = 7;
+/// The state a connection accepted on a listener starts in (include/net/tcp_states.h).
+pub const TCP_SYN_RECV: i32 = 3;
 
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;

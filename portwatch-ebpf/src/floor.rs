@@ -11,6 +11,7 @@ use aya_ebpf::{
         RawTracePointContext, SockAddrContext, SockContext, SockOpsContext, TracePointContext,
     },
 };
+use portwatch_common::TCP_SYN_RECV;
 
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
 pub fn floor_state(_ctx: TracePointContext) -> u32 {
@@ -37,7 +38,8 @@ pub fn floor_ops(ctx: SockOpsContext) -> u32 {
     if op == BPF_SOCK_OPS_TCP_LISTEN_CB {
         let _ = ctx.set_cb_flags((flags | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
     } else if op == BPF_SOCK_OPS_STATE_CB
-        && unsafe { read_volatile(&raw const (*ctx.ops).__bindgen_anon_1.args[0]) } == 3
+        && unsafe { read_volatile(&raw const (*ctx.ops).__bindgen_anon_1.args[0]) }
+            == TCP_SYN_RECV as u32
     {
         let _ = ctx.set_cb_flags((flags & !BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
     }

@@ -17,7 +17,7 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use portwatch_common::{
     AF_INET, AF_INET6, FLAG_CHARGED, FLAG_IMPLICIT, FLAG_UNTRACKED, IPPROTO_TCP, Kind, OldListener,
-    SocketRecord, TCP_CLOSE, TCP_LISTEN, stat,
+    SocketRecord, TCP_CLOSE, TCP_LISTEN, TCP_SYN_RECV, stat,
 };
 
 use crate::{
@@ -273,7 +273,7 @@ pub fn listen_ops(ctx: SockOpsContext) -> u32 {
         let new = unsafe { read_volatile(&raw const (*ops).__bindgen_anon_1.args[1]) };
         if old == TCP_LISTEN as u32 && new == TCP_CLOSE as u32 {
             listen_ended(&ctx);
-        } else if old == TCP_SYN_RECV {
+        } else if old == TCP_SYN_RECV as u32 {
             // A connection accepted on a listener is cloned from it, flags included
             // (`tcp_create_openreq_child()`): unwatched at its first change, so the
             // host's connections cost one callback each, not one per state. (A program
@@ -285,10 +285,6 @@ pub fn listen_ops(ctx: SockOpsContext) -> u32 {
     }
     1
 }
-
-/// `TCP_SYN_RECV` (include/net/tcp_states.h): the state a connection accepted on a
-/// listener starts in.
-const TCP_SYN_RECV: u32 = 3;
 
 /// The local address of a sock_ops socket, as the state records carry it.
 #[inline(always)]

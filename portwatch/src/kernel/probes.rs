@@ -229,8 +229,9 @@ pub struct FoldMaps {
     pub budgets: aya::maps::HashMap<MapData, u32, portwatch_common::Budget>,
     /// The ports the kernel treats as important.
     pub risky: Array<MapData, u64>,
-    /// TCP listeners of the startup snapshot, by inode (see `remember_old_listeners`).
-    pub old_listeners: aya::maps::HashMap<MapData, u64, portwatch_common::OldListener>,
+    /// TCP listeners of the startup snapshot, by inode (see `remember_old_listeners`):
+    /// only where `sock_released`, their only reader, runs.
+    pub old_listeners: Option<aya::maps::HashMap<MapData, u64, portwatch_common::OldListener>>,
 }
 
 impl FoldMaps {
@@ -252,6 +253,9 @@ impl FoldMaps {
     /// never saw their listen(), and recognises by this map the end of one that is shut
     /// down rather than closed. Returns how many did not fit (the map is full).
     pub fn remember_old_listeners(&mut self, found: &[crate::attribution::scan::Found]) -> usize {
+        let Some(old_listeners) = &mut self.old_listeners else {
+            return 0;
+        };
         let mut refused = 0;
         for f in found {
             let s = &f.socket;
@@ -272,7 +276,7 @@ impl FoldMaps {
                     l.addr = a.octets();
                 }
             }
-            if self.old_listeners.insert(s.inode, l, 0).is_err() {
+            if old_listeners.insert(s.inode, l, 0).is_err() {
                 refused += 1;
             }
         }
@@ -379,10 +383,14 @@ pub fn load(opts: &Options) -> anyhow::Result<Sensor> {
             ebpf.take_map("RISKY_PORTS")
                 .context("RISKY_PORTS map missing")?,
         )?,
-        old_listeners: aya::maps::HashMap::try_from(
-            ebpf.take_map("OLD_LISTENERS")
-                .context("OLD_LISTENERS map missing")?,
-        )?,
+        old_listeners: if hooks.programs.contains(&SOCKOPS_STABLE[1]) {
+            Some(aya::maps::HashMap::try_from(
+                ebpf.take_map("OLD_LISTENERS")
+                    .context("OLD_LISTENERS map missing")?,
+            )?)
+        } else {
+            None
+        },
     };
     let stats = StatsReader {
         counters: PerCpuArray::try_from(ebpf.take_map("STATS").context("STATS map missing")?)?,
@@ -738,7 +746,8 @@ fn attach_cgroup_set(
         send4,
         send6,
     ] = *names;
-    let flavour = if names[0] == STABLE_PROGRAMS[0] {
+    let stable = names[0] == STABLE_PROGRAMS[0];
+    let flavour = if stable {
         SOCKOPS_STABLE
     } else {
         SOCKOPS_FLOOR
@@ -799,11 +808,7 @@ fn attach_cgroup_set(
     programs[1] = sockops;
     programs[4] = release;
     let mut via = "tracepoint+cgroup";
-    let raw_name = if names[0] == STABLE_PROGRAMS[0] {
-        STATE_RAW[0]
-    } else {
-        STATE_RAW[1]
-    };
+    let raw_name = if stable { STATE_RAW[0] } else { STATE_RAW[1] };
     let raw = match state {
         StateHook::Raw => Some(attach_state_raw(ebpf, raw_name, offsets)),
         StateHook::SockOps | StateHook::Classic | StateHook::Off => None,
