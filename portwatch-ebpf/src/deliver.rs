@@ -52,11 +52,136 @@ static FOLDS: HashMap<FoldKey, Fold> = HashMap::with_max_entries(512, 0);
 #[map]
 static FOLD_ZERO: Array<Fold> = Array::with_max_entries(1, 0);
 
-/// Sockets whose start was folded, so their end is folded into the same fold. A plain
-/// hash (an LRU insert cost more per folded start); when it is full, starts are sent
-/// one by one instead of folded (counted in FOLD_FULL).
+/// Sockets whose start was folded, so their end is folded into the same fold: those
+/// named by address ([`FoldTag::Addr`]), and those named by cookie whose `FOLDED_FAST`
+/// slot was taken. A plain hash (an LRU insert cost more per folded start); when it is
+/// full, starts are sent one by one instead of folded (counted in FOLD_FULL). Cookies
+/// (a counter) and kernel addresses never take the same value.
 #[map]
 static FOLDED_SOCKS: HashMap<u64, FoldKey> = HashMap::with_max_entries(65536, 0);
+
+/// Slots in `FOLDED_FAST` (a power of two): 512 KiB.
+const FAST_SLOTS: u32 = 16384;
+
+/// Where a socket named by cookie is remembered first: the slot `cookie % FAST_SLOTS`,
+/// claimed with a compare-and-swap. A hash insert and delete (bucket lock, free list)
+/// per folded socket was the largest single cost of a folded start and end (perf, tcp
+/// churn: a quarter of the programs' time); a slot is an inlined array lookup and two
+/// atomics. Cookies are handed out in sequence (in per-CPU batches), so consecutive
+/// sockets take consecutive slots and only a socket still open 16,384 cookies later can
+/// find its slot taken; it goes to `FOLDED_SOCKS`.
+#[map]
+static FOLDED_FAST: Array<FoldedSlot> = Array::with_max_entries(FAST_SLOTS, 0);
+
+/// `cookie`: 0 free, [`CLAIMED`] while its owner writes `key`, else the socket's cookie.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct FoldedSlot {
+    cookie: u64,
+    key: FoldKey,
+}
+
+/// A slot being filled: the kernel's first cookie is 1 (`gen_cookie_next()` starts
+/// above 0), but no socket of ours is ever asked for its cookie that early; a cookie of
+/// 1 is treated as taken, which sends such a socket to `FOLDED_SOCKS`: still exact.
+const CLAIMED: u64 = 1;
+
+/// How many cookie-named sockets `FOLDED_SOCKS` holds: while none, an end named by
+/// cookie that is not in its slot is known not folded without a hash lookup (every end
+/// of a sent start asks).
+#[map]
+static FOLDED_SPILLED: Array<u64> = Array::with_max_entries(1, 0);
+
+/// How the folded-socket tables know a socket.
+#[derive(Clone, Copy)]
+pub enum FoldTag {
+    /// By its cookie (`bpf_get_socket_cookie()`): the cgroup and sock_ops programs,
+    /// which can hash it (the verifier forbids arithmetic on their socket pointers).
+    Cookie(u64),
+    /// By its address: programs without the cookie helper for their socket
+    /// (tracepoints, fentry/fexit, kprobes); `FOLDED_SOCKS` only.
+    Addr(u64),
+}
+
+#[inline(always)]
+fn fast_slot(cookie: u64) -> Option<*mut FoldedSlot> {
+    if cookie <= CLAIMED {
+        return None;
+    }
+    FOLDED_FAST.get_ptr_mut(cookie as u32 & (FAST_SLOTS - 1))
+}
+
+#[inline(always)]
+fn spilled(delta: i64) {
+    if let Some(n) = FOLDED_SPILLED.get_ptr_mut(0) {
+        add(n, delta as u64);
+    }
+}
+
+/// Remember the socket as folded into `key`; false when there is no room.
+#[inline(always)]
+fn remember_folded(tag: FoldTag, key: FoldKey) -> bool {
+    match tag {
+        FoldTag::Cookie(c) => {
+            if let Some(slot) = fast_slot(c) {
+                let p = unsafe { &raw mut (*slot).cookie };
+                if cas(p, 0, CLAIMED) {
+                    unsafe { (*slot).key = key };
+                    // Ordered after the key (an exchange is a full barrier): whoever
+                    // finds the cookie finds its key.
+                    xchg(p, c);
+                    return true;
+                }
+            }
+            // Counted before the insert, so an end that can find the entry sees it.
+            spilled(1);
+            if FOLDED_SOCKS.insert(c, key, 0).is_err() {
+                spilled(-1);
+                return false;
+            }
+            true
+        }
+        FoldTag::Addr(a) => FOLDED_SOCKS.insert(a, key, 0).is_ok(),
+    }
+}
+
+/// Forget the socket if its start was folded: its fold key if so.
+#[inline(always)]
+fn forget_folded(tag: FoldTag) -> Option<FoldKey> {
+    match tag {
+        FoldTag::Cookie(c) => {
+            if let Some(slot) = fast_slot(c) {
+                let p = unsafe { &raw mut (*slot).cookie };
+                if unsafe { read_volatile(p) } == c {
+                    let key = unsafe { read_volatile(&raw const (*slot).key) };
+                    // The key is read before the slot is given back (a full barrier).
+                    xchg(p, 0);
+                    return Some(key);
+                }
+            }
+            if !any_spilled() {
+                return None;
+            }
+            let key = (unsafe { FOLDED_SOCKS.get(c) }).copied()?;
+            if FOLDED_SOCKS.remove(c).is_ok() {
+                spilled(-1);
+            }
+            Some(key)
+        }
+        FoldTag::Addr(a) => {
+            let key = (unsafe { FOLDED_SOCKS.get(a) }).copied()?;
+            let _ = FOLDED_SOCKS.remove(a);
+            Some(key)
+        }
+    }
+}
+
+#[inline(always)]
+fn any_spilled() -> bool {
+    FOLDED_SPILLED
+        .get_ptr(0)
+        .is_some_and(|n| unsafe { read_volatile(n) } != 0)
+}
 
 /// Starts per second one process may send one by one; 0 = never fold.
 #[unsafe(no_mangle)]
@@ -154,6 +279,40 @@ fn add(p: *mut u64, n: u64) {
     };
 }
 
+/// `*p = new` if it was `old`, atomically (BPF_CMPXCHG, kernel >= 5.12); whether it was.
+#[inline(always)]
+fn cas(p: *mut u64, old: u64, new: u64) -> bool {
+    // SAFETY: as `add`.
+    #[cfg(target_arch = "bpf")]
+    unsafe {
+        use core::intrinsics::{AtomicOrdering, atomic_cxchg};
+        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(p, old, new).1
+    }
+    #[cfg(not(target_arch = "bpf"))]
+    unsafe {
+        let was = *p == old;
+        if was {
+            *p = new;
+        }
+        was
+    }
+}
+
+/// `*p = v` atomically with a full barrier (BPF_XCHG, kernel >= 5.12).
+#[inline(always)]
+fn xchg(p: *mut u64, v: u64) {
+    // SAFETY: as `add`.
+    #[cfg(target_arch = "bpf")]
+    unsafe {
+        use core::intrinsics::{AtomicOrdering, atomic_xchg};
+        atomic_xchg::<u64, { AtomicOrdering::SeqCst }>(p, v);
+    }
+    #[cfg(not(target_arch = "bpf"))]
+    unsafe {
+        *p = v
+    };
+}
+
 /// `*p |= bits` atomically: BPF_OR without fetch (kernel >= 5.12).
 #[inline(always)]
 fn or(p: *mut u64, bits: u64) {
@@ -175,7 +334,9 @@ fn or(p: *mut u64, bits: u64) {
 #[inline(always)]
 fn spend(b: *mut Budget, now: u64, limit: u32) -> bool {
     unsafe {
-        if now.wrapping_sub((*b).window_ns) >= SECOND_NS {
+        // Saturating: a start timed by the coarse clock (a tick behind) may follow one
+        // timed by the fine clock; it belongs to the same window, not a new one.
+        if now.saturating_sub((*b).window_ns) >= SECOND_NS {
             (*b).window_ns = now;
             (*b).in_window = 0;
         }
@@ -204,11 +365,13 @@ fn proc_budget(tgid: u32, start: u64, now: u64) -> Option<*mut Budget> {
 
 /// What deciding about a start needs: known before any kernel struct is read, but for
 /// the task's start time (two reads), so a folded start costs no attribution reads.
+/// (The user is asked for only when the user budget is (see [`decide`]).)
 #[derive(Clone, Copy)]
 pub struct Start {
     pub pid_tgid: u64,
-    pub uid_gid: u64,
     pub start_boottime_ns: u64,
+    /// `CLOCK_MONOTONIC`, fine or coarse (one tick behind at most): budget windows and
+    /// fold times only.
     pub now: u64,
     pub family: u16,
     pub protocol: u16,
@@ -221,7 +384,6 @@ impl Start {
     fn of(rec: &SocketRecord) -> Start {
         Start {
             pid_tgid: rec.header.pid_tgid,
-            uid_gid: rec.uid_gid,
             start_boottime_ns: rec.start_boottime_ns,
             now: rec.header.ktime_ns,
             family: rec.family,
@@ -235,6 +397,7 @@ impl Start {
 /// What a new fold records about its process besides the [`Start`]: read only when a
 /// fold is created.
 pub struct FoldAttr {
+    pub uid_gid: u64,
     pub netns_ino: u32,
     pub ppid: u32,
     /// `FLAG_NETNS` / `FLAG_PPID` for the fields read.
@@ -254,7 +417,7 @@ pub struct Decision {
 /// already over its own: a process over budget must not spend the budget of the other
 /// processes of its user.
 #[inline(always)]
-pub fn decide(s: &Start) -> Decision {
+pub fn decide(s: &Start, uid_gid: impl FnOnce() -> u64) -> Decision {
     let tgid = (s.pid_tgid >> 32) as u32;
     let budget = proc_budget(tgid, s.start_boottime_ns, s.now);
     let limit = FOLD_ABOVE.load();
@@ -271,7 +434,7 @@ pub fn decide(s: &Start) -> Decision {
     if user_limit == 0 {
         return Decision { budget, reason: 0 };
     }
-    let uid = s.uid_gid as u32;
+    let uid = uid_gid() as u32;
     let ub = match USER_BUDGET.get_ptr_mut(uid) {
         Some(b) => Some(b),
         None => {
@@ -295,8 +458,8 @@ pub fn decide(s: &Start) -> Decision {
 /// called only when a new fold is created. False: send it (not over budget, or it could
 /// not be folded).
 #[inline(always)]
-pub fn try_fold(s: &Start, d: &Decision, sock: u64, attr: impl FnOnce() -> FoldAttr) -> bool {
-    if d.reason == 0 || !fold(s, sock, d.reason, attr) {
+pub fn try_fold(s: &Start, d: &Decision, tag: FoldTag, attr: impl FnOnce() -> FoldAttr) -> bool {
+    if d.reason == 0 || !fold(s, tag, d.reason, attr) {
         return false;
     }
     if let Some(b) = d.budget {
@@ -319,12 +482,12 @@ pub fn send_start(rec: &mut SocketRecord, d: &Decision, urgent: bool) {
 }
 
 /// A start (listen or bind) the kernel is about to report with its whole record: send
-/// it, or fold it when its process or user is over budget. `sock` is the `struct sock`
-/// address, remembered so the end of a folded start is folded too. A record marked
+/// it, or fold it when its process or user is over budget. `tag` names the socket, so
+/// the end of a folded start is folded too. A record marked
 /// FLAG_CHARGED was already charged (and not folded) when its listen began: it is sent.
 /// Returns true when the start was folded.
 #[inline(always)]
-pub fn deliver_start(rec: &mut SocketRecord, sock: u64) -> bool {
+pub fn deliver_start(rec: &mut SocketRecord, tag: FoldTag) -> bool {
     let s = Start::of(rec);
     let urgent = important(s.port, s.family, &s.addr);
     if rec.flags & FLAG_CHARGED != 0 {
@@ -337,15 +500,16 @@ pub fn deliver_start(rec: &mut SocketRecord, sock: u64) -> bool {
         send_start(rec, &d, urgent);
         return false;
     }
-    let d = decide(&s);
+    let d = decide(&s, || rec.uid_gid);
     let attr = || FoldAttr {
+        uid_gid: rec.uid_gid,
         netns_ino: rec.netns_ino,
         ppid: rec.ppid,
         flags: rec.flags,
         cgroup_id: rec.cgroup_id,
         comm: rec.comm,
     };
-    if try_fold(&s, &d, sock, attr) {
+    if try_fold(&s, &d, tag, attr) {
         return true;
     }
     send_start(rec, &d, urgent);
@@ -361,18 +525,24 @@ pub fn deliver_end(rec: &mut SocketRecord, urgent: bool) {
 
 /// Whether the socket's start was folded (and its end not yet seen).
 #[inline(always)]
-pub fn is_folded(sock: u64) -> bool {
-    unsafe { FOLDED_SOCKS.get(sock) }.is_some()
+pub fn is_folded(tag: FoldTag) -> bool {
+    match tag {
+        FoldTag::Cookie(c) => {
+            fast_slot(c)
+                .is_some_and(|slot| unsafe { read_volatile(&raw const (*slot).cookie) } == c)
+                || (any_spilled() && unsafe { FOLDED_SOCKS.get(c) }.is_some())
+        }
+        FoldTag::Addr(a) => unsafe { FOLDED_SOCKS.get(a) }.is_some(),
+    }
 }
 
 /// Whether the socket's start was folded; if so its end is counted into the same fold
 /// and must not be sent.
 #[inline(always)]
-pub fn end_folded(sock: u64) -> bool {
-    let Some(k) = (unsafe { FOLDED_SOCKS.get(sock) }).copied() else {
+pub fn end_folded(tag: FoldTag) -> bool {
+    let Some(k) = forget_folded(tag) else {
         return false;
     };
-    let _ = FOLDED_SOCKS.remove(sock);
     match FOLDS.get_ptr_mut(k) {
         Some(f) => add(unsafe { &raw mut (*f).ended }, 1),
         None => count(stat::FOLD_END_ORPHAN),
@@ -383,7 +553,7 @@ pub fn end_folded(sock: u64) -> bool {
 /// Count a start into its fold. False when it cannot be folded (the fold map is full):
 /// the caller then sends it, so nothing is lost.
 #[inline(always)]
-fn fold(s: &Start, sock: u64, reason: u32, attr: impl FnOnce() -> FoldAttr) -> bool {
+fn fold(s: &Start, tag: FoldTag, reason: u32, attr: impl FnOnce() -> FoldAttr) -> bool {
     let scope = if is_loopback(s.family, &s.addr) {
         SCOPE_LOOPBACK
     } else if is_wildcard(s.family, &s.addr) {
@@ -420,7 +590,7 @@ fn fold(s: &Start, sock: u64, reason: u32, attr: impl FnOnce() -> FoldAttr) -> b
                 if (*f).first_ns == 0 {
                     let a = attr();
                     (*f).first_ns = s.now;
-                    (*f).uid_gid = s.uid_gid;
+                    (*f).uid_gid = a.uid_gid;
                     (*f).cgroup_id = a.cgroup_id;
                     (*f).netns_ino = a.netns_ino;
                     (*f).ppid = a.ppid;
@@ -433,7 +603,7 @@ fn fold(s: &Start, sock: u64, reason: u32, attr: impl FnOnce() -> FoldAttr) -> b
         }
     };
     // Remembered first: a start whose end could not be folded too is sent instead.
-    if FOLDED_SOCKS.insert(sock, key, 0).is_err() {
+    if !remember_folded(tag, key) {
         count(stat::FOLD_FULL);
         return false;
     }

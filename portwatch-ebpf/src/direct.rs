@@ -25,9 +25,9 @@ use portwatch_common::{
 };
 
 use crate::{
-    deliver::{count, end_folded},
+    deliver::{FoldTag, count, end_folded},
     record::{
-        OFFSETS, Sock, kthread_flag, local_addr, read_kernel, report_end, report_start_built,
+        Sock, kthread_flag, local_addr, read_kernel, report_end, report_start_built,
         udp_bound_direct, udp_released,
     },
 };
@@ -155,14 +155,14 @@ pub fn release_kp(ctx: ProbeContext) -> u32 {
 /// (`IPPROTO_UDP` also takes UDP-Lite), with the socket's own protocol.
 #[inline(always)]
 fn inet_sock_of(socket: u64, protocol: u16) -> Option<(u64, u16)> {
-    let sk = read_kernel::<u64>(socket, OFFSETS.load().socket_sk).filter(|s| *s != 0)?;
-    let p = read_kernel::<u16>(sk, OFFSETS.load().sock_protocol)?;
+    let sk = read_kernel::<u64>(socket, offset!(socket_sk)).filter(|s| *s != 0)?;
+    let p = read_kernel::<u16>(sk, offset!(sock_protocol))?;
     (p == protocol || (protocol == IPPROTO_UDP && p == IPPROTO_UDPLITE)).then_some((sk, p))
 }
 
 #[inline(always)]
 fn family_of(sk: u64) -> u16 {
-    read_kernel::<u16>(sk, OFFSETS.load().sock_family).unwrap_or(0)
+    read_kernel::<u16>(sk, offset!(sock_family)).unwrap_or(0)
 }
 
 #[inline(always)]
@@ -170,7 +170,7 @@ fn listen_called(socket: u64) {
     let Some((sk, _)) = inet_sock_of(socket, IPPROTO_TCP) else {
         return;
     };
-    if read_kernel::<u8>(sk, OFFSETS.load().sock_state) == Some(TCP_LISTEN as u8) {
+    if read_kernel::<u8>(sk, offset!(sock_state)) == Some(TCP_LISTEN as u8) {
         return;
     }
     if LISTEN_CALLS
@@ -194,14 +194,13 @@ fn listen_returned(ret: i32) {
         count(stat::LISTEN_FAILED);
         return;
     }
-    let off = OFFSETS.load();
-    let port = read_kernel::<u16>(sk, off.sock_num).unwrap_or(0);
+    let port = read_kernel::<u16>(sk, offset!(sock_num)).unwrap_or(0);
     let kthread = kthread_flag();
     // One call per family, each with the family constant: the verifier then prunes the
     // other family's paths in each (one call with the family unknown walked both
     // everywhere and hit 6.1's million-instruction limit).
     if family_of(sk) == AF_INET {
-        let addr = local_addr(sk, AF_INET, off.inet_saddr);
+        let addr = local_addr(sk, AF_INET, offset!(inet_saddr));
         report_start_built(
             Kind::ListenStarted,
             sk,
@@ -212,7 +211,7 @@ fn listen_returned(ret: i32) {
             kthread,
         );
     } else {
-        let addr = local_addr(sk, AF_INET6, off.inet_saddr);
+        let addr = local_addr(sk, AF_INET6, offset!(inet_saddr));
         report_start_built(
             Kind::ListenStarted,
             sk,
@@ -231,17 +230,16 @@ fn listen_returned(ret: i32) {
 /// port is `inet_sport`, as in the state tracepoint.
 #[inline(always)]
 fn listen_stopped(sk: u64) {
-    let off = OFFSETS.load();
     // DCCP listeners stop here too.
-    if read_kernel::<u16>(sk, off.sock_protocol) != Some(IPPROTO_TCP) {
+    if read_kernel::<u16>(sk, offset!(sock_protocol)) != Some(IPPROTO_TCP) {
         return;
     }
-    if end_folded(sk) {
+    if end_folded(FoldTag::Addr(sk)) {
         return;
     }
     let family = family_of(sk);
-    let port = read_kernel::<u16>(sk, off.inet_sport).map_or(0, u16::from_be);
-    let addr = local_addr(sk, family, off.inet_saddr);
+    let port = read_kernel::<u16>(sk, offset!(inet_sport)).map_or(0, u16::from_be);
+    let addr = local_addr(sk, family, offset!(inet_saddr));
     report_end(
         Kind::ListenStopped,
         unsafe { bpf_ktime_get_ns() },
@@ -264,14 +262,13 @@ fn bind_returned(socket: u64) {
     let Some((sk, protocol)) = inet_sock_of(socket, IPPROTO_UDP) else {
         return;
     };
-    let off = OFFSETS.load();
-    let port = read_kernel::<u16>(sk, off.sock_num).unwrap_or(0);
+    let port = read_kernel::<u16>(sk, offset!(sock_num)).unwrap_or(0);
     // Family constant per call, as in `listen_returned`.
     if family_of(sk) == AF_INET {
-        let addr = local_addr(sk, AF_INET, off.sock_rcv_saddr);
+        let addr = local_addr(sk, AF_INET, offset!(sock_rcv_saddr));
         udp_bound_direct(sk, AF_INET, protocol, port, addr);
     } else {
-        let addr = local_addr(sk, AF_INET6, off.sock_rcv_saddr);
+        let addr = local_addr(sk, AF_INET6, offset!(sock_rcv_saddr));
         udp_bound_direct(sk, AF_INET6, protocol, port, addr);
     }
 }
@@ -283,11 +280,10 @@ fn release_called(socket: u64) {
     let Some((sk, protocol)) = inet_sock_of(socket, IPPROTO_UDP) else {
         return;
     };
-    let off = OFFSETS.load();
-    if read_kernel::<u8>(sk, off.sock_kern_byte)
-        .is_some_and(|b| b & (1u8 << (off.sock_kern_bit & 7)) != 0)
+    if read_kernel::<u8>(sk, offset!(sock_kern_byte))
+        .is_some_and(|b| b & (1u8 << (offset!(sock_kern_bit) & 7)) != 0)
     {
         return;
     }
-    udp_released(sk, family_of(sk), protocol);
+    udp_released(sk, FoldTag::Addr(sk), family_of(sk), protocol);
 }

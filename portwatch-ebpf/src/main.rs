@@ -27,6 +27,23 @@
 )]
 #![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
 
+/// One field of `record::OFFSETS`, the offsets the agent found in BTF, read on its own.
+/// `Global::load()` reads the whole struct (a volatile read: 32 loads, every time, on
+/// every path that needs one offset); this reads the one word that is used. Volatile,
+/// as `load()` is: the value is written by the agent at load time, not the one compiled.
+macro_rules! offset {
+    ($field:ident) => {
+        // SAFETY: `Global` is `repr(transparent)` over an initialised `KernelOffsets`.
+        unsafe {
+            core::ptr::read_volatile(
+                &raw const (*(&raw const crate::record::OFFSETS)
+                    .cast::<portwatch_common::KernelOffsets>())
+                .$field,
+            )
+        }
+    };
+}
+
 mod deliver;
 mod direct;
 mod floor;

@@ -18,8 +18,8 @@ use portwatch_common::{
 };
 
 use crate::deliver::{
-    FoldAttr, Start, count, decide, deliver_end, deliver_start, end_folded, important, send_start,
-    try_fold,
+    FoldAttr, FoldTag, Start, count, decide, deliver_end, deliver_start, end_folded, important,
+    send_start, try_fold,
 };
 
 /// UDP sockets we reported bound, keyed by `struct sock` address, so that
@@ -52,21 +52,25 @@ pub(crate) fn is_udp(protocol: u32) -> bool {
 }
 
 /// A UDP socket is being released (`inet_release()`): report it if we saw it bound.
+/// `tag` names it as its bind hook did.
 #[inline(always)]
-pub(crate) fn udp_released(sock: u64, family: u16, protocol: u16) {
+pub(crate) fn udp_released(sock: u64, tag: FoldTag, family: u16, protocol: u16) {
+    // Folded first: in a flood, the usual case, and its table is warm (cookies in
+    // sequence), where a `BOUND` miss reads a cold bucket (perf: the largest single cost
+    // of a folded UDP release when it came first).
+    if end_folded(tag) {
+        return;
+    }
     let now = unsafe { bpf_ktime_get_ns() };
     // sock_release may not read the address fields, so they come from the bind.
     let Some(b) = (unsafe { BOUND.get(sock) }).copied() else {
-        if end_folded(sock) {
-            return;
-        }
         // Not seen bound. If it holds a port it may be a listener found by the agent's
         // startup snapshot, whose end must not go missing; the agent drops the rest.
-        let Some(port) = read_kernel::<u16>(sock, OFFSETS.load().sock_num) else {
+        let Some(port) = read_kernel::<u16>(sock, offset!(sock_num)) else {
             return;
         };
         if port != 0 {
-            let addr = local_addr(sock, family, OFFSETS.load().sock_rcv_saddr);
+            let addr = local_addr(sock, family, offset!(sock_rcv_saddr));
             report_end(
                 Kind::UdpReleased,
                 now,
@@ -100,13 +104,21 @@ pub(crate) fn udp_released(sock: u64, family: u16, protocol: u16) {
 }
 
 #[inline(always)]
-pub(crate) fn udp_bound(sock: u64, family: u16, protocol: u16, port: u16, addr: [u8; 16]) {
-    udp_bound_flags(sock, family, protocol, port, addr, 0);
+pub(crate) fn udp_bound(
+    sock: u64,
+    tag: FoldTag,
+    family: u16,
+    protocol: u16,
+    port: u16,
+    addr: [u8; 16],
+) {
+    udp_bound_flags(sock, tag, family, protocol, port, addr, 0);
 }
 
 #[inline(always)]
 pub(crate) fn udp_bound_flags(
     sock: u64,
+    tag: FoldTag,
     family: u16,
     protocol: u16,
     port: u16,
@@ -114,7 +126,17 @@ pub(crate) fn udp_bound_flags(
     flags: u32,
 ) {
     // Folded: its release is found in FOLDED_SOCKS instead.
-    if !report_start(Kind::UdpBound, sock, family, protocol, port, &addr, flags) {
+    if !report_start_as(
+        &Helpers,
+        Kind::UdpBound,
+        || sock,
+        tag,
+        family,
+        protocol,
+        port,
+        &addr,
+        || flags,
+    ) {
         remember_bound(sock, family, port, addr);
     }
 }
@@ -173,7 +195,7 @@ pub(crate) fn report_start_built(
             },
             extra,
         );
-        deliver_start(&mut *rec, sock)
+        deliver_start(&mut *rec, FoldTag::Addr(sock))
     }
 }
 
@@ -187,66 +209,54 @@ pub(crate) fn udp_bound_direct(sock: u64, family: u16, protocol: u16, port: u16,
 
 /// A start whose port is known, in its task: the budgets first (a start over budget is
 /// folded without attribution reads), then the record, sent in its lane. True when it
-/// was folded.
-#[inline(always)]
-pub(crate) fn report_start(
-    kind: Kind,
-    sock: u64,
-    family: u16,
-    protocol: u16,
-    port: u16,
-    addr: &[u8; 16],
-    extra: u32,
-) -> bool {
-    report_start_as(&Helpers, kind, sock, family, protocol, port, addr, extra)
-}
-
-/// `report_start` for a program that finds the current task's identity through `cur`.
+/// was folded. `cur` finds the current task's identity; `sock` (the `struct sock`
+/// address) and `extra` (record flags) are asked for only when needed: a folded start
+/// of a known fold needs neither. Timed by the coarse clock unless a record is built:
+/// for the cgroup and sock_ops programs only (no tracing program may read that clock).
 #[inline(always)]
 #[expect(
     clippy::too_many_arguments,
-    reason = "report_start's, and who is running"
+    reason = "who is running, the socket (its address, its name in the fold tables, its local address) and the record's flags"
 )]
 pub(crate) fn report_start_as(
     cur: &impl Current,
     kind: Kind,
-    sock: u64,
+    sock: impl Fn() -> u64,
+    tag: FoldTag,
     family: u16,
     protocol: u16,
     port: u16,
     addr: &[u8; 16],
-    extra: u32,
+    extra: impl FnOnce() -> u32,
 ) -> bool {
-    let now = unsafe { bpf_ktime_get_ns() };
     let pid_tgid = cur.pid_tgid();
     let s = Start {
         pid_tgid,
-        uid_gid: cur.uid_gid(),
         start_boottime_ns: task_start().unwrap_or(0),
-        now,
+        now: unsafe { generated::bpf_ktime_get_coarse_ns() },
         family,
         protocol,
         port,
         addr: *addr,
     };
-    let d = decide(&s);
-    if try_fold(&s, &d, sock, || fold_attr_as(cur, sock)) {
+    let d = decide(&s, || cur.uid_gid());
+    if try_fold(&s, &d, tag, || fold_attr_as(cur, sock())) {
         return true;
     }
     let urgent = important(port, family, addr);
     let mut rec = build_as(
         cur,
         kind,
-        now,
+        unsafe { bpf_ktime_get_ns() },
         pid_tgid,
         &Sock {
-            key: sock,
+            key: sock(),
             family,
             protocol,
             port,
             addr: *addr,
         },
-        extra,
+        extra(),
     );
     send_start(&mut rec, &d, urgent);
     false
@@ -284,7 +294,7 @@ pub(crate) fn local_addr(sk: u64, family: u16, v4_offset: u32) -> [u8; 16] {
         if let Some(a) = read_kernel::<[u8; 4]>(sk, v4_offset) {
             addr[..4].copy_from_slice(&a);
         }
-    } else if let Some(a) = read_kernel::<[u8; 16]>(sk, OFFSETS.load().sock_v6_rcv_saddr) {
+    } else if let Some(a) = read_kernel::<[u8; 16]>(sk, offset!(sock_v6_rcv_saddr)) {
         addr = a;
     }
     addr
@@ -351,25 +361,29 @@ impl Current for TaskReads {
     /// `pid` then `tgid`, read as one little-endian word: `tgid << 32 | pid`.
     #[inline(always)]
     fn pid_tgid(&self) -> u64 {
-        read_or_zero(self.task, OFFSETS.load().task_pid)
+        read_or_zero(self.task, offset!(task_pid))
     }
     /// `cred->uid` then `cred->gid` (kernel ids, as the helper gives them).
     #[inline(always)]
     fn uid_gid(&self) -> u64 {
-        let off = OFFSETS.load();
-        read_or_zero(read_or_zero(self.task, off.task_cred), off.cred_uid)
+        read_or_zero(
+            read_or_zero(self.task, offset!(task_cred)),
+            offset!(cred_uid),
+        )
     }
     /// `cgroups->dfl_cgrp->kn->id`, what `bpf_get_current_cgroup_id()` returns.
     #[inline(always)]
     fn cgroup_id(&self) -> u64 {
-        let off = OFFSETS.load();
-        let cset = read_or_zero(self.task, off.task_cgroups);
-        let cgrp = read_or_zero(cset, off.css_set_dfl_cgrp);
-        read_or_zero(read_or_zero(cgrp, off.cgroup_kn), off.kernfs_node_id)
+        let cset = read_or_zero(self.task, offset!(task_cgroups));
+        let cgrp = read_or_zero(cset, offset!(css_set_dfl_cgrp));
+        read_or_zero(
+            read_or_zero(cgrp, offset!(cgroup_kn)),
+            offset!(kernfs_node_id),
+        )
     }
     #[inline(always)]
     fn comm(&self) -> [u8; 16] {
-        read_or_zero(self.task, OFFSETS.load().task_comm)
+        read_or_zero(self.task, offset!(task_comm))
     }
 }
 
@@ -415,40 +429,40 @@ pub(crate) fn build_as(
     extra: u32,
 ) -> SocketRecord {
     let sock = s.key;
-    let off = OFFSETS.load();
     // An end needs only what pairs it with its start (the inode); the agent reuses the
     // start's attribution, so the namespace and task reads are skipped for it.
     let starting = matches!(kind, Kind::ListenStarted | Kind::UdpBound);
     let mut flags = extra;
 
-    let socket = read_kernel::<u64>(sock, off.sock_socket).filter(|s| *s != 0);
-    let inode =
-        socket.and_then(|s| read_kernel::<u64>(s, off.socket_to_inode.wrapping_add(off.inode_ino)));
+    let socket = read_kernel::<u64>(sock, offset!(sock_socket)).filter(|s| *s != 0);
+    let inode = socket.and_then(|s| {
+        read_kernel::<u64>(s, offset!(socket_to_inode).wrapping_add(offset!(inode_ino)))
+    });
     if inode.is_some() {
         flags |= FLAG_INODE;
     }
     let net = if starting {
-        read_kernel::<u64>(sock, off.sock_net).filter(|n| *n != 0)
+        read_kernel::<u64>(sock, offset!(sock_net)).filter(|n| *n != 0)
     } else {
         None
     };
-    let netns = net.and_then(|n| read_kernel::<u32>(n, off.net_inum));
+    let netns = net.and_then(|n| read_kernel::<u32>(n, offset!(net_inum)));
     if netns.is_some() {
         flags |= FLAG_NETNS;
     }
-    if read_kernel::<u8>(sock, off.sock_ipv6only_byte)
-        .is_some_and(|b| b & (1u8 << (off.sock_ipv6only_bit & 7)) != 0)
+    if read_kernel::<u8>(sock, offset!(sock_ipv6only_byte))
+        .is_some_and(|b| b & (1u8 << (offset!(sock_ipv6only_bit) & 7)) != 0)
     {
         flags |= FLAG_V6ONLY;
     }
     let task = if starting { current_task() } else { 0 };
-    let leader = read_kernel::<u64>(task, off.task_group_leader).filter(|l| *l != 0);
-    let start = leader.and_then(|l| read_kernel::<u64>(l, off.task_start_boottime));
+    let leader = read_kernel::<u64>(task, offset!(task_group_leader)).filter(|l| *l != 0);
+    let start = leader.and_then(|l| read_kernel::<u64>(l, offset!(task_start_boottime)));
     if start.is_some() {
         flags |= FLAG_START;
     }
-    let parent = read_kernel::<u64>(task, off.task_real_parent).filter(|p| *p != 0);
-    let ppid = parent.and_then(|p| read_task_u32(p, off.task_tgid));
+    let parent = read_kernel::<u64>(task, offset!(task_real_parent)).filter(|p| *p != 0);
+    let ppid = parent.and_then(|p| read_task_u32(p, offset!(task_tgid)));
     if ppid.is_some() {
         flags |= FLAG_PPID;
     }
@@ -480,7 +494,7 @@ pub(crate) fn build_as(
 /// `FLAG_KTHREAD` when the current task is a kernel thread (no process owns the socket).
 #[inline(always)]
 pub(crate) fn kthread_flag() -> u32 {
-    let task_flags = read_task_u32(current_task(), OFFSETS.load().task_flags);
+    let task_flags = read_task_u32(current_task(), offset!(task_flags));
     if task_flags.is_some_and(|f| f & PF_KTHREAD != 0) {
         FLAG_KTHREAD
     } else {
@@ -496,13 +510,13 @@ pub(crate) fn fold_attr(sock: u64) -> FoldAttr {
 
 #[inline(always)]
 pub(crate) fn fold_attr_as(cur: &impl Current, sock: u64) -> FoldAttr {
-    let off = OFFSETS.load();
-    let netns = read_kernel::<u64>(sock, off.sock_net)
+    let netns = read_kernel::<u64>(sock, offset!(sock_net))
         .filter(|n| *n != 0)
-        .and_then(|n| read_kernel::<u32>(n, off.net_inum));
-    let parent = read_kernel::<u64>(current_task(), off.task_real_parent).filter(|p| *p != 0);
-    let ppid = parent.and_then(|p| read_task_u32(p, off.task_tgid));
+        .and_then(|n| read_kernel::<u32>(n, offset!(net_inum)));
+    let parent = read_kernel::<u64>(current_task(), offset!(task_real_parent)).filter(|p| *p != 0);
+    let ppid = parent.and_then(|p| read_task_u32(p, offset!(task_tgid)));
     FoldAttr {
+        uid_gid: cur.uid_gid(),
         netns_ino: netns.unwrap_or(0),
         ppid: ppid.unwrap_or(0),
         flags: if netns.is_some() { FLAG_NETNS } else { 0 }
@@ -515,9 +529,8 @@ pub(crate) fn fold_attr_as(cur: &impl Current, sock: u64) -> FoldAttr {
 /// `start_boottime` of the current thread group's leader (what `build` records).
 #[inline(always)]
 pub(crate) fn task_start() -> Option<u64> {
-    let off = OFFSETS.load();
-    let leader = read_kernel::<u64>(current_task(), off.task_group_leader).filter(|l| *l != 0);
-    leader.and_then(|l| read_kernel::<u64>(l, off.task_start_boottime))
+    let leader = read_kernel::<u64>(current_task(), offset!(task_group_leader)).filter(|l| *l != 0);
+    leader.and_then(|l| read_kernel::<u64>(l, offset!(task_start_boottime)))
 }
 
 #[inline(always)]

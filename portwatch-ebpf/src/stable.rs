@@ -7,7 +7,9 @@ use core::ptr::read_volatile;
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_LISTEN_CB},
-    helpers::{bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_get_socket_cookie, bpf_ktime_get_ns,
+    },
     macros::{cgroup_sock, cgroup_sock_addr, map, raw_tracepoint, sock_ops, tracepoint},
     maps::HashMap,
     programs::{
@@ -21,10 +23,10 @@ use portwatch_common::{
 };
 
 use crate::{
-    deliver::{Start, count, decide, deliver_start, end_folded, is_folded, try_fold},
+    deliver::{FoldTag, Start, count, decide, deliver_start, end_folded, is_folded, try_fold},
     record::{
-        BOUND, Current as _, OFFSETS, Sock, TaskReads, build, fold_attr, is_udp, kthread_flag,
-        local_addr, read_kernel, report_end, report_end_as, report_start_as, task_start, udp_bound,
+        BOUND, Current as _, Sock, TaskReads, build, fold_attr, is_udp, kthread_flag, local_addr,
+        read_kernel, report_end, report_end_as, report_start_as, task_start, udp_bound,
         udp_bound_flags, udp_released,
     },
 };
@@ -88,20 +90,19 @@ pub fn listen_rawtp(ctx: RawTracePointContext) -> u32 {
     let newstate = ctx.arg::<u64>(2) as i32;
     let sock = ctx.arg::<u64>(0);
     state_changed(&ctx, sock, oldstate, newstate, || {
-        let off = OFFSETS.load();
-        let family = read_kernel::<u16>(sock, off.sock_family)?;
+        let family = read_kernel::<u16>(sock, offset!(sock_family))?;
         let mut addr = [0u8; 16];
         if family == AF_INET {
-            addr[..4].copy_from_slice(&read_kernel::<[u8; 4]>(sock, off.sock_rcv_saddr)?);
+            addr[..4].copy_from_slice(&read_kernel::<[u8; 4]>(sock, offset!(sock_rcv_saddr))?);
         } else {
-            addr = read_kernel::<[u8; 16]>(sock, off.sock_v6_rcv_saddr)?;
+            addr = read_kernel::<[u8; 16]>(sock, offset!(sock_v6_rcv_saddr))?;
         }
         Some(StateSock {
-            protocol: read_kernel::<u16>(sock, off.sock_protocol)?,
+            protocol: read_kernel::<u16>(sock, offset!(sock_protocol))?,
             family,
             // `inet_sport`, as the classic record has it: a listener's close releases
             // its port (`inet_put_port()` zeroes `skc_num`) before the state changes.
-            port: u16::from_be(read_kernel::<u16>(sock, off.inet_sport)?),
+            port: u16::from_be(read_kernel::<u16>(sock, offset!(inet_sport))?),
             addr,
         })
     })
@@ -145,7 +146,7 @@ fn state_changed<C: EbpfContext>(
             count(stat::LISTEN_FAILED);
             return 0;
         }
-        if end_folded(sock) {
+        if end_folded(FoldTag::Addr(sock)) {
             return 0;
         }
     }
@@ -172,7 +173,6 @@ fn state_changed<C: EbpfContext>(
             // SO_REUSEPORT conflict, is counted in the fold as a start and an end.)
             let s = Start {
                 pid_tgid,
-                uid_gid: bpf_get_current_uid_gid(),
                 start_boottime_ns: task_start().unwrap_or(0),
                 now,
                 family,
@@ -180,8 +180,8 @@ fn state_changed<C: EbpfContext>(
                 port,
                 addr,
             };
-            let d = decide(&s);
-            if try_fold(&s, &d, sock, || fold_attr(sock)) {
+            let d = decide(&s, bpf_get_current_uid_gid);
+            if try_fold(&s, &d, FoldTag::Addr(sock), || fold_attr(sock)) {
                 return 0;
             }
             extra |= FLAG_CHARGED;
@@ -247,7 +247,8 @@ pub fn listen_sockops(ctx: SockOpsContext) -> u32 {
     let mut rec = unsafe { *parked };
     let _ = PENDING.remove(sock);
     rec.port = port;
-    deliver_start(&mut rec, sock);
+    // Its end comes from the state tracepoint, which knows sockets by address.
+    deliver_start(&mut rec, FoldTag::Addr(sock));
     1
 }
 
@@ -286,15 +287,33 @@ pub fn listen_ops(ctx: SockOpsContext) -> u32 {
     1
 }
 
-/// The local address of a sock_ops socket, as the state records carry it.
+/// How the fold tables know a sock_ops socket: by cookie, as the cgroup sock and
+/// sock_addr programs know the same socket (`sock_tag`).
 #[inline(always)]
-fn ops_local(ctx: &SockOpsContext) -> (u64, u16, u16, [u8; 16]) {
-    let ops = ctx.ops;
+fn ops_tag(ctx: &SockOpsContext) -> FoldTag {
+    FoldTag::Cookie(unsafe { bpf_get_socket_cookie(ctx.ops.cast()) })
+}
+
+/// How the fold tables know a cgroup sock program's socket (see `ops_tag`).
+#[inline(always)]
+fn sock_tag(ctx: &SockContext) -> FoldTag {
+    FoldTag::Cookie(unsafe { bpf_get_socket_cookie(ctx.sock.cast()) })
+}
+
+/// The `struct sock` address of a sock_ops socket, as a number (one kernel read).
+#[inline(always)]
+fn ops_sock(ctx: &SockOpsContext) -> u64 {
     // The context is the kernel's `struct bpf_sock_ops_kern`, whose first field is the
     // `struct sock *` (include/linux/filter.h): read as a plain value, it is the same
     // map key, and kernel reads may add offsets to it (the verifier forbids arithmetic
     // on the context's typed socket pointer).
-    let sock = read_kernel::<u64>(ops as u64, 0).unwrap_or(0);
+    read_kernel::<u64>(ctx.ops as u64, 0).unwrap_or(0)
+}
+
+/// The local address of a sock_ops socket, as the state records carry it.
+#[inline(always)]
+fn ops_local(ctx: &SockOpsContext) -> (u16, u16, [u8; 16]) {
+    let ops = ctx.ops;
     let (family, port) = unsafe {
         (
             read_volatile(&raw const (*ops).family) as u16,
@@ -320,13 +339,13 @@ fn ops_local(ctx: &SockOpsContext) -> (u64, u16, u16, [u8; 16]) {
         addr[8..12].copy_from_slice(&v6[2].to_ne_bytes());
         addr[12..].copy_from_slice(&v6[3].to_ne_bytes());
     }
-    (sock, family, port, addr)
+    (family, port, addr)
 }
 
 /// A listen() succeeded: watch the listener's end first, then report (or fold) its start.
 #[inline(always)]
 fn listen_began(ctx: &SockOpsContext) {
-    let (sock, family, port, addr) = ops_local(ctx);
+    let (family, port, addr) = ops_local(ctx);
     // Kept with the flags other sock_ops programs set. The helper refuses only a socket
     // that is not a full TCP socket, which a listener always is; should it ever refuse,
     // `sock_released` still sees the listener's close (its flag is not set).
@@ -335,22 +354,23 @@ fn listen_began(ctx: &SockOpsContext) {
     report_start_as(
         &TaskReads::current(),
         Kind::ListenStarted,
-        sock,
+        || ops_sock(ctx),
+        ops_tag(ctx),
         family,
         IPPROTO_TCP,
         port,
         &addr,
-        kthread_flag(),
+        kthread_flag,
     );
 }
 
 /// A watched listener left LISTEN for CLOSE: its end, unless its start was folded.
 #[inline(always)]
 fn listen_ended(ctx: &SockOpsContext) {
-    let (sock, family, port, addr) = ops_local(ctx);
-    if end_folded(sock) {
+    if end_folded(ops_tag(ctx)) {
         return;
     }
+    let (family, port, addr) = ops_local(ctx);
     let cur = TaskReads::current();
     report_end_as(
         &cur,
@@ -358,7 +378,7 @@ fn listen_ended(ctx: &SockOpsContext) {
         unsafe { bpf_ktime_get_ns() },
         cur.pid_tgid(),
         &Sock {
-            key: sock,
+            key: ops_sock(ctx),
             family,
             protocol: IPPROTO_TCP,
             port,
@@ -378,11 +398,11 @@ pub fn sock_released(ctx: SockContext) -> i32 {
     let protocol = unsafe { read_volatile(&raw const (*sk).protocol) };
     let family = unsafe { read_volatile(&raw const (*sk).family) } as u16;
     if is_udp(protocol) {
-        udp_released(sk as u64, family, protocol as u16);
+        udp_released(sk as u64, sock_tag(&ctx), family, protocol as u16);
     } else if protocol == IPPROTO_TCP as u32 {
         let state = unsafe { read_volatile(&raw const (*sk).state) };
         if state == TCP_LISTEN as u32 {
-            unwatched_listener_released(sk as u64, family);
+            unwatched_listener_released(sk as u64, sock_tag(&ctx), family);
         } else if state == TCP_CLOSE as u32
             && unsafe { read_volatile(&raw const (*sk).dst_port) } == 0
         {
@@ -401,10 +421,11 @@ static OLD_LISTENERS: HashMap<u64, OldListener> = HashMap::with_max_entries(1638
 
 #[inline(always)]
 fn socket_inode(sock: u64) -> Option<u64> {
-    let off = OFFSETS.load();
-    read_kernel::<u64>(sock, off.sock_socket)
+    read_kernel::<u64>(sock, offset!(sock_socket))
         .filter(|s| *s != 0)
-        .and_then(|s| read_kernel::<u64>(s, off.socket_to_inode.wrapping_add(off.inode_ino)))
+        .and_then(|s| {
+            read_kernel::<u64>(s, offset!(socket_to_inode).wrapping_add(offset!(inode_ino)))
+        })
 }
 
 /// A TCP socket released in CLOSE: the end of a listener older than the agent that was
@@ -436,18 +457,17 @@ fn old_listener_released(sock: u64) {
 }
 
 #[inline(always)]
-fn unwatched_listener_released(sock: u64, family: u16) {
-    let off = OFFSETS.load();
-    let Some(cb_flags) = read_kernel::<u8>(sock, off.tcp_cb_flags) else {
+fn unwatched_listener_released(sock: u64, tag: FoldTag, family: u16) {
+    let Some(cb_flags) = read_kernel::<u8>(sock, offset!(tcp_cb_flags)) else {
         return;
     };
-    if u32::from(cb_flags) & BPF_SOCK_OPS_STATE_CB_FLAG != 0 || end_folded(sock) {
+    if u32::from(cb_flags) & BPF_SOCK_OPS_STATE_CB_FLAG != 0 || end_folded(tag) {
         return;
     }
     if let Some(inode) = socket_inode(sock) {
         let _ = OLD_LISTENERS.remove(inode);
     }
-    let Some(port) = read_kernel::<u16>(sock, off.sock_num) else {
+    let Some(port) = read_kernel::<u16>(sock, offset!(sock_num)) else {
         return;
     };
     report_end(
@@ -459,7 +479,7 @@ fn unwatched_listener_released(sock: u64, family: u16) {
             family,
             protocol: IPPROTO_TCP,
             port,
-            addr: local_addr(sock, family, off.sock_rcv_saddr),
+            addr: local_addr(sock, family, offset!(sock_rcv_saddr)),
         },
         FLAG_UNTRACKED,
     );
@@ -480,7 +500,14 @@ pub fn udp_bind4(ctx: SockContext) -> i32 {
     if is_udp(protocol) {
         let mut addr = [0u8; 16];
         addr[..4].copy_from_slice(&v4.to_ne_bytes());
-        udp_bound(sk as u64, AF_INET, protocol as u16, port as u16, addr);
+        udp_bound(
+            sk as u64,
+            sock_tag(&ctx),
+            AF_INET,
+            protocol as u16,
+            port as u16,
+            addr,
+        );
     }
     1
 }
@@ -506,7 +533,14 @@ pub fn udp_bind6(ctx: SockContext) -> i32 {
         addr[4..8].copy_from_slice(&v6[1].to_ne_bytes());
         addr[8..12].copy_from_slice(&v6[2].to_ne_bytes());
         addr[12..].copy_from_slice(&v6[3].to_ne_bytes());
-        udp_bound(sk as u64, AF_INET6, protocol as u16, port as u16, addr);
+        udp_bound(
+            sk as u64,
+            sock_tag(&ctx),
+            AF_INET6,
+            protocol as u16,
+            port as u16,
+            addr,
+        );
     }
     1
 }
@@ -517,7 +551,7 @@ pub fn udp_release(ctx: SockContext) -> i32 {
     if is_udp(protocol) {
         // The context pointer is the kernel's `struct sock` (`__cgroup_bpf_run_filter_sk()`).
         let family = unsafe { read_volatile(&raw const (*ctx.sock).family) } as u16;
-        udp_released(ctx.sock as u64, family, protocol as u16);
+        udp_released(ctx.sock as u64, sock_tag(&ctx), family, protocol as u16);
     }
     1
 }
@@ -557,7 +591,8 @@ fn udp_sent(ctx: &SockAddrContext) {
     let Some(sock) = read_kernel::<u64>(sa as u64, 0) else {
         return;
     };
-    if unsafe { BOUND.get(sock) }.is_some() || is_folded(sock) {
+    let tag = FoldTag::Cookie(unsafe { bpf_get_socket_cookie(sa.cast()) });
+    if unsafe { BOUND.get(sock) }.is_some() || is_folded(tag) {
         return;
     }
     // A connected socket hears only its peer (`sendto()` with an address on a connected
@@ -566,8 +601,7 @@ fn udp_sent(ctx: &SockAddrContext) {
     if state == UDP_CONNECTED {
         return;
     }
-    let off = OFFSETS.load();
-    let Some(port) = read_kernel::<u16>(sock, off.sock_num) else {
+    let Some(port) = read_kernel::<u16>(sock, offset!(sock_num)) else {
         return;
     };
     if port == 0 {
@@ -575,14 +609,30 @@ fn udp_sent(ctx: &SockAddrContext) {
     }
     let mut addr = [0u8; 16];
     if family == AF_INET as u32 {
-        if let Some(a) = read_kernel::<[u8; 4]>(sock, off.sock_rcv_saddr) {
+        if let Some(a) = read_kernel::<[u8; 4]>(sock, offset!(sock_rcv_saddr)) {
             addr[..4].copy_from_slice(&a);
         }
-        udp_bound_flags(sock, AF_INET, protocol as u16, port, addr, FLAG_IMPLICIT);
+        udp_bound_flags(
+            sock,
+            tag,
+            AF_INET,
+            protocol as u16,
+            port,
+            addr,
+            FLAG_IMPLICIT,
+        );
     } else {
-        if let Some(a) = read_kernel::<[u8; 16]>(sock, off.sock_v6_rcv_saddr) {
+        if let Some(a) = read_kernel::<[u8; 16]>(sock, offset!(sock_v6_rcv_saddr)) {
             addr = a;
         }
-        udp_bound_flags(sock, AF_INET6, protocol as u16, port, addr, FLAG_IMPLICIT);
+        udp_bound_flags(
+            sock,
+            tag,
+            AF_INET6,
+            protocol as u16,
+            port,
+            addr,
+            FLAG_IMPLICIT,
+        );
     }
 }

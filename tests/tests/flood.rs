@@ -358,6 +358,110 @@ fn variant(transport: &str, scope: &str) {
     check(&events, &floods, transport, scope == "wildcard");
 }
 
+/// More folded sockets open at once than the kernel's fast table of folded sockets has
+/// slots (16,384), so many go to its overflow map: every end must still be counted in
+/// the fold of its start (or sent, for a start that was sent), none lost.
+fn hold_many(transport: &str) {
+    if !can_run_kernel_tests() {
+        return;
+    }
+    // Above 16,384, under this machine's hard RLIMIT_NOFILE (20,000).
+    const N: u64 = 18_000;
+    let uid = flood_uid();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("events.json");
+    let out_s = out.to_str().unwrap().to_owned();
+    // A small budget: well over 16,384 of the N are folded however slowly they open.
+    let mut agent = portwatch_tests::spawn_watch(
+        &["--output", &out_s, "--no-snapshot", "--fold-above", "10"],
+        Stdio::null(),
+        Stdio::inherit(),
+    );
+    let _reap = Reap(agent.id());
+    portwatch_tests::poll(Duration::from_secs(30), || {
+        read_json_lines(&out)
+            .iter()
+            .any(|e| action(e) == "sensor-started")
+            .then_some(())
+    })
+    .expect("agent started");
+    let child = Command::new(flooder_bin())
+        .args([
+            transport,
+            "loopback",
+            &format!("hold={N}"),
+            &uid.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("starting pw-flood");
+    let f = finish_flooders(vec![child]).remove(0);
+    assert_eq!(f.count, N);
+    let p = u64::from(f.pid);
+    portwatch_tests::poll(Duration::from_secs(15), || {
+        read_json_lines(&out)
+            .iter()
+            .any(|e| {
+                action(e) == "listeners-folded"
+                    && pid(e) == p
+                    && e["portwatch"]["fold"]["final"] == true
+            })
+            .then_some(())
+    })
+    .expect("final fold report");
+    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    assert!(agent.wait().expect("agent").success());
+    let events = read_json_lines(&out);
+    let (started, stopped) = if transport == "tcp" {
+        ("listen-started", "listen-stopped")
+    } else {
+        ("udp-bound", "udp-released")
+    };
+    let count = |a: &str| {
+        events
+            .iter()
+            .filter(|e| action(e) == a && pid(e) == p)
+            .count() as u64
+    };
+    let folds: Vec<&Value> = events
+        .iter()
+        .filter(|e| action(e) == "listeners-folded" && pid(e) == p)
+        .collect();
+    let sum = |k: &str| -> u64 {
+        folds
+            .iter()
+            .map(|e| e["portwatch"]["fold"][k].as_u64().unwrap())
+            .sum()
+    };
+    let (sent, sent_ends) = (count(started), count(stopped));
+    let (folded, folded_ends) = (sum("started"), sum("ended"));
+    let lost: Vec<&Value> = events
+        .iter()
+        .filter(|e| action(e) == "events-lost")
+        .collect();
+    eprintln!(
+        "{transport}: held {N}: sent {sent} (ends {sent_ends}), folded {folded} (ends {folded_ends})"
+    );
+    assert!(lost.is_empty(), "losses: {lost:?}");
+    assert_eq!(sent + folded, N, "sent + folded = opened");
+    assert!(
+        folded > 16_384,
+        "more folded sockets open at once than fast slots"
+    );
+    assert_eq!(sent_ends, sent, "every sent start's end sent");
+    assert_eq!(folded_ends, folded, "every folded start's end folded");
+}
+
+#[test]
+fn more_folded_listeners_open_at_once_than_fast_slots_all_end_in_their_fold() {
+    hold_many("tcp");
+}
+
+#[test]
+fn more_folded_udp_sockets_open_at_once_than_fast_slots_all_end_in_their_fold() {
+    hold_many("udp");
+}
+
 #[test]
 fn tcp_flood_on_loopback_hides_no_risky_listener() {
     variant("tcp", "loopback");

@@ -106,6 +106,11 @@ pub struct BenchArgs {
     /// Skip the pass with BPF run-time statistics on.
     #[arg(long)]
     pub no_kernel_cost: bool,
+    /// An earlier agent binary, run beside the one under test as the tool
+    /// `portwatch-baseline` (same workloads, alternating within each round): an A/B of
+    /// two builds in one run, which this machine's drift between runs allows no other way.
+    #[arg(long)]
+    pub baseline: Option<PathBuf>,
 }
 
 impl BenchArgs {
@@ -136,6 +141,8 @@ enum Tool {
     /// portwatch's tracepoint flavour (`--hooks stable-rawtp`): only when named in
     /// `--tools`.
     PortwatchRawtp,
+    /// The agent given with `--baseline`, with portwatch's default options.
+    PortwatchBaseline,
     Bpftrace,
     Ss,
     /// flood-evasion: portwatch writing to a file the bench follows like `tail -f`.
@@ -154,6 +161,7 @@ impl Tool {
             Tool::FloorCgroup => "floor-cgroup",
             Tool::FloorRawtp => "floor-rawtp",
             Tool::PortwatchRawtp => "portwatch-rawtp",
+            Tool::PortwatchBaseline => "portwatch-baseline",
             Tool::Bpftrace => "bpftrace",
             Tool::Ss => "ss",
             Tool::PortwatchFile => "portwatch-file",
@@ -176,12 +184,14 @@ struct Ctx {
     cfg: Config,
     loadgen: PathBuf,
     agent: PathBuf,
+    /// `--baseline`'s agent (a private copy, as the agent under test).
+    baseline: Option<PathBuf>,
     tmp: PathBuf,
     logs: PathBuf,
     have_bpftrace: bool,
     have_ss: bool,
     /// Consecutive start failures per tool: after two the tool is skipped.
-    failures: [u32; 11],
+    failures: [u32; 12],
     seq: u32,
 }
 
@@ -237,6 +247,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let mut ctx = Ctx {
         loadgen: root.join("target/release/loadgen"),
         agent: crate::agent_binary(),
+        baseline: None,
         // Private scratch space (the agent's copy, ports, events file), outside target/:
         // another bench, a `cargo clean` or a test run in the shared tree cannot pull it
         // away mid-run.
@@ -244,7 +255,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         logs: cfg.out_dir.join("logs"),
         have_bpftrace: tool_works("bpftrace", "--version"),
         have_ss: tool_works("ss", "-V"),
-        failures: [0; 11],
+        failures: [0; 12],
         seq: 0,
         cfg,
     };
@@ -273,6 +284,14 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     );
     step(&format!("agent under test: a copy of {agent_info}"));
     ctx.agent = copy;
+    if let Some(b) = &ctx.cfg.args.baseline {
+        let copy = ctx.tmp.join("portwatch-baseline");
+        fs::copy(b, &copy).with_context(|| {
+            format!("--baseline: copying {} to {}", b.display(), copy.display())
+        })?;
+        step(&format!("baseline agent: a copy of {}", b.display()));
+        ctx.baseline = Some(copy);
+    }
     if !ctx.have_bpftrace {
         step("bpftrace not found: its rows are skipped");
     }
@@ -362,10 +381,15 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                     // --quick: portwatch only, to stay within a few minutes
                     // (portwatch-rawtp runs only when named).
                     let tools: &[Tool] = if ctx.cfg.args.quick {
-                        &[Tool::Portwatch, Tool::PortwatchRawtp]
+                        &[
+                            Tool::Portwatch,
+                            Tool::PortwatchBaseline,
+                            Tool::PortwatchRawtp,
+                        ]
                     } else {
                         &[
                             Tool::Portwatch,
+                            Tool::PortwatchBaseline,
                             Tool::PortwatchRawtp,
                             Tool::PortwatchNoFold,
                             Tool::Bpftrace,
@@ -548,6 +572,7 @@ fn tools_for(ctx: &Ctx, w: &Workload) -> Vec<Tool> {
         vec![
             Tool::None,
             Tool::Portwatch,
+            Tool::PortwatchBaseline,
             Tool::PortwatchNoFold,
             Tool::Floor,
             Tool::FloorCgroup,
@@ -579,6 +604,9 @@ fn tools_for(ctx: &Ctx, w: &Workload) -> Vec<Tool> {
         // Six listeners in all: folding changes nothing there.
         t.retain(|t| *t != Tool::PortwatchNoFold);
     }
+    if ctx.baseline.is_none() {
+        t.retain(|t| *t != Tool::PortwatchBaseline);
+    }
     if !ctx.have_bpftrace {
         t.retain(|t| *t != Tool::Bpftrace);
     }
@@ -589,7 +617,9 @@ fn tools_for(ctx: &Ctx, w: &Workload) -> Vec<Tool> {
     let named = |t: &Tool| f.iter().any(|n| n == t.name());
     // portwatch-rawtp and floor-cgroup run only when asked for by name.
     t.retain(|t| {
-        named(t) || (f.is_empty() && !matches!(t, Tool::PortwatchRawtp | Tool::FloorCgroup))
+        named(t)
+            || *t == Tool::PortwatchBaseline
+            || (f.is_empty() && !matches!(t, Tool::PortwatchRawtp | Tool::FloorCgroup))
     });
     t
 }
@@ -631,6 +661,7 @@ fn tool_index(t: Tool) -> usize {
         Tool::FloorCgroup => 8,
         Tool::FloorRawtp => 9,
         Tool::PortwatchRawtp => 10,
+        Tool::PortwatchBaseline => 11,
     }
 }
 
@@ -682,6 +713,7 @@ fn run_one(ctx: &mut Ctx, w: &Workload, tool: Tool, round: u32, kernel_stats: bo
             Tool::Portwatch
             | Tool::PortwatchNoFold
             | Tool::PortwatchRawtp
+            | Tool::PortwatchBaseline
             | Tool::Floor
             | Tool::FloorCgroup
             | Tool::FloorRawtp => {
@@ -693,8 +725,12 @@ fn run_one(ctx: &mut Ctx, w: &Workload, tool: Tool, round: u32, kernel_stats: bo
                     Tool::FloorCgroup => &["--hooks", "floor-cgroup", "--allow-degraded"],
                     _ => &[],
                 };
+                let bin = match (tool, &ctx.baseline) {
+                    (Tool::PortwatchBaseline, Some(b)) => b,
+                    _ => &ctx.agent,
+                };
                 let o = agent::AgentOpts {
-                    bin: &ctx.agent,
+                    bin,
                     mode: ctx.cfg.args.output,
                     ring_bytes: ctx.cfg.args.ring_bytes,
                     events_file: events_file.clone(),

@@ -3,6 +3,7 @@
 //! `pw-flood tcp|udp loopback|wildcard SECS [UID]`: with UID, drop to that user (and its
 //! group) first. Loops socket + bind(ADDR:0) [+ listen] + close for SECS seconds, then
 //! prints `PID COUNT` and the ports it was given as ranges (`1-3,7`), one line each.
+//! With `hold=N` for SECS: opens N sockets, keeps them all open, then closes them all.
 
 use std::time::{Duration, Instant};
 
@@ -18,7 +19,25 @@ fn main() {
     } else {
         u32::from_be_bytes([127, 0, 0, 1])
     };
-    let secs: f64 = args[3].parse().expect("SECS");
+    let hold: Option<usize> = args[3].strip_prefix("hold=").map(|n| n.parse().expect("N"));
+    let secs: f64 = if hold.is_some() {
+        0.0
+    } else {
+        args[3].parse().expect("SECS")
+    };
+    if let Some(n) = hold {
+        // Room for N descriptors, raised while still root.
+        let lim = libc::rlimit {
+            rlim_cur: n as u64 + 64,
+            rlim_max: n as u64 + 64,
+        };
+        // SAFETY: a plain syscall on a local struct.
+        assert_eq!(
+            unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) },
+            0,
+            "setrlimit"
+        );
+    }
     if let Some(uid) = args.get(4) {
         let uid: u32 = uid.parse().expect("UID");
         // SAFETY: plain syscalls; group first, while still allowed.
@@ -36,7 +55,8 @@ fn main() {
     } else {
         libc::SOCK_DGRAM
     };
-    while Instant::now() < end {
+    let mut held = Vec::new();
+    while Instant::now() < end || held.len() < hold.unwrap_or(0) {
         for _ in 0..256 {
             // SAFETY: plain socket syscalls on a fd this loop owns.
             unsafe {
@@ -55,10 +75,21 @@ fn main() {
                 libc::getsockname(fd, (&raw mut got).cast(), &mut glen);
                 let p = u16::from_be(got.sin_port);
                 ports[usize::from(p) / 64] |= 1 << (p % 64);
-                libc::close(fd);
+                if hold.is_some() {
+                    held.push(fd);
+                } else {
+                    libc::close(fd);
+                }
             }
             count += 1;
+            if hold.is_some_and(|n| held.len() >= n) {
+                break;
+            }
         }
+    }
+    for fd in held {
+        // SAFETY: a fd this program opened.
+        unsafe { libc::close(fd) };
     }
     println!("{} {count}", std::process::id());
     let mut out = String::new();

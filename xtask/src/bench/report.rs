@@ -180,6 +180,7 @@ pub fn build(cfg: &Config, workloads: &[Workload], runs: &[Run], kruns: &[Run]) 
             [
                 "none",
                 "portwatch",
+                "portwatch-baseline",
                 "portwatch-nofold",
                 "portwatch-rawtp",
                 "floor",
