@@ -73,18 +73,15 @@ const FAST_SLOTS: u32 = 16384;
 #[map]
 static FOLDED_FAST: Array<FoldedSlot> = Array::with_max_entries(FAST_SLOTS, 0);
 
-/// `cookie`: 0 free, [`CLAIMED`] while its owner writes `key`, else the socket's cookie.
+/// `cookie`: 0 free, else the socket's cookie. Only the socket's own end reads `key`,
+/// and it cannot run before the start that claimed the slot has returned (the bind or
+/// listen holds a reference to the socket's file), so the key is written after the claim.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct FoldedSlot {
     cookie: u64,
     key: FoldKey,
 }
-
-/// A slot being filled: the kernel's first cookie is 1 (`gen_cookie_next()` starts
-/// above 0), but no socket of ours is ever asked for its cookie that early; a cookie of
-/// 1 is treated as taken, which sends such a socket to `FOLDED_SOCKS`: still exact.
-const CLAIMED: u64 = 1;
 
 /// How many cookie-named sockets `FOLDED_SOCKS` holds: while none, an end named by
 /// cookie that is not in its slot is known not folded without a hash lookup (every end
@@ -105,7 +102,8 @@ pub enum FoldTag {
 
 #[inline(always)]
 fn fast_slot(cookie: u64) -> Option<*mut FoldedSlot> {
-    if cookie <= CLAIMED {
+    // 0: no cookie (the helper gives every socket one, from 1 up).
+    if cookie == 0 {
         return None;
     }
     FOLDED_FAST.get_ptr_mut(cookie as u32 & (FAST_SLOTS - 1))
@@ -125,11 +123,8 @@ fn remember_folded(tag: FoldTag, key: FoldKey) -> bool {
         FoldTag::Cookie(c) => {
             if let Some(slot) = fast_slot(c) {
                 let p = unsafe { &raw mut (*slot).cookie };
-                if cas(p, 0, CLAIMED) {
+                if cas(p, 0, c) {
                     unsafe { (*slot).key = key };
-                    // Ordered after the key (an exchange is a full barrier): whoever
-                    // finds the cookie finds its key.
-                    xchg(p, c);
                     return true;
                 }
             }

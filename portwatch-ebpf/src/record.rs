@@ -232,7 +232,7 @@ pub(crate) fn report_start_as(
     let pid_tgid = cur.pid_tgid();
     let s = Start {
         pid_tgid,
-        start_boottime_ns: task_start().unwrap_or(0),
+        start_boottime_ns: leader_start(pid_tgid).unwrap_or(0),
         now: unsafe { generated::bpf_ktime_get_coarse_ns() },
         family,
         protocol,
@@ -531,6 +531,16 @@ pub(crate) fn fold_attr_as(cur: &impl Current, sock: u64) -> FoldAttr {
 pub(crate) fn task_start() -> Option<u64> {
     let leader = read_kernel::<u64>(current_task(), offset!(task_group_leader)).filter(|l| *l != 0);
     leader.and_then(|l| read_kernel::<u64>(l, offset!(task_start_boottime)))
+}
+
+/// `task_start()` for a task whose pid and tgid are known: a thread group's leader
+/// (the usual socket opener) is read directly, one read instead of two.
+#[inline(always)]
+pub(crate) fn leader_start(pid_tgid: u64) -> Option<u64> {
+    if pid_tgid as u32 == (pid_tgid >> 32) as u32 {
+        return read_kernel::<u64>(current_task(), offset!(task_start_boottime));
+    }
+    task_start()
 }
 
 #[inline(always)]
