@@ -91,7 +91,9 @@ pub struct SocketRecord {
     pub protocol: u16,
     /// Local port, host byte order.
     pub port: u16,
-    pub _pad: [u8; 6],
+    /// Two words, not six bytes (see `FoldKey::_pad`).
+    pub _pad: u16,
+    pub _pad2: u32,
     /// Local address: 4 bytes for IPv4 (rest zero), 16 for IPv6, network order.
     pub addr: [u8; 16],
     /// `comm` of the current thread.
@@ -177,7 +179,10 @@ pub struct FoldKey {
     pub family: u16,
     /// `SCOPE_*`.
     pub scope: u16,
-    pub _pad: [u8; 6],
+    /// Two words, not six bytes: a zeroed `[u8; 6]` is a byte loop (a `memset` call) in
+    /// the BPF programs, on every folded start.
+    pub _pad: u16,
+    pub _pad2: u32,
     pub start_boottime_ns: u64,
 }
 
@@ -244,6 +249,8 @@ pub struct Budget {
 }
 
 const _: () = assert!(core::mem::size_of::<FoldKey>() == 24);
+const _: () = assert!(core::mem::offset_of!(FoldKey, start_boottime_ns) == 16);
+const _: () = assert!(core::mem::offset_of!(SocketRecord, addr) == 88);
 const _: () =
     assert!(core::mem::size_of::<Fold>() == 8 * 6 + 4 * 4 + 16 + 16 + 8 * FOLD_PORT_WORDS);
 const _: () = assert!(core::mem::size_of::<Budget>() == 48);

@@ -561,7 +561,8 @@ fn fold(s: &Start, tag: FoldTag, reason: u32, attr: impl FnOnce() -> FoldAttr) -
         protocol: s.protocol,
         family: s.family,
         scope,
-        _pad: [0; 6],
+        _pad: 0,
+        _pad2: 0,
         start_boottime_ns: s.start_boottime_ns,
     };
     let f = match FOLDS.get_ptr_mut(key) {

@@ -485,7 +485,8 @@ pub(crate) fn build_as(
         family: s.family,
         protocol: s.protocol,
         port: s.port,
-        _pad: [0; 6],
+        _pad: 0,
+        _pad2: 0,
         addr: s.addr,
         comm: cur.comm(),
     }

@@ -192,7 +192,8 @@ mod tests {
             protocol: 6,
             family: 2,
             scope: SCOPE_LOOPBACK,
-            _pad: [0; 6],
+            _pad: 0,
+            _pad2: 0,
             start_boottime_ns: 7,
         }
     }

@@ -141,7 +141,8 @@ mod tests {
             family,
             protocol: IPPROTO_TCP,
             port: 8080,
-            _pad: [0; 6],
+            _pad: 0,
+            _pad2: 0,
             addr,
             comm,
         };
