@@ -534,6 +534,7 @@ pub fn is_folded(tag: FoldTag) -> bool {
 /// Whether the socket's start was folded; if so its end is counted into the same fold
 /// and must not be sent.
 #[inline(always)]
+#[must_use = "a folded end must not be sent"]
 pub fn end_folded(tag: FoldTag) -> bool {
     let Some(k) = forget_folded(tag) else {
         return false;

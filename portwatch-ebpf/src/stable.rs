@@ -255,13 +255,14 @@ pub fn listen_sockops(ctx: SockOpsContext) -> u32 {
 /// The stable set without any tracepoint (its default flavour): sock_ops alone sees a
 /// listener's whole life, and nothing runs for the host's other TCP state changes.
 /// - `TCP_LISTEN_CB` (see `listen_sockops`): the start, decided and reported at once in
-///   the listening task, port chosen; and the socket's `STATE_CB` flag is set, so
-///   `tcp_set_state()` calls back for this socket's own state changes.
+///   the listening task, port chosen; and, when the start was sent, the socket's
+///   `STATE_CB` flag is set, so `tcp_set_state()` calls back for this socket's own
+///   state changes (a folded listener's end is left to `sock_released`).
 /// - `STATE_CB` LISTEN -> CLOSE: the end, by close(), shutdown() or an abort
 ///   (`ss -K`), before `inet_put_port()` releases the port. Called only for sockets
 ///   whose flag is set: listeners, and an accepted connection once (below).
 /// Listeners older than the agent never had their flag set: `sock_released` reports
-/// their end.
+/// their end, and counts those of folded listeners into their fold.
 #[sock_ops]
 pub fn listen_ops(ctx: SockOpsContext) -> u32 {
     let ops = ctx.ops;
@@ -342,26 +343,39 @@ fn ops_local(ctx: &SockOpsContext) -> (u16, u16, [u8; 16]) {
     (family, port, addr)
 }
 
-/// A listen() succeeded: watch the listener's end first, then report (or fold) its start.
+/// A listen() succeeded: report (or fold) its start, and watch the end of a listener
+/// whose start was sent.
+///
+/// A folded listener is not watched: its `STATE_CB` callback would run once more per
+/// socket, in a flood, for what `sock_released` finds anyway (it runs for every socket).
+/// Its end is counted into its fold when the socket is released, in LISTEN or, after a
+/// shutdown() or an abort, in CLOSE; a socket that listens again after a shutdown has
+/// its earlier folded start ended first, here.
 #[inline(always)]
 fn listen_began(ctx: &SockOpsContext) {
     let (family, port, addr) = ops_local(ctx);
-    // Kept with the flags other sock_ops programs set. The helper refuses only a socket
-    // that is not a full TCP socket, which a listener always is; should it ever refuse,
-    // `sock_released` still sees the listener's close (its flag is not set).
-    let flags = unsafe { read_volatile(&raw const (*ctx.ops).bpf_sock_ops_cb_flags) };
-    let _ = ctx.set_cb_flags((flags | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
-    report_start_as(
+    let tag = ops_tag(ctx);
+    // A socket listening again after a shutdown() of its folded listen: that one ended.
+    let _ = end_folded(tag);
+    let folded = report_start_as(
         &TaskReads::current(),
         Kind::ListenStarted,
         || ops_sock(ctx),
-        ops_tag(ctx),
+        tag,
         family,
         IPPROTO_TCP,
         port,
         &addr,
         kthread_flag,
     );
+    if !folded {
+        // Kept with the flags other sock_ops programs set. The helper refuses only a
+        // socket that is not a full TCP socket, which a listener always is; should it
+        // ever refuse, `sock_released` still sees the listener's close (its flag is not
+        // set), as for a listener older than the agent.
+        let flags = unsafe { read_volatile(&raw const (*ctx.ops).bpf_sock_ops_cb_flags) };
+        let _ = ctx.set_cb_flags((flags | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    }
 }
 
 /// A watched listener left LISTEN for CLOSE: its end, unless its start was folded.
@@ -390,8 +404,9 @@ fn listen_ended(ctx: &SockOpsContext) {
 
 /// `sock_release` of the sock_ops flavour: what `udp_release` does, and the end of a
 /// TCP listener whose `STATE_CB` flag is not set (one that listened before the agent
-/// started), which `listen_ops` never hears about: closed while listening, or shut down
-/// first (see `old_listener_released`). The flagged ones are left to `listen_ops`.
+/// started, or whose start was folded), which `listen_ops` never hears about: closed
+/// while listening, or shut down first (see `old_listener_released`). The flagged ones
+/// are left to `listen_ops`.
 #[cgroup_sock(sock_release)]
 pub fn sock_released(ctx: SockContext) -> i32 {
     let sk = ctx.sock;
@@ -408,8 +423,11 @@ pub fn sock_released(ctx: SockContext) -> i32 {
         {
             // Never connected: a connection reset by its peer, or accepted on a
             // listener, keeps its peer's port (the usual CLOSE at release on a busy
-            // server), and costs no kernel read here.
-            old_listener_released(sk as u64);
+            // server), and costs no kernel read here. A folded listener shut down or
+            // aborted before its close (unwatched: see `listen_began`) ends here too.
+            if !end_folded(sock_tag(&ctx)) {
+                old_listener_released(sk as u64);
+            }
         }
     }
     1

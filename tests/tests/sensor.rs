@@ -438,6 +438,98 @@ fn fold_accounts_for_every_start(udp: bool) {
     assert_eq!(seen, ports, "the reported ports are exactly the ports used");
 }
 
+/// The local port of a socket, by `getsockname()`.
+fn bound_port(fd: i32) -> u16 {
+    let mut a: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: a socket this test owns and a buffer of the size given.
+    let r = unsafe { libc::getsockname(fd, (&raw mut a).cast(), &mut len) };
+    assert_eq!(r, 0, "getsockname");
+    u16::from_be(a.sin_port)
+}
+
+/// Folded listeners end in every way a listener can: closed while listening, shut down
+/// first, and shut down then listening again (a second start) before the close. Every
+/// start is sent or folded and every end is sent or counted in its fold, whichever way
+/// the hook set learns of it (the sock_ops flavour leaves folded listeners unwatched
+/// and counts their ends at release).
+#[test]
+fn folded_listeners_shut_down_or_listening_again_still_end_in_their_fold() {
+    if !can_run_kernel_tests() {
+        return;
+    }
+    let mut agent = Agent::start(&["--no-snapshot", "--fold-above", "50"]);
+    const N: usize = 300;
+    let mut ports = std::collections::BTreeSet::new();
+    let mut starts = 0u64;
+    for i in 0..N {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let fd = l.as_raw_fd();
+        ports.insert(l.local_addr().unwrap().port());
+        starts += 1;
+        if i % 3 >= 1 {
+            // SAFETY: plain calls on a socket this test owns.
+            assert_eq!(
+                unsafe { libc::shutdown(fd, libc::SHUT_RDWR) },
+                0,
+                "shutdown"
+            );
+        }
+        if i % 3 == 2 {
+            // The port was released with the listen (bound to port 0): a new one.
+            assert_eq!(unsafe { libc::listen(fd, 8) }, 0, "listen again");
+            ports.insert(bound_port(fd));
+            starts += 1;
+        }
+        drop(l);
+    }
+    let mine = |e: &Value| e["process"]["pid"] == me();
+    agent.expect("a final listeners-folded", |e| {
+        action(e) == "listeners-folded"
+            && mine(e)
+            && e["portwatch"]["fold"]["final"] == true
+            && e["portwatch"]["fold"]["process_sent"].as_u64().unwrap_or(0)
+                + e["portwatch"]["fold"]["process_folded"]
+                    .as_u64()
+                    .unwrap_or(0)
+                >= starts
+    });
+    let (status, events) = agent.stop();
+    assert!(status.success());
+    let count = |a: &str| events.iter().filter(|e| action(e) == a && mine(e)).count() as u64;
+    let folds: Vec<&Value> = events
+        .iter()
+        .filter(|e| action(e) == "listeners-folded" && mine(e))
+        .collect();
+    let sum = |k: &str| -> u64 {
+        folds
+            .iter()
+            .map(|e| e["portwatch"]["fold"][k].as_u64().unwrap())
+            .sum()
+    };
+    let (sent, ended) = (count("listen-started"), count("listen-stopped"));
+    let (folded, folded_ends) = (sum("started"), sum("ended"));
+    println!(
+        "{starts} starts: {sent} sent, {folded} folded; ends {ended} sent, {folded_ends} folded"
+    );
+    assert!(folded > N as u64 / 2, "most were folded");
+    assert_eq!(sent + folded, starts, "sent + folded = generated");
+    assert_eq!(ended, sent, "every sent start's end sent");
+    assert_eq!(folded_ends, folded, "every folded start's end folded");
+    let mut seen: std::collections::BTreeSet<u16> = events
+        .iter()
+        .filter(|e| action(e) == "listen-started" && mine(e))
+        .map(|e| e["server"]["port"].as_u64().unwrap() as u16)
+        .collect();
+    for f in &folds {
+        for part in f["portwatch"]["fold"]["ports"].as_str().unwrap().split(',') {
+            let (lo, hi) = part.split_once('-').unwrap_or((part, part));
+            seen.extend(lo.parse::<u16>().unwrap()..=hi.parse::<u16>().unwrap());
+        }
+    }
+    assert_eq!(seen, ports, "the reported ports are exactly the ports used");
+}
+
 #[test]
 fn tcp_starts_above_the_budget_are_folded_and_counted_exactly() {
     fold_accounts_for_every_start(false);
