@@ -157,18 +157,22 @@ fn forget_folded(tag: FoldTag) -> Option<FoldKey> {
             if !any_spilled() {
                 return None;
             }
-            let key = (unsafe { FOLDED_SOCKS.get(c) }).copied()?;
-            if FOLDED_SOCKS.remove(c).is_ok() {
+            let (key, removed) = take_folded(c)?;
+            if removed {
                 spilled(-1);
             }
             Some(key)
         }
-        FoldTag::Addr(a) => {
-            let key = (unsafe { FOLDED_SOCKS.get(a) }).copied()?;
-            let _ = FOLDED_SOCKS.remove(a);
-            Some(key)
-        }
+        FoldTag::Addr(a) => take_folded(a).map(|(key, _)| key),
     }
+}
+
+/// `FOLDED_SOCKS`' entry for `k`, removed: its fold key if there was one, and whether
+/// this call removed it.
+#[inline(always)]
+fn take_folded(k: u64) -> Option<(FoldKey, bool)> {
+    let key = (unsafe { FOLDED_SOCKS.get(k) }).copied()?;
+    Some((key, FOLDED_SOCKS.remove(k).is_ok()))
 }
 
 #[inline(always)]

@@ -104,18 +104,6 @@ pub(crate) fn udp_released(sock: u64, tag: FoldTag, family: u16, protocol: u16) 
 }
 
 #[inline(always)]
-pub(crate) fn udp_bound(
-    sock: u64,
-    tag: FoldTag,
-    family: u16,
-    protocol: u16,
-    port: u16,
-    addr: [u8; 16],
-) {
-    udp_bound_flags(sock, tag, family, protocol, port, addr, 0);
-}
-
-#[inline(always)]
 pub(crate) fn udp_bound_flags(
     sock: u64,
     tag: FoldTag,
@@ -199,7 +187,7 @@ pub(crate) fn report_start_built(
     }
 }
 
-/// `udp_bound` for the direct set: the record built first (see `report_start_built`).
+/// `udp_bound_flags` for the direct set: the record built first (see `report_start_built`).
 #[inline(always)]
 pub(crate) fn udp_bound_direct(sock: u64, family: u16, protocol: u16, port: u16, addr: [u8; 16]) {
     if !report_start_built(Kind::UdpBound, sock, family, protocol, port, &addr, 0) {

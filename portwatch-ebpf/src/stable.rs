@@ -26,8 +26,8 @@ use crate::{
     deliver::{FoldTag, Start, count, decide, deliver_start, end_folded, is_folded, try_fold},
     record::{
         BOUND, Current as _, Sock, TaskReads, build, fold_attr, is_udp, kthread_flag, local_addr,
-        read_kernel, report_end, report_end_as, report_start_as, task_start, udp_bound,
-        udp_bound_flags, udp_released,
+        read_kernel, report_end, report_end_as, report_start_as, task_start, udp_bound_flags,
+        udp_released,
     },
 };
 
@@ -519,13 +519,14 @@ pub fn udp_bind4(ctx: SockContext) -> i32 {
     if is_udp(protocol) {
         let mut addr = [0u8; 16];
         addr[..4].copy_from_slice(&v4.to_ne_bytes());
-        udp_bound(
+        udp_bound_flags(
             sk as u64,
             sock_tag(&ctx),
             AF_INET,
             protocol as u16,
             port as u16,
             addr,
+            0,
         );
     }
     1
@@ -552,13 +553,14 @@ pub fn udp_bind6(ctx: SockContext) -> i32 {
         addr[4..8].copy_from_slice(&v6[1].to_ne_bytes());
         addr[8..12].copy_from_slice(&v6[2].to_ne_bytes());
         addr[12..].copy_from_slice(&v6[3].to_ne_bytes());
-        udp_bound(
+        udp_bound_flags(
             sk as u64,
             sock_tag(&ctx),
             AF_INET6,
             protocol as u16,
             port as u16,
             addr,
+            0,
         );
     }
     1

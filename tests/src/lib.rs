@@ -385,3 +385,41 @@ pub mod raw {
         unsafe { libc::close(fd) };
     }
 }
+
+/// One process's starts and ends as an agent reported them: sent one by one, and
+/// counted in its `listeners-folded` reports.
+#[derive(Debug)]
+pub struct FoldCounts {
+    pub sent: u64,
+    pub sent_ends: u64,
+    pub folded: u64,
+    pub folded_ends: u64,
+}
+
+/// Count `pid`'s TCP (`udp` false) or UDP starts and ends in `events`.
+pub fn fold_counts(events: &[Value], pid_: u64, udp: bool) -> FoldCounts {
+    let (start, stop) = if udp {
+        ("udp-bound", "udp-released")
+    } else {
+        ("listen-started", "listen-stopped")
+    };
+    let count = |a: &str| {
+        events
+            .iter()
+            .filter(|e| action(e) == a && pid(e) == pid_)
+            .count() as u64
+    };
+    let sum = |k: &str| -> u64 {
+        events
+            .iter()
+            .filter(|e| action(e) == "listeners-folded" && pid(e) == pid_)
+            .map(|e| e["portwatch"]["fold"][k].as_u64().unwrap())
+            .sum()
+    };
+    FoldCounts {
+        sent: count(start),
+        sent_ends: count(stop),
+        folded: sum("started"),
+        folded_ends: sum("ended"),
+    }
+}

@@ -14,7 +14,9 @@ use std::{
     time::Duration,
 };
 
-use portwatch_tests::{Reap, Value, action, can_run_kernel_tests, pid, port, read_json_lines};
+use portwatch_tests::{
+    FoldCounts, Reap, Value, action, can_run_kernel_tests, fold_counts, pid, port, read_json_lines,
+};
 
 #[test]
 fn rfc3339_parses_as_the_agent_writes_it() {
@@ -306,6 +308,23 @@ fn check(events: &[Value], floods: &[Flood], transport: &str, scope_important: b
     }
 }
 
+/// Start an agent writing to `out` (no snapshot, `extra` options) and wait for its
+/// `sensor-started`.
+fn start_agent(out: &std::path::Path, extra: &[&str]) -> std::process::Child {
+    let out_s = out.to_str().unwrap().to_owned();
+    let mut args = vec!["--output", &out_s, "--no-snapshot"];
+    args.extend_from_slice(extra);
+    let agent = portwatch_tests::spawn_watch(&args, Stdio::null(), Stdio::inherit());
+    portwatch_tests::poll(Duration::from_secs(30), || {
+        read_json_lines(out)
+            .iter()
+            .any(|e| action(e) == "sensor-started")
+            .then_some(())
+    })
+    .expect("agent started");
+    agent
+}
+
 /// Run one variant with the agent writing to a file.
 fn variant(transport: &str, scope: &str) {
     if !can_run_kernel_tests() {
@@ -314,20 +333,8 @@ fn variant(transport: &str, scope: &str) {
     let uid = flood_uid();
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join("events.json");
-    let out_s = out.to_str().unwrap().to_owned();
-    let mut agent = portwatch_tests::spawn_watch(
-        &["--output", &out_s, "--no-snapshot"],
-        Stdio::null(),
-        Stdio::inherit(),
-    );
+    let mut agent = start_agent(&out, &[]);
     let _reap = Reap(agent.id());
-    portwatch_tests::poll(Duration::from_secs(30), || {
-        read_json_lines(&out)
-            .iter()
-            .any(|e| action(e) == "sensor-started")
-            .then_some(())
-    })
-    .expect("agent started");
     let flooders = start_flooders(transport, scope, uid);
     thread::sleep(Duration::from_millis(500));
     let opened = open_risky_listeners();
@@ -370,21 +377,9 @@ fn hold_many(transport: &str) {
     let uid = flood_uid();
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join("events.json");
-    let out_s = out.to_str().unwrap().to_owned();
     // A small budget: well over 16,384 of the N are folded however slowly they open.
-    let mut agent = portwatch_tests::spawn_watch(
-        &["--output", &out_s, "--no-snapshot", "--fold-above", "10"],
-        Stdio::null(),
-        Stdio::inherit(),
-    );
+    let mut agent = start_agent(&out, &["--fold-above", "10"]);
     let _reap = Reap(agent.id());
-    portwatch_tests::poll(Duration::from_secs(30), || {
-        read_json_lines(&out)
-            .iter()
-            .any(|e| action(e) == "sensor-started")
-            .then_some(())
-    })
-    .expect("agent started");
     let child = Command::new(flooder_bin())
         .args([
             transport,
@@ -412,29 +407,12 @@ fn hold_many(transport: &str) {
     unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
     assert!(agent.wait().expect("agent").success());
     let events = read_json_lines(&out);
-    let (started, stopped) = if transport == "tcp" {
-        ("listen-started", "listen-stopped")
-    } else {
-        ("udp-bound", "udp-released")
-    };
-    let count = |a: &str| {
-        events
-            .iter()
-            .filter(|e| action(e) == a && pid(e) == p)
-            .count() as u64
-    };
-    let folds: Vec<&Value> = events
-        .iter()
-        .filter(|e| action(e) == "listeners-folded" && pid(e) == p)
-        .collect();
-    let sum = |k: &str| -> u64 {
-        folds
-            .iter()
-            .map(|e| e["portwatch"]["fold"][k].as_u64().unwrap())
-            .sum()
-    };
-    let (sent, sent_ends) = (count(started), count(stopped));
-    let (folded, folded_ends) = (sum("started"), sum("ended"));
+    let FoldCounts {
+        sent,
+        sent_ends,
+        folded,
+        folded_ends,
+    } = fold_counts(&events, p, transport == "udp");
     let lost: Vec<&Value> = events
         .iter()
         .filter(|e| action(e) == "events-lost")

@@ -7,7 +7,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use portwatch_tests::{Agent, Value, action, can_run_kernel_tests, comm_of, is, raw, socket_inode};
+use portwatch_tests::{
+    Agent, FoldCounts, Value, action, can_run_kernel_tests, comm_of, fold_counts, is, raw,
+    socket_inode,
+};
 
 fn me() -> u32 {
     std::process::id()
@@ -393,11 +396,7 @@ fn check_folds(
     ports: &std::collections::BTreeSet<u16>,
     udp: bool,
 ) -> (u64, u64) {
-    let (start, stop) = if udp {
-        ("udp-bound", "udp-released")
-    } else {
-        ("listen-started", "listen-stopped")
-    };
+    let start = if udp { "udp-bound" } else { "listen-started" };
     let mine = |e: &Value| e["process"]["pid"] == me();
     agent.expect("a final listeners-folded", |e| {
         action(e) == "listeners-folded"
@@ -411,19 +410,16 @@ fn check_folds(
     });
     let (status, events) = agent.stop();
     assert!(status.success());
-    let count = |a: &str| events.iter().filter(|e| action(e) == a && mine(e)).count() as u64;
     let folds: Vec<&Value> = events
         .iter()
         .filter(|e| action(e) == "listeners-folded" && mine(e))
         .collect();
-    let sum = |k: &str| -> u64 {
-        folds
-            .iter()
-            .map(|e| e["portwatch"]["fold"][k].as_u64().unwrap())
-            .sum()
-    };
-    let (sent, ended) = (count(start), count(stop));
-    let (folded, folded_ends) = (sum("started"), sum("ended"));
+    let FoldCounts {
+        sent,
+        sent_ends: ended,
+        folded,
+        folded_ends,
+    } = fold_counts(&events, u64::from(me()), udp);
     println!("ends: {ended} sent, {folded_ends} folded");
     assert!(folded > 0, "nothing was folded");
     assert_eq!(sent + folded, starts, "sent + folded = generated");
