@@ -145,7 +145,7 @@ pub mod stat {
     pub const READ_FAILED: u32 = 4;
     /// `URGENT` ring reservations that failed (important events lost in the kernel).
     pub const URGENT_FULL: u32 = 5;
-    /// Starts over budget that could not be folded (`FOLDS` full): sent one by one
+    /// Starts over budget that could not be folded (every `FOLDS` entry taken): sent one by one
     /// instead, so nothing is lost, but the flood was not contained.
     pub const FOLD_FULL: u32 = 6;
     /// Ends of folded listeners whose fold entry was already gone (nothing to count into).
@@ -160,6 +160,8 @@ pub mod stat {
 pub const RISKY_WORDS: u32 = 1024;
 /// Words of a fold's port bitmap: one bit per port, 8 KiB.
 pub const FOLD_PORT_WORDS: usize = 1024;
+/// Entries of the `FOLDS` array (8 KiB each, preallocated: 4 MiB): folds counted at once.
+pub const FOLD_ENTRIES: u32 = 512;
 
 /// Where a folded listener's address lies (part of [`FoldKey`]).
 pub const SCOPE_LOOPBACK: u16 = 0;
@@ -186,12 +188,28 @@ pub struct FoldKey {
     pub start_boottime_ns: u64,
 }
 
-/// The counts of one fold. The kernel only adds (atomically) and sets bits; the agent
-/// reads cumulative values and reports the differences, so no update is ever lost to a
-/// read-and-reset race. The attribution fields are those of the first folded start.
+impl FoldKey {
+    /// The key as three words, for a comparison without a byte loop in the BPF programs.
+    #[inline(always)]
+    pub fn words(&self) -> [u64; 3] {
+        [
+            u64::from(self.tgid) | u64::from(self.protocol) << 32 | u64::from(self.family) << 48,
+            u64::from(self.scope) | u64::from(self._pad) << 16 | u64::from(self._pad2) << 32,
+            self.start_boottime_ns,
+        ]
+    }
+}
+
+/// The counts of one fold, an entry of the `FOLDS` array. The kernel only adds
+/// (atomically) and sets bits; the agent reads cumulative values and reports the
+/// differences, so no update is ever lost to a read-and-reset race. The attribution
+/// fields are those of the first folded start.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Fold {
+    /// Whose fold this entry holds (all zero: a free entry). A socket or a budget that
+    /// remembers the entry's index checks this before counting into it.
+    pub key: FoldKey,
     /// Starts folded.
     pub started: u64,
     /// Ends of folded listeners.
@@ -211,6 +229,34 @@ pub struct Fold {
     pub comm: [u8; COMM_LEN],
     /// Bit `p` set: port `p` was folded at least once.
     pub ports: [u64; FOLD_PORT_WORDS],
+}
+
+impl Fold {
+    /// A free entry (what the agent writes into one it gives back).
+    pub const FREE: Fold = Fold {
+        key: FoldKey {
+            tgid: 0,
+            protocol: 0,
+            family: 0,
+            scope: 0,
+            _pad: 0,
+            _pad2: 0,
+            start_boottime_ns: 0,
+        },
+        started: 0,
+        ended: 0,
+        first_ns: 0,
+        last_ns: 0,
+        uid_gid: 0,
+        cgroup_id: 0,
+        netns_ino: 0,
+        ppid: 0,
+        reason: 0,
+        flags: 0,
+        addr: [0; 16],
+        comm: [0; COMM_LEN],
+        ports: [0; FOLD_PORT_WORDS],
+    };
 }
 
 /// The process's own budget was spent.
@@ -246,14 +292,18 @@ pub struct Budget {
     pub sent: u64,
     pub folded: u64,
     pub lost: u64,
+    /// The process's latest fold: its `FOLDS` index + 1 (0: none). A hint, checked
+    /// against the entry's key, so a folded start finds its fold without a hash lookup.
+    pub fold_hint: u32,
+    pub _pad: u32,
 }
 
 const _: () = assert!(core::mem::size_of::<FoldKey>() == 24);
 const _: () = assert!(core::mem::offset_of!(FoldKey, start_boottime_ns) == 16);
 const _: () = assert!(core::mem::offset_of!(SocketRecord, addr) == 88);
 const _: () =
-    assert!(core::mem::size_of::<Fold>() == 8 * 6 + 4 * 4 + 16 + 16 + 8 * FOLD_PORT_WORDS);
-const _: () = assert!(core::mem::size_of::<Budget>() == 48);
+    assert!(core::mem::size_of::<Fold>() == 24 + 8 * 6 + 4 * 4 + 16 + 16 + 8 * FOLD_PORT_WORDS);
+const _: () = assert!(core::mem::size_of::<Budget>() == 56);
 
 /// Field offsets in kernel structs, read from the running kernel's BTF by the agent and
 /// set as load-time globals. A value of `u32::MAX` means "not found": the program

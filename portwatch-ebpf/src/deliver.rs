@@ -8,12 +8,20 @@
 //!   first; loopback churn can only fill `EVENTS`.
 //! - **Budgets.** Each process, and each user, may send `FOLD_ABOVE` (per user
 //!   `FOLD_USER_ABOVE`) starts per second one by one. Above that, further starts are
-//!   folded: counted exactly in `FOLDS` (count, port bitmap, first and last time) and
+//!   folded: counted exactly in a `FOLDS` entry (count, port bitmap, first and last time) and
 //!   reported by the agent as `listeners-folded`, at most once a second per process. A
 //!   process already over its own budget does not spend its user's, so the other
 //!   processes of a flooding user keep theirs.
 //!
-//! Ends follow their start: the end of a folded start is folded too (`FOLDED_SOCKS`).
+//! Ends follow their start: the end of a folded start is folded too (`FOLDED_FAST`,
+//! `FOLDED_SOCKS`).
+//!
+//! A fold lives in an entry of the `FOLDS` array, found by its key in `FOLD_INDEX`. A
+//! folded socket and its process's budget remember the entry's index, checked against
+//! the entry's key: a folded start and its end count into their fold without a hash
+//! lookup (each was one, of a 24-byte key, on every folded start and end). Free entries
+//! wait in `FREE_FOLDS`, filled by the agent at start and given back when it deletes a
+//! fold (its process gone, its last counts reported; the entry zeroed first).
 
 use core::ptr::read_volatile;
 
@@ -21,11 +29,12 @@ use aya_ebpf::{
     Global,
     bindings::{BPF_NOEXIST, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, Queue, RingBuf},
 };
 use portwatch_common::{
-    AF_INET, Budget, FLAG_CHARGED, FLAG_URGENT, FOLD_BY_PROCESS, FOLD_BY_USER, FOLD_PORT_WORDS,
-    Fold, FoldKey, RISKY_WORDS, SCOPE_ADDRESS, SCOPE_LOOPBACK, SCOPE_WILDCARD, SocketRecord, stat,
+    AF_INET, Budget, FLAG_CHARGED, FLAG_URGENT, FOLD_BY_PROCESS, FOLD_BY_USER, FOLD_ENTRIES,
+    FOLD_PORT_WORDS, Fold, FoldKey, RISKY_WORDS, SCOPE_ADDRESS, SCOPE_LOOPBACK, SCOPE_WILDCARD,
+    SocketRecord, stat,
 };
 
 /// Important records; sized by the agent (`--urgent-ring-bytes`).
@@ -42,15 +51,29 @@ static PROC_BUDGET: LruHashMap<u32, Budget> = LruHashMap::with_max_entries(16384
 #[map]
 static USER_BUDGET: LruHashMap<u32, Budget> = LruHashMap::with_max_entries(4096, 0);
 
-/// Folds being counted (8 KiB each, preallocated: 4 MiB). The agent deletes a fold once
-/// its process is gone and its last counts are reported.
+/// Folds being counted (8 KiB each, preallocated: 4 MiB); an entry whose key is all zero
+/// is free. The agent deletes a fold once its process is gone and its last counts are
+/// reported: out of `FOLD_INDEX` first, then the entry zeroed, then its index freed.
 #[map]
-static FOLDS: HashMap<FoldKey, Fold> = HashMap::with_max_entries(512, 0);
+static FOLDS: Array<Fold> = Array::with_max_entries(FOLD_ENTRIES, 0);
 
-/// An all-zero `Fold`, the value a new fold is inserted with: 8 KiB does not fit on the
-/// 512-byte BPF stack.
+/// Where each fold is in `FOLDS`: what the agent lists, and what a start whose process's
+/// hint is stale (or a socket whose entry was given to another fold) looks up.
 #[map]
-static FOLD_ZERO: Array<Fold> = Array::with_max_entries(1, 0);
+static FOLD_INDEX: HashMap<FoldKey, u32> = HashMap::with_max_entries(FOLD_ENTRIES, 0);
+
+/// `FOLDS` indices not in use (the agent pushes them all at start).
+#[map]
+static FREE_FOLDS: Queue<u32> = Queue::with_max_entries(FOLD_ENTRIES, 0);
+
+/// A folded socket's fold: its key, and where its entry was when the start was folded.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct FoldRef {
+    key: FoldKey,
+    index: u32,
+    _pad: u32,
+}
 
 /// Sockets whose start was folded, so their end is folded into the same fold: those
 /// named by address ([`FoldTag::Addr`]), and those named by cookie whose `FOLDED_FAST`
@@ -58,7 +81,7 @@ static FOLD_ZERO: Array<Fold> = Array::with_max_entries(1, 0);
 /// full, starts are sent one by one instead of folded (counted in FOLD_FULL). Cookies
 /// (a counter) and kernel addresses never take the same value.
 #[map]
-static FOLDED_SOCKS: HashMap<u64, FoldKey> = HashMap::with_max_entries(65536, 0);
+static FOLDED_SOCKS: HashMap<u64, FoldRef> = HashMap::with_max_entries(65536, 0);
 
 /// Slots in `FOLDED_FAST` (a power of two): 512 KiB.
 const FAST_SLOTS: u32 = 16384;
@@ -73,14 +96,14 @@ const FAST_SLOTS: u32 = 16384;
 #[map]
 static FOLDED_FAST: Array<FoldedSlot> = Array::with_max_entries(FAST_SLOTS, 0);
 
-/// `cookie`: 0 free, else the socket's cookie. Only the socket's own end reads `key`,
+/// `cookie`: 0 free, else the socket's cookie. Only the socket's own end reads `fold`,
 /// and it cannot run before the start that claimed the slot has returned (the bind or
-/// listen holds a reference to the socket's file), so the key is written after the claim.
+/// listen holds a reference to the socket's file), so the fold is written after the claim.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct FoldedSlot {
     cookie: u64,
-    key: FoldKey,
+    fold: FoldRef,
 }
 
 /// How many cookie-named sockets `FOLDED_SOCKS` holds: while none, an end named by
@@ -116,63 +139,63 @@ fn spilled(delta: i64) {
     }
 }
 
-/// Remember the socket as folded into `key`; false when there is no room.
+/// Remember the socket as folded into `fold`; false when there is no room.
 #[inline(always)]
-fn remember_folded(tag: FoldTag, key: FoldKey) -> bool {
+fn remember_folded(tag: FoldTag, fold: FoldRef) -> bool {
     match tag {
         FoldTag::Cookie(c) => {
             if let Some(slot) = fast_slot(c) {
                 let p = unsafe { &raw mut (*slot).cookie };
                 if cas(p, 0, c) {
-                    unsafe { (*slot).key = key };
+                    unsafe { (*slot).fold = fold };
                     return true;
                 }
             }
             // Counted before the insert, so an end that can find the entry sees it.
             spilled(1);
-            if FOLDED_SOCKS.insert(c, key, 0).is_err() {
+            if FOLDED_SOCKS.insert(c, fold, 0).is_err() {
                 spilled(-1);
                 return false;
             }
             true
         }
-        FoldTag::Addr(a) => FOLDED_SOCKS.insert(a, key, 0).is_ok(),
+        FoldTag::Addr(a) => FOLDED_SOCKS.insert(a, fold, 0).is_ok(),
     }
 }
 
-/// Forget the socket if its start was folded: its fold key if so.
+/// Forget the socket if its start was folded: its fold if so.
 #[inline(always)]
-fn forget_folded(tag: FoldTag) -> Option<FoldKey> {
+fn forget_folded(tag: FoldTag) -> Option<FoldRef> {
     match tag {
         FoldTag::Cookie(c) => {
             if let Some(slot) = fast_slot(c) {
                 let p = unsafe { &raw mut (*slot).cookie };
                 if unsafe { read_volatile(p) } == c {
-                    let key = unsafe { read_volatile(&raw const (*slot).key) };
-                    // The key is read before the slot is given back (a full barrier).
+                    let fold = unsafe { read_volatile(&raw const (*slot).fold) };
+                    // The fold is read before the slot is given back (a full barrier).
                     xchg(p, 0);
-                    return Some(key);
+                    return Some(fold);
                 }
             }
             if !any_spilled() {
                 return None;
             }
-            let (key, removed) = take_folded(c)?;
+            let (fold, removed) = take_folded(c)?;
             if removed {
                 spilled(-1);
             }
-            Some(key)
+            Some(fold)
         }
-        FoldTag::Addr(a) => take_folded(a).map(|(key, _)| key),
+        FoldTag::Addr(a) => take_folded(a).map(|(fold, _)| fold),
     }
 }
 
-/// `FOLDED_SOCKS`' entry for `k`, removed: its fold key if there was one, and whether
-/// this call removed it.
+/// `FOLDED_SOCKS`' entry for `k`, removed: its fold if there was one, and whether this
+/// call removed it.
 #[inline(always)]
-fn take_folded(k: u64) -> Option<(FoldKey, bool)> {
-    let key = (unsafe { FOLDED_SOCKS.get(k) }).copied()?;
-    Some((key, FOLDED_SOCKS.remove(k).is_ok()))
+fn take_folded(k: u64) -> Option<(FoldRef, bool)> {
+    let fold = (unsafe { FOLDED_SOCKS.get(k) }).copied()?;
+    Some((fold, FOLDED_SOCKS.remove(k).is_ok()))
 }
 
 #[inline(always)]
@@ -458,7 +481,7 @@ pub fn decide(s: &Start, uid_gid: impl FnOnce() -> u64) -> Decision {
 /// not be folded).
 #[inline(always)]
 pub fn try_fold(s: &Start, d: &Decision, tag: FoldTag, attr: impl FnOnce() -> FoldAttr) -> bool {
-    if d.reason == 0 || !fold(s, tag, d.reason, attr) {
+    if d.reason == 0 || !fold(s, d.budget, tag, d.reason, attr) {
         return false;
     }
     if let Some(b) = d.budget {
@@ -540,20 +563,84 @@ pub fn is_folded(tag: FoldTag) -> bool {
 #[inline(always)]
 #[must_use = "a folded end must not be sent"]
 pub fn end_folded(tag: FoldTag) -> bool {
-    let Some(k) = forget_folded(tag) else {
+    let Some(r) = forget_folded(tag) else {
         return false;
     };
-    match FOLDS.get_ptr_mut(k) {
+    match entry_at(r.index, &r.key).or_else(|| indexed(&r.key).map(|(f, _)| f)) {
         Some(f) => add(unsafe { &raw mut (*f).ended }, 1),
         None => count(stat::FOLD_END_ORPHAN),
     }
     true
 }
 
+/// Whether two keys are equal, word by word.
+#[inline(always)]
+fn same_key(a: &FoldKey, b: &FoldKey) -> bool {
+    let (a, b) = (a.words(), b.words());
+    a[0] == b[0] && a[1] == b[1] && a[2] == b[2]
+}
+
+/// The `FOLDS` entry at `index` if it holds `key`'s fold.
+#[inline(always)]
+fn entry_at(index: u32, key: &FoldKey) -> Option<*mut Fold> {
+    let f = FOLDS.get_ptr_mut(index)?;
+    let held = unsafe { read_volatile(&raw const (*f).key) };
+    same_key(&held, key).then_some(f)
+}
+
+/// `key`'s fold, found through `FOLD_INDEX`: its entry and index.
+#[inline(always)]
+fn indexed(key: &FoldKey) -> Option<(*mut Fold, u32)> {
+    let index = *unsafe { FOLD_INDEX.get(key) }?;
+    entry_at(index, key).map(|f| (f, index))
+}
+
+/// A new fold for `key`: a free entry, filled in (`attr`), then published in
+/// `FOLD_INDEX`. Another CPU may publish the same key first: the entry is given back
+/// and theirs is used.
+#[inline(always)]
+fn new_fold(
+    key: &FoldKey,
+    now: u64,
+    addr: &[u8; 16],
+    attr: impl FnOnce() -> FoldAttr,
+) -> Option<(*mut Fold, u32)> {
+    let index = FREE_FOLDS.pop().ok().flatten()?;
+    let f = FOLDS.get_ptr_mut(index)?;
+    let a = attr();
+    unsafe {
+        (*f).first_ns = now;
+        (*f).uid_gid = a.uid_gid;
+        (*f).cgroup_id = a.cgroup_id;
+        (*f).netns_ino = a.netns_ino;
+        (*f).ppid = a.ppid;
+        (*f).flags = a.flags;
+        (*f).addr = *addr;
+        (*f).comm = a.comm;
+        (*f).key = *key;
+    }
+    if FOLD_INDEX.insert(key, index, BPF_NOEXIST as u64).is_ok() {
+        return Some((f, index));
+    }
+    unsafe { (*f).key = FoldKey::default() };
+    if FREE_FOLDS.push(index, 0).is_err() {
+        // Cannot happen (the index just came out of it); counted if it does, as an
+        // entry lost to folding.
+        count(stat::FOLD_FULL);
+    }
+    indexed(key)
+}
+
 /// Count a start into its fold. False when it cannot be folded (the fold map is full):
 /// the caller then sends it, so nothing is lost.
 #[inline(always)]
-fn fold(s: &Start, tag: FoldTag, reason: u32, attr: impl FnOnce() -> FoldAttr) -> bool {
+fn fold(
+    s: &Start,
+    budget: Option<*mut Budget>,
+    tag: FoldTag,
+    reason: u32,
+    attr: impl FnOnce() -> FoldAttr,
+) -> bool {
     let scope = if is_loopback(s.family, &s.addr) {
         SCOPE_LOOPBACK
     } else if is_wildcard(s.family, &s.addr) {
@@ -570,41 +657,33 @@ fn fold(s: &Start, tag: FoldTag, reason: u32, attr: impl FnOnce() -> FoldAttr) -
         _pad2: 0,
         start_boottime_ns: s.start_boottime_ns,
     };
-    let f = match FOLDS.get_ptr_mut(key) {
-        Some(f) => f,
-        None => {
-            let Some(zero) = FOLD_ZERO.get_ptr(0) else {
-                return false;
-            };
-            // Another CPU may insert the same key first: NOEXIST fails then, and the
-            // lookup below finds theirs.
-            #[expect(
-                clippy::needless_borrows_for_generic_args,
-                reason = "a reference into the zero map: 8 KiB must never be copied to the stack"
-            )]
-            let _ = FOLDS.insert(key, unsafe { &*zero }, BPF_NOEXIST as u64);
-            let Some(f) = FOLDS.get_ptr_mut(key) else {
-                count(stat::FOLD_FULL);
-                return false;
-            };
-            unsafe {
-                if (*f).first_ns == 0 {
-                    let a = attr();
-                    (*f).first_ns = s.now;
-                    (*f).uid_gid = a.uid_gid;
-                    (*f).cgroup_id = a.cgroup_id;
-                    (*f).netns_ino = a.netns_ino;
-                    (*f).ppid = a.ppid;
-                    (*f).flags = a.flags;
-                    (*f).addr = s.addr;
-                    (*f).comm = a.comm;
-                }
-            }
-            f
+    // The process's latest fold first (checked against the entry's key).
+    let hinted = budget.and_then(|b| {
+        let hint = unsafe { (*b).fold_hint };
+        if hint == 0 {
+            return None;
         }
+        entry_at(hint - 1, &key).map(|f| (f, hint - 1))
+    });
+    let Some((f, index)) = hinted
+        .or_else(|| indexed(&key))
+        .or_else(|| new_fold(&key, s.now, &s.addr, attr))
+    else {
+        count(stat::FOLD_FULL);
+        return false;
     };
+    if let Some(b) = budget
+        && unsafe { (*b).fold_hint } != index + 1
+    {
+        unsafe { (*b).fold_hint = index + 1 };
+    }
     // Remembered first: a start whose end could not be folded too is sent instead.
-    if !remember_folded(tag, key) {
+    let r = FoldRef {
+        key,
+        index,
+        _pad: 0,
+    };
+    if !remember_folded(tag, r) {
         count(stat::FOLD_FULL);
         return false;
     }

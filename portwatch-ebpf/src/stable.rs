@@ -417,7 +417,7 @@ pub fn sock_released(ctx: SockContext) -> i32 {
     } else if protocol == IPPROTO_TCP as u32 {
         let state = unsafe { read_volatile(&raw const (*sk).state) };
         if state == TCP_LISTEN as u32 {
-            unwatched_listener_released(sk as u64, || sock_tag(&ctx), family);
+            unwatched_listener_released(sk as u64, sock_tag(&ctx), family);
         } else if state == TCP_CLOSE as u32
             && unsafe { read_volatile(&raw const (*sk).dst_port) } == 0
         {
@@ -475,12 +475,17 @@ fn old_listener_released(sock: u64) {
 }
 
 #[inline(always)]
-fn unwatched_listener_released(sock: u64, tag: impl FnOnce() -> FoldTag, family: u16) {
+fn unwatched_listener_released(sock: u64, tag: FoldTag, family: u16) {
+    // The fold first, before any kernel read: in a flood, a folded listener (unflagged,
+    // see `listen_began`) is the usual one released here. A flagged listener (its
+    // start sent) is never in the fold tables.
+    if end_folded(tag) {
+        return;
+    }
     let Some(cb_flags) = read_kernel::<u8>(sock, offset!(tcp_cb_flags)) else {
         return;
     };
-    // The cookie only past the flag: every listener the agent saw listen is flagged.
-    if u32::from(cb_flags) & BPF_SOCK_OPS_STATE_CB_FLAG != 0 || end_folded(tag()) {
+    if u32::from(cb_flags) & BPF_SOCK_OPS_STATE_CB_FLAG != 0 {
         return;
     }
     if let Some(inode) = socket_inode(sock) {

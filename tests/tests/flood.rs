@@ -213,6 +213,12 @@ fn check(events: &[Value], floods: &[Flood], transport: &str, scope_important: b
     assert!(alerts >= 1, "the alert was raised");
     assert_eq!(alerts + repeats, K as u64, "alerts plus folded repeats");
 
+    // Every flooder's accounting first: when one is off, the others say whether what
+    // it misses went to them.
+    for f in floods {
+        let c = portwatch_tests::fold_counts(events, u64::from(f.pid), transport == "udp");
+        eprintln!("flooder {}: generated {}, {c:?}", f.pid, f.count);
+    }
     for f in floods {
         let p = u64::from(f.pid);
         let mine = |a: &str| {

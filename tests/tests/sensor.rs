@@ -498,6 +498,85 @@ fn folded_listeners_shut_down_or_listening_again_still_end_in_their_fold() {
     assert!(folded > N as u64 / 2, "most were folded");
 }
 
+/// The kernel counts at most 512 folds at once; the agent deletes a fold once its
+/// process is gone and reported, and the entry is used again. More short-lived folding
+/// processes than that, one after another (TCP and UDP in turn): each is counted
+/// exactly in a fold of its own, none inherits an earlier process's counts from a
+/// reused entry, and none is sent one by one for want of an entry.
+#[test]
+fn more_folding_processes_than_fold_entries_each_count_exactly() {
+    if !can_run_kernel_tests() {
+        return;
+    }
+    let mut agent = Agent::start(&[
+        "--no-snapshot",
+        "--fold-above",
+        "5",
+        "--fold-user-above",
+        "0",
+    ]);
+    const CHILDREN: usize = 600;
+    const STARTS: usize = 20;
+    let mut children = Vec::new();
+    let began = Instant::now();
+    for i in 0..CHILDREN {
+        let udp = i % 2 == 1;
+        // SAFETY: the child makes only async-signal-safe calls (socket, bind, listen,
+        // close, _exit) before it exits.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork");
+        if pid == 0 {
+            for _ in 0..STARTS {
+                let ty = if udp {
+                    libc::SOCK_DGRAM
+                } else {
+                    libc::SOCK_STREAM
+                };
+                // SAFETY: a plain call (no allocation, no panic: this is a forked child).
+                let fd = unsafe { libc::socket(libc::AF_INET, ty, 0) };
+                let ok = fd >= 0
+                    && raw::bind_v4(fd, [127, 0, 0, 1], 0) == 0
+                    && (udp || raw::listen(fd) == 0);
+                raw::close(fd);
+                if !ok {
+                    unsafe { libc::_exit(1) };
+                }
+            }
+            unsafe { libc::_exit(0) };
+        }
+        let mut status = 0;
+        // SAFETY: our own child.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+        children.push((pid as u64, udp));
+        // 60 processes a second: each fold lives about 3 s after its process (two agent
+        // ticks to see it gone), so about 200 are counted at once, well under 512.
+        let due = began + Duration::from_secs_f64((i + 1) as f64 / 60.0);
+        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+    }
+    let mut waiting: std::collections::BTreeSet<u64> = children.iter().map(|c| c.0).collect();
+    while !waiting.is_empty() {
+        let hit = agent.wait_for(Duration::from_secs(30), |e| {
+            action(e) == "listeners-folded"
+                && e["portwatch"]["fold"]["final"] == true
+                && waiting.contains(&portwatch_tests::pid(e))
+        });
+        let Some(e) = hit else {
+            panic!("no final fold report for {} processes", waiting.len());
+        };
+        waiting.remove(&portwatch_tests::pid(&e));
+    }
+    let (_, events) = agent.stop();
+    for (pid, udp) in children {
+        let c = fold_counts(&events, pid, udp);
+        assert!(
+            c.sent == 5 && c.sent_ends == 5 && c.folded == 15 && c.folded_ends == 15,
+            "pid {pid} (udp {udp}): {c:?}, want 5 sent and 15 folded, each ended"
+        );
+    }
+    println!("{CHILDREN} folding processes, each 5 sent + 15 folded");
+}
+
 #[test]
 fn tcp_starts_above_the_budget_are_folded_and_counted_exactly() {
     fold_accounts_for_every_start(false);

@@ -379,12 +379,14 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 for w in workloads.iter().filter(|w| !w.kind.is_flood()) {
                     let w = w.with_secs(ctx.cfg.kernel_secs);
                     // --quick: portwatch only, to stay within a few minutes
-                    // (portwatch-rawtp runs only when named).
+                    // (portwatch-rawtp runs only when named). The floor's do-nothing
+                    // programs give each hook's own cost: portwatch's work is the rest.
                     let tools: &[Tool] = if ctx.cfg.args.quick {
                         &[
                             Tool::Portwatch,
                             Tool::PortwatchBaseline,
                             Tool::PortwatchRawtp,
+                            Tool::Floor,
                         ]
                     } else {
                         &[
@@ -392,6 +394,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                             Tool::PortwatchBaseline,
                             Tool::PortwatchRawtp,
                             Tool::PortwatchNoFold,
+                            Tool::Floor,
                             Tool::Bpftrace,
                         ]
                     };
@@ -642,7 +645,7 @@ fn estimate_secs(cfg: &Config, ws: &[Workload]) -> f64 {
     let kernel = if cfg.args.no_kernel_cost {
         0.0
     } else {
-        let tools = if cfg.args.quick { 1.0 } else { 3.0 };
+        let tools = if cfg.args.quick { 2.0 } else { 4.0 };
         ws.iter().filter(|w| !w.kind.is_flood()).count() as f64 * tools * (cfg.kernel_secs + 2.0)
     };
     per_round * f64::from(cfg.rounds) + kernel

@@ -174,15 +174,8 @@ mod tests {
             ended,
             first_ns: 1,
             last_ns: 2,
-            uid_gid: 0,
-            cgroup_id: 0,
-            netns_ino: 0,
-            ppid: 0,
             reason: FOLD_BY_PROCESS,
-            flags: 0,
-            addr: [0; 16],
-            comm: [0; 16],
-            ports: [0; FOLD_PORT_WORDS],
+            ..Fold::FREE
         }
     }
 

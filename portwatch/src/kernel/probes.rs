@@ -223,8 +223,11 @@ pub fn urgent_ring_bytes(fold_above: u32, fold_user_above: u32) -> u32 {
 
 /// The kernel maps behind priority and folding.
 pub struct FoldMaps {
-    /// Per (process, transport, scope): what was folded.
-    pub folds: aya::maps::HashMap<MapData, portwatch_common::FoldKey, portwatch_common::Fold>,
+    /// Per (process, transport, scope): what was folded, in the entry `index` names.
+    pub folds: Array<MapData, portwatch_common::Fold>,
+    pub index: aya::maps::HashMap<MapData, portwatch_common::FoldKey, u32>,
+    /// `folds` entries not in use.
+    pub free: aya::maps::Queue<MapData, u32>,
     /// Per tgid: budget and exact totals (sent, folded, lost).
     pub budgets: aya::maps::HashMap<MapData, u32, portwatch_common::Budget>,
     /// The ports the kernel treats as important.
@@ -235,6 +238,31 @@ pub struct FoldMaps {
 }
 
 impl FoldMaps {
+    /// Every fold the kernel counts: its key, its entry's index, its counts. An entry
+    /// that no longer holds its key (given back meanwhile) is left out.
+    pub fn list(&self) -> Vec<(portwatch_common::FoldKey, u32, portwatch_common::Fold)> {
+        self.index
+            .iter()
+            .filter_map(Result::ok)
+            .filter_map(|(key, i)| {
+                let f = self.folds.get(&i, 0).ok()?;
+                (f.key == key).then_some((key, i, f))
+            })
+            .collect()
+    }
+
+    /// Delete a fold nothing can add to any more (its process is gone): out of the index
+    /// first, so no start finds it; then its entry zeroed, so no socket that remembers
+    /// it counts into it; then the entry freed for the next fold.
+    pub fn delete(&mut self, key: &portwatch_common::FoldKey, index: u32) -> anyhow::Result<()> {
+        self.index.remove(key).context("deleting from FOLD_INDEX")?;
+        self.folds
+            .set(index, portwatch_common::Fold::FREE, 0)
+            .context("zeroing a FOLDS entry")?;
+        self.free.push(index, 0).context("freeing a FOLDS entry")?;
+        Ok(())
+    }
+
     /// Load the important-port bitmap (one bit per port, `RISKY_WORDS` words).
     pub fn set_risky(&mut self, words: &[u64]) -> anyhow::Result<()> {
         for (i, w) in words
@@ -374,7 +402,21 @@ pub fn load(opts: &Options) -> anyhow::Result<Sensor> {
     let ring = RingBuf::try_from(ebpf.take_map("EVENTS").context("EVENTS map missing")?)?;
     let urgent = RingBuf::try_from(ebpf.take_map("URGENT").context("URGENT map missing")?)?;
     let folds = FoldMaps {
-        folds: aya::maps::HashMap::try_from(ebpf.take_map("FOLDS").context("FOLDS map missing")?)?,
+        folds: Array::try_from(ebpf.take_map("FOLDS").context("FOLDS map missing")?)?,
+        index: aya::maps::HashMap::try_from(
+            ebpf.take_map("FOLD_INDEX")
+                .context("FOLD_INDEX map missing")?,
+        )?,
+        free: {
+            let mut free = aya::maps::Queue::try_from(
+                ebpf.take_map("FREE_FOLDS")
+                    .context("FREE_FOLDS map missing")?,
+            )?;
+            for i in 0..portwatch_common::FOLD_ENTRIES {
+                free.push(i, 0).context("filling FREE_FOLDS")?;
+            }
+            free
+        },
         budgets: aya::maps::HashMap::try_from(
             ebpf.take_map("PROC_BUDGET")
                 .context("PROC_BUDGET map missing")?,

@@ -978,18 +978,17 @@ impl Pipeline {
     /// are gone. Each report is attributed like a listener event, and every risky port in
     /// the fold's set is classified like a listener, so its alert is raised.
     pub fn report_folds(&mut self, maps: &mut probes::FoldMaps, last: bool) {
-        let kernel: Vec<(portwatch_common::FoldKey, portwatch_common::Fold)> =
-            maps.folds.iter().filter_map(Result::ok).collect();
+        let kernel = maps.list();
         if kernel.is_empty() {
             return;
         }
-        let refs: Vec<_> = kernel.iter().map(|(k, f)| (*k, f)).collect();
+        let refs: Vec<_> = kernel.iter().map(|(k, _, f)| (*k, f)).collect();
         let enricher = &self.ev.enricher;
         let (reports, delete) = self.folds.reports(&refs, Instant::now(), last, |k| {
             enricher.alive(k.tgid, k.start_boottime_ns)
         });
         for r in &reports {
-            let Some((_, fold)) = kernel.iter().find(|(k, _)| *k == r.key) else {
+            let Some((_, _, fold)) = kernel.iter().find(|(k, _, _)| *k == r.key) else {
                 continue;
             };
             let budget = maps
@@ -1000,12 +999,12 @@ impl Pipeline {
             self.fold_event(r, fold, budget);
         }
         for k in &delete {
-            // A failed delete leaves the fold for the next tick to try again.
-            if let Err(e) = maps.folds.remove(k) {
-                log::warn!(
-                    "deleting the fold of pid {}: {e}; retried next second",
-                    k.tgid
-                );
+            let Some((_, index, _)) = kernel.iter().find(|(key, _, _)| key == k) else {
+                continue;
+            };
+            // One that fails while still indexed is listed, and retried, next tick.
+            if let Err(e) = maps.delete(k, *index) {
+                log::warn!("deleting the fold of pid {}: {e:#}", k.tgid);
             }
         }
     }
