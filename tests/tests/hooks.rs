@@ -308,14 +308,16 @@ fn same_events(mut a: Agent, mut b: Agent) {
     // A marker after everything: once both agents reported it, they reported the rest.
     let marker = TcpListener::bind("127.0.0.1:0").unwrap();
     let mp = marker.local_addr().unwrap().port();
+    // Known by its inode too: the port of a listener closed above may be handed out
+    // again to the marker (`[::1]:0` then `127.0.0.1:0` got the same port in the VM, and
+    // the drain stopped at that earlier listener's start).
+    let mi = socket_inode(marker.as_raw_fd());
+    let is_marker =
+        |e: &Value| is(e, "listen-started", me(), mp) && e["portwatch"]["socket"]["inode"] == mi;
     let name = |g: &Agent| format!("{}/{}", g.hooks()["set"], g.hooks()["via"]);
     let (an, bn) = (name(&a), name(&b));
-    let seen_a = a
-        .drain_until(|e| is(e, "listen-started", me(), mp))
-        .to_vec();
-    let seen_b = b
-        .drain_until(|e| is(e, "listen-started", me(), mp))
-        .to_vec();
+    let seen_a = a.drain_until(is_marker).to_vec();
+    let seen_b = b.drain_until(is_marker).to_vec();
     let lost = |seen: &[Value]| seen.iter().any(|e| action(e) == "events-lost");
     let ea = ours(&seen_a, &inodes);
     let eb = ours(&seen_b, &inodes);
