@@ -314,6 +314,45 @@ pub fn is(e: &Value, act: &str, owner: u32, p: u16) -> bool {
     action(e) == act && port(e) == u64::from(p) && pid(e) == u64::from(owner)
 }
 
+/// A loopback listener of this process that marks a point in the event stream: once its
+/// start is in, so is every event caused before it. Known by its socket inode as well as
+/// its port: the port may have been handed out before to a listener the test closed (it
+/// was, in the VM: `[::1]:0`, then `127.0.0.1:0`), and a wait for the port alone would
+/// stop at that earlier listener's start.
+pub struct Marker {
+    pub listener: std::net::TcpListener,
+    pub port: u16,
+    pub inode: u64,
+}
+
+impl Marker {
+    pub fn new() -> Marker {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding a marker");
+        let port = listener.local_addr().expect("marker address").port();
+        let inode = socket_inode(std::os::fd::AsRawFd::as_raw_fd(&listener));
+        Marker {
+            listener,
+            port,
+            inode,
+        }
+    }
+
+    /// Whether `e` is this marker's `act` (`listen-started`, `listen-stopped`).
+    pub fn is(&self, e: &Value, act: &str) -> bool {
+        is(e, act, std::process::id(), self.port) && e["portwatch"]["socket"]["inode"] == self.inode
+    }
+
+    pub fn started(&self, e: &Value) -> bool {
+        self.is(e, "listen-started")
+    }
+}
+
+impl Default for Marker {
+    fn default() -> Marker {
+        Marker::new()
+    }
+}
+
 /// Process name the kernel shows for `pid` (`/proc/<pid>/comm`).
 pub fn comm_of(pid: u32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/comm"))

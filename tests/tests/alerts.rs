@@ -6,7 +6,7 @@ use std::{
     net::{TcpListener, UdpSocket},
 };
 
-use portwatch_tests::{Agent, Value, action, can_run_kernel_tests, is};
+use portwatch_tests::{Agent, Marker, Value, action, can_run_kernel_tests, is};
 
 /// Three tests bind 0.0.0.0:11211 (memcached's port); they take turns.
 static MEMCACHED_PORT: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -30,11 +30,8 @@ fn alert_for(e: &Value, transport: &str, port: u16) -> bool {
 
 /// Binds a marker listener and waits for it: every event caused before is then in.
 fn settle(agent: &mut Agent) -> Vec<Value> {
-    let marker = TcpListener::bind("127.0.0.1:0").unwrap();
-    let mp = marker.local_addr().unwrap().port();
-    agent
-        .drain_until(|e| is(e, "listen-started", me(), mp))
-        .to_vec()
+    let marker = Marker::new();
+    agent.drain_until(|e| marker.started(e)).to_vec()
 }
 
 fn rules_file(text: &str) -> tempfile::NamedTempFile {

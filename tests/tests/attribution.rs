@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use portwatch_tests::{Agent, Value, action, can_run_kernel_tests, is, raw, socket_inode};
+use portwatch_tests::{Agent, Marker, Value, action, can_run_kernel_tests, is, raw, socket_inode};
 
 fn me() -> u32 {
     std::process::id()
@@ -73,9 +73,8 @@ fn snapshot_reports_a_listener_opened_before_the_agent() {
     });
     assert_eq!(inode_of(&end), shut_inode, "{end}");
     assert_eq!(end["server"]["ip"], "127.0.0.1", "{end}");
-    let marker = TcpListener::bind("127.0.0.1:0").unwrap();
-    let mp = marker.local_addr().unwrap().port();
-    let seen = agent.drain_until(|e| is(e, "listen-started", me(), mp));
+    let marker = Marker::new();
+    let seen = agent.drain_until(|e| marker.started(e));
     let ends: Vec<&Value> = seen
         .iter()
         .filter(|e| action(e) == "listen-stopped" && inode_of(e) == shut_inode)
@@ -335,9 +334,8 @@ fn startup_race_reports_each_listener_exactly_once() {
     }
     stop.store(true, Ordering::SeqCst);
     churn.join().unwrap();
-    let marker = TcpListener::bind("127.0.0.1:0").unwrap();
-    let mp = marker.local_addr().unwrap().port();
-    agent.drain_until(|e| is(e, "listen-stopped", me(), mp) || is(e, "listen-started", me(), mp));
+    let marker = Marker::new();
+    agent.drain_until(|e| marker.is(e, "listen-stopped") || marker.started(e));
     drop(marker);
     let (_, events) = agent.stop();
 

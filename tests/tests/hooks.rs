@@ -10,12 +10,9 @@ use std::{
 
 use portwatch::kernel::probes::{self, HooksChoice};
 use portwatch_tests::{
-    Agent, Value, action, agent_binary, can_run_kernel_tests, hooks_from_env, is, raw, socket_inode,
+    Agent, Marker, Value, action, agent_binary, can_run_kernel_tests, hooks_from_env, raw,
+    socket_inode,
 };
-
-fn me() -> u32 {
-    std::process::id()
-}
 
 #[test]
 fn sensor_started_names_the_hook_set_and_why() {
@@ -306,14 +303,10 @@ fn same_events(mut a: Agent, mut b: Agent) {
     raw::close(s2);
 
     // A marker after everything: once both agents reported it, they reported the rest.
-    let marker = TcpListener::bind("127.0.0.1:0").unwrap();
-    let mp = marker.local_addr().unwrap().port();
-    // Known by its inode too: the port of a listener closed above may be handed out
-    // again to the marker (`[::1]:0` then `127.0.0.1:0` got the same port in the VM, and
-    // the drain stopped at that earlier listener's start).
-    let mi = socket_inode(marker.as_raw_fd());
-    let is_marker =
-        |e: &Value| is(e, "listen-started", me(), mp) && e["portwatch"]["socket"]["inode"] == mi;
+    // Known by its inode too (see `Marker`): `[::1]:0` above and this `127.0.0.1:0` got
+    // the same port in the VM, and a drain for the port stopped at l6's start.
+    let marker = Marker::new();
+    let is_marker = |e: &Value| marker.started(e);
     let name = |g: &Agent| format!("{}/{}", g.hooks()["set"], g.hooks()["via"]);
     let (an, bn) = (name(&a), name(&b));
     let seen_a = a.drain_until(is_marker).to_vec();

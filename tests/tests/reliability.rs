@@ -261,9 +261,13 @@ fn stalled_output_drops_are_counted_and_memory_stays_bounded() {
         }
     }
     let (marker, mp) = listener();
+    // By inode too: a port may have been handed out before (see `Marker`).
+    let mi = socket_inode(marker);
     let mut saw_marker = false;
     while let Some(e) = next(&mut out) {
-        saw_marker |= action(&e) == "listen-started" && port(&e) == u64::from(mp);
+        saw_marker |= action(&e) == "listen-started"
+            && port(&e) == u64::from(mp)
+            && e["portwatch"]["socket"]["inode"] == mi;
         events.push(e);
         if saw_marker {
             break;
@@ -387,15 +391,18 @@ fn full_disk_is_survived_counted_and_reported() {
     std::fs::remove_file(&filler).unwrap();
     std::thread::sleep(Duration::from_millis(1200)); // a tick reports the loss
     let (fd, mp) = listener();
+    let mi = socket_inode(fd);
     let found = poll(Duration::from_secs(10), || {
         let ev = read_json_lines(&file);
         let lost = lost_by_reason(&ev)
             .get("output-error")
             .copied()
             .unwrap_or(0);
-        let marker = ev
-            .iter()
-            .any(|e| action(e) == "listen-started" && port(e) == u64::from(mp));
+        let marker = ev.iter().any(|e| {
+            action(e) == "listen-started"
+                && port(e) == u64::from(mp)
+                && e["portwatch"]["socket"]["inode"] == mi
+        });
         (lost > 0 && marker).then_some(lost)
     });
     raw::close(fd);

@@ -8,7 +8,7 @@ use std::{
 };
 
 use portwatch_tests::{
-    Agent, FoldCounts, Value, action, can_run_kernel_tests, comm_of, fold_counts, is, raw,
+    Agent, FoldCounts, Marker, Value, action, can_run_kernel_tests, comm_of, fold_counts, is, raw,
     socket_inode,
 };
 
@@ -143,11 +143,8 @@ fn failed_listen_is_not_reported() {
     );
     let failed_inode = socket_inode(b);
     // A marker listener after the failure: once its event is in, the failure's would be.
-    let marker = TcpListener::bind("127.0.0.1:0").unwrap();
-    let mp = marker.local_addr().unwrap().port();
-    let seen = agent
-        .drain_until(|e| is(e, "listen-started", me(), mp))
-        .to_vec();
+    let marker = Marker::new();
+    let seen = agent.drain_until(|e| marker.started(e)).to_vec();
     assert!(
         seen.iter().any(|e| is(e, "listen-started", me(), p)),
         "first listen reported"
@@ -199,9 +196,8 @@ fn burst_of_1000_listeners_is_fully_reported_or_counted_lost() {
         inodes.insert(socket_inode(l.as_raw_fd()));
     }
     let took = t.elapsed();
-    let marker = TcpListener::bind("127.0.0.1:0").unwrap();
-    let mp = marker.local_addr().unwrap().port();
-    agent.drain_until(|e| is(e, "listen-started", me(), mp));
+    let marker = Marker::new();
+    agent.drain_until(|e| marker.started(e));
     let (status, events) = agent.stop();
     assert!(status.success());
     let ours = |e: &&Value| {
@@ -342,11 +338,8 @@ fn accepted_connections_do_not_end_the_listener() {
         let (s, _) = l.accept().unwrap();
         drop((c, s));
     }
-    let marker = TcpListener::bind("127.0.0.1:0").unwrap();
-    let mp = marker.local_addr().unwrap().port();
-    let seen = agent
-        .drain_until(|e| is(e, "listen-started", me(), mp))
-        .to_vec();
+    let marker = Marker::new();
+    let seen = agent.drain_until(|e| marker.started(e)).to_vec();
     let stops = seen
         .iter()
         .filter(|e| action(e) == "listen-stopped" && e["server"]["port"] == p);
