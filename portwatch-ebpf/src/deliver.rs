@@ -566,7 +566,10 @@ pub fn end_folded(tag: FoldTag) -> bool {
     let Some(r) = forget_folded(tag) else {
         return false;
     };
-    match entry_at(r.index, &r.key).or_else(|| indexed(&r.key).map(|(f, _)| f)) {
+    // A fold keeps its entry for its whole life, so an entry that no longer holds the
+    // key means the fold was deleted (out of `FOLD_INDEX` before its entry was zeroed):
+    // there is nothing to count into.
+    match entry_at(r.index, &r.key) {
         Some(f) => add(unsafe { &raw mut (*f).ended }, 1),
         None => count(stat::FOLD_END_ORPHAN),
     }
