@@ -281,6 +281,8 @@ const _: () = assert!(core::mem::size_of::<OldListener>() == 24);
 
 /// A budget (per process in `PROC_BUDGET`, per user in `USER_BUDGET`) and, per process,
 /// its exact totals: every start of the process is exactly one of sent, folded or lost.
+/// The folded ones are counted in the process's folds (`Fold::started`), not here: a
+/// folded start need not find its budget.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Budget {
@@ -290,7 +292,6 @@ pub struct Budget {
     pub window_ns: u64,
     pub in_window: u64,
     pub sent: u64,
-    pub folded: u64,
     pub lost: u64,
     /// The process's latest fold: its `FOLDS` index + 1 (0: none). A hint, checked
     /// against the entry's key, so a folded start finds its fold without a hash lookup.
@@ -303,7 +304,7 @@ const _: () = assert!(core::mem::offset_of!(FoldKey, start_boottime_ns) == 16);
 const _: () = assert!(core::mem::offset_of!(SocketRecord, addr) == 88);
 const _: () =
     assert!(core::mem::size_of::<Fold>() == 24 + 8 * 6 + 4 * 4 + 16 + 16 + 8 * FOLD_PORT_WORDS);
-const _: () = assert!(core::mem::size_of::<Budget>() == 56);
+const _: () = assert!(core::mem::size_of::<Budget>() == 48);
 
 /// Field offsets in kernel structs, read from the running kernel's BTF by the agent and
 /// set as load-time globals. A value of `u32::MAX` means "not found": the program

@@ -23,7 +23,7 @@
 //! wait in `FREE_FOLDS`, filled by the agent at start and given back when it deletes a
 //! fold (its process gone, its last counts reported; the entry zeroed first).
 
-use core::ptr::read_volatile;
+use core::ptr::{read_volatile, write_volatile};
 
 use aya_ebpf::{
     Global,
@@ -428,11 +428,49 @@ pub struct FoldAttr {
     pub comm: [u8; 16],
 }
 
-/// The budgets' verdict on one start: the process's budget entry (for its totals) and
-/// why to fold (0: send).
+/// The budgets' verdict on one start: the process's budget entry (for its totals), why
+/// to fold (0: send), and, when this CPU already knew the process to be over its budget
+/// (the budget was not looked up), the fold it knew: its index + 1 (0: not known).
 pub struct Decision {
     budget: Option<*mut Budget>,
     reason: u32,
+    known: u32,
+}
+
+/// Per CPU: the process whose start this CPU last folded for being over its own budget,
+/// the fold that start went into, and when that budget's window ends. Until then every
+/// further start of the process is folded whatever its budget says, so the next one on
+/// this CPU skips the budget (an LRU hash lookup: a sixth of a folded UDP bind's cost,
+/// perf, udp churn) and finds its fold without the budget's hint. Checked by tgid and
+/// start time (a reused tgid is another process) and, through the fold's key, by the
+/// fold itself.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Folding {
+    start_boottime_ns: u64,
+    until_ns: u64,
+    tgid: u32,
+    index: u32,
+}
+
+#[map]
+static FOLDING: PerCpuArray<Folding> = PerCpuArray::with_max_entries(1, 0);
+
+/// What this CPU knows of the process being over its budget now, if anything. Copied
+/// out at once: another task on this CPU may rewrite it before this program is done (a
+/// torn copy at worst names a fold whose key then does not match, or misjudges a window
+/// by one start, as the budgets' own unlocked counts may).
+#[inline(always)]
+fn known_folding(tgid: u32, s: &Start) -> u32 {
+    let Some(c) = FOLDING.get_ptr(0) else {
+        return 0;
+    };
+    let c = unsafe { read_volatile(c) };
+    if c.tgid == tgid && c.start_boottime_ns == s.start_boottime_ns && s.now < c.until_ns {
+        c.index + 1
+    } else {
+        0
+    }
 }
 
 /// Charge the start to its process's budget, and to its user's unless the process is
@@ -441,20 +479,37 @@ pub struct Decision {
 #[inline(always)]
 pub fn decide(s: &Start, uid_gid: impl FnOnce() -> u64) -> Decision {
     let tgid = (s.pid_tgid >> 32) as u32;
+    let known = known_folding(tgid, s);
+    if known != 0 {
+        return Decision {
+            budget: None,
+            reason: FOLD_BY_PROCESS,
+            known,
+        };
+    }
     let budget = proc_budget(tgid, s.start_boottime_ns, s.now);
     let limit = FOLD_ABOVE.load();
     if limit == 0 {
-        return Decision { budget, reason: 0 };
+        return Decision {
+            budget,
+            reason: 0,
+            known: 0,
+        };
     }
     if budget.is_some_and(|b| spend(b, s.now, limit)) {
         return Decision {
             budget,
             reason: FOLD_BY_PROCESS,
+            known: 0,
         };
     }
     let user_limit = FOLD_USER_ABOVE.load();
     if user_limit == 0 {
-        return Decision { budget, reason: 0 };
+        return Decision {
+            budget,
+            reason: 0,
+            known: 0,
+        };
     }
     let uid = uid_gid() as u32;
     let ub = match USER_BUDGET.get_ptr_mut(uid) {
@@ -473,21 +528,36 @@ pub fn decide(s: &Start, uid_gid: impl FnOnce() -> u64) -> Decision {
     } else {
         0
     };
-    Decision { budget, reason }
+    Decision {
+        budget,
+        reason,
+        known: 0,
+    }
 }
 
 /// Fold the start when the decision says so. `attr` reads the rest of the attribution,
 /// called only when a new fold is created. False: send it (not over budget, or it could
-/// not be folded).
+/// not be folded). A process's folded total is the sum of its folds' starts (the agent
+/// adds them up), so a folded start touches no budget.
 #[inline(always)]
-pub fn try_fold(s: &Start, d: &Decision, tag: FoldTag, attr: impl FnOnce() -> FoldAttr) -> bool {
-    if d.reason == 0 || !fold(s, d.budget, tag, d.reason, attr) {
+pub fn try_fold(
+    s: &Start,
+    d: &mut Decision,
+    tag: FoldTag,
+    attr: impl FnOnce() -> FoldAttr,
+) -> bool {
+    if d.reason == 0 {
         return false;
     }
-    if let Some(b) = d.budget {
-        add(unsafe { &raw mut (*b).folded }, 1);
+    if fold(s, d, tag, attr) {
+        return true;
     }
-    true
+    if d.known != 0 {
+        // Decided without the budget, and sent after all: the send is counted in the
+        // process's totals like any other.
+        d.budget = proc_budget((s.pid_tgid >> 32) as u32, s.start_boottime_ns, s.now);
+    }
+    false
 }
 
 /// Send a start the budgets let through, counting it in its process's totals.
@@ -518,11 +588,12 @@ pub fn deliver_start(rec: &mut SocketRecord, tag: FoldTag) -> bool {
         let d = Decision {
             budget: proc_budget(tgid, s.start_boottime_ns, s.now),
             reason: 0,
+            known: 0,
         };
         send_start(rec, &d, urgent);
         return false;
     }
-    let d = decide(&s, || rec.uid_gid);
+    let mut d = decide(&s, || rec.uid_gid);
     let attr = || FoldAttr {
         uid_gid: rec.uid_gid,
         netns_ino: rec.netns_ino,
@@ -531,7 +602,7 @@ pub fn deliver_start(rec: &mut SocketRecord, tag: FoldTag) -> bool {
         cgroup_id: rec.cgroup_id,
         comm: rec.comm,
     };
-    if try_fold(&s, &d, tag, attr) {
+    if try_fold(&s, &mut d, tag, attr) {
         return true;
     }
     send_start(rec, &d, urgent);
@@ -637,13 +708,8 @@ fn new_fold(
 /// Count a start into its fold. False when it cannot be folded (the fold map is full):
 /// the caller then sends it, so nothing is lost.
 #[inline(always)]
-fn fold(
-    s: &Start,
-    budget: Option<*mut Budget>,
-    tag: FoldTag,
-    reason: u32,
-    attr: impl FnOnce() -> FoldAttr,
-) -> bool {
+fn fold(s: &Start, d: &Decision, tag: FoldTag, attr: impl FnOnce() -> FoldAttr) -> bool {
+    let (budget, reason) = (d.budget, d.reason);
     let scope = if is_loopback(s.family, &s.addr) {
         SCOPE_LOOPBACK
     } else if is_wildcard(s.family, &s.addr) {
@@ -660,14 +726,17 @@ fn fold(
         _pad2: 0,
         start_boottime_ns: s.start_boottime_ns,
     };
-    // The process's latest fold first (checked against the entry's key).
-    let hinted = budget.and_then(|b| {
-        let hint = unsafe { (*b).fold_hint };
-        if hint == 0 {
-            return None;
-        }
+    // The process's latest fold first (checked against the entry's key): the one this
+    // CPU knows, else its budget's hint.
+    let hint = match (d.known, budget) {
+        (0, Some(b)) => unsafe { (*b).fold_hint },
+        (known, _) => known,
+    };
+    let hinted = if hint == 0 {
+        None
+    } else {
         entry_at(hint - 1, &key).map(|f| (f, hint - 1))
-    });
+    };
     let Some((f, index)) = hinted
         .or_else(|| indexed(&key))
         .or_else(|| new_fold(&key, s.now, &s.addr, attr))
@@ -679,6 +748,27 @@ fn fold(
         && unsafe { (*b).fold_hint } != index + 1
     {
         unsafe { (*b).fold_hint = index + 1 };
+    }
+    // What this CPU knows from now on: the process is over its own budget until the
+    // window ends, and this is its fold.
+    if let Some(c) = FOLDING.get_ptr_mut(0) {
+        match (d.known, budget) {
+            // Another fold of the process (another scope or transport): this one is
+            // known from now on.
+            (known, _) if known != 0 && known != index + 1 => unsafe { (*c).index = index },
+            (0, Some(b)) if reason == FOLD_BY_PROCESS => unsafe {
+                write_volatile(
+                    c,
+                    Folding {
+                        start_boottime_ns: s.start_boottime_ns,
+                        until_ns: (*b).window_ns.saturating_add(SECOND_NS),
+                        tgid: key.tgid,
+                        index,
+                    },
+                )
+            },
+            _ => {}
+        }
     }
     // Remembered first: a start whose end could not be folded too is sent instead.
     let r = FoldRef {
@@ -696,8 +786,13 @@ fn fold(
         (*f).reason |= reason;
         (*f).last_ns = s.now;
     }
-    // Two CPUs folding ports of one process at once must not lose each other's bits.
-    or(unsafe { &raw mut (*f).ports[word] }, bit);
+    // Two CPUs folding ports of one process at once must not lose each other's bits. A
+    // bit once set stays set, so a set one needs no locked write (a flood reuses its
+    // ports).
+    let ports = unsafe { &raw mut (*f).ports[word] };
+    if unsafe { read_volatile(ports) } & bit == 0 {
+        or(ports, bit);
+    }
     add(unsafe { &raw mut (*f).started }, 1);
     true
 }

@@ -2,6 +2,8 @@
 //! becomes (`build`), its delivery, the UDP bookkeeping that ties a release to its bind,
 //! and the reads of kernel memory at the offsets the agent found in BTF.
 
+use core::ptr::{read_volatile, write_volatile};
+
 use aya_ebpf::{
     Global,
     helpers::{
@@ -221,14 +223,14 @@ pub(crate) fn report_start_as(
     let s = Start {
         pid_tgid,
         start_boottime_ns: leader_start(pid_tgid).unwrap_or(0),
-        now: unsafe { generated::bpf_ktime_get_coarse_ns() },
+        now: coarse_now(),
         family,
         protocol,
         port,
         addr: *addr,
     };
-    let d = decide(&s, || cur.uid_gid());
-    if try_fold(&s, &d, tag, || fold_attr_as(cur, sock())) {
+    let mut d = decide(&s, || cur.uid_gid());
+    if try_fold(&s, &mut d, tag, || fold_attr_as(cur, sock())) {
         return true;
     }
     let urgent = important(port, family, addr);
@@ -540,6 +542,32 @@ pub(crate) fn current_task() -> u64 {
 #[inline(always)]
 pub(crate) fn read_task_u32(task: u64, offset: u32) -> Option<u32> {
     read_kernel::<u32>(task, offset)
+}
+
+/// Per CPU: the jiffy this CPU last read the coarse clock in, and what it read.
+#[map]
+static COARSE: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
+
+/// `CLOCK_MONOTONIC` as of the last tick, like `bpf_ktime_get_coarse_ns()`, which it
+/// calls once per jiffy per CPU: `bpf_jiffies64()` is inlined by the verifier (one load)
+/// where the clock helper is a call, and on these machines (AMD, "Safe RET") every call
+/// and return costs (perf, udp churn: the clock was a tenth of a folded bind's cost). A
+/// tick may pass between `jiffies` and the clock's update: the time is then one more
+/// tick behind, until the next jiffy. Budget windows and fold times only.
+#[inline(always)]
+pub(crate) fn coarse_now() -> u64 {
+    let jiffy = unsafe { generated::bpf_jiffies64() };
+    let Some(c) = COARSE.get_ptr_mut(0) else {
+        return unsafe { generated::bpf_ktime_get_coarse_ns() };
+    };
+    // Copied out at once: another task on this CPU may rewrite it meanwhile.
+    let [seen, t] = unsafe { read_volatile(c) };
+    if seen == jiffy {
+        return t;
+    }
+    let t = unsafe { generated::bpf_ktime_get_coarse_ns() };
+    unsafe { write_volatile(c, [jiffy, t]) };
+    t
 }
 
 /// Read a `T` at `base + offset` in kernel memory; `None` when the offset is unknown

@@ -180,8 +180,8 @@ fn state_changed<C: EbpfContext>(
                 port,
                 addr,
             };
-            let d = decide(&s, bpf_get_current_uid_gid);
-            if try_fold(&s, &d, FoldTag::Addr(sock), || fold_attr(sock)) {
+            let mut d = decide(&s, bpf_get_current_uid_gid);
+            if try_fold(&s, &mut d, FoldTag::Addr(sock), || fold_attr(sock)) {
                 return 0;
             }
             extra |= FLAG_CHARGED;

@@ -580,6 +580,69 @@ fn udp_binds_above_the_budget_are_folded_and_counted_exactly() {
     fold_accounts_for_every_start(true);
 }
 
+/// A process over its budget is folded until its one-second window ends, and no longer:
+/// the next window's starts are sent again, up to the budget. (A CPU that folded a start
+/// of a process remembers it, so the next start skips the budget lookup; that memory
+/// must end with the window, and follow the process from one fold to another: the second
+/// burst alternates loopback and wildcard binds, two folds.)
+#[test]
+fn a_budget_window_that_ends_lets_starts_through_again() {
+    if !can_run_kernel_tests() {
+        return;
+    }
+    const LIMIT: u64 = 20;
+    const BURST: u64 = 100;
+    let mut agent = Agent::start(&["--no-snapshot", "--fold-above", &LIMIT.to_string()]);
+    let burst = |wildcard_too: bool| {
+        for i in 0..BURST {
+            let ip = if wildcard_too && i % 2 == 1 {
+                "0.0.0.0:0"
+            } else {
+                "127.0.0.1:0"
+            };
+            drop(UdpSocket::bind(ip).unwrap());
+        }
+    };
+    burst(false);
+    std::thread::sleep(Duration::from_millis(1300));
+    burst(true);
+    let mine = |e: &Value| e["process"]["pid"] == me();
+    agent.expect("final listeners-folded covering both bursts", |e| {
+        let f = &e["portwatch"]["fold"];
+        action(e) == "listeners-folded"
+            && mine(e)
+            && f["final"] == true
+            && f["process_sent"].as_u64().unwrap_or(0) + f["process_folded"].as_u64().unwrap_or(0)
+                >= 2 * BURST
+    });
+    let (status, events) = agent.stop();
+    assert!(status.success());
+    let c = fold_counts(&events, u64::from(me()), true);
+    println!("{c:?}");
+    assert_eq!(c.sent, 2 * LIMIT, "{LIMIT} sent in each window: {c:?}");
+    assert_eq!(c.folded, 2 * (BURST - LIMIT), "the rest folded: {c:?}");
+    assert_eq!(c.sent_ends, c.sent, "{c:?}");
+    assert_eq!(c.folded_ends, c.folded, "{c:?}");
+    let folds: Vec<&Value> = events
+        .iter()
+        .filter(|e| action(e) == "listeners-folded" && mine(e))
+        .map(|e| &e["portwatch"]["fold"])
+        .collect();
+    let in_scope = |scope: &str| -> u64 {
+        folds
+            .iter()
+            .filter(|f| f["scope"] == scope)
+            .map(|f| f["started"].as_u64().unwrap())
+            .sum()
+    };
+    assert!(in_scope("wildcard") > 0, "{folds:?}");
+    assert_eq!(in_scope("loopback") + in_scope("wildcard"), c.folded);
+    let last = folds.last().unwrap();
+    assert_eq!(last["process_sent"].as_u64(), Some(c.sent), "{last}");
+    assert_eq!(last["process_folded"].as_u64(), Some(c.folded), "{last}");
+    assert_eq!(last["process_lost"].as_u64(), Some(0), "{last}");
+}
+
 /// A UDP-Lite socket (protocol 136) bound to a risky port is a listener like any other:
 /// reported live (`network.transport: udplite`), alerted on, ended, and found by the
 /// startup snapshot (/proc/net/udplite) when it was bound before the agent.

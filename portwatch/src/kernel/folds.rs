@@ -104,6 +104,16 @@ impl Folds {
     }
 }
 
+/// Every start of `key`'s process that was folded: its folds' starts, added up (the
+/// kernel counts a folded start only in its fold).
+pub fn process_folded(kernel: &[(FoldKey, &Fold)], key: &FoldKey) -> u64 {
+    kernel
+        .iter()
+        .filter(|(k, _)| k.tgid == key.tgid && k.start_boottime_ns == key.start_boottime_ns)
+        .map(|(_, f)| f.started)
+        .sum()
+}
+
 pub fn scope_name(scope: u16) -> &'static str {
     match scope {
         SCOPE_LOOPBACK => "loopback",
@@ -189,6 +199,24 @@ mod tests {
             _pad2: 0,
             start_boottime_ns: 7,
         }
+    }
+
+    #[test]
+    fn a_process_folded_total_adds_its_folds_and_no_one_elses() {
+        let udp = FoldKey {
+            protocol: 17,
+            ..key(10)
+        };
+        let reused = FoldKey {
+            start_boottime_ns: 8,
+            ..key(10)
+        };
+        let (a, b, c, d) = (fold(5, 5), fold(7, 6), fold(100, 0), fold(1000, 0));
+        let kernel = [(key(10), &a), (udp, &b), (reused, &c), (key(11), &d)];
+        assert_eq!(process_folded(&kernel, &key(10)), 12);
+        assert_eq!(process_folded(&kernel, &udp), 12);
+        assert_eq!(process_folded(&kernel, &reused), 100);
+        assert_eq!(process_folded(&kernel, &key(12)), 0);
     }
 
     #[test]

@@ -996,7 +996,8 @@ impl Pipeline {
                 .get(&r.key.tgid, 0)
                 .ok()
                 .filter(|b| b.start_boottime_ns == r.key.start_boottime_ns);
-            self.fold_event(r, fold, budget);
+            let folded = crate::kernel::folds::process_folded(&refs, &r.key);
+            self.fold_event(r, fold, budget, folded);
         }
         for k in &delete {
             let Some((_, index, _)) = kernel.iter().find(|(key, _, _)| key == k) else {
@@ -1014,6 +1015,7 @@ impl Pipeline {
         r: &crate::kernel::folds::Report,
         fold: &portwatch_common::Fold,
         budget: Option<portwatch_common::Budget>,
+        process_folded: u64,
     ) {
         use portwatch_common::{
             AF_INET, FLAG_KTHREAD, FLAG_NETNS, FLAG_PPID, IPPROTO_UDP, IPPROTO_UDPLITE,
@@ -1082,7 +1084,7 @@ impl Pipeline {
             budget: crate::kernel::folds::budget_names(fold.reason),
             final_: r.final_,
             process_sent: budget.map_or(0, |b| b.sent),
-            process_folded: budget.map_or(0, |b| b.folded),
+            process_folded,
             process_lost: budget.map_or(0, |b| b.lost),
         };
         let wall = self.ev.enricher.clocks.wall_from_ktime(fold.last_ns);
