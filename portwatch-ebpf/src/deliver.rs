@@ -437,13 +437,14 @@ pub struct Decision {
     known: u32,
 }
 
-/// Per CPU: the process whose start this CPU last folded for being over its own budget,
-/// the fold that start went into, and when that budget's window ends. Until then every
-/// further start of the process is folded whatever its budget says, so the next one on
-/// this CPU skips the budget (an LRU hash lookup: a sixth of a folded UDP bind's cost,
-/// perf, udp churn) and finds its fold without the budget's hint. Checked by tgid and
-/// start time (a reused tgid is another process) and, through the fold's key, by the
-/// fold itself.
+/// Per CPU, per slot (`tgid % FOLDING_SLOTS`, so processes that take turns on a CPU do
+/// not evict each other): the process whose start this CPU last folded for being over
+/// its own budget, the fold that start went into, and when that budget's window ends.
+/// Until then every further start of the process is folded whatever its budget says, so
+/// the next one on this CPU skips the budget (an LRU hash lookup: a sixth of a folded
+/// UDP bind's cost, perf, udp churn) and finds its fold without the budget's hint.
+/// Checked by tgid and start time (a reused tgid is another process) and, through the
+/// fold's key, by the fold itself.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Folding {
@@ -453,8 +454,11 @@ pub struct Folding {
     index: u32,
 }
 
+/// Slots per CPU in `FOLDING` (a power of two).
+const FOLDING_SLOTS: u32 = 8;
+
 #[map]
-static FOLDING: PerCpuArray<Folding> = PerCpuArray::with_max_entries(1, 0);
+static FOLDING: PerCpuArray<Folding> = PerCpuArray::with_max_entries(FOLDING_SLOTS, 0);
 
 /// What this CPU knows of the process being over its budget now, if anything. Copied
 /// out at once: another task on this CPU may rewrite it before this program is done (a
@@ -462,7 +466,7 @@ static FOLDING: PerCpuArray<Folding> = PerCpuArray::with_max_entries(1, 0);
 /// by one start, as the budgets' own unlocked counts may).
 #[inline(always)]
 fn known_folding(tgid: u32, s: &Start) -> u32 {
-    let Some(c) = FOLDING.get_ptr(0) else {
+    let Some(c) = FOLDING.get_ptr(tgid & (FOLDING_SLOTS - 1)) else {
         return 0;
     };
     let c = unsafe { read_volatile(c) };
@@ -751,7 +755,7 @@ fn fold(s: &Start, d: &Decision, tag: FoldTag, attr: impl FnOnce() -> FoldAttr) 
     }
     // What this CPU knows from now on: the process is over its own budget until the
     // window ends, and this is its fold.
-    if let Some(c) = FOLDING.get_ptr_mut(0) {
+    if let Some(c) = FOLDING.get_ptr_mut(key.tgid & (FOLDING_SLOTS - 1)) {
         match (d.known, budget) {
             // Another fold of the process (another scope or transport): this one is
             // known from now on.
