@@ -11,7 +11,9 @@
 //!   folded: counted exactly in a `FOLDS` entry (count, port bitmap, first and last time) and
 //!   reported by the agent as `listeners-folded`, at most once a second per process. A
 //!   process already over its own budget does not spend its user's, so the other
-//!   processes of a flooding user keep theirs.
+//!   processes of a flooding user keep theirs. A CPU that folded a start for the
+//!   process's own budget remembers it until the window ends (`FOLDING`): the next ones
+//!   skip the budget.
 //!
 //! Ends follow their start: the end of a folded start is folded too (`FOLDED_FAST`,
 //! `FOLDED_SOCKS`).
