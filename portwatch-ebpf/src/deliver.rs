@@ -378,13 +378,38 @@ fn proc_budget(tgid: u32, start: u64, now: u64) -> Option<*mut Budget> {
     {
         return Some(b);
     }
-    let fresh = Budget {
-        start_boottime_ns: start,
-        window_ns: now,
-        ..Budget::default()
-    };
-    let _ = PROC_BUDGET.insert(tgid, fresh, 0);
-    PROC_BUDGET.get_ptr_mut(tgid)
+    insert_budget(&PROC_BUDGET, tgid, start, now)
+}
+
+/// Room for a budget being inserted, one per CPU: built on the stack, each of the two
+/// inserts took 48 bytes of it (and a call to `memset`) in every program, and 6.1's
+/// verifier allows a program and its calls 512 bytes together.
+#[map]
+static NEW_BUDGET: PerCpuArray<Budget> = PerCpuArray::with_max_entries(1, 0);
+
+/// Insert a fresh budget for `key` in `map` (window opening `now`; `start`: the
+/// process's start time, 0 for a user) and return its entry.
+#[inline(always)]
+fn insert_budget(
+    map: &LruHashMap<u32, Budget>,
+    key: u32,
+    start: u64,
+    now: u64,
+) -> Option<*mut Budget> {
+    let n = NEW_BUDGET.get_ptr_mut(0)?;
+    // SAFETY: a per-CPU map value, ours for the program's run; field by field, so
+    // nothing is built on the stack.
+    unsafe {
+        (*n).start_boottime_ns = start;
+        (*n).window_ns = now;
+        (*n).in_window = 0;
+        (*n).sent = 0;
+        (*n).lost = 0;
+        (*n).fold_hint = 0;
+        (*n)._pad = 0;
+        let _ = map.insert(key, &*n, 0);
+    }
+    map.get_ptr_mut(key)
 }
 
 /// What deciding about a start needs: known before any kernel struct is read, but for
@@ -462,18 +487,27 @@ const FOLDING_SLOTS: u32 = 8;
 #[map]
 static FOLDING: PerCpuArray<Folding> = PerCpuArray::with_max_entries(FOLDING_SLOTS, 0);
 
-/// What this CPU knows of the process being over its budget now, if anything. Copied
-/// out at once: another task on this CPU may rewrite it before this program is done (a
-/// torn copy at worst names a fold whose key then does not match, or misjudges a window
-/// by one start, as the budgets' own unlocked counts may).
+/// What this CPU knows of the process being over its budget now, if anything. Read once:
+/// another task on this CPU may rewrite it meanwhile (a torn read at worst names a fold
+/// whose key then does not match, or misjudges a window by one start, as the budgets'
+/// own unlocked counts may).
 #[inline(always)]
 fn known_folding(tgid: u32, s: &Start) -> u32 {
     let Some(c) = FOLDING.get_ptr(tgid & (FOLDING_SLOTS - 1)) else {
         return 0;
     };
-    let c = unsafe { read_volatile(c) };
-    if c.tgid == tgid && c.start_boottime_ns == s.start_boottime_ns && s.now < c.until_ns {
-        c.index + 1
+    // Field by field, into registers (a copy of the whole would take stack, of which
+    // 6.1's verifier allows 512 bytes for a program and its calls together).
+    let (t, start, until, index) = unsafe {
+        (
+            read_volatile(&raw const (*c).tgid),
+            read_volatile(&raw const (*c).start_boottime_ns),
+            read_volatile(&raw const (*c).until_ns),
+            read_volatile(&raw const (*c).index),
+        )
+    };
+    if t == tgid && start == s.start_boottime_ns && s.now < until {
+        index + 1
     } else {
         0
     }
@@ -520,14 +554,7 @@ pub fn decide(s: &Start, uid_gid: impl FnOnce() -> u64) -> Decision {
     let uid = uid_gid() as u32;
     let ub = match USER_BUDGET.get_ptr_mut(uid) {
         Some(b) => Some(b),
-        None => {
-            let fresh = Budget {
-                window_ns: s.now,
-                ..Budget::default()
-            };
-            let _ = USER_BUDGET.insert(uid, fresh, 0);
-            USER_BUDGET.get_ptr_mut(uid)
-        }
+        None => insert_budget(&USER_BUDGET, uid, 0, s.now),
     };
     let reason = if ub.is_some_and(|b| spend(b, s.now, user_limit)) {
         FOLD_BY_USER
@@ -555,15 +582,46 @@ pub fn try_fold(
     if d.reason == 0 {
         return false;
     }
-    if fold(s, d, tag, attr) {
+    if let Some(index) = fold(s, d, tag, attr) {
+        // Done with the fold first: fewer values live here, so this costs no stack
+        // (6.1's verifier allows a program and its calls 512 bytes together).
+        remember_folding(s, d, index);
         return true;
     }
     if d.known != 0 {
         // Decided without the budget, and sent after all: the send is counted in the
-        // process's totals like any other.
-        d.budget = proc_budget((s.pid_tgid >> 32) as u32, s.start_boottime_ns, s.now);
+        // process's totals like any other. (The budget exists: its window is running.
+        // A lookup only, not `proc_budget`, whose insert would be inlined a second time
+        // into the stack of every program.)
+        d.budget = PROC_BUDGET
+            .get_ptr_mut((s.pid_tgid >> 32) as u32)
+            .filter(|&b| unsafe { (*b).start_boottime_ns } == s.start_boottime_ns);
     }
     false
+}
+
+/// What this CPU knows from now on, after a start of the process was folded into the
+/// fold at `index`: for its own budget, that it is over it until the window ends; for a
+/// fold it did not know (another scope or transport), that this is its fold now.
+#[inline(always)]
+fn remember_folding(s: &Start, d: &Decision, index: u32) {
+    let tgid = (s.pid_tgid >> 32) as u32;
+    let Some(c) = FOLDING.get_ptr_mut(tgid & (FOLDING_SLOTS - 1)) else {
+        return;
+    };
+    match (d.known, d.budget) {
+        (known, _) if known != 0 && known != index + 1 => unsafe { (*c).index = index },
+        (0, Some(b)) if d.reason == FOLD_BY_PROCESS => unsafe {
+            write_volatile(&raw mut (*c).tgid, tgid);
+            write_volatile(&raw mut (*c).start_boottime_ns, s.start_boottime_ns);
+            write_volatile(
+                &raw mut (*c).until_ns,
+                (*b).window_ns.saturating_add(SECOND_NS),
+            );
+            write_volatile(&raw mut (*c).index, index);
+        },
+        _ => {}
+    }
 }
 
 /// Send a start the budgets let through, counting it in its process's totals.
@@ -711,10 +769,10 @@ fn new_fold(
     indexed(key)
 }
 
-/// Count a start into its fold. False when it cannot be folded (the fold map is full):
-/// the caller then sends it, so nothing is lost.
+/// Count a start into its fold: the fold's index. None when it cannot be folded (the
+/// fold map is full): the caller then sends it, so nothing is lost.
 #[inline(always)]
-fn fold(s: &Start, d: &Decision, tag: FoldTag, attr: impl FnOnce() -> FoldAttr) -> bool {
+fn fold(s: &Start, d: &Decision, tag: FoldTag, attr: impl FnOnce() -> FoldAttr) -> Option<u32> {
     let (budget, reason) = (d.budget, d.reason);
     let scope = if is_loopback(s.family, &s.addr) {
         SCOPE_LOOPBACK
@@ -748,33 +806,12 @@ fn fold(s: &Start, d: &Decision, tag: FoldTag, attr: impl FnOnce() -> FoldAttr) 
         .or_else(|| new_fold(&key, s.now, &s.addr, attr))
     else {
         count(stat::FOLD_FULL);
-        return false;
+        return None;
     };
     if let Some(b) = budget
         && unsafe { (*b).fold_hint } != index + 1
     {
         unsafe { (*b).fold_hint = index + 1 };
-    }
-    // What this CPU knows from now on: the process is over its own budget until the
-    // window ends, and this is its fold.
-    if let Some(c) = FOLDING.get_ptr_mut(key.tgid & (FOLDING_SLOTS - 1)) {
-        match (d.known, budget) {
-            // Another fold of the process (another scope or transport): this one is
-            // known from now on.
-            (known, _) if known != 0 && known != index + 1 => unsafe { (*c).index = index },
-            (0, Some(b)) if reason == FOLD_BY_PROCESS => unsafe {
-                write_volatile(
-                    c,
-                    Folding {
-                        start_boottime_ns: s.start_boottime_ns,
-                        until_ns: (*b).window_ns.saturating_add(SECOND_NS),
-                        tgid: key.tgid,
-                        index,
-                    },
-                )
-            },
-            _ => {}
-        }
     }
     // Remembered first: a start whose end could not be folded too is sent instead.
     let r = FoldRef {
@@ -784,7 +821,7 @@ fn fold(s: &Start, d: &Decision, tag: FoldTag, attr: impl FnOnce() -> FoldAttr) 
     };
     if !remember_folded(tag, r) {
         count(stat::FOLD_FULL);
-        return false;
+        return None;
     }
     let word = ((s.port >> 6) as usize) & (FOLD_PORT_WORDS - 1);
     let bit = 1u64 << (s.port & 63);
@@ -800,7 +837,7 @@ fn fold(s: &Start, d: &Decision, tag: FoldTag, attr: impl FnOnce() -> FoldAttr) 
         or(ports, bit);
     }
     add(unsafe { &raw mut (*f).started }, 1);
-    true
+    Some(index)
 }
 
 /// Ring buffer size in bytes; the agent may override it at load time.
