@@ -407,8 +407,10 @@ fn insert_budget(
         (*n).lost = 0;
         (*n).fold_hint = 0;
         (*n)._pad = 0;
-        let _ = map.insert(key, &*n, 0);
     }
+    // By reference: a value would be copied back onto the stack.
+    let fresh: &Budget = unsafe { &*n };
+    let _ = map.insert(key, fresh, 0);
     map.get_ptr_mut(key)
 }
 
