@@ -521,7 +521,13 @@ fn known_folding(tgid: u32, s: &Start) -> u32 {
 #[inline(always)]
 pub fn decide(s: &Start, uid_gid: impl FnOnce() -> u64) -> Decision {
     let tgid = (s.pid_tgid >> 32) as u32;
-    let known = known_folding(tgid, s);
+    let limit = FOLD_ABOVE.load();
+    // Folding off: nothing to remember, so nothing to look up.
+    let known = if limit == 0 {
+        0
+    } else {
+        known_folding(tgid, s)
+    };
     if known != 0 {
         return Decision {
             budget: None,
@@ -530,7 +536,6 @@ pub fn decide(s: &Start, uid_gid: impl FnOnce() -> u64) -> Decision {
         };
     }
     let budget = proc_budget(tgid, s.start_boottime_ns, s.now);
-    let limit = FOLD_ABOVE.load();
     if limit == 0 {
         return Decision {
             budget,
